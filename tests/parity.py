@@ -1,0 +1,31 @@
+"""Comparisons of a tensor-parallel program with the single-device model (used inside ranks)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from tpfx.layers import ColumnParallelLinear
+
+
+def max_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    """Largest absolute difference; inf when only one side exists or the shapes differ."""
+    if a is None or b is None:
+        return 0.0 if a is None and b is None else float("inf")
+    if a.shape != b.shape:
+        return float("inf")
+    return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+def grad_diffs(program: nn.Module, reference: nn.Module) -> dict[str, float]:
+    """For every parameter of ``program``: max |grad - matching part of the single-device grad|."""
+    full = dict(reference.named_parameters())
+    diffs = {}
+    for name, parameter in program.named_parameters():
+        owner_path, _, leaf = name.rpartition(".")
+        owner = program.get_submodule(owner_path)
+        expected = full[name].grad
+        if isinstance(owner, ColumnParallelLinear) and expected is not None:
+            expected = owner.local_part(expected)
+        diffs[name] = max_diff(parameter.grad, expected)
+    return diffs

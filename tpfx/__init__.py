@@ -1,0 +1,15 @@
+"""tpfx: make a single-device PyTorch model tensor-parallel by compiling it, not by rewriting it.
+
+    gm = tpfx.parallelize(model, tp=2)   # inside torchrun, after dist.init_process_group
+"""
+
+from tpfx.api import parallelize
+from tpfx.capture import CallForm, capture
+from tpfx.errors import CaptureError, ConfigError, LoadError, ShardingError, TpfxError
+from tpfx.layers import ColumnParallelLinear
+from tpfx.program import TensorParallelModule
+
+__version__ = "0.1.0"
+
+__all__ = ["parallelize", "capture", "CallForm", "ColumnParallelLinear", "TensorParallelModule",
+           "TpfxError", "CaptureError", "ConfigError", "ShardingError", "LoadError", "__version__"]

@@ -1,0 +1,142 @@
+"""``parallelize``: capture -> find sites -> column-shard -> program + report, and the group set-up."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from passes.column_shard import column_shard, insert_collectives
+from passes.find_sites import Site, find_sites, require_divisible
+from tpfx.capture import CallForm, capture, forward_signature, meta_skeleton
+from tpfx.collectives import bind_group, group_key
+from tpfx.errors import ConfigError
+from tpfx.program import TensorParallelModule, adopt_missing
+from tpfx.report import build_report
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where this program runs: the degree, this rank's index in its group, the group's global ranks."""
+
+    tp: int
+    rank: int
+    ranks: tuple[int, ...]
+    inspection: bool  # built with rank= and no process group: never runs a collective
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ConfigError(f"tp={self.tp} must be a positive integer")
+        if not 0 <= self.rank < self.tp:
+            raise ConfigError(f"rank={self.rank} is outside the tensor-parallel group of size tp={self.tp}; "
+                              f"use a rank in 0..{self.tp - 1}")
+
+    @property
+    def key(self) -> str:
+        """The group key the collectives nodes carry."""
+        return group_key(list(self.ranks))
+
+
+def resolve_layout(tp: int | None, *, group: dist.ProcessGroup | None, rank: int | None) -> Layout:
+    """Check tp, group and rank against the process group, without running any collective.
+
+    Raises:
+        ConfigError: no process group and no ``rank=``; tp does not divide the world size; tp differs
+            from the given group's size; rank= disagrees with this process.
+    """
+    if not dist.is_initialized():
+        if rank is None:
+            raise ConfigError("no torch.distributed process group is initialized: run under torchrun and call "
+                              "dist.init_process_group(...) first, or pass rank= to build one rank's program "
+                              "for inspection")
+        if tp is None:
+            raise ConfigError("tp is required with rank= and no process group (there is no world size to default to)")
+        return Layout(tp, rank, tuple(range(tp)), inspection=True)
+    if group is not None:
+        size = dist.get_world_size(group)
+        if tp not in (None, size):
+            raise ConfigError(f"tp={tp} differs from the size {size} of the given group; pass tp={size} or omit it")
+        layout = Layout(size, dist.get_rank(group), tuple(dist.get_process_group_ranks(group)), inspection=False)
+    else:
+        world, me = dist.get_world_size(), dist.get_rank()
+        tp = world if tp is None else tp
+        if tp < 1 or world % tp:
+            raise ConfigError(f"tp={tp} does not divide the world size {world}; use a tp that divides {world} "
+                              "(groups are tp consecutive ranks)")
+        first = me - me % tp
+        layout = Layout(tp, me % tp, tuple(range(first, first + tp)), inspection=False)
+    if rank is not None and rank != layout.rank:
+        raise ConfigError(f"rank={rank} but this process is rank {layout.rank} of its tensor-parallel group "
+                          f"{list(layout.ranks)}; omit rank= inside a process group")
+    return layout
+
+
+def _bind_process_group(layout: Layout, group: dist.ProcessGroup | None) -> None:
+    """Create (collectively, on every rank) the tp groups if needed, and bind this rank's group key."""
+    if layout.inspection:
+        return
+    if group is None and layout.tp != dist.get_world_size():
+        world = dist.get_world_size()
+        for first in range(0, world, layout.tp):  # every rank must create every group, in the same order
+            created = dist.new_group(list(range(first, first + layout.tp)))
+            if first == layout.ranks[0]:
+                group = created
+    bind_group(layout.key, group)
+
+
+def _copy_without_site_weights(model: nn.Module, sites: tuple[Site, ...]) -> nn.Module:
+    """A copy of ``model`` that shares nothing with it, with meta placeholders for the sites' weights.
+
+    The sites' full weights are never copied: each rank keeps only its slice (read from ``model``).
+    """
+    memo: dict[int, object] = {}
+    for site in sites:
+        for tensor in model.get_submodule(site.module_path).parameters():
+            memo[id(tensor)] = nn.Parameter(torch.empty_like(tensor, device="meta"), tensor.requires_grad)
+    return copy.deepcopy(model, memo)
+
+
+def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessGroup | None = None,
+                rank: int | None = None) -> TensorParallelModule:
+    """Make ``model`` tensor-parallel: return this rank's program as a GraphModule.
+
+    The attention QKV projections and FFN first linears are found by graph structure and
+    column-sharded (each rank holds out_features / tp rows), with an all-gather after each. The
+    caller's model is not changed. ``gm.tpfx_report`` describes what was done.
+
+    Args:
+        model: the unmodified single-device model, with the same weights on every rank.
+        tp: tensor-parallel degree; default the world size (or the size of ``group``). Smaller than
+            the world size, it forms groups of tp consecutive ranks.
+        group: an existing process group to use as the tensor-parallel group.
+        rank: build this rank's program without a process group, for inspection (it cannot run).
+
+    Returns:
+        A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts.
+
+    Raises:
+        ConfigError: bad tp, group or rank, or no process group without ``rank=``.
+        CaptureError: the model cannot be traced.
+        ShardingError: tp does not divide a site's out_features.
+        All are raised before any collective runs and leave nothing changed.
+    """
+    layout = resolve_layout(tp, group=group, rank=rank)
+    form = CallForm(training=model.training)
+    captured = capture(model, form)
+    finding = find_sites(captured, tp=layout.tp)
+    require_divisible(finding.sites, layout.tp)
+    owner = _copy_without_site_weights(model, finding.sites)
+    gm = TensorParallelModule(owner, captured.graph, type(model).__name__)
+    result = column_shard(gm, finding.sites, tp=layout.tp, rank=layout.rank, group=layout.key, source=model)
+    adopt_missing(gm, owner)
+    gm.train(model.training)
+    gm.attach_call_forms(meta_skeleton(model), forward_signature(model), form,
+                         lambda traced: insert_collectives(traced, finding.sites, group=layout.key))
+    gm.tpfx_report = build_report(gm, model, tp=layout.tp, rank=layout.rank, group=layout.key, call_form=form,
+                                  sites=finding.sites, replicated=finding.replicated)
+    assert result.gm is gm
+    _bind_process_group(layout, group)
+    return gm

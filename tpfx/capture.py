@@ -1,0 +1,136 @@
+"""Capture: an ``nn.Module`` becomes a ``torch.fx.GraphModule``, one graph per *call form*.
+
+A call form is which optional arguments (those whose default is None) are absent, plus the
+train/eval mode. Python control flow such as ``if attention_mask is not None`` or
+``F.dropout(x, training=self.training)`` is decided while tracing, so a graph traced for one form
+is only valid for that form. tpfx therefore traces each form separately (see
+:class:`tpfx.program.TensorParallelModule`), and a graph never runs under a form it was not traced for.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from tpfx.errors import CaptureError, ConfigError
+
+
+@dataclass(frozen=True)
+class CallForm:
+    """Which optional arguments a call leaves out (None or omitted), and the module's mode."""
+
+    absent: frozenset[str] = field(default_factory=frozenset)
+    training: bool = False
+
+    def describe(self) -> str:
+        """A short human form, e.g. ``eval, without attention_mask, labels``."""
+        mode = "train" if self.training else "eval"
+        return f"{mode}, without {', '.join(sorted(self.absent))}" if self.absent else f"{mode}, all arguments"
+
+
+def forward_signature(model: nn.Module) -> inspect.Signature:
+    """The signature of ``model.forward`` (bound, so without ``self``)."""
+    return inspect.signature(model.forward)
+
+
+def optional_parameters(signature: inspect.Signature) -> tuple[str, ...]:
+    """Names of the parameters whose default is None: the ones a call form may leave out."""
+    return tuple(name for name, p in signature.parameters.items()
+                 if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def call_form_of(signature: inspect.Signature, args: tuple, kwargs: dict, *, training: bool) -> CallForm:
+    """The call form of a concrete call ``forward(*args, **kwargs)``.
+
+    Raises:
+        ConfigError: the arguments do not fit the model's forward signature.
+    """
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise ConfigError(f"call does not match forward{signature}: {error}") from None
+    bound.apply_defaults()
+    absent = frozenset(name for name in optional_parameters(signature) if bound.arguments.get(name) is None)
+    return CallForm(absent=absent, training=training)
+
+
+class _PathTracer(fx.Tracer):
+    """An fx tracer that remembers which module it was inside when tracing failed.
+
+    Buffers become ``get_attr`` proxies, so slicing a buffer by a traced size
+    (``self.causal_mask[:, :, :T, :T]``) is recorded instead of failing on a concrete tensor.
+    """
+
+    proxy_buffer_attributes = True
+
+    def __init__(self, leaf_types: tuple[type, ...] = ()) -> None:
+        super().__init__()
+        self.leaf_types = leaf_types
+        self.failed_in: tuple[str, nn.Module] | None = None
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = (self.path_of_module(m), m)
+            raise
+
+
+def capture(model: nn.Module, form: CallForm | None = None, *,
+            leaf_types: tuple[type, ...] = ()) -> fx.GraphModule:
+    """Trace ``model`` with torch.fx for one call form.
+
+    Args:
+        model: the single-device model; its mode is set to ``form.training`` while tracing and restored.
+        form: the call form; default: every optional argument present, the model's current mode.
+        leaf_types: extra module types to keep as single ``call_module`` nodes.
+
+    Returns:
+        A GraphModule whose graph is valid for ``form`` only.
+
+    Raises:
+        CaptureError: the model cannot be traced; the message names the module and the reason.
+    """
+    form = form or CallForm(training=model.training)
+    tracer = _PathTracer(leaf_types)
+    was_training = model.training
+    model.train(form.training)
+    try:
+        graph = tracer.trace(model, concrete_args={name: None for name in form.absent} or None)
+    except Exception as error:  # the tracer's own errors are of many types; each becomes one line
+        where = "the top-level forward"
+        if tracer.failed_in is not None:
+            path, module = tracer.failed_in
+            where = f"module '{path or '<root>'}' ({type(module).__name__})"
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CaptureError(
+            f"cannot capture {type(model).__name__} with torch.fx ({form.describe()}): {where} failed: "
+            f"{type(error).__name__}: {reason}. Fix: make that code traceable (no Python branches on tensor "
+            "values, no iteration over tensors), or wrap it in a module tpfx treats as a leaf"
+        ) from error
+    finally:
+        model.train(was_training)
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    gm.graph.lint()
+    return gm
+
+
+def meta_skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the meta device (no memory).
+
+    tpfx keeps it to trace further call forms later without holding the caller's weights.
+    """
+    memo: dict[int, object] = {}
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        meta = torch.empty_like(tensor, device="meta")
+        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)

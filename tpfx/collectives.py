@@ -1,0 +1,137 @@
+"""Autograd-aware collectives that appear as ``call_function`` nodes in a rewritten graph.
+
+Each takes the tensor and a *group key*: a short string such as ``"tp:0-1"`` that names the
+tensor-parallel group and reads well in ``gm.code``. The key is bound to a real
+``torch.distributed`` process group by :func:`bind_group`; a program built for inspection
+(``parallelize(..., rank=r)`` without a process group) carries the key but no binding, and calling
+it raises a clear error instead of hanging.
+
+Forward / backward pairs (Megatron's f/g operators):
+
+* ``copy_to_tp``:     identity      / all-reduce (sum) of the input gradient
+* ``gather_from_tp``: all-gather on the last dim / this rank's slice of the gradient
+* ``reduce_from_tp``: all-reduce (sum) / identity
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from tpfx.errors import ConfigError
+
+# group key -> process group (None stands for the default world group)
+_GROUPS: dict[str, dist.ProcessGroup | None] = {}
+
+# Observers see every collective call: (name, tensor handed to it). Used by tests and benchmarks to
+# count the bytes that really cross the wire; empty in normal runs so the cost is one truth test.
+_OBSERVERS: list[Callable[[str, torch.Tensor], None]] = []
+
+
+def group_key(ranks: list[int]) -> str:
+    """The key naming the group of these global ranks, e.g. ``tp:0-1`` or ``tp:0,2``."""
+    consecutive = ranks == list(range(ranks[0], ranks[0] + len(ranks)))
+    return f"tp:{ranks[0]}-{ranks[-1]}" if consecutive else "tp:" + ",".join(map(str, ranks))
+
+
+def bind_group(key: str, group: dist.ProcessGroup | None) -> None:
+    """Bind a group key to a process group (None = the default group) for this process."""
+    _GROUPS[key] = group
+
+
+def add_observer(observer: Callable[[str, torch.Tensor], None]) -> Callable[[], None]:
+    """Call ``observer(collective_name, tensor)`` at every collective; returns a function that removes it."""
+    _OBSERVERS.append(observer)
+    return lambda: _OBSERVERS.remove(observer)
+
+
+def _group(key: str) -> dist.ProcessGroup | None:
+    if key not in _GROUPS or not dist.is_initialized():
+        raise ConfigError(
+            f"tensor-parallel group {key!r} is not bound in this process: this program was built for "
+            "inspection (rank= without a process group); call tpfx.parallelize inside an initialized "
+            "torch.distributed process group to run it"
+        )
+    return _GROUPS[key]
+
+
+def _notify(name: str, tensor: torch.Tensor) -> None:
+    for observer in _OBSERVERS:
+        observer(name, tensor)
+
+
+def _all_reduce(tensor: torch.Tensor, key: str, name: str) -> torch.Tensor:
+    out = tensor.contiguous().clone()
+    _notify(name, out)
+    dist.all_reduce(out, group=_group(key))
+    return out
+
+
+def _all_gather_last_dim(tensor: torch.Tensor, key: str, name: str) -> torch.Tensor:
+    group = _group(key)
+    local = tensor.contiguous()
+    _notify(name, local)
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    return torch.cat(parts, dim=-1)
+
+
+class _CopyToTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, key: str) -> torch.Tensor:
+        ctx.key = key
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_reduce(grad, ctx.key, "all_reduce"), None
+
+
+class _GatherFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, key: str) -> torch.Tensor:
+        ctx.key = key
+        ctx.local_width = x.shape[-1]
+        return _all_gather_last_dim(x, key, "all_gather")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        # every rank holds the same full gradient; this rank's columns are its share (no communication)
+        rank = dist.get_rank(_group(ctx.key))
+        start = rank * ctx.local_width
+        return grad[..., start:start + ctx.local_width].contiguous(), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, key: str) -> torch.Tensor:
+        return _all_reduce(x, key, "all_reduce")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def copy_to_tp(x: torch.Tensor, group: str) -> torch.Tensor:
+    """Identity forward; all-reduce (sum) of the gradient backward. Precedes a column-parallel linear."""
+    return _CopyToTP.apply(x, group)
+
+
+def gather_from_tp(x: torch.Tensor, group: str) -> torch.Tensor:
+    """All-gather along the last dim forward; this rank's slice of the gradient backward."""
+    return _GatherFromTP.apply(x, group)
+
+
+def reduce_from_tp(x: torch.Tensor, group: str) -> torch.Tensor:
+    """All-reduce (sum) forward; identity backward. Follows a row-parallel linear."""
+    return _ReduceFromTP.apply(x, group)
+
+
+# Graph rewriting marks nodes that call these as collectives, e.g. for reports and drawing.
+COLLECTIVES: dict[Callable[..., torch.Tensor], str] = {
+    copy_to_tp: "copy_to_tp",
+    gather_from_tp: "gather_from_tp",
+    reduce_from_tp: "reduce_from_tp",
+}

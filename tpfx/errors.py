@@ -1,0 +1,26 @@
+"""The one exception family that tpfx raises for anything a user can cause.
+
+Each message is a single line naming the module or node, the offending value and the fix.
+"""
+
+from __future__ import annotations
+
+
+class TpfxError(Exception):
+    """Base class of every error tpfx raises for a user's input."""
+
+
+class CaptureError(TpfxError):
+    """The model could not be captured as a graph."""
+
+
+class ShardingError(TpfxError):
+    """A site cannot be sharded as asked (for example tp does not divide its out_features)."""
+
+
+class ConfigError(TpfxError):
+    """Bad options: tp, rank, process group or call form."""
+
+
+class LoadError(TpfxError):
+    """A checkpoint does not match the parallelized program."""

@@ -1,0 +1,97 @@
+"""The program one rank runs: a GraphModule that serves every call form of the original model.
+
+A graph is traced for one call form (which optional arguments are None, train or eval). The
+program holds the graph of the form it was built with, and traces any other form the first time it
+is called that way, from a weightless (meta) copy of the original model, reusing the sharded
+modules already held. So ``gm(ids)``, ``gm(ids, mask)`` and ``gm(ids, labels=y)`` each run a graph
+traced for exactly that call, and all of them share one set of parameters.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch.fx as fx
+import torch.nn as nn
+
+from tpfx.capture import CallForm, call_form_of, capture
+
+
+@dataclass
+class _Forms:
+    """What the program needs to trace and rewrite another call form (kept out of the module tree)."""
+
+    skeleton: nn.Module
+    signature: inspect.Signature
+    primary: CallForm
+    rewrite: Callable[[fx.GraphModule], object]
+    built: dict[CallForm, fx.GraphModule] = field(default_factory=dict)
+
+
+class TensorParallelModule(fx.GraphModule):
+    """A rank's tensor-parallel program; ``.graph`` and ``.code`` show the form it was built with.
+
+    ``tpfx_report`` (set by :func:`tpfx.parallelize`) describes the sites, collectives and memory.
+    """
+
+    def attach_call_forms(self, skeleton: nn.Module, signature: inspect.Signature, primary: CallForm,
+                          rewrite: Callable[[fx.GraphModule], object]) -> None:
+        """Let this program serve other call forms: ``rewrite`` applies the same passes to their graphs."""
+        # through __dict__ so that the skeleton is not registered as a submodule (no state_dict entries)
+        self.__dict__["_tpfx_forms"] = _Forms(skeleton, signature, primary, rewrite)
+
+    @property
+    def call_forms(self) -> list[CallForm]:
+        """The call forms built so far, the primary one first."""
+        forms = self.__dict__.get("_tpfx_forms")
+        return [forms.primary, *forms.built] if forms else []
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        forms: _Forms | None = self.__dict__.get("_tpfx_forms")
+        if forms is None:
+            return super().__call__(*args, **kwargs)
+        form = call_form_of(forms.signature, args, kwargs, training=self.training)
+        if form == forms.primary:
+            return super().__call__(*args, **kwargs)
+        return self._module_for(forms, form)(*args, **kwargs)
+
+    def _module_for(self, forms: _Forms, form: CallForm) -> fx.GraphModule:
+        if form not in forms.built:
+            traced = capture(forms.skeleton, form)
+            forms.rewrite(traced)
+            # built from self: every module and buffer is this program's own, shared, not copied
+            forms.built[form] = fx.GraphModule(self, traced.graph, type(self).__name__)
+        return forms.built[form]
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        # .to()/.cuda() may replace buffers by new tensors; other forms re-bind on their next call
+        forms: _Forms | None = self.__dict__.get("_tpfx_forms")
+        if forms is not None:
+            forms.built.clear()
+        return super()._apply(fn, recurse)
+
+
+def adopt_missing(gm: nn.Module, owner: nn.Module) -> None:
+    """Give ``gm`` every submodule, parameter and buffer of ``owner`` that its graph did not reference.
+
+    A GraphModule keeps only what its graph uses; other call forms may use more (a buffer read only
+    when a mask is given), and the program's state dict must carry every key of the original model.
+    """
+    for name, child in owner.named_children():
+        mine = getattr(gm, name, None)
+        if mine is None:
+            gm.add_module(name, child)
+        elif type(mine) is nn.Module and mine is not child:
+            adopt_missing(mine, child)  # a container the GraphModule made; sharded modules are left alone
+    for name, parameter in owner.named_parameters(recurse=False):
+        if name not in gm._parameters:
+            gm.register_parameter(name, parameter)
+    for name, buffer in owner.named_buffers(recurse=False):
+        persistent = name not in owner._non_persistent_buffers_set
+        if name not in gm._buffers:
+            gm.register_buffer(name, buffer, persistent=persistent)
+        elif not persistent:
+            gm._non_persistent_buffers_set.add(name)  # the GraphModule copy registered it as persistent
