@@ -1,0 +1,20 @@
+"""Process-group set-up shared by the examples: NCCL on GPUs, gloo on CPU, always with a timeout."""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed() -> torch.device:
+    """Join the torchrun group (backend from the device) and return this rank's device."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", timeout=datetime.timedelta(seconds=300))
+        return torch.device("cuda", local_rank)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    return torch.device("cpu")
