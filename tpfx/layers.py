@@ -6,6 +6,9 @@ The collectives around them are separate graph nodes (see :mod:`tpfx.collectives
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,6 +18,55 @@ def shard_range(size: int, tp: int, rank: int) -> tuple[int, int]:
     """The ``[start, stop)`` range of rank ``rank`` when ``size`` is split evenly in ``tp`` parts."""
     step = size // tp
     return rank * step, (rank + 1) * step
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Where a rank's local parameter lies in the full (single-device) tensor.
+
+    The contract every sharded layer keeps, so that checkpoints work for any layer: the layer's
+    ``shard_spec(param_name)`` returns this record for a sharded parameter and None for a replicated
+    one. The local tensor is ``full[ranges[0]]``, ``full[ranges[1]]``, ... concatenated along ``dim``:
+    one range for a contiguous shard, several when a rank holds separate blocks (for example whole
+    heads of q, k and v out of a fused QKV weight).
+    """
+
+    dim: int
+    full_size: int
+    ranges: tuple[tuple[int, int], ...]
+
+    def __post_init__(self) -> None:
+        if self.dim < 0 or not self.ranges:
+            raise ValueError(f"shard spec needs a non-negative dim and at least one range, got {self}")
+        for start, stop in self.ranges:
+            if not 0 <= start < stop <= self.full_size:
+                raise ValueError(f"shard range [{start}, {stop}) is outside 0..{self.full_size}")
+
+    @classmethod
+    def contiguous(cls, dim: int, start: int, stop: int, full_size: int) -> ShardSpec:
+        """The spec of one contiguous block ``[start, stop)`` along ``dim``."""
+        return cls(dim, full_size, ((start, stop),))
+
+    @property
+    def local_size(self) -> int:
+        """The length of the local tensor along ``dim``."""
+        return sum(stop - start for start, stop in self.ranges)
+
+    def pieces(self) -> Iterator[tuple[int, int, int]]:
+        """``(local_start, full_start, length)`` of each block, in local order."""
+        local = 0
+        for start, stop in self.ranges:
+            yield local, start, stop - start
+            local += stop - start
+
+    def full_shape(self, local_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The full tensor's shape, given the local tensor's shape."""
+        return local_shape[:self.dim] + (self.full_size,) + local_shape[self.dim + 1:]
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full-size tensor (a view when there is one range)."""
+        parts = [full.narrow(self.dim, start, length) for _, start, length in self.pieces()]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self.dim)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -43,6 +95,13 @@ class ColumnParallelLinear(nn.Module):
         """This rank's part of a full-size weight or bias (or of its gradient): the same rows."""
         start, stop = shard_range(self.full_out_features, self.tp, self.rank)
         return full[start:stop]
+
+    def shard_spec(self, param_name: str) -> ShardSpec | None:
+        """How ``weight`` or ``bias`` maps to the full Linear's tensor: the same rows of dim 0 for both."""
+        if param_name not in ("weight", "bias"):
+            raise KeyError(f"ColumnParallelLinear has no parameter {param_name!r}")
+        return ShardSpec.contiguous(0, *shard_range(self.full_out_features, self.tp, self.rank),
+                                    self.full_out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
