@@ -1,0 +1,415 @@
+"""Checkpoints in the single-device format: load shards straight from it, gather shards back into it.
+
+Loading (each rank reads only what it holds)::
+
+    with tpfx.parameters_on_meta():
+        model = GPTModel(config)                           # no parameter memory
+    gm = tpfx.parallelize(model, tp=2)
+    tpfx.load_state_dict(gm, "model.safetensors")          # rank r reads rows r*N/2 ... of each shard
+
+Saving (the original model's keys and shapes)::
+
+    state = tpfx.full_state_dict(gm)                        # full tensors on rank 0, {} elsewhere
+    if state: torch.save(state, "model.pt")
+
+Which part of a full tensor a rank holds is the sharded layer's business: every sharded layer has
+``shard_spec(param_name) -> ShardSpec | None`` (see :class:`tpfx.layers.ShardSpec`); a parameter of
+any other module is replicated. The checkpoint is checked against the program (missing, unexpected
+and mis-shaped keys) before a single tensor is loaded.
+
+Sources: a state dict; a ``torch.save`` file (opened with ``mmap=True``); a ``.safetensors`` file.
+A safetensors file is read without mmap, on purpose: pages of a mapped file count in the process's
+resident memory for as long as the mapping lives, so reading through a mapping holds every touched
+byte twice (mapped page + tensor). tpfx reads each tensor's header once and then ``readinto`` each
+rank's byte ranges straight into the destination tensor: peak memory is the rank's own tensors plus
+one chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from tpfx.collectives import _group as bound_group  # the process group behind a program's group key
+from tpfx.errors import ConfigError, LoadError
+from tpfx.layers import ShardSpec
+
+StateSource = Mapping[str, torch.Tensor] | str | os.PathLike
+
+_CHUNK_BYTES = 64 << 20  # column-sharded tensors are read in row blocks of about this size
+_MAX_LISTED = 3  # keys named in an error message before "+N more"
+
+
+@dataclass(frozen=True, eq=False)  # holds a tensor: compared by identity
+class _Target:
+    """One tensor of the program: every state-dict key that names it (several when tied), its shard."""
+
+    keys: tuple[str, ...]
+    tensor: torch.Tensor
+    spec: ShardSpec | None
+
+    @property
+    def full_shape(self) -> tuple[int, ...]:
+        local = tuple(self.tensor.shape)
+        return self.spec.full_shape(local) if self.spec else local
+
+
+def _shard_spec_of(module: nn.Module, key: str) -> ShardSpec | None:
+    owner_path, _, leaf = key.rpartition(".")
+    owner = module.get_submodule(owner_path)
+    if leaf in owner._parameters and callable(getattr(owner, "shard_spec", None)):
+        return owner.shard_spec(leaf)
+    return None
+
+
+def _targets(module: nn.Module) -> list[_Target]:
+    """The program's state-dict tensors, tied keys grouped, in state-dict order."""
+    keys_of: dict[int, list[str]] = {}
+    tensor_of: dict[int, torch.Tensor] = {}
+    for key, tensor in module.state_dict(keep_vars=True).items():
+        keys_of.setdefault(id(tensor), []).append(key)
+        tensor_of[id(tensor)] = tensor
+    return [_Target(tuple(keys), tensor_of[ident], _shard_spec_of(module, keys[0]))
+            for ident, keys in keys_of.items()]
+
+
+# ----------------------------------------------------------------------------------------- sources
+
+class _TensorSource:
+    """Full tensors held in memory or mapped from a file: a state dict or a ``torch.load(mmap=True)``."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], where: str) -> None:
+        for key, value in tensors.items():
+            if not isinstance(value, torch.Tensor):
+                raise LoadError(f"{where}: entry {key!r} is a {type(value).__name__}, not a tensor; "
+                                "pass a flat state dict of tensors (model.state_dict() or tpfx.full_state_dict)")
+        self.tensors, self.where = tensors, where
+
+    def keys(self) -> set[str]:
+        return set(self.tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.tensors[key].shape)
+
+    def read_into(self, key: str, spec: ShardSpec | None, out: torch.Tensor) -> None:
+        full = self.tensors[key]
+        if spec is None:
+            out.copy_(full)
+            return
+        for local, start, length in spec.pieces():
+            out.narrow(spec.dim, local, length).copy_(full.narrow(spec.dim, start, length))
+
+    def close(self) -> None:
+        self.tensors = {}
+
+
+_SAFETENSORS_DTYPES = {name: getattr(torch, attr) for name, attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
+    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"), ("U16", "uint16"),
+    ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+    if hasattr(torch, attr)}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor of a safetensors file: dtype, shape and where its bytes start in the file."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one index along dim 0 (the whole tensor for a scalar)."""
+        rest = 1
+        for size in self.shape[1:]:
+            rest *= size
+        return rest * torch.empty((), dtype=self.dtype).element_size()
+
+
+class _SafetensorsSource:
+    """A ``.safetensors`` file: its JSON header, then byte ranges read straight into destination tensors."""
+
+    def __init__(self, path: Path) -> None:
+        self.where = f"safetensors file '{path}'"
+        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        try:
+            self.entries = self._read_header()
+        except Exception:
+            self.file.close()
+            raise
+
+    def _read_header(self) -> dict[str, _Entry]:
+        try:
+            (length,) = struct.unpack("<Q", self.file.read(8))
+            header = json.loads(self.file.read(length))
+            data_start = 8 + length
+            return {key: _Entry(_SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]),
+                                data_start + info["data_offsets"][0])
+                    for key, info in header.items() if key != "__metadata__"}
+        except (struct.error, ValueError, KeyError, TypeError) as error:
+            raise LoadError(f"{self.where} has no readable safetensors header ({type(error).__name__}: {error}); "
+                            "fix: pass a file written by safetensors' save_file, or a torch.save file") from None
+
+    def keys(self) -> set[str]:
+        return set(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.entries[key].shape
+
+    def read_into(self, key: str, spec: ShardSpec | None, out: torch.Tensor) -> None:
+        entry = self.entries[key]
+        if not entry.shape:  # a scalar
+            self._read_rows(entry, 0, 1, out)
+        elif spec is None:
+            self._read_rows(entry, 0, entry.shape[0], out)
+        elif spec.dim == 0:
+            for local, start, length in spec.pieces():
+                self._read_rows(entry, start, length, out.narrow(0, local, length))
+        else:
+            self._read_columns(entry, spec, out)
+
+    def _read_columns(self, entry: _Entry, spec: ShardSpec, out: torch.Tensor) -> None:
+        """A shard along dim >= 1: read blocks of whole rows, keep this rank's columns of each."""
+        rows_per_block = max(1, _CHUNK_BYTES // max(1, entry.row_bytes))
+        for first in range(0, entry.shape[0], rows_per_block):
+            count = min(rows_per_block, entry.shape[0] - first)
+            block = torch.empty((count,) + entry.shape[1:], dtype=entry.dtype)
+            self._read_rows(entry, first, count, block)
+            destination = out.narrow(0, first, count)
+            for local, start, length in spec.pieces():
+                destination.narrow(spec.dim, local, length).copy_(block.narrow(spec.dim, start, length))
+
+    def _read_rows(self, entry: _Entry, first: int, count: int, out: torch.Tensor) -> None:
+        """Rows ``[first, first + count)`` into ``out``: directly when dtype and layout allow, else via a copy."""
+        direct = out.dtype == entry.dtype and out.is_contiguous() and out.device.type == "cpu"
+        buffer = out if direct else torch.empty(out.shape, dtype=entry.dtype)
+        if buffer.numel():
+            view = memoryview(buffer.reshape(-1).view(torch.uint8).numpy())
+            self.file.seek(entry.offset + first * entry.row_bytes)
+            filled = 0
+            while filled < len(view):  # a single read returns at most about 2 GiB
+                got = self.file.readinto(view[filled:])
+                if not got:
+                    raise LoadError(f"{self.where} ends early; fix: the file is truncated, write it again")
+                filled += got
+        if not direct:
+            out.copy_(buffer)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _open_source(source: StateSource) -> _TensorSource | _SafetensorsSource:
+    """Open a state dict, a torch.save file or a .safetensors file as a source of tensors.
+
+    Raises:
+        LoadError: the file does not exist, cannot be read, or does not hold a flat state dict.
+    """
+    if isinstance(source, Mapping):
+        return _TensorSource(source, "the given state dict")
+    path = Path(source)
+    if not path.is_file():
+        raise LoadError(f"checkpoint '{path}' does not exist or is not a file; fix: pass the path of a "
+                        ".safetensors or torch.save file, or a state dict")
+    if path.suffix == ".safetensors":
+        return _SafetensorsSource(path)
+    try:
+        loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception as error:  # mmap needs the zip format; old files and foreign files land here
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise LoadError(f"cannot read '{path}' with torch.load(mmap=True, weights_only=True): {reason}; fix: "
+                        "save a state dict with torch.save(model.state_dict(), path), or use .safetensors") from None
+    if not isinstance(loaded, Mapping):
+        raise LoadError(f"'{path}' holds a {type(loaded).__name__}, not a state dict; fix: save "
+                        "model.state_dict() (or tpfx.full_state_dict(gm)), not the model")
+    return _TensorSource(loaded, f"torch.save file '{path}'")
+
+
+# ------------------------------------------------------------------------------------------ checks
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(repr(k) for k in keys[:_MAX_LISTED])
+    return shown + (f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+
+
+def _problems(targets: list[_Target], source, *, strict: bool) -> tuple[list[str], list[str]]:
+    """What keeps ``source`` from loading into ``targets``: (problems, fixes), both empty when it fits."""
+    available = source.keys()
+    expected = {key for target in targets for key in target.keys}
+    missing = [t.keys[0] for t in targets if not available.intersection(t.keys) and (strict or t.tensor.is_meta)]
+    unexpected = sorted(available - expected) if strict else []
+    mismatched = [f"{key!r} is {source.shape(key)} in the checkpoint but {t.full_shape} in the model"
+                  for t in targets for key in t.keys if key in available and source.shape(key) != t.full_shape]
+    problems, fixes = [], []
+    if missing or unexpected:
+        problems += [f"missing key(s) {_listed(missing)}"] if missing else []
+        problems += [f"unexpected key(s) {_listed(unexpected)}"] if unexpected else []
+        fixes.append("load a checkpoint of this model class (model.state_dict() or tpfx.full_state_dict)"
+                     + (", or pass strict=False to skip keys" if strict else ""))
+    if mismatched:
+        problems.append("shape mismatch: " + mismatched[0] + (f" (+{len(mismatched) - 1} more)" if len(mismatched) > 1 else ""))
+        fixes.append("build the model with the configuration the checkpoint was saved from")
+    return problems, fixes
+
+
+def _meta_buffer_problems(module: nn.Module, source) -> tuple[list[str], list[str]]:
+    """Buffers left on meta that no checkpoint can fill (they are not saved: computed at construction)."""
+    available = source.keys()
+    lost = [name for name, buffer in module.named_buffers() if buffer.is_meta and name not in available]
+    if not lost:
+        return [], []
+    return ([f"buffer(s) {_listed(lost)} are on the meta device and not in the checkpoint"],
+            ["build the model under `with tpfx.parameters_on_meta():` rather than torch.device('meta'), "
+             "so that buffers computed by the constructor stay real"])
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+def _load_target(target: _Target, source, key: str, device: torch.device) -> None:
+    """Fill one tensor in place (a real one) or replace a meta one's storage, keeping the object."""
+    tensor = target.tensor
+    with torch.no_grad():
+        if not tensor.is_meta and tensor.device.type == "cpu" and tensor.is_contiguous():
+            source.read_into(key, target.spec, tensor.detach())  # straight into the live tensor
+            return
+        staged = torch.empty(tuple(tensor.shape), dtype=tensor.dtype)
+        source.read_into(key, target.spec, staged)
+        if not tensor.is_meta:
+            tensor.copy_(staged)
+            return
+        loaded = staged.to(device)
+        if isinstance(tensor, nn.Parameter):
+            loaded = type(tensor)(loaded, requires_grad=tensor.requires_grad)
+        # swap, not re-register: the same object stays in every module, call form and optimizer
+        torch.utils.swap_tensors(tensor, loaded)
+
+
+def load_state_dict(gm: nn.Module, source: StateSource, *, strict: bool = True,
+                    device: torch.device | str = "cpu") -> None:
+    """Load a single-device checkpoint into a tensor-parallel program; each rank reads only its part.
+
+    Sharded parameters get this rank's part (as the layer's ``shard_spec`` says), replicated
+    parameters and persistent buffers get the whole tensor. Meta tensors (a model built under
+    :func:`tpfx.parameters_on_meta`) are materialized on ``device``; real tensors are filled in place.
+    Tied parameters are loaded once, from whichever of their keys the checkpoint holds.
+
+    Args:
+        gm: the program from :func:`tpfx.parallelize` (any ``nn.Module`` works; without sharded
+            layers it loads like ``nn.Module.load_state_dict``).
+        source: a single-device state dict, a ``torch.save`` file, or a ``.safetensors`` file.
+        strict: when False, unexpected keys are ignored and missing keys keep their current values
+            (a missing key whose tensor is still on meta is an error all the same).
+        device: where meta tensors are materialized.
+
+    Raises:
+        LoadError: missing or unexpected keys, a shape mismatch, a meta buffer the checkpoint cannot
+            fill, or an unreadable source; raised before any tensor is changed.
+    """
+    targets = _targets(gm)
+    with closing(_open_source(source)) as opened:
+        problems, fixes = _problems(targets, opened, strict=strict)
+        buffer_problems, buffer_fixes = _meta_buffer_problems(gm, opened)
+        if problems or buffer_problems:
+            raise LoadError(f"cannot load {opened.where} into {type(gm).__name__}: "
+                            f"{'; '.join(problems + buffer_problems)}; fix: {'; '.join(fixes + buffer_fixes)}")
+        available = opened.keys()
+        for target in targets:
+            present = [key for key in target.keys if key in available]
+            if present:
+                _load_target(target, opened, present[0], torch.device(device))
+
+
+# ----------------------------------------------------------------------------------------- gathering
+
+def _tp_group(gm: nn.Module) -> dist.ProcessGroup | None:
+    report = getattr(gm, "tpfx_report", None)
+    if report is None:
+        raise ConfigError(f"{type(gm).__name__} has sharded layers but no tpfx_report, so its tensor-parallel "
+                          "group is unknown; fix: call full_state_dict on the program tpfx.parallelize returned")
+    return bound_group(report.group)
+
+
+def _assemble(parts: list[torch.Tensor], specs: list[ShardSpec], like: torch.Tensor) -> torch.Tensor:
+    """The full tensor from every rank's (padded) local part and spec."""
+    full = torch.empty(specs[0].full_shape(tuple(like.shape)), dtype=like.dtype, device=like.device)
+    for part, spec in zip(parts, specs):
+        for local, start, length in spec.pieces():
+            full.narrow(spec.dim, start, length).copy_(part.narrow(spec.dim, local, length))
+    return full
+
+
+def _gather_full(target: _Target, specs: list[ShardSpec], group: dist.ProcessGroup | None,
+                 *, to_all: bool) -> torch.Tensor | None:
+    """Gather one sharded tensor; the full tensor on the receiving rank(s), None elsewhere."""
+    local = target.tensor.detach().contiguous()
+    dim, widest = specs[0].dim, max(spec.local_size for spec in specs)
+    if local.shape[dim] < widest:  # collectives need equal shapes: pad the narrower shards
+        padding = list(local.shape)
+        padding[dim] = widest - local.shape[dim]
+        local = torch.cat([local, local.new_zeros(padding)], dim=dim)
+    parts = [torch.empty_like(local) for _ in specs]
+    if to_all:
+        dist.all_gather(parts, local, group=group)
+        return _assemble(parts, specs, target.tensor)
+    receiver = dist.get_global_rank(group, 0) if group is not None else 0
+    receiving = dist.get_rank() == receiver
+    dist.gather(local, parts if receiving else None, dst=receiver, group=group)
+    return _assemble(parts, specs, target.tensor) if receiving else None
+
+
+def full_state_dict(gm: nn.Module, *, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+    """Gather a tensor-parallel program's state into the original model's keys and full shapes.
+
+    Collective: every rank of the program's group must call it. The result loads into the
+    single-device model (``model.load_state_dict``) or, through :func:`load_state_dict`, into a
+    program of any tp. Replicated tensors are returned without a copy (detached views of the live
+    ones): clone them before changing the program further if you keep the dict.
+
+    Args:
+        gm: the program from :func:`tpfx.parallelize`.
+        rank0_only: only rank 0 of the group receives the full tensors (the others return ``{}``),
+            so only one rank holds the whole model; False gives every rank the full dict.
+
+    Returns:
+        ``{key: full tensor}`` with every key of the original model's ``state_dict()``.
+
+    Raises:
+        LoadError: a tensor is still on meta (nothing has been loaded into the program).
+        ConfigError: the program was built for inspection (no process group to gather over).
+    """
+    targets = _targets(gm)
+    on_meta = [t.keys[0] for t in targets if t.tensor.is_meta]
+    if on_meta:
+        raise LoadError(f"{type(gm).__name__} still has meta tensors {_listed(on_meta)}; "
+                        "fix: load weights with tpfx.load_state_dict(gm, checkpoint) first")
+    sharded = [t for t in targets if t.spec is not None]
+    group = _tp_group(gm) if sharded else None
+    specs_by_rank = _exchange_specs([t.spec for t in sharded], group) if sharded else []
+    receiving = not rank0_only or not dist.is_initialized() or dist.get_rank(group) == 0
+    state: dict[str, torch.Tensor] = {}
+    position = 0  # index of the next sharded target, in the order the specs were exchanged
+    for target in targets:
+        tensor = target.tensor.detach()
+        if target.spec is not None:
+            tensor = _gather_full(target, [specs[position] for specs in specs_by_rank], group, to_all=not rank0_only)
+            position += 1
+        if receiving:
+            state.update(dict.fromkeys(target.keys, tensor))
+    return state
+
+
+def _exchange_specs(mine: list[ShardSpec], group: dist.ProcessGroup | None) -> list[list[ShardSpec]]:
+    """Every rank's shard specs (one small collective), in group-rank order."""
+    everyone: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    return everyone
