@@ -28,11 +28,48 @@ class Report:
     param_bytes_rank: int  # what this rank holds
     site_bytes_single: int  # the sharded linears, unsharded
     site_bytes_rank: int  # the sharded linears, this rank's shards
+    linear_order: tuple[str, ...] = ()  # module paths of the graph's call_module nodes, in graph order
+    collectives_by_module: tuple[tuple[str, tuple[str, ...]], ...] = ()  # sharded module -> collectives next to it
 
     def sites_table(self) -> list[dict[str, object]]:
         """One row per site: module path, role, full weight shape, shard shape, collectives around it."""
+        around = dict(self.collectives_by_module)
         return [{"module": s.module_path, "role": s.role, "weight": list(s.weight_shape),
-                 "shard": list(s.shard_shape), "collectives": ["copy_to_tp", "gather_from_tp"]} for s in self.sites]
+                 "shard": list(s.shard_shape),
+                 "collectives": list(around.get(s.module_path, ("copy_to_tp", "gather_from_tp")))}
+                for s in self.sites]
+
+    def linear_decisions(self) -> list[dict[str, object]]:
+        """Every linear, sharded or replicated, with the reason in words, in graph order."""
+        rows = [{"module": s.module_path, "weight": list(s.weight_shape), "sharded": True, "role": s.role,
+                 "reason": role_reason(s.role)} for s in self.sites]
+        rows += [{"module": r.module_path, "weight": list(r.weight_shape), "sharded": False, "role": "",
+                  "reason": r.reason} for r in self.replicated]
+        order = {path: index for index, path in enumerate(self.linear_order)}
+        return sorted(rows, key=lambda row: order.get(row["module"], len(order)))
+
+    def memory(self) -> dict[str, int]:
+        """Parameter bytes: the whole single-device model, this rank, and the sharded linears of each."""
+        return {"single_device_bytes": self.param_bytes_single, "rank_bytes": self.param_bytes_rank,
+                "sharded_linears_single_device_bytes": self.site_bytes_single,
+                "sharded_linears_rank_bytes": self.site_bytes_rank}
+
+
+_OPERANDS = {"q": "query", "k": "key", "v": "value"}
+
+
+def role_reason(role: str) -> str:
+    """Why a site of ``role`` is sharded, in words."""
+    if role == "fc1":
+        return "feeds an elementwise activation whose output reaches another linear (FFN first linear)"
+    if role == "up":
+        return "is multiplied by an activation of another linear and feeds a linear (gated FFN up projection)"
+    if role and set(role) <= _OPERANDS.keys():
+        names = [_OPERANDS[letter] for letter in role]
+        operands = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+        plural = "s" if len(names) > 1 else ""
+        return f"its output reaches the {operands} operand{plural} of an attention through shape and indexing ops only"
+    return f"sharded as role '{role}'"
 
 
 def parameter_bytes(module: nn.Module) -> int:
@@ -51,4 +88,18 @@ def build_report(gm: fx.GraphModule, model: nn.Module, *, tp: int, rank: int, gr
         param_bytes_single=parameter_bytes(model), param_bytes_rank=parameter_bytes(gm),
         site_bytes_single=sum(parameter_bytes(model.get_submodule(s.module_path)) for s in sites),
         site_bytes_rank=sum(parameter_bytes(gm.get_submodule(s.module_path)) for s in sites),
+        linear_order=tuple(dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "call_module")),
+        collectives_by_module=_collectives_by_module(gm, {s.module_path for s in sites}),
     )
+
+
+def _collectives_by_module(gm: fx.GraphModule, paths: set[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """For each sharded module: the collectives feeding it or fed by it, in graph order."""
+    around: dict[str, list[str]] = {path: [] for path in paths}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in COLLECTIVES:
+            continue
+        for neighbour in [*node.all_input_nodes, *node.users]:
+            if neighbour.op == "call_module" and neighbour.target in around:
+                around[neighbour.target].append(COLLECTIVES[node.target])
+    return tuple((path, tuple(names)) for path, names in around.items())

@@ -1,0 +1,224 @@
+"""Analysis: what every collective node of a rewritten graph sends, forward and backward, per step.
+
+before (rewritten graph, rank r of tp=2, input (B=2, T=16), d=128)::
+
+    copy_to_tp = copy_to_tp(ln1, 'tp:0-1')                 # identity fwd / all-reduce of the grad bwd
+    h = self.qkv_proj(copy_to_tp)                          # (2, 16, 192): this rank's columns
+    gather_from_tp = gather_from_tp(h, 'tp:0-1')           # all-gather fwd / own slice bwd
+
+after (records)::
+
+    CommRow(node="gather_from_tp", direction="forward", op="all_gather", shape=(2, 16, 192),
+            tensor_bytes=24576, traffic_bytes=24576.0)     # ring: (tp-1)/tp of the gathered 49152 bytes
+    CommRow(node="copy_to_tp", direction="backward", op="all_reduce", shape=(2, 16, 128),
+            tensor_bytes=16384, traffic_bytes=16384.0)     # ring: 2(tp-1)/tp of the reduced tensor
+
+Shapes come from running the graph on fake tensors (no memory, no computation), with every
+collective node replaced by its shape rule; no process group is needed. ``tensor_bytes`` is the
+tensor handed to the collective (the local part for an all-gather), exactly what
+:func:`tpfx.collectives.add_observer` sees in a real run. ``traffic_bytes`` is what each rank sends in
+a ring implementation. A backward collective appears only if its input needs a gradient.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from tpfx.collectives import COLLECTIVES
+from tpfx.errors import TpfxError
+
+
+class CommTableError(TpfxError):
+    """The communication of a graph cannot be worked out (unknown collective, shapes that cannot propagate)."""
+
+
+@dataclass(frozen=True)
+class CollectiveRule:
+    """What one collective function communicates: the op in each direction, and its output width."""
+
+    forward: str | None  # "all_gather", "all_reduce", "reduce_scatter" or None (no communication)
+    backward: str | None
+    gathers_last_dim: bool = False  # the forward output is tp times wider on the last dim
+
+
+# one line per collective of tpfx.collectives.COLLECTIVES: copy_to_tp (identity / all-reduce),
+# gather_from_tp (all-gather / own slice), reduce_from_tp (all-reduce / identity)
+RULES: dict[str, CollectiveRule] = {
+    "copy_to_tp": CollectiveRule(forward=None, backward="all_reduce"),
+    "gather_from_tp": CollectiveRule(forward="all_gather", backward=None, gathers_last_dim=True),
+    "reduce_from_tp": CollectiveRule(forward="all_reduce", backward=None),
+}
+
+
+def ring_traffic(op: str, tensor_bytes: int, tp: int) -> Fraction:
+    """Bytes each rank sends for ``op`` on a ring of ``tp`` ranks, given the tensor handed to it.
+
+    all-gather hands the local part and sends (tp-1)/tp of the gathered tensor; reduce-scatter
+    hands the full tensor and sends (tp-1)/tp of it; all-reduce sends 2(tp-1)/tp of it.
+    """
+    if op == "all_gather":
+        return Fraction((tp - 1) * tensor_bytes)
+    if op == "reduce_scatter":
+        return Fraction((tp - 1) * tensor_bytes, tp)
+    if op == "all_reduce":
+        return Fraction(2 * (tp - 1) * tensor_bytes, tp)
+    raise ValueError(f"unknown collective op {op!r}")
+
+
+@dataclass(frozen=True)
+class CommRow:
+    """One collective call of one training step."""
+
+    node: str
+    collective: str  # the function in the graph, e.g. gather_from_tp
+    direction: str  # "forward" or "backward"
+    op: str  # all_gather / all_reduce / reduce_scatter
+    module: str  # the sharded module it serves ("" when none is adjacent)
+    shape: tuple[int, ...]
+    dtype: str
+    tensor_bytes: int
+    traffic_bytes: float
+
+
+@dataclass(frozen=True)
+class CommTable:
+    """Every collective call of one forward and backward, in the order they run."""
+
+    tp: int
+    rows: tuple[CommRow, ...]
+
+    def total(self, direction: str | None = None, *, field: str = "traffic_bytes") -> float:
+        """Sum of ``field`` over the rows of ``direction`` (both when None)."""
+        return sum(getattr(r, field) for r in self.rows if direction in (None, r.direction))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for JSON: the rows and the totals per direction and per step."""
+        totals = {d or "step": {"tensor_bytes": self.total(d, field="tensor_bytes"),
+                                "traffic_bytes_per_rank": self.total(d)} for d in ("forward", "backward", None)}
+        return {"tp": self.tp, "model": "ring", "rows": [_row_dict(r) for r in self.rows], "totals": totals}
+
+
+def _row_dict(row: CommRow) -> dict[str, Any]:
+    return {"node": row.node, "collective": row.collective, "direction": row.direction, "op": row.op,
+            "module": row.module, "shape": list(row.shape), "dtype": row.dtype,
+            "tensor_bytes": row.tensor_bytes, "traffic_bytes_per_rank": row.traffic_bytes}
+
+
+def graph_module_for_call(program: fx.GraphModule, inputs: dict[str, object]) -> fx.GraphModule:
+    """The GraphModule that ``program(**inputs)`` runs: for a TensorParallelModule, the graph of that call form."""
+    forms = program.__dict__.get("_tpfx_forms")
+    if forms is None:
+        return program
+    from tpfx.capture import call_form_of  # only TensorParallelModule programs need it
+
+    form = call_form_of(forms.signature, (), inputs, training=program.training)
+    # TensorParallelModule traces and rewrites each call form on first use; ask it for that graph
+    return program if form == forms.primary else program._module_for(forms, form)
+
+
+def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -> CommTable:
+    """Work out every collective of one training step of ``program`` called as ``program(**inputs)``.
+
+    Args:
+        program: a rewritten rank program (collectives as ``call_function`` nodes); it is not run.
+        inputs: keyword arguments of the call; only their shapes and dtypes matter.
+        tp: the tensor-parallel degree (all-gather widths and ring traffic).
+
+    Returns:
+        The forward collectives in graph order, then the backward ones in reverse graph order.
+
+    Raises:
+        CommTableError: a collective has no rule in :data:`RULES`, or shapes cannot be propagated.
+    """
+    gm = graph_module_for_call(program, inputs)
+    unknown = {COLLECTIVES[n.target] for n in _collective_nodes(gm)} - RULES.keys()
+    if unknown:
+        raise CommTableError(f"collective(s) {sorted(unknown)} have no rule in passes/comm_table.py RULES; "
+                             "add one line per collective saying what it sends forward and backward")
+    seen = _FakeRun(gm, tp).seen(inputs)
+    forward, backward = [], []
+    for node in _collective_nodes(gm):
+        rule, local, needs_grad = RULES[COLLECTIVES[node.target]], *seen[node.name]
+        if rule.forward:
+            forward.append(_row(gm, node, "forward", rule.forward, local, tp))
+        if rule.backward and needs_grad:
+            # the gradient handed backward has the shape of this node's output
+            backward.append(_row(gm, node, "backward", rule.backward, seen[node.name + ".out"][0], tp))
+    return CommTable(tp, tuple(forward + backward[::-1]))
+
+
+def _collective_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in COLLECTIVES]
+
+
+def _row(gm: fx.GraphModule, node: fx.Node, direction: str, op: str, tensor: torch.Tensor, tp: int) -> CommRow:
+    nbytes = tensor.numel() * tensor.element_size()
+    return CommRow(node.name, COLLECTIVES[node.target], direction, op, served_module(gm, node), tuple(tensor.shape),
+                   str(tensor.dtype).removeprefix("torch."), nbytes, float(ring_traffic(op, nbytes, tp)))
+
+
+def served_module(gm: fx.GraphModule, node: fx.Node) -> str:
+    """The sharded module (a :mod:`tpfx.layers` runtime module) next to a collective node, "" if none."""
+    neighbours = [a for a in node.args if isinstance(a, fx.Node)] + list(node.users)
+    for neighbour in neighbours:
+        if neighbour.op == "call_module" and is_sharded_module(gm.get_submodule(neighbour.target)):
+            return str(neighbour.target)
+    return ""
+
+
+def is_sharded_module(module: torch.nn.Module) -> bool:
+    """Whether ``module`` holds a shard: tpfx's runtime layers live in :mod:`tpfx.layers`."""
+    return type(module).__module__ == "tpfx.layers"
+
+
+class _FakeRun(fx.Interpreter):
+    """Runs a graph on fake tensors; collectives produce their output shape without communicating."""
+
+    def __init__(self, gm: fx.GraphModule, tp: int) -> None:
+        super().__init__(gm)
+        self.tp = tp
+        self.observed: dict[str, tuple[torch.Tensor, bool]] = {}
+
+    def seen(self, inputs: dict[str, object]) -> dict[str, tuple[torch.Tensor, bool]]:
+        """node name -> (tensor handed in, whether it needs a gradient); ``name.out`` for outputs."""
+        mode = FakeTensorMode(allow_non_fake_inputs=True)  # parameters stay real; the mode fakes them on use
+        with mode, torch.enable_grad():
+            fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+            names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
+            params = inspect.signature(self.module.forward).parameters
+            args = [fake.get(name, _default(params, name)) for name in names]
+            try:
+                self.run(*args)
+            except TpfxError:
+                raise
+            except Exception as error:  # any op's complaint about shapes; name the node it happened at
+                raise CommTableError(f"cannot propagate shapes through node '{self._current}' of the graph: "
+                                     f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}; "
+                                     "check that the inputs fit the model (batch, seq, dtype)") from error
+        return self.observed
+
+    def run_node(self, node: fx.Node) -> Any:
+        self._current = node.name
+        return super().run_node(node)
+
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if target not in COLLECTIVES:
+            return super().call_function(target, args, kwargs)
+        local = args[0]
+        rule = RULES[COLLECTIVES[target]]
+        out = local.repeat(*([1] * (local.dim() - 1)), self.tp) if rule.gathers_last_dim else local.view_as(local)
+        self.observed[self._current] = (local, local.requires_grad)
+        self.observed[self._current + ".out"] = (out, out.requires_grad)
+        return out
+
+
+def _default(params: dict[str, inspect.Parameter], name: str) -> object:
+    parameter = params.get(name)
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default

@@ -1,0 +1,172 @@
+"""``tpfx verify``: run a TARGET tensor-parallel in local gloo processes and compare it with one device.
+
+Every rank builds the model from the factory (then takes rank 0's weights, so a factory that is not
+seeded still gives one model), parallelizes it, runs forward and backward on the same seeded random
+inputs as the single-device model, and measures the largest differences of the outputs, the loss
+and every gradient (a shard against the matching part of the full gradient). The parent merges the
+ranks' figures into one row per tensor group.
+
+Relative error is norm-wise: max |tp - single| / max |single| over the group, so that values near
+zero do not blow it up. A group passes when ``max_abs <= atol + rtol * max |single|``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+import tpfx
+from tpfx.errors import ConfigError
+from tpfx.launch import launch
+from tpfx.targets import load_target
+
+
+@dataclass(frozen=True)
+class VerifyOptions:
+    """What ``verify`` runs and how strictly it judges (fp32 defaults)."""
+
+    tp: int = 2
+    batch: int | None = None
+    seq: int | None = None
+    seed: int = 0
+    atol: float = 1e-5
+    rtol: float = 1e-4
+    timeout_s: float = 300
+    parallelize_options: dict[str, Any] = field(default_factory=dict)  # e.g. mode= where parallelize has it
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ConfigError(f"--tp {self.tp} must be a positive integer")
+        if self.atol < 0 or self.rtol < 0:
+            raise ConfigError(f"tolerances must be >= 0, got atol={self.atol} rtol={self.rtol}")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"--timeout {self.timeout_s} must be positive (seconds)")
+
+
+@dataclass(frozen=True)
+class ErrorRow:
+    """The largest error of one tensor group over every rank."""
+
+    group: str
+    tensors: int
+    max_abs: float
+    max_rel: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    """The table ``tpfx verify`` prints; ``passed`` when every group is within tolerance."""
+
+    target: str
+    options: VerifyOptions
+    inputs: str
+    rows: tuple[ErrorRow, ...]
+
+    @property
+    def passed(self) -> bool:
+        """Whether every group is within tolerance."""
+        return all(row.passed for row in self.rows)
+
+
+def verify(spec: str, options: VerifyOptions) -> VerifyResult:
+    """Compare the tensor-parallel program of ``spec`` with the single-device model in real processes.
+
+    Args:
+        spec: TARGET, ``path/to/file.py:factory`` or ``package.module:factory``.
+        options: degree, sizes, seed, tolerances, timeout and parallelize options.
+
+    Returns:
+        One row per tensor group (outputs, loss, gradients by module kind) and the verdict.
+
+    Raises:
+        TargetError, CaptureError, ShardingError, ConfigError: found in this process before any rank
+            starts.
+        RankFailure: a rank raised; LaunchTimeout: the ranks did not finish within the timeout.
+    """
+    target = load_target(spec)  # bad input is reported here, before processes start
+    tpfx.parallelize(target.model, tp=options.tp, rank=0, **options.parallelize_options)
+    per_rank = launch(_verify_rank, options.tp, spec, options, timeout_s=options.timeout_s)
+    merged: dict[str, list[float]] = {}
+    for figures in per_rank:
+        for group, (count, max_abs, scale) in figures.items():
+            previous = merged.setdefault(group, [0, 0.0, 0.0])
+            merged[group] = [previous[0] + count, max(previous[1], max_abs), max(previous[2], scale)]
+    rows = tuple(ErrorRow(group, int(count), max_abs, _relative(max_abs, scale),
+                          max_abs <= options.atol + options.rtol * scale)
+                 for group, (count, max_abs, scale) in merged.items())
+    return VerifyResult(spec, options, target.describe_inputs(batch=options.batch, seq=options.seq), rows)
+
+
+def _relative(max_abs: float, scale: float) -> float:
+    if scale > 0:
+        return max_abs / scale
+    return float("inf") if max_abs > 0 else 0.0
+
+
+def _verify_rank(rank: int, world_size: int, spec: str, options: VerifyOptions) -> dict[str, tuple[int, float, float]]:
+    """One rank: group -> (tensor count, max |tp - single|, max |single|)."""
+    torch.manual_seed(options.seed)
+    target = load_target(spec)
+    reference = target.model
+    for tensor in [*reference.parameters(), *reference.buffers()]:
+        dist.broadcast(tensor.data, src=0)  # every rank holds rank 0's model, seeded factory or not
+    program = tpfx.parallelize(reference, tp=world_size, **options.parallelize_options)
+    inputs = target.inputs(batch=options.batch, seq=options.seq, seed=options.seed)
+    outputs = [_forward_backward(model, inputs, options.seed) for model in (reference, program)]
+    figures: dict[str, list[float]] = {}
+    single_outputs, parallel_outputs = outputs
+    for name, single in single_outputs.items():
+        _accumulate(figures, name, parallel_outputs.get(name), single)
+    sites = {site.module_path: site.role for site in program.tpfx_report.sites}
+    full = dict(reference.named_parameters())
+    for name, parameter in program.named_parameters():
+        owner_path = name.rpartition(".")[0]
+        owner = program.get_submodule(owner_path)
+        expected = full[name].grad
+        if hasattr(owner, "local_part") and expected is not None:
+            expected = owner.local_part(expected)  # this rank's part of the full gradient
+        group = (f"grad sharded {sites.get(owner_path, type(owner).__name__)}" if owner_path in sites
+                 else f"grad {type(owner).__name__}")
+        _accumulate(figures, group, parameter.grad, expected)
+    return {group: tuple(values) for group, values in figures.items()}
+
+
+def _forward_backward(model: nn.Module, inputs: dict[str, object], seed: int) -> dict[str, torch.Tensor]:
+    """Outputs by name (``logits``, ``loss``, ``output[i]``) after backward of the loss."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # the same dropout masks in both models
+    produced = model(**inputs)
+    flat = [produced] if isinstance(produced, torch.Tensor) else [
+        t for t in (produced.values() if isinstance(produced, dict) else produced) if isinstance(t, torch.Tensor)]
+    named: dict[str, torch.Tensor] = {}
+    for index, tensor in enumerate(flat):
+        if tensor.dim() == 0 and tensor.is_floating_point() and "loss" not in named:
+            named["loss"] = tensor
+        elif tensor.dim() > 0 and "logits" not in named:
+            named["logits"] = tensor
+        else:
+            named[f"output[{index}]"] = tensor
+    loss = named.get("loss")
+    if loss is None:  # no loss returned for these inputs: a probe that every floating output reaches
+        loss = sum(t.float().square().mean() for t in flat if t.is_floating_point())
+        named["loss (mean square of outputs)"] = loss
+    loss.backward()
+    return named
+
+
+def _accumulate(figures: dict[str, list[float]], group: str, got: torch.Tensor | None,
+                expected: torch.Tensor | None) -> None:
+    count, max_abs, scale = figures.get(group, [0, 0.0, 0.0])
+    if got is None or expected is None or got.shape != expected.shape:
+        # a missing gradient on one side, or a shard that does not match: an infinite error
+        difference = 0.0 if got is None and expected is None else float("inf")
+        magnitude = 0.0
+    else:
+        difference = (got.detach().double() - expected.detach().double()).abs().max().item() if got.numel() else 0.0
+        magnitude = expected.detach().double().abs().max().item() if expected.numel() else 0.0
+    figures[group] = [count + 1, max(max_abs, difference), max(scale, magnitude)]
