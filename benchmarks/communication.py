@@ -1,0 +1,81 @@
+"""Bytes on the wire per training step: counted in tpfx's collectives, and the analytic ring figures.
+
+A ring all-gather of a full tensor of n bytes moves n·(tp-1)/tp bytes out of every rank; a ring
+all-reduce of n bytes moves 2·n·(tp-1)/tp. Per block and step (T tokens, width h, FFN width f):
+
+==========  ==========================================  =================================
+mode        collectives (forward; backward)              ring elements per rank
+==========  ==========================================  =================================
+gather      all-gather 3h and f; all-reduce h twice      (3h + f + 4h)·T·(tp-1)/tp  (11hT·(tp-1)/tp at f=4h)
+megatron    all-reduce h twice; all-reduce h twice       8hT·(tp-1)/tp
+==========  ==========================================  =================================
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from fractions import Fraction
+from collections.abc import Iterator
+
+import torch
+
+from tpfx.collectives import add_observer
+
+
+@dataclass
+class TrafficCounter:
+    """What the collectives saw: calls per collective and the ring bytes they imply for one rank."""
+
+    tp: int
+    calls: Counter = field(default_factory=Counter)
+    ring_bytes: Fraction = Fraction(0)
+
+    def observe(self, name: str, tensor: torch.Tensor) -> None:
+        """Observer for :func:`tpfx.collectives.add_observer`; ``tensor`` is what this rank hands in."""
+        size = tensor.numel() * tensor.element_size()
+        self.calls[name] += 1
+        if name == "all_gather":  # the tensor is this rank's part: it receives the other tp-1 parts
+            self.ring_bytes += size * (self.tp - 1)
+        elif name == "all_reduce":
+            self.ring_bytes += Fraction(2 * size * (self.tp - 1), self.tp)
+        else:
+            raise ValueError(f"unknown collective {name!r}: add its ring cost to TrafficCounter.observe")
+
+
+@contextmanager
+def counting_traffic(tp: int) -> Iterator[TrafficCounter]:
+    """Count every tpfx collective called inside the ``with`` block."""
+    counter = TrafficCounter(tp)
+    remove = add_observer(counter.observe)
+    try:
+        yield counter
+    finally:
+        remove()
+
+
+def analytic_ring_bytes(config, *, tokens: int, tp: int, mode: str, element_size: int = 4) -> Fraction:
+    """Ring bytes per rank of one forward+backward step of the example GPT, from the table above.
+
+    Args:
+        config: a :class:`examples.gpt.GPTConfig` (n_layers, d_model, d_ff).
+        tokens: batch × sequence length.
+        tp: tensor-parallel degree.
+        mode: ``"gather"`` or ``"megatron"``.
+        element_size: bytes per element (4 for fp32).
+
+    Raises:
+        ValueError: an unknown mode.
+    """
+    h, f = config.d_model, config.d_ff
+    per_block = {"gather": 3 * h + f + 4 * h, "megatron": 8 * h}.get(mode)
+    if per_block is None:
+        raise ValueError(f"mode={mode!r}; use 'gather' or 'megatron'")
+    return Fraction(per_block * tokens * element_size * config.n_layers * (tp - 1), tp)
+
+
+def analytic_calls(config, *, mode: str) -> dict[str, int]:
+    """Collective calls per step of the example GPT: two gathers and two all-reduces per block, or four all-reduces."""
+    per_block = {"gather": {"all_gather": 2, "all_reduce": 2}, "megatron": {"all_reduce": 4}}[mode]
+    return {name: count * config.n_layers for name, count in per_block.items()}
