@@ -149,14 +149,19 @@ class _SafetensorsSource:
             raise
 
     def _read_header(self) -> dict[str, _Entry]:
+        size = os.fstat(self.file.fileno()).st_size
         try:
             (length,) = struct.unpack("<Q", self.file.read(8))
+            if length > size - 8:
+                raise ValueError(f"header length {length} exceeds the file size {size}")
             header = json.loads(self.file.read(length))
             data_start = 8 + length
+            if any(data_start + info["data_offsets"][1] > size for key, info in header.items() if key != "__metadata__"):
+                raise ValueError(f"a tensor ends past the file size {size} (truncated file)")
             return {key: _Entry(_SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]),
                                 data_start + info["data_offsets"][0])
                     for key, info in header.items() if key != "__metadata__"}
-        except (struct.error, ValueError, KeyError, TypeError) as error:
+        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as error:
             raise LoadError(f"{self.where} has no readable safetensors header ({type(error).__name__}: {error}); "
                             "fix: pass a file written by safetensors' save_file, or a torch.save file") from None
 

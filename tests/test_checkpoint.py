@@ -1,0 +1,308 @@
+"""Checkpoints: meta-built models, loading shards from every source, full_state_dict round trips.
+
+In-process tests use programs built for inspection (``rank=`` without a process group): loading
+needs no collective. One spawn of 4 gloo ranks covers everything that gathers: tp=2 groups inside a
+world of 4 (so group rank 0 is not always global rank 0), then tp=4 loading the tp=2 checkpoint.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import save_file
+
+import tpfx
+import tpfx.checkpoint
+from examples.gpt import GPTModel, small_config
+from tests.multiprocess import run_ranks
+from tests.parity import max_diff
+
+TOL = 1e-5
+
+
+def _reference(seed: int = 0) -> GPTModel:
+    torch.manual_seed(seed)
+    return GPTModel(small_config(dropout=0.0)).eval()
+
+
+def _meta_gpt() -> GPTModel:
+    with tpfx.parameters_on_meta():
+        return GPTModel(small_config(dropout=0.0)).eval()
+
+
+def _ids(batch: int = 2, seq: int = 12) -> torch.Tensor:
+    return torch.randint(0, small_config().vocab_size, (batch, seq), generator=torch.Generator().manual_seed(3))
+
+
+def _save_all(state: dict[str, torch.Tensor], folder: Path) -> dict[str, object]:
+    """The three kinds of source for one state dict."""
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    torch.save(state, folder / "model.pt")
+    return {"dict": state, "safetensors": str(folder / "model.safetensors"), "torch.save": str(folder / "model.pt")}
+
+
+def _same_state(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------- in-process tests
+
+def test_parameters_on_meta_keeps_constructor_buffers_real():
+    before = nn.Module.register_parameter
+    with tpfx.parameters_on_meta(), tpfx.parameters_on_meta():  # nesting is harmless
+        model = GPTModel(small_config())
+    assert nn.Module.register_parameter is before
+    assert all(p.is_meta for p in model.parameters())
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in model.parameters())
+    real = _reference()
+    for (name, buffer), (_, expected) in zip(model.named_buffers(), real.named_buffers(), strict=True):
+        assert not buffer.is_meta and torch.equal(buffer, expected), name
+    assert not any(p.is_meta for p in nn.Linear(2, 2).parameters())  # only inside the block
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_each_rank_loads_exactly_its_shards_from_every_source(tmp_path, rank):
+    reference = _reference()
+    sources = _save_all(reference.state_dict(), tmp_path)
+    expected = tpfx.parallelize(reference, tp=2, rank=rank)
+    for kind, source in sources.items():
+        gm = tpfx.parallelize(_meta_gpt(), tp=2, rank=rank)
+        tpfx.load_state_dict(gm, source)
+        assert not any(t.is_meta for t in gm.state_dict().values()), kind
+        assert _same_state(gm, expected), kind
+        assert gm.get_submodule("blocks.0.ffn.fc1").weight.shape == (256, 128), kind  # half of the rows, no more
+
+
+def test_loading_into_a_real_program_fills_the_same_tensors(tmp_path):
+    reference = _reference()
+    source = _save_all(reference.state_dict(), tmp_path)["safetensors"]
+    gm = tpfx.parallelize(_reference(seed=5), tp=2, rank=1)
+    before = {name: id(p) for name, p in gm.named_parameters()}
+    tpfx.load_state_dict(gm, source)
+    assert {name: id(p) for name, p in gm.named_parameters()} == before  # optimizers stay valid
+    assert _same_state(gm, tpfx.parallelize(reference, tp=2, rank=1))
+
+
+class _Sharded(nn.Module):
+    """A layer with an unusual shard: whole blocks along dim 1 (two ranges) and a dim-0 bias block."""
+
+    def __init__(self, full_shape: tuple[int, int], *, ranges: tuple[tuple[int, int], ...], dtype: torch.dtype):
+        super().__init__()
+        self.weight_spec = tpfx.ShardSpec(1, full_shape[1], ranges)
+        self.bias_spec = tpfx.ShardSpec.contiguous(0, 2, 5, full_shape[0])
+        local = self.weight_spec.local_size
+        self.weight = nn.Parameter(torch.zeros(full_shape[0], local, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(3, dtype=dtype))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("keep", torch.zeros(4, dtype=torch.bool))
+
+    def shard_spec(self, param_name: str) -> tpfx.ShardSpec | None:
+        return {"weight": self.weight_spec, "bias": self.bias_spec}[param_name]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_any_layer_with_a_shard_spec_loads_from_every_source(tmp_path, monkeypatch, dtype):
+    monkeypatch.setattr(tpfx.checkpoint, "_CHUNK_BYTES", 64)  # several row blocks per column shard
+    full = {"layer.weight": torch.randn(9, 10).to(dtype), "layer.bias": torch.randn(9).to(dtype),
+            "layer.steps": torch.tensor(7), "layer.keep": torch.tensor([True, False, True, True])}
+    ranges = ((1, 3), (6, 9))
+    for kind, source in _save_all(full, tmp_path).items():
+        model = nn.Sequential()
+        model.add_module("layer", _Sharded((9, 10), ranges=ranges, dtype=dtype))
+        tpfx.load_state_dict(model, source)
+        layer = model.layer
+        assert torch.equal(layer.weight, torch.cat([full["layer.weight"][:, 1:3], full["layer.weight"][:, 6:9]], 1)), kind
+        assert torch.equal(layer.bias, full["layer.bias"][2:5]), kind
+        assert layer.steps.item() == 7 and layer.keep.tolist() == [True, False, True, True], kind
+
+
+def test_checkpoint_in_another_dtype_is_cast_to_the_model_dtype(tmp_path):
+    reference = _reference()
+    half = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in reference.state_dict().items()}
+    for kind, source in _save_all(half, tmp_path).items():
+        gm = tpfx.parallelize(_meta_gpt(), tp=2, rank=0)
+        tpfx.load_state_dict(gm, source)
+        weight = gm.get_submodule("blocks.1.attn.qkv_proj").weight
+        assert weight.dtype == torch.float32, kind
+        assert torch.equal(weight, half["blocks.1.attn.qkv_proj.weight"][:192].float()), kind
+
+
+def test_tied_parameters_load_from_either_key():
+    reference = _reference()
+    reference.lm_head.weight = reference.token_embedding.weight
+    state = {k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}  # saved once, as HF does
+    model = _meta_gpt()
+    model.lm_head.weight = model.token_embedding.weight
+    gm = tpfx.parallelize(model, tp=2, rank=0)
+    tpfx.load_state_dict(gm, state)
+    assert gm.lm_head.weight is gm.token_embedding.weight
+    assert torch.equal(gm.lm_head.weight, reference.token_embedding.weight)
+
+
+def _load_error(gm: nn.Module, source, **options) -> str:
+    with pytest.raises(tpfx.LoadError) as caught:
+        tpfx.load_state_dict(gm, source, **options)
+    message = str(caught.value)
+    assert "\n" not in message and "fix:" in message
+    return message
+
+
+def test_mismatches_raise_one_line_naming_the_key_before_anything_is_loaded(tmp_path):
+    good = _reference().state_dict()
+    cases = {
+        "missing": ({k: v for k, v in good.items() if k != "ln_f.bias"}, "missing key(s) 'ln_f.bias'"),
+        "unexpected": ({**good, "head.extra": torch.zeros(2)}, "unexpected key(s) 'head.extra'"),
+        "shape": ({**good, "blocks.1.ffn.fc1.weight": torch.zeros(500, 128)},
+                  "shape mismatch: 'blocks.1.ffn.fc1.weight' is (500, 128) in the checkpoint but (512, 128)"),
+    }
+    for label, (state, expected) in cases.items():
+        gm = tpfx.parallelize(_meta_gpt(), tp=2, rank=0)
+        assert expected in _load_error(gm, state), label
+        assert all(t.is_meta for t in gm.parameters()), f"{label}: something was loaded"
+        real = tpfx.parallelize(_reference(seed=9), tp=2, rank=0)
+        before = {k: v.clone() for k, v in real.state_dict().items()}
+        _load_error(real, _save_all(state, tmp_path)["safetensors"])
+        assert all(torch.equal(before[k], v) for k, v in real.state_dict().items()), f"{label}: half loaded"
+
+
+def test_strict_false_skips_keys_but_never_leaves_meta_tensors():
+    good = _reference().state_dict()
+    gm = tpfx.parallelize(_reference(seed=9), tp=2, rank=0)
+    tpfx.load_state_dict(gm, {**{k: v for k, v in good.items() if k != "ln_f.bias"}, "x": torch.ones(1)},
+                         strict=False)
+    assert torch.equal(gm.ln_f.weight, good["ln_f.weight"])
+    meta = tpfx.parallelize(_meta_gpt(), tp=2, rank=0)
+    assert "missing key(s) 'ln_f.bias'" in _load_error(meta, {k: v for k, v in good.items() if k != "ln_f.bias"},
+                                                        strict=False)
+
+
+def test_unusable_sources_and_states_raise_load_errors(tmp_path):
+    with torch.device("meta"):  # the causal mask is lost: it is not in any checkpoint
+        everything_meta = GPTModel(small_config())
+    gm = tpfx.parallelize(everything_meta, tp=2, rank=0)
+    sources = _save_all(_reference().state_dict(), tmp_path)
+    assert "buffer(s) 'blocks.0.attn.causal_mask'" in _load_error(gm, sources["safetensors"])
+    assert "does not exist" in _load_error(gm, str(tmp_path / "absent.safetensors"))
+    (tmp_path / "garbage.safetensors").write_bytes(b"\x05" * 40)
+    assert "no readable safetensors header" in _load_error(gm, str(tmp_path / "garbage.safetensors"))
+    torch.save([1, 2], tmp_path / "list.pt")
+    assert "not a state dict" in _load_error(gm, str(tmp_path / "list.pt"))
+    (tmp_path / "pickle.bin").write_bytes(pickle.dumps(object))
+    assert "cannot read" in _load_error(gm, str(tmp_path / "pickle.bin"))
+    with pytest.raises(tpfx.LoadError, match="still has meta tensors 'token_embedding.weight'"):
+        tpfx.full_state_dict(gm)
+
+
+# ------------------------------------------------------------------------- multi-process round trips
+
+def _train_a_little(gm: nn.Module, steps: int = 3) -> None:
+    """Move the weights away from the initialization, so that a wrong shard placement shows."""
+    gm.train()
+    optimizer = torch.optim.AdamW(gm.parameters(), lr=1e-2)
+    for _ in range(steps):
+        _, loss = gm(_ids(), labels=_ids())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    gm.eval()
+
+
+def _tp2_round_trip(rank: int, folder: Path) -> dict:
+    """tp=2 (groups {0,1} and {2,3}): gather back, compare with single device; write the trained state."""
+    reference = _reference()
+    gm = tpfx.parallelize(reference, tp=2)
+    untouched = tpfx.full_state_dict(gm, rank0_only=False)
+    out = {"untouched equals single-device state": untouched.keys() == reference.state_dict().keys()
+           and all(torch.equal(v, reference.state_dict()[k]) for k, v in untouched.items())}
+    _train_a_little(gm)
+    everywhere = tpfx.full_state_dict(gm, rank0_only=False)
+    on_rank0 = tpfx.full_state_dict(gm)
+    out["rank0_only keys"] = sorted(on_rank0)
+    out["rank0_only equal"] = all(torch.equal(v, everywhere[k]) for k, v in on_rank0.items())
+    single = _reference(seed=11)
+    single.load_state_dict(everywhere)  # torch's own strict loader: keys and shapes of the original
+    out["tp2 logits"] = gm(_ids())[0]
+    out["single vs tp2"] = max_diff(single(_ids())[0], out["tp2 logits"])
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in everywhere.items()}, str(folder / "tp2.safetensors"))
+        torch.save(everywhere, folder / "tp2.pt")
+    return out
+
+
+def _meta_builds(folder: Path) -> dict[str, float]:
+    """Meta-built tp=2 programs loaded from the parent's files equal the program built with real weights."""
+    reference = _reference()
+    expected = tpfx.parallelize(reference, tp=2)
+    ids = _ids()
+    diffs = {}
+    for kind in ("model.safetensors", "model.pt"):
+        gm = tpfx.parallelize(_meta_gpt(), tp=2)
+        tpfx.load_state_dict(gm, str(folder / kind))
+        diffs[f"{kind} logits"] = max_diff(gm(ids)[0], expected(ids)[0])
+        diffs[f"{kind} loss"] = max_diff(gm(ids, labels=ids)[1], expected(ids, labels=ids)[1])
+        diffs[f"{kind} vs single device"] = max_diff(gm(ids)[0], reference(ids)[0])
+    return diffs
+
+
+def _tp4_from_tp2(folder: Path) -> dict:
+    """tp=4 programs loaded from the tp=2 state gather back exactly that state."""
+    trained = torch.load(folder / "tp2.pt", weights_only=True)
+    out = {}
+    for kind in ("tp2.safetensors", "tp2.pt"):
+        gm = tpfx.parallelize(_meta_gpt(), tp=4)
+        tpfx.load_state_dict(gm, str(folder / kind))
+        out[f"{kind} logits"] = gm(_ids())[0]
+        again = tpfx.full_state_dict(gm, rank0_only=False)
+        out[f"{kind} gathered equals the tp=2 state"] = again.keys() == trained.keys() and all(
+            torch.equal(v, trained[k]) for k, v in again.items())
+    return out
+
+
+def _world4(rank: int, world_size: int, folder: str) -> dict:
+    folder = Path(folder)
+    out = _tp2_round_trip(rank, folder)
+    out["meta"] = _meta_builds(folder)
+    dist.barrier()  # tp2.* written by rank 0
+    out["tp4"] = _tp4_from_tp2(folder)
+    return out
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory) -> list[dict]:
+    folder = tmp_path_factory.mktemp("checkpoints")
+    _save_all(_reference().state_dict(), folder)
+    return run_ranks(_world4, 4, str(folder))
+
+
+def test_single_device_to_tp2_and_back_is_exact(world4):
+    for rank, result in enumerate(world4):
+        assert result["untouched equals single-device state"], rank
+        assert result["single vs tp2"] <= TOL, f"rank {rank}: {result['single vs tp2']}"
+
+
+def test_rank0_only_gives_the_full_state_to_group_rank0_alone(world4):
+    keys = sorted(_reference().state_dict())
+    assert [r["rank0_only keys"] == keys for r in world4] == [True, False, True, False]
+    assert [r["rank0_only keys"] for r in world4][1::2] == [[], []]
+    assert all(r["rank0_only equal"] for r in world4)
+
+
+def test_meta_built_program_loaded_from_files_equals_real_build(world4):
+    for rank, result in enumerate(world4):
+        meta = result["meta"]
+        for kind in ("model.safetensors", "model.pt"):
+            assert meta[f"{kind} logits"] == 0.0 and meta[f"{kind} loss"] == 0.0, (rank, meta)
+            assert meta[f"{kind} vs single device"] <= TOL, (rank, meta)
+
+
+def test_tp2_checkpoint_loads_into_tp4_with_the_same_outputs(world4):
+    for rank, result in enumerate(world4):
+        for kind in ("tp2.safetensors", "tp2.pt"):
+            assert result["tp4"][f"{kind} gathered equals the tp=2 state"], (rank, kind)
+            assert max_diff(result["tp4"][f"{kind} logits"], result["tp2 logits"]) <= TOL, (rank, kind)
