@@ -1,0 +1,349 @@
+"""The ``tpfx`` command: argument parsing and printing only; the work is done by library functions.
+
+    tpfx dump examples/gpt.py:tiny_gpt --tp 2          # sites, rewritten graph, communication, memory
+    tpfx explain examples/gpt.py:tiny_gpt              # every linear, sharded or not, and why
+    tpfx verify examples/gpt.py:tiny_gpt --tp 2        # real gloo processes against one device
+
+Exit codes: 0 success, 1 verification failed (or an internal error), 2 bad input (one line on
+stderr; ``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import inspect
+import json
+import os
+import sys
+import traceback
+import typing
+from collections.abc import Callable, Sequence
+
+import tpfx
+from passes.comm_table import comm_table
+from passes.draw import to_dot, to_svg
+from tpfx.errors import TpfxError
+from tpfx.launch import RankFailure
+from tpfx.targets import load_target
+from tpfx.verify import VerifyOptions, VerifyResult, verify
+
+SCHEMA_VERSION = 1
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+EXAMPLES = """\
+examples:
+  tpfx dump examples/gpt.py:tiny_gpt --tp 2              sites, rank 0's graph code, communication, memory
+  tpfx dump examples/gpt.py:tiny_gpt --diff              the rewrite as a diff of the captured graph
+  tpfx dump mypkg.models:build --tp 4 --batch 8 --seq 2048 --format json -o plan.json
+  tpfx dump examples/gpt.py:tiny_gpt --format svg -o gpt.svg   (needs graphviz: apt-get install graphviz)
+  tpfx explain examples/gpt.py:tiny_gpt                  every linear and why it is (not) sharded
+  tpfx verify examples/gpt.py:tiny_gpt --tp 2            forward+backward in 2 gloo processes vs one device
+
+TARGET is path/to/file.py:factory or package.module:factory; the factory takes no arguments and
+returns a model, or (model, example_inputs). Without example inputs tpfx makes the required
+arguments itself (token ids for an Embedding, features for a Linear) at --batch x --seq.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage mistake in one line and exits 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Style:
+    """ANSI colour when writing to a terminal, unless --no-color or NO_COLOR is set."""
+
+    CODES = {"bold": "1", "green": "32", "red": "31", "yellow": "33", "cyan": "36", "dim": "2"}
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def __call__(self, text: str, style: str) -> str:
+        return f"\033[{self.CODES[style]}m{text}\033[0m" if self.enabled else text
+
+
+def parallelize_options() -> dict[str, inspect.Parameter]:
+    """Keyword options of :func:`tpfx.parallelize` beyond group/rank that take a string (``mode``, ``tracer``)."""
+    parameters = inspect.signature(tpfx.parallelize).parameters
+    return {name: p for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY and name not in ("group", "rank")
+            and (p.default is None or isinstance(p.default, str))}
+
+
+def _choices_of(name: str) -> list[str] | None:
+    try:
+        hint = typing.get_type_hints(tpfx.parallelize).get(name)
+    except Exception:  # an annotation that does not resolve only costs the list of choices
+        return None
+    literals = [arg for part in (typing.get_args(hint) or (hint,)) for arg in typing.get_args(part)
+                if isinstance(arg, str)] if hint is not None else []
+    return literals or None
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("target", metavar="TARGET", help="path/to/file.py:factory or package.module:factory")
+    common.add_argument("--tp", type=int, default=2, help="tensor-parallel degree (default 2)")
+    common.add_argument("--batch", type=int, help="batch size of the inputs (default: the example's, else 2)")
+    common.add_argument("--seq", type=int, help="sequence length of the inputs (default: the example's, else 16)")
+    for name, parameter in parallelize_options().items():  # only what this tpfx.parallelize accepts
+        common.add_argument(f"--{name.replace('_', '-')}", dest=f"parallelize_{name}", choices=_choices_of(name),
+                            default=None, help=f"passed to tpfx.parallelize({name}=...); default {parameter.default!r}")
+    common.add_argument("--no-color", action="store_true", help="never colour the output")
+    common.add_argument("--debug", action="store_true", help="show tracebacks")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``tpfx`` argument parser with its three commands."""
+    parser = _Parser(prog="tpfx", description="Show, explain and verify what tpfx does to a model.",
+                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"tpfx {tpfx.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
+    common = _common_options()
+    formatter = argparse.RawDescriptionHelpFormatter
+    dump = commands.add_parser("dump", parents=[common], epilog=EXAMPLES, formatter_class=formatter,
+                               help="sites, rewritten graph, communication and memory of one rank")
+    dump.add_argument("--rank", type=int, default=0, help="which rank's program (default 0)")
+    dump.add_argument("--tabular", action="store_true", help="the graph as a table of nodes instead of code")
+    dump.add_argument("--diff", action="store_true", help="the graph as a diff against the captured one")
+    dump.add_argument("--format", choices=("text", "json", "dot", "svg"), default="text")
+    dump.add_argument("-o", "--output", metavar="FILE", help="write to FILE instead of stdout")
+    dump.set_defaults(run=_run_dump)
+    explain = commands.add_parser("explain", parents=[common], epilog=EXAMPLES, formatter_class=formatter,
+                                  help="every linear, sharded or not, with the reason")
+    explain.add_argument("--format", choices=("text", "json"), default="text")
+    explain.set_defaults(run=_run_explain, rank=0)
+    check = commands.add_parser("verify", parents=[common], epilog=EXAMPLES, formatter_class=formatter,
+                                help="run tp gloo processes and compare with the single-device model")
+    check.add_argument("--atol", type=float, default=1e-5, help="absolute tolerance (default 1e-5)")
+    check.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to the largest value (1e-4)")
+    check.add_argument("--seed", type=int, default=0, help="seed of the random inputs and dropout (default 0)")
+    check.add_argument("--timeout", type=float, default=300, help="seconds before the ranks are stopped (300)")
+    check.set_defaults(run=_run_verify)
+    return parser
+
+
+def _passthrough(args: argparse.Namespace) -> dict[str, str]:
+    return {name: getattr(args, f"parallelize_{name}") for name in parallelize_options()
+            if getattr(args, f"parallelize_{name}") is not None}
+
+
+def _inspect(args: argparse.Namespace) -> tuple[object, tpfx.TensorParallelModule]:
+    target = load_target(args.target)
+    program = tpfx.parallelize(target.model, tp=args.tp, rank=args.rank, **_passthrough(args))
+    return target, program
+
+
+# ---------------------------------------------------------------- dump
+
+
+def dump_document(args: argparse.Namespace) -> tuple[dict[str, object], tpfx.TensorParallelModule]:
+    """Everything ``tpfx dump`` shows, as plain data (the JSON output), and the program it describes."""
+    target, program = _inspect(args)
+    report = program.tpfx_report
+    table = comm_table(program, target.inputs(batch=args.batch, seq=args.seq), tp=report.tp)
+    graph: dict[str, object] = {"call_form": report.call_form.describe(), "code": program.code.strip()}
+    if args.tabular:
+        graph["tabular"] = _node_rows(program)
+    if args.diff:
+        graph["diff"] = _graph_diff(target.model, program)
+    return {
+        "schema_version": SCHEMA_VERSION, "command": "dump", "target": args.target, "model": report.model_name,
+        "tp": report.tp, "rank": report.rank, "group": report.group, "options": _passthrough(args),
+        "sites": report.sites_table(),
+        "replicated": [row for row in report.linear_decisions() if not row["sharded"]],
+        "graph": graph,
+        "communication": {"inputs": target.describe_inputs(batch=args.batch, seq=args.seq), **table.to_dict()},
+        "memory": report.memory(),
+    }, program
+
+
+def _node_rows(program: tpfx.TensorParallelModule) -> list[dict[str, str]]:
+    return [{"opcode": n.op, "name": n.name, "target": getattr(n.target, "__name__", str(n.target)),
+             "args": str(n.args), "kwargs": str(n.kwargs)} for n in program.graph.nodes]
+
+
+def _graph_diff(model: object, program: tpfx.TensorParallelModule) -> str:
+    captured = tpfx.capture(model).code.strip("\n").splitlines()
+    rewritten = program.code.strip("\n").splitlines()
+    return "\n".join(difflib.unified_diff(captured, rewritten, "captured (single device)",
+                                          f"rewritten (rank {program.tpfx_report.rank})", lineterm=""))
+
+
+def _run_dump(args: argparse.Namespace, style: _Style) -> int:
+    document, program = dump_document(args)
+    if args.format == "json":
+        text = json.dumps(document, indent=2) + "\n"
+    elif args.format in ("dot", "svg"):
+        title = f"{document['model']}: rank {document['rank']} of tp={document['tp']}"
+        text = to_dot(program, title=title)
+        text = to_svg(text) if args.format == "svg" else text
+    else:
+        text = "\n".join(_dump_text(document, style)) + "\n"
+    _emit(text, args.output)
+    return EXIT_OK
+
+
+def _dump_text(document: dict, style: _Style) -> list[str]:
+    head = (f"tpfx dump {document['target']}: {document['model']}, rank {document['rank']} of tp={document['tp']} "
+            f"(group {document['group']})")
+    lines = [style(head, "bold"), "", style(f"Sites ({len(document['sites'])})", "bold")]
+    lines += _table(("module", "role", "weight", "shard", "collectives"),
+                    [(s["module"], s["role"], _shape(s["weight"]), _shape(s["shard"]), ", ".join(s["collectives"]))
+                     for s in document["sites"]])
+    graph = document["graph"]
+    lines += ["", style(f"Rewritten graph of rank {document['rank']} ({graph['call_form']})", "bold")]
+    if "diff" in graph:
+        lines += [_diff_colour(line, style) for line in graph["diff"].splitlines()]
+    elif "tabular" in graph:
+        lines += _table(("opcode", "name", "target", "args", "kwargs"), [tuple(r.values()) for r in graph["tabular"]])
+    else:
+        lines += graph["code"].splitlines()
+    lines += ["", *_comm_text(document["communication"], style), "", *_memory_text(document, style)]
+    return lines
+
+
+def _comm_text(communication: dict, style: _Style) -> list[str]:
+    lines = [style(f"Communication per training step at {communication['inputs']} "
+                   f"(bytes; sent per rank by the {communication['model']} model, tp={communication['tp']})", "bold")]
+    lines += _table(("node", "direction", "op", "module", "shape", "dtype", "tensor bytes", "sent per rank"),
+                    [(r["node"], r["direction"], style(r["op"], "yellow"), r["module"], _shape(r["shape"]), r["dtype"],
+                      f"{r['tensor_bytes']:,}", f"{r['traffic_bytes_per_rank']:,.0f}") for r in communication["rows"]])
+    for direction, total in communication["totals"].items():
+        lines.append(f"total {direction if direction != 'step' else 'per step'}: {total['tensor_bytes']:,} bytes "
+                     f"handed to collectives, {total['traffic_bytes_per_rank']:,.0f} bytes sent per rank")
+    return lines
+
+
+def _memory_text(document: dict, style: _Style) -> list[str]:
+    memory = document["memory"]
+    single, rank = memory["single_device_bytes"], memory["rank_bytes"]
+    share = rank / single if single else 1.0
+    return [style("Parameter memory", "bold"),
+            f"single device: {single:,} bytes; rank {document['rank']}: {rank:,} bytes ({share:.1%})",
+            f"sharded linears: {memory['sharded_linears_single_device_bytes']:,} bytes on one device, "
+            f"{memory['sharded_linears_rank_bytes']:,} bytes per rank"]
+
+
+def _diff_colour(line: str, style: _Style) -> str:
+    if line.startswith("+") and not line.startswith("+++"):
+        return style(line, "green")
+    if line.startswith("-") and not line.startswith("---"):
+        return style(line, "red")
+    return style(line, "cyan") if line.startswith("@@") else line
+
+
+# ---------------------------------------------------------------- explain
+
+
+def _run_explain(args: argparse.Namespace, style: _Style) -> int:
+    _, program = _inspect(args)
+    decisions = program.tpfx_report.linear_decisions()
+    if args.format == "json":
+        document = {"schema_version": SCHEMA_VERSION, "command": "explain", "target": args.target,
+                    "tp": args.tp, "linears": decisions}
+        _emit(json.dumps(document, indent=2) + "\n", None)
+        return EXIT_OK
+    sharded = sum(1 for row in decisions if row["sharded"])
+    lines = [style(f"tpfx explain {args.target}: {len(decisions)} linears, {sharded} sharded at tp={args.tp}", "bold")]
+    lines += _table(("module", "weight", "decision", "reason"),
+                    [(row["module"], _shape(row["weight"]),
+                      style(f"shard ({row['role']})", "green") if row["sharded"] else style("replicate", "dim"),
+                      row["reason"]) for row in decisions])
+    _emit("\n".join(lines) + "\n", None)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- verify
+
+
+def _run_verify(args: argparse.Namespace, style: _Style) -> int:
+    options = VerifyOptions(tp=args.tp, batch=args.batch, seq=args.seq, seed=args.seed, atol=args.atol,
+                            rtol=args.rtol, timeout_s=args.timeout, parallelize_options=_passthrough(args))
+    result = verify(args.target, options)
+    _emit("\n".join(_verify_text(result, style)) + "\n", None)
+    return EXIT_OK if result.passed else EXIT_FAILED
+
+
+def _verify_text(result: VerifyResult, style: _Style) -> list[str]:
+    options = result.options
+    lines = [style(f"tpfx verify {result.target}: tp={options.tp} gloo processes against one device, "
+                   f"inputs {result.inputs}, seed {options.seed}", "bold"),
+             f"tolerance: max_abs <= {options.atol:g} + {options.rtol:g} * max |single-device value|"]
+    lines += _table(("tensor group", "tensors (all ranks)", "max abs error", "max rel error", "result"),
+                    [(row.group, str(row.tensors), f"{row.max_abs:.3e}", f"{row.max_rel:.3e}",
+                      style("PASS", "green") if row.passed else style("FAIL", "red")) for row in result.rows])
+    verdict = style("PASS", "green") if result.passed else style("FAIL", "red")
+    failed = sum(1 for row in result.rows if not row.passed)
+    lines.append(f"{verdict}: {len(result.rows) - failed} of {len(result.rows)} tensor groups within tolerance")
+    return lines
+
+
+# ---------------------------------------------------------------- shared printing
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape)) if shape else "scalar"
+
+
+def _visible_width(text: str) -> int:
+    while "\033[" in text:  # colour codes take no room on the screen
+        start = text.index("\033[")
+        text = text[:start] + text[text.index("m", start) + 1:]
+    return len(text)
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max([len(h), *(_visible_width(str(r[i])) for r in rows)]) for i, h in enumerate(headers)]
+
+    def line(cells: Sequence[str]) -> str:
+        padded = [str(c) + " " * (w - _visible_width(str(c))) for c, w in zip(cells, widths)]
+        return "  ".join(padded).rstrip()
+
+    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+
+
+def _emit(text: str, path: str | None) -> None:
+    if path is None:
+        sys.stdout.write(text)
+        return
+    try:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as error:
+        raise TpfxError(f"cannot write -o {path!r}: {error.strerror}; choose a writable path") from None
+
+
+def _colour_enabled(args: argparse.Namespace) -> bool:
+    to_file = getattr(args, "output", None) is not None
+    return sys.stdout.isatty() and not args.no_color and "NO_COLOR" not in os.environ and not to_file
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``tpfx`` command line; returns the exit code (0 ok, 1 verification failed, 2 bad input)."""
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace, _Style], int] = args.run
+    try:
+        return run(args, _Style(_colour_enabled(args)))
+    except TpfxError as error:
+        return _report_error(args, error, f"{error}", internal=isinstance(error, RankFailure) and not any(
+            e.user_error for e in error.errors))
+    except BrokenPipeError:  # the reader (head, less) went away; nothing more to say
+        sys.stderr.close()
+        return EXIT_OK
+    except Exception as error:  # a bug in tpfx or in the model's code: one line unless --debug
+        first = (str(error).strip().splitlines() or [""])[0]
+        return _report_error(args, error, f"{type(error).__name__}: {first} (rerun with --debug for the traceback)",
+                             internal=True)
+
+
+def _report_error(args: argparse.Namespace, error: BaseException, message: str, *, internal: bool) -> int:
+    if args.debug:
+        traceback.print_exception(error, file=sys.stderr)
+        for rank_error in getattr(error, "errors", ()):
+            print(f"--- rank {rank_error.rank} ---\n{rank_error.traceback}", file=sys.stderr)
+    print(f"tpfx: error: {message}", file=sys.stderr)
+    return EXIT_FAILED if internal else EXIT_BAD_INPUT
