@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tpfx.layers import ColumnParallelLinear
+from tpfx.layers import ColumnParallelLinear, RowParallelLinear
 
 
 def max_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
@@ -25,7 +25,7 @@ def grad_diffs(program: nn.Module, reference: nn.Module) -> dict[str, float]:
         owner_path, _, leaf = name.rpartition(".")
         owner = program.get_submodule(owner_path)
         expected = full[name].grad
-        if isinstance(owner, ColumnParallelLinear) and expected is not None:
+        if isinstance(owner, (ColumnParallelLinear, RowParallelLinear)) and expected is not None:
             expected = owner.local_part(expected)
         diffs[name] = max_diff(parameter.grad, expected)
     return diffs

@@ -11,6 +11,8 @@ import torch.nn as nn
 
 from passes.column_shard import column_shard, insert_collectives
 from passes.find_sites import Site, find_sites, require_divisible
+from passes.pair_megatron import pair_sites
+from passes.row_shard import megatron_shard, rewrite_other_form
 from tpfx.capture import CallForm, capture, forward_signature, meta_skeleton
 from tpfx.collectives import bind_group, group_key
 from tpfx.errors import ConfigError
@@ -99,8 +101,11 @@ def _copy_without_site_weights(model: nn.Module, sites: tuple[Site, ...]) -> nn.
     return copy.deepcopy(model, memo)
 
 
+MODES = ("gather", "megatron")
+
+
 def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessGroup | None = None,
-                rank: int | None = None) -> TensorParallelModule:
+                rank: int | None = None, mode: str = "gather") -> TensorParallelModule:
     """Make ``model`` tensor-parallel: return this rank's program as a GraphModule.
 
     The attention QKV projections and FFN first linears are found by graph structure and
@@ -113,6 +118,10 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
             the world size, it forms groups of tp consecutive ranks.
         group: an existing process group to use as the tensor-parallel group.
         rank: build this rank's program without a process group, for inspection (it cannot run).
+        mode: ``"gather"`` (default): column-shard the sites and all-gather after each.
+            ``"megatron"``: pair each QKV/fc1 site with the linear after it (row-parallel, one
+            all-reduce), run the ops between on this rank's heads; sites that cannot be paired
+            safely stay column-plus-gather (``gm.tpfx_pairing.fallbacks`` says why).
 
     Returns:
         A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts.
@@ -123,18 +132,26 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
         ShardingError: tp does not divide a site's out_features.
         All are raised before any collective runs and leave nothing changed.
     """
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r} is not a parallelization mode; use one of {', '.join(map(repr, MODES))}")
     layout = resolve_layout(tp, group=group, rank=rank)
     form = CallForm(training=model.training)
     captured = capture(model, form)
     finding = find_sites(captured, tp=layout.tp)
-    require_divisible(finding.sites, layout.tp)
+    pairing = pair_sites(captured, finding, tp=layout.tp) if mode == "megatron" else None
+    require_divisible(finding.sites if pairing is None else pairing.fallback_sites, layout.tp)
     owner = _copy_without_site_weights(model, finding.sites)
     gm = TensorParallelModule(owner, captured.graph, type(model).__name__)
-    result = column_shard(gm, finding.sites, tp=layout.tp, rank=layout.rank, group=layout.key, source=model)
+    if pairing is None:
+        result = column_shard(gm, finding.sites, tp=layout.tp, rank=layout.rank, group=layout.key, source=model)
+        rewrite = lambda traced: insert_collectives(traced, finding.sites, group=layout.key)  # noqa: E731
+    else:
+        result = megatron_shard(gm, pairing, tp=layout.tp, rank=layout.rank, group=layout.key, source=model)
+        rewrite = lambda traced: rewrite_other_form(traced, pairing, tp=layout.tp, group=layout.key)  # noqa: E731
+    gm.tpfx_pairing = pairing  # megatron mode: the pairs and the fallbacks with their reasons
     adopt_missing(gm, owner)
     gm.train(model.training)
-    gm.attach_call_forms(meta_skeleton(model), forward_signature(model), form,
-                         lambda traced: insert_collectives(traced, finding.sites, group=layout.key))
+    gm.attach_call_forms(meta_skeleton(model), forward_signature(model), form, rewrite)
     gm.tpfx_report = build_report(gm, model, tp=layout.tp, rank=layout.rank, group=layout.key, call_form=form,
                                   sites=finding.sites, replicated=finding.replicated)
     assert result.gm is gm

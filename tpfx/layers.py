@@ -107,3 +107,75 @@ class ColumnParallelLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features} "
                 f"(rows {shard_range(self.full_out_features, self.tp, self.rank)} of {self.full_out_features}), "
                 f"bias={self.bias is not None}")
+
+
+class BlockColumnParallelLinear(ColumnParallelLinear):
+    """Column-parallel with this rank's rows in several blocks: whole heads of q, k and v of a fused QKV.
+
+    A fused ``[3, H, Dh]`` (or ``[Q | K | V]``) weight keeps the heads of q, k and v apart, so a rank's
+    heads are three separate row ranges, not one; ``spec`` (along dim 0) lists them.
+    """
+
+    def __init__(self, linear: nn.Linear, *, spec: ShardSpec, tp: int, rank: int) -> None:
+        nn.Module.__init__(self)
+        if spec.dim != 0 or spec.full_size != linear.out_features:
+            raise ValueError(f"row blocks {spec} do not fit a Linear with out_features={linear.out_features}")
+        self.in_features = linear.in_features
+        self.full_out_features = linear.out_features
+        self.out_features = spec.local_size
+        self.tp, self.rank, self.spec = tp, rank, spec
+        self.weight = nn.Parameter(spec.take(linear.weight.detach()).clone(), requires_grad=linear.weight.requires_grad)
+        self.bias = None if linear.bias is None else nn.Parameter(
+            spec.take(linear.bias.detach()).clone(), requires_grad=linear.bias.requires_grad)
+
+    def local_part(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full-size weight or bias (or of its gradient): the same row blocks."""
+        return self.spec.take(full)
+
+    def shard_spec(self, param_name: str) -> ShardSpec | None:
+        """``weight`` and ``bias`` both hold the row blocks of ``spec`` (dim 0)."""
+        if param_name not in ("weight", "bias"):
+            raise KeyError(f"BlockColumnParallelLinear has no parameter {param_name!r}")
+        return self.spec
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features} "
+                f"(rows {list(self.spec.ranges)} of {self.full_out_features}), bias={self.bias is not None}")
+
+
+class RowParallelLinear(nn.Module):
+    """This rank's columns of a Linear's weight (in_features / tp of them); the bias stays whole.
+
+    ``forward(x)`` takes this rank's slice of the input features and returns a partial sum without
+    the bias; the graph all-reduces it (``reduce_from_tp``) and then adds ``bias`` once.
+    """
+
+    def __init__(self, linear: nn.Linear, *, spec: ShardSpec, tp: int, rank: int) -> None:
+        super().__init__()
+        if spec.dim != 1 or spec.full_size != linear.in_features:
+            raise ValueError(f"column blocks {spec} do not fit a Linear with in_features={linear.in_features}")
+        self.in_features = spec.local_size
+        self.full_in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.tp, self.rank, self.spec = tp, rank, spec
+        self.weight = nn.Parameter(spec.take(linear.weight.detach()).clone(), requires_grad=linear.weight.requires_grad)
+        # whole on every rank and added after the reduce, so it is counted once
+        self.bias = None if linear.bias is None else nn.Parameter(
+            linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def local_part(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full-size weight (its columns) or bias (all of it), or of their gradients."""
+        return self.spec.take(full) if full.dim() == 2 else full
+
+    def shard_spec(self, param_name: str) -> ShardSpec | None:
+        """``weight``: the column blocks of ``spec`` (dim 1); ``bias``: None (replicated)."""
+        if param_name not in ("weight", "bias"):
+            raise KeyError(f"RowParallelLinear has no parameter {param_name!r}")
+        return self.spec if param_name == "weight" else None
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} (columns {list(self.spec.ranges)} of {self.full_in_features}), "
+                f"out_features={self.out_features}, bias={self.bias is not None} (added after the all-reduce)")

@@ -1,0 +1,227 @@
+"""Analysis: pair each column site with the row-parallel linear after it (Megatron's pairing).
+
+before (records from :mod:`passes.find_sites`)::
+
+    Site(role="qkv", module_path="attn.qkv_proj", ...)        # column + all-gather
+    Site(role="fc1", module_path="ffn.fc1", ...)
+
+after (records)::
+
+    Pair(kind="attention", columns=(qkv site,), column_layouts=([3, 4*, 32],),
+         row_module_path="attn.out_proj", row_layout=([4*, 32]), shape_edits=(view arg 4, view_1 arg 3))
+    Pair(kind="ffn", columns=(fc1 site,), column_layouts=([512*],), row_module_path="ffn.fc2", ...)
+    Fallback(sites=(...), reason="op 'foo' is neither elementwise nor head-local (at node ...)")
+
+The sites whose outputs meet (q, k and v at the attention; gate and up at the product) form one
+group; the group's pair partner is the one linear its values reach, found by walking the dataflow
+with :func:`passes.local_heads.analyze_feature_flow`. Every op on the way must be elementwise or
+head-local; otherwise, or when no factor of the partner's input can be split across tp, the group
+falls back to column-plus-gather, and the record says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch.fx as fx
+import torch.nn as nn
+
+from passes.find_sites import Site, SiteFinding
+from passes.local_heads import Dim, FeatureFlow, FeatureLayout, ShapeEdit, analyze_feature_flow
+
+_FFN_ROLES = ("fc1", "up")
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Column sites and the row-parallel linear they feed, with the layouts that keep heads whole."""
+
+    kind: str  # "attention" or "ffn"
+    columns: tuple[Site, ...]
+    column_layouts: tuple[FeatureLayout, ...]
+    row_module_path: str
+    row_node_name: str
+    row_weight_shape: tuple[int, int]
+    row_layout: FeatureLayout
+    shape_edits: tuple[ShapeEdit, ...]
+    shard_size: int  # the size of the factor split across ranks: the head count or d_ff
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("attention", "ffn"):
+            raise ValueError(f"pair kind must be 'attention' or 'ffn', got {self.kind!r}")
+        if not self.columns or len(self.columns) != len(self.column_layouts):
+            raise ValueError(f"pair of {self.row_module_path}: one layout per column site is needed")
+        if self.row_layout.size != self.row_weight_shape[1]:
+            raise ValueError(f"row layout {self.row_layout} does not cover in_features of {self.row_module_path}")
+
+    def signature(self) -> tuple:
+        """What must agree between call forms: modules and layouts, not node names."""
+        return (tuple(s.module_path for s in self.columns), self.column_layouts, self.row_module_path,
+                self.row_layout)
+
+    def describe(self) -> str:
+        """One line, e.g. ``attn.qkv_proj [3, 4*, 32] -> attn.out_proj [4*, 32]``."""
+        columns = ", ".join(f"{s.module_path} {l.describe()}" for s, l in zip(self.columns, self.column_layouts))
+        return f"{columns} -> {self.row_module_path} {self.row_layout.describe()}"
+
+
+@dataclass(frozen=True)
+class Fallback:
+    """Column sites that stay column-plus-gather in megatron mode, and why they could not be paired."""
+
+    sites: tuple[Site, ...]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """The pairs and the fallbacks of one graph; every column site is in exactly one of them."""
+
+    pairs: tuple[Pair, ...]
+    fallbacks: tuple[Fallback, ...]
+
+    @property
+    def fallback_sites(self) -> tuple[Site, ...]:
+        return tuple(site for fallback in self.fallbacks for site in fallback.sites)
+
+    def signature(self) -> tuple:
+        """What must agree between two call forms of one program."""
+        return (tuple(p.signature() for p in self.pairs),
+                tuple(s.module_path for s in self.fallback_sites))
+
+
+class _NoPair(Exception):
+    """Why a group of sites cannot be paired (one line)."""
+
+
+def pair_sites(gm: fx.GraphModule, finding: SiteFinding, *, tp: int) -> Pairing:
+    """Pair the finder's column sites with their row-parallel partners, or say why not.
+
+    Args:
+        gm: the captured single-device graph (full-size ``nn.Linear`` modules).
+        finding: the finder's records for ``gm``.
+        tp: the tensor-parallel degree (the sharded factor must be divisible by it).
+
+    Returns:
+        The pairs and the fallbacks, in graph order of their first site.
+    """
+    flow = analyze_feature_flow(gm, [site.node_name for site in finding.sites])
+    groups: dict[int, list[Site]] = {}
+    for site in finding.sites:
+        groups.setdefault(flow.group_of(flow.root_groups[site.node_name]), []).append(site)
+    pairs, fallbacks = [], []
+    for group, sites in groups.items():
+        try:
+            pairs.append(_pair_group(gm, flow, group, sites, tp))
+        except _NoPair as why:
+            fallbacks.append(Fallback(tuple(sites), str(why)))
+    return Pairing(tuple(pairs), tuple(fallbacks))
+
+
+def _pair_group(gm: fx.GraphModule, flow: FeatureFlow, group: int, sites: list[Site], tp: int) -> Pair:
+    poisoned = [why for g, why in flow.poisoned.items() if flow.group_of(g) == group]
+    if poisoned:
+        raise _NoPair(poisoned[0])
+    row_node, row_dim = _partner(gm, flow, group, sites)
+    row = gm.get_submodule(str(row_node.target))
+    leaves = _leaf_factors(flow, row_dim, row_node)
+    if _product(flow, leaves) != row.in_features:
+        raise _NoPair(f"the input of '{row_node.target}' is not exactly the features of {_paths(sites)}")
+    chosen = _choose_factor(flow, leaves, row_node, tp)
+    layouts = tuple(_layout(flow, flow.roots[site.node_name], chosen, site) for site in sites)
+    return Pair(
+        kind="ffn" if all(site.role in _FFN_ROLES for site in sites) else "attention",
+        columns=tuple(sites), column_layouts=layouts, row_module_path=str(row_node.target),
+        row_node_name=row_node.name, row_weight_shape=tuple(row.weight.shape),
+        row_layout=_layout_of(flow, leaves, chosen), shape_edits=_shape_edits(flow, group, chosen),
+        shard_size=flow.factors.sizes[chosen])
+
+
+def _partner(gm: fx.GraphModule, flow: FeatureFlow, group: int, sites: list[Site]) -> tuple[fx.Node, Dim]:
+    """The one linear the group's values reach, and the parts of its input's feature dim."""
+    reached = [(name, dim) for g, rows in flow.rows.items() if flow.group_of(g) == group for name, dim in rows]
+    paths = sorted({str(_node(gm, name).target) for name, _ in reached})
+    if not paths:
+        raise _NoPair(f"the output of {_paths(sites)} reaches no other linear as its input")
+    if len(paths) > 1:
+        raise _NoPair(f"the output of {_paths(sites)} reaches several linears ({', '.join(paths)}), not one")
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == paths[0]]
+    if len(calls) != 1 or not isinstance(gm.get_submodule(paths[0]), nn.Linear):
+        raise _NoPair(f"'{paths[0]}' is called {len(calls)} times or is not an nn.Linear; it must be one call")
+    if _shared_with(gm, paths[0]):
+        raise _NoPair(f"the weight of '{paths[0]}' is shared with another module (tied)")
+    return calls[0], reached[0][1]
+
+
+def _shared_with(gm: fx.GraphModule, path: str) -> list[str]:
+    mine = {id(p) for p in gm.get_submodule(path).parameters()}
+    return [other for other, module in gm.named_modules() if other != path
+            and any(id(p) in mine for p in module.parameters(recurse=False))]
+
+
+def _leaf_factors(flow: FeatureFlow, dim: Dim, row_node: fx.Node) -> list[int]:
+    if any(part.factor is None for part in dim):
+        raise _NoPair(f"the input of '{row_node.target}' mixes batch dims into its feature dim")
+    return [leaf for part in dim for leaf in flow.factors.leaves(part.factor)]
+
+
+def _product(flow: FeatureFlow, leaves: list[int]) -> int:
+    total = 1
+    for leaf in leaves:
+        total *= flow.factors.sizes[leaf]
+    return total
+
+
+def _choose_factor(flow: FeatureFlow, leaves: list[int], row_node: fx.Node, tp: int) -> int:
+    """The outermost factor of the row input that every op keeps local and that tp divides."""
+    why = []
+    for leaf in leaves:
+        size, blocked = flow.factors.sizes[leaf], flow.factors.why_blocked(leaf)
+        if blocked:
+            why.append(f"{size}: {blocked}")
+        elif size % tp:
+            why.append(f"{size}: not divisible by tp={tp}")
+        else:
+            return leaf
+    raise _NoPair(f"no factor of the input of '{row_node.target}' can be split across tp={tp} ({'; '.join(why)})")
+
+
+def _layout(flow: FeatureFlow, root: int, chosen: int, site: Site) -> FeatureLayout:
+    leaves = flow.factors.leaves(root)
+    hits = [i for i, leaf in enumerate(leaves) if flow.factors.find(leaf) == flow.factors.find(chosen)]
+    if len(hits) != 1:
+        sizes = [flow.factors.sizes[leaf] for leaf in leaves]
+        raise _NoPair(f"'{site.module_path}' holds the sharded factor {len(hits)} times in its layout {sizes}; "
+                      "its heads do not line up with the next linear's input")
+    return FeatureLayout(tuple(flow.factors.sizes[leaf] for leaf in leaves), hits[0])
+
+
+def _layout_of(flow: FeatureFlow, leaves: list[int], chosen: int) -> FeatureLayout:
+    return FeatureLayout(tuple(flow.factors.sizes[leaf] for leaf in leaves), leaves.index(chosen))
+
+
+def _shape_edits(flow: FeatureFlow, group: int, chosen: int) -> tuple[ShapeEdit, ...]:
+    """Each shape argument whose dim holds the chosen factor, unless it is read at run time (already local)."""
+    factors = flow.factors
+    target = factors.find(chosen)
+
+    def holds(factor_ids) -> bool:
+        return any(factors.find(leaf) == target for f in factor_ids for leaf in factors.leaves(f))
+
+    edits = []
+    for use in (u for u in flow.shape_uses if flow.group_of(u.group) == group):
+        for dim, item in zip(use.dims, use.items):
+            if not holds(p.factor for p in dim if p.factor is not None) or item.size is None or holds(item.local):
+                continue
+            if item.location is None:
+                raise _NoPair(f"the size of a head dim in '{use.node_name}' is computed where tpfx cannot change it")
+            edits.append(ShapeEdit(item.location[0], item.location[1], item.literal))
+    return tuple(edits)
+
+
+def _node(gm: fx.GraphModule, name: str) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.name == name)
+
+
+def _paths(sites: list[Site]) -> str:
+    return ", ".join(f"'{site.module_path}'" for site in sites)

@@ -1,0 +1,146 @@
+"""Rewrite: Megatron's pairing, a column-parallel linear with no gather and a row-parallel linear.
+
+before::
+
+    qkv = self.qkv_proj(x)                                     # Linear(d, 3d)
+    ...                                                        # attention over H heads
+    y = self.out_proj(out)                                     # Linear(d, d)
+
+after (rank r of tp)::
+
+    copy_to_tp = tpfx.collectives.copy_to_tp(x, 'tp:0-1')      # identity fwd / all-reduce bwd
+    qkv = self.qkv_proj(copy_to_tp)                            # whole heads of q, k and v: 3d/tp rows
+    ...                                                        # attention over H/tp heads (passes/local_heads.py)
+    out_proj = self.out_proj(out)                              # RowParallelLinear: d/tp input columns, no bias
+    reduce_from_tp = tpfx.collectives.reduce_from_tp(out_proj, 'tp:0-1')   # all-reduce fwd / identity bwd
+    out_proj_bias = self.out_proj.bias
+    y = reduce_from_tp + out_proj_bias                         # the bias once, after the sum
+
+Sites that could not be paired keep the column-plus-gather rewrite of :mod:`passes.column_shard`.
+As there, modules and graphs are separate steps, so that further call forms reuse the shards:
+:func:`shard_pair_modules` replaces the modules, :func:`rewrite_pair_graph` rewrites one graph.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch.fx as fx
+import torch.nn as nn
+
+from passes.column_shard import insert_collectives, shard_site_modules
+from passes.find_sites import find_sites
+from passes.local_heads import FeatureLayout, localize_shapes
+from passes.pair_megatron import Pairing, pair_sites
+from tpfx.collectives import copy_to_tp, reduce_from_tp
+from tpfx.errors import ShardingError
+from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, ShardSpec
+
+
+@dataclass(frozen=True)
+class PairShardResult:
+    """The rewritten module, the collective nodes inserted and the nodes whose shapes became local."""
+
+    gm: fx.GraphModule
+    collective_nodes: tuple[str, ...]
+    localized_nodes: tuple[str, ...]
+
+
+def _column_module(linear: nn.Linear, layout: FeatureLayout, *, tp: int, rank: int) -> nn.Module:
+    ranges = layout.ranges(tp, rank)
+    if len(ranges) == 1 and layout.shard_axis == 0:
+        return ColumnParallelLinear(linear, tp=tp, rank=rank)
+    return BlockColumnParallelLinear(linear, spec=ShardSpec(0, layout.size, ranges), tp=tp, rank=rank)
+
+
+def shard_pair_modules(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: int,
+                       source: nn.Module | None = None) -> None:
+    """Replace each pair's linears in ``gm`` by this rank's column- and row-parallel shards.
+
+    Args:
+        gm: the module tree to change in place.
+        pairing: the pairs (and fallbacks, which get column shards with a gather later).
+        tp, rank: the tensor-parallel degree and this rank's index in its group.
+        source: where the full weights are read (default ``gm``).
+
+    Raises:
+        ShardingError: a fallback site's out_features is not divisible by tp (nothing is replaced then).
+    """
+    source = source if source is not None else gm
+    replacements: dict[str, nn.Module] = {}
+    for pair in pairing.pairs:
+        for site, layout in zip(pair.columns, pair.column_layouts):
+            replacements[site.module_path] = _column_module(source.get_submodule(site.module_path), layout,
+                                                            tp=tp, rank=rank)
+        row = source.get_submodule(pair.row_module_path)
+        spec = ShardSpec(1, pair.row_layout.size, pair.row_layout.ranges(tp, rank))
+        replacements[pair.row_module_path] = RowParallelLinear(row, spec=spec, tp=tp, rank=rank)
+    shard_site_modules(gm, pairing.fallback_sites, tp=tp, rank=rank, source=source)
+    for path, module in replacements.items():
+        gm.set_submodule(path, module)
+
+
+def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: str) -> PairShardResult:
+    """Insert the collectives of every pair (and fallback) into ``gm.graph`` and localize its shapes."""
+    inserted: list[str] = []
+    for pair in pairing.pairs:
+        inserted += _copy_inputs(gm, {site.module_path for site in pair.columns}, group)
+        inserted += _reduce_output(gm, pair.row_module_path, group)
+    localized = localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
+    gathered = insert_collectives(gm, pairing.fallback_sites, group=group)
+    ordered = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    names = sorted(inserted + list(gathered.collective_nodes), key=ordered.__getitem__)
+    return PairShardResult(gm, tuple(names), localized)
+
+
+def _copy_inputs(gm: fx.GraphModule, paths: set[str], group: str) -> list[str]:
+    """One copy-to per distinct input of the pair's column linears (q, k, v of one x share one)."""
+    copies: dict[fx.Node, fx.Node] = {}
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or node.target not in paths:
+            continue
+        source = node.args[0]
+        if source not in copies:
+            with gm.graph.inserting_before(node):
+                copies[source] = gm.graph.call_function(copy_to_tp, (source, group))
+        node.replace_input_with(source, copies[source])
+    return [copy.name for copy in copies.values()]
+
+
+def _reduce_output(gm: fx.GraphModule, path: str, group: str) -> list[str]:
+    """All-reduce the row linear's partial sums, then add its bias once."""
+    inserted = []
+    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path]:
+        with gm.graph.inserting_after(node):
+            reduced = gm.graph.call_function(reduce_from_tp, (node, group))
+        result = reduced
+        if gm.get_submodule(path).bias is not None:
+            with gm.graph.inserting_after(reduced):
+                bias = gm.graph.get_attr(f"{path}.bias")
+            with gm.graph.inserting_after(bias):
+                result = gm.graph.call_function(operator.add, (reduced, bias))
+        node.replace_all_uses_with(result, delete_user_cb=lambda user: user is not reduced)
+        inserted.append(reduced.name)
+    return inserted
+
+
+def megatron_shard(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: int, group: str,
+                   source: nn.Module | None = None) -> PairShardResult:
+    """The whole pass: shard the pair and fallback modules, then rewrite the graph around them."""
+    shard_pair_modules(gm, pairing, tp=tp, rank=rank, source=source)
+    return rewrite_pair_graph(gm, pairing, tp=tp, group=group)
+
+
+def rewrite_other_form(traced: fx.GraphModule, primary: Pairing, *, tp: int, group: str) -> PairShardResult:
+    """Pair another call form's graph (traced from the full-size skeleton) and rewrite it like the primary.
+
+    Raises:
+        ShardingError: this form pairs the linears differently from the form the program was built with.
+    """
+    pairing = pair_sites(traced, find_sites(traced, tp=tp), tp=tp)
+    if pairing.signature() != primary.signature():
+        raise ShardingError(f"call form of {type(traced).__name__} pairs its linears differently "
+                            f"({[p.describe() for p in pairing.pairs]}) from the form the program was built with "
+                            f"({[p.describe() for p in primary.pairs]}); build the program with this call form")
+    return rewrite_pair_graph(traced, pairing, tp=tp, group=group)
