@@ -1,7 +1,10 @@
-"""Bytes on the wire per training step: counted in tpfx's collectives, and the analytic ring figures.
+"""Bytes on the wire per training step: counted in tpfx's collectives, against the analytic figures.
 
-A ring all-gather of a full tensor of n bytes moves n·(tp-1)/tp bytes out of every rank; a ring
-all-reduce of n bytes moves 2·n·(tp-1)/tp. Per block and step (T tokens, width h, FFN width f):
+Three figures that must agree exactly: what the collectives were handed in a real step (through
+:func:`tpfx.collectives.add_observer`), the communication table tpfx derives from the rewritten graph
+(:func:`passes.comm_table.comm_table`), and the closed form below. A ring all-gather of a full
+tensor of n bytes moves n·(tp-1)/tp bytes out of every rank; a ring all-reduce of n bytes moves
+2·n·(tp-1)/tp (:func:`passes.comm_table.ring_traffic`). Per block and step (T tokens, width h, FFN width f):
 
 ==========  ==========================================  =================================
 mode        collectives (forward; backward)              ring elements per rank
@@ -15,12 +18,13 @@ from __future__ import annotations
 
 from collections import Counter
 from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from collections.abc import Iterator
 
 import torch
 
+from passes.comm_table import ring_traffic
 from tpfx.collectives import add_observer
 
 
@@ -34,14 +38,8 @@ class TrafficCounter:
 
     def observe(self, name: str, tensor: torch.Tensor) -> None:
         """Observer for :func:`tpfx.collectives.add_observer`; ``tensor`` is what this rank hands in."""
-        size = tensor.numel() * tensor.element_size()
         self.calls[name] += 1
-        if name == "all_gather":  # the tensor is this rank's part: it receives the other tp-1 parts
-            self.ring_bytes += size * (self.tp - 1)
-        elif name == "all_reduce":
-            self.ring_bytes += Fraction(2 * size * (self.tp - 1), self.tp)
-        else:
-            raise ValueError(f"unknown collective {name!r}: add its ring cost to TrafficCounter.observe")
+        self.ring_bytes += ring_traffic(name, tensor.numel() * tensor.element_size(), self.tp)
 
 
 @contextmanager

@@ -15,6 +15,8 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
+from fractions import Fraction
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -23,8 +25,9 @@ import tpfx
 from benchmarks.communication import analytic_calls, analytic_ring_bytes, counting_traffic
 from benchmarks.dtensor_baseline import dtensor_gpt
 from benchmarks.handwritten import handwritten_gpt
+from passes.comm_table import comm_table
 from examples.gpt import GPTConfig, GPTModel
-from tests.multiprocess import run_ranks
+from tpfx.launch import launch
 
 MODES = ("gather", "megatron")
 
@@ -49,8 +52,8 @@ class ModelSize:
 
 
 SMALL = ModelSize("small", n_layers=2, n_heads=4, d_model=128, d_ff=512, vocab_size=10000, batch=2, seq=16)
-MEDIUM = ModelSize("medium", n_layers=4, n_heads=8, d_model=512, d_ff=2048, vocab_size=10000, batch=4, seq=64)
-LARGE = ModelSize("large", n_layers=8, n_heads=16, d_model=1024, d_ff=4096, vocab_size=10000, batch=4, seq=128)
+MEDIUM = ModelSize("medium", n_layers=4, n_heads=8, d_model=256, d_ff=1024, vocab_size=10000, batch=4, seq=64)
+LARGE = ModelSize("large", n_layers=8, n_heads=16, d_model=1024, d_ff=4096, vocab_size=10000, batch=4, seq=64)
 
 
 @dataclass(frozen=True)
@@ -118,10 +121,12 @@ def _traffic(variants: dict[str, nn.Module], input_ids: torch.Tensor, config: GP
         mode = name.removeprefix("tpfx ")
         with counting_traffic(tp) as counter:
             training_step(model, input_ids)
-        analytic = analytic_ring_bytes(config, tokens=input_ids.numel(), tp=tp, mode=mode)
-        traffic[name] = {"measured_bytes": float(counter.ring_bytes), "analytic_bytes": float(analytic),
-                         "equal": counter.ring_bytes == analytic, "calls": dict(counter.calls),
-                         "analytic_calls": analytic_calls(config, mode=mode)}
+        table = comm_table(model, {"input_ids": input_ids, "labels": input_ids}, tp=tp)
+        closed_form = analytic_ring_bytes(config, tokens=input_ids.numel(), tp=tp, mode=mode)
+        traffic[name] = {"measured_bytes": float(counter.ring_bytes), "table_bytes": table.total(),
+                         "closed_form_bytes": float(closed_form),
+                         "equal": counter.ring_bytes == closed_form == Fraction(table.total()),
+                         "calls": dict(counter.calls), "closed_form_calls": analytic_calls(config, mode=mode)}
     return traffic
 
 
@@ -141,7 +146,7 @@ def measure_size(size: ModelSize, spec: StepSpec) -> dict:
 
 
 def rank_worker(rank: int, world_size: int, spec: StepSpec) -> dict[str, dict]:
-    """What each rank runs (via :func:`tests.multiprocess.run_ranks`): every size of ``spec``."""
+    """What each rank runs (via :func:`tpfx.launch.launch`): every size of ``spec``."""
     return {size.name: measure_size(size, spec) for size in spec.sizes}
 
 
@@ -156,6 +161,7 @@ def summarize(rank_results: list[dict[str, dict]], spec: StepSpec) -> dict:
             "size": asdict(size), "median_ms": medians, "ratio_to_tpfx": _ratios_to_tpfx(medians),
             "max_loss_diff": {name: max(r["loss_diff"][name] for r in per_rank) for name in medians},
             "traffic": per_rank[0]["traffic"],
+            "not_yet": [f"tpfx {mode}" for mode in MODES if not tpfx_has_mode(mode)],
         }
     return summary
 
@@ -172,4 +178,4 @@ def _ratios_to_tpfx(medians: dict[str, float]) -> dict[str, float | None]:
 
 def run(spec: StepSpec, *, world_size: int = 2) -> dict:
     """Time ``spec`` on ``world_size`` gloo ranks (tp = world size) and summarize."""
-    return summarize(run_ranks(rank_worker, world_size, spec, timeout_s=1800), spec)
+    return summarize(launch(rank_worker, world_size, spec, timeout_s=1800), spec)

@@ -1,0 +1,43 @@
+"""``python -m benchmarks [--quick] [--out DIR]``: time tpfx against its baselines and write the results.
+
+--quick (under 3 minutes on 2 cores): the small and medium GPT, fewer rounds, pass cost once per
+layer count. The full run adds a large GPT, more rounds and three repeats of the pass cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from benchmarks import pass_cost, results, step_time
+
+QUICK = {"label": "quick", "sizes": (step_time.SMALL, step_time.MEDIUM), "warmup": 3, "rounds": 15,
+         "layers": (12, 24, 48, 96), "repeats": 1}
+FULL = {"label": "full", "sizes": (step_time.SMALL, step_time.MEDIUM, step_time.LARGE), "warmup": 5, "rounds": 40,
+        "layers": (12, 24, 48, 96), "repeats": 3}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmarks and write latest.json / latest.md / latest.png."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="the short run (under 3 minutes on 2 cores)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results folder")
+    parser.add_argument("--skip-steps", action="store_true", help="only the pass cost")
+    parser.add_argument("--skip-pass", action="store_true", help="only the step times and traffic")
+    options = parser.parse_args(argv)
+    settings = QUICK if options.quick else FULL
+    run: dict = {"machine": results.machine(),
+                 "settings": {k: [getattr(s, "name", s) for s in v] if isinstance(v, tuple) else v
+                              for k, v in settings.items()}}
+    if not options.skip_steps:
+        spec = step_time.StepSpec(sizes=settings["sizes"], warmup=settings["warmup"], rounds=settings["rounds"])
+        run["steps"] = step_time.run(spec)
+    if not options.skip_pass:
+        run["pass_cost"] = pass_cost.measure(settings["layers"], repeats=settings["repeats"])
+    for path in results.write(run, options.out):
+        print(f"wrote {path}")
+    print(results.markdown(run))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The benchmarks' own claims: the hand-written baseline computes what the single-device model computes,
+and the harness's code paths (every variant, traffic count, pass cost, result files) run at a toy size.
+
+One spawn of 2 gloo ranks; no timing is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import pass_cost, results, step_time
+from benchmarks.handwritten import handwritten_gpt, local_part_of_grad
+from examples.gpt import GPTConfig, GPTModel, small_config
+from tests.multiprocess import run_ranks
+from tests.parity import max_diff
+
+TOL = 1e-5
+TOY = step_time.ModelSize("toy", n_layers=2, n_heads=4, d_model=32, d_ff=64, vocab_size=97, batch=2, seq=8)
+TOY_SPEC = step_time.StepSpec(sizes=(TOY,), warmup=1, rounds=2)
+
+
+def _handwritten_diffs(mode: str) -> dict[str, float]:
+    """Logits, loss and every gradient of the hand-written model against the single-device one."""
+    torch.manual_seed(0)
+    reference = GPTModel(small_config(dropout=0.0)).train()
+    model = handwritten_gpt(reference, mode=mode)
+    ids = torch.randint(0, reference.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, -4:] = 0  # padding, so the mask path of the local-head attention counts
+    outputs = []
+    for program in (reference, model):
+        logits, loss = program(ids, attention_mask=mask, labels=ids)
+        loss.backward()
+        outputs.append((logits, loss))
+    diffs = {"logits": max_diff(outputs[1][0], outputs[0][0]), "loss": max_diff(outputs[1][1], outputs[0][1])}
+    full = dict(reference.named_parameters())
+    tp, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    for name, parameter in model.named_parameters():
+        expected = local_part_of_grad(name, full[name].grad, config=reference.config, mode=mode, tp=tp, rank=rank)
+        diffs[f"grad {name}"] = max_diff(parameter.grad, expected)
+    return diffs
+
+
+def _worker(rank: int, world_size: int) -> dict:
+    return {"gather": _handwritten_diffs("gather"), "megatron": _handwritten_diffs("megatron"),
+            "steps": step_time.rank_worker(rank, world_size, TOY_SPEC)}
+
+
+@pytest.fixture(scope="module")
+def ranks() -> list[dict]:
+    return run_ranks(_worker, 2)
+
+
+@pytest.mark.parametrize("mode", ["gather", "megatron"])
+def test_handwritten_matches_single_device(ranks, mode):
+    for rank, result in enumerate(ranks):
+        diffs = result[mode]
+        assert len(diffs) > 20  # logits, loss and every parameter's gradient
+        bad = {k: v for k, v in diffs.items() if not v <= TOL}
+        assert not bad, f"hand-written {mode}, rank {rank}: {bad}"
+
+
+def test_every_variant_runs_and_computes_the_single_device_loss(ranks):
+    summary = step_time.summarize([r["steps"] for r in ranks], TOY_SPEC)["toy"]
+    expected = {"single", "handwritten gather", "dtensor gather", "handwritten megatron", "dtensor megatron",
+                *(f"tpfx {mode}" for mode in step_time.MODES if step_time.tpfx_has_mode(mode))}
+    assert set(summary["median_ms"]) == expected
+    assert all(value > 0 for value in summary["median_ms"].values())
+    assert summary["ratio_to_tpfx"]["tpfx gather"] == 1.0
+    assert all(diff <= TOL for diff in summary["max_loss_diff"].values()), summary["max_loss_diff"]
+
+
+def test_counted_traffic_equals_the_communication_table_and_the_closed_form(ranks):
+    traffic = step_time.summarize([r["steps"] for r in ranks], TOY_SPEC)["toy"]["traffic"]
+    assert "tpfx gather" in traffic
+    for name, figures in traffic.items():
+        assert figures["measured_bytes"] > 0
+        assert figures["equal"], f"{name}: {figures}"
+        assert figures["calls"] == figures["closed_form_calls"], f"{name}: {figures}"
+
+
+def test_pass_cost_and_result_files_at_toy_size(ranks, tmp_path):
+    def toy_config(layers: int) -> GPTConfig:
+        return GPTConfig(vocab_size=97, max_position_embeddings=16, n_layers=layers, n_heads=4, d_model=32,
+                         d_ff=64, dropout=0.0)
+
+    cost = pass_cost.measure((1, 2), config_for=toy_config)
+    assert [row["layers"] for row in cost["rows"]] == [1, 2]
+    assert all(0 < row["capture_s"] < row["total_s"] and row["export_s"] > 0 for row in cost["rows"])
+    run = {"machine": results.machine(), "settings": {"label": "toy"}, "pass_cost": cost,
+           "steps": step_time.summarize([r["steps"] for r in ranks], TOY_SPEC)}
+    paths = results.write(run, tmp_path)
+    assert json.loads(paths[0].read_text())["steps"]["toy"]["median_ms"].keys() == run["steps"]["toy"]["median_ms"].keys()
+    table = paths[1].read_text()
+    assert "| toy (L2 d32 B2×T8) | tpfx gather |" in table and "| 2 |" in table
+    assert paths[2].read_bytes().startswith(b"\x89PNG")
