@@ -250,13 +250,29 @@ def _meta_builds(folder: Path) -> dict[str, float]:
     return diffs
 
 
+def _megatron_round_trip() -> dict:
+    """Megatron mode (block-column QKV, row-parallel out_proj/fc2): gather back exactly, reload on one device."""
+    reference = _reference()
+    gm = tpfx.parallelize(_meta_gpt(), tp=2, mode="megatron")
+    tpfx.load_state_dict(gm, reference.state_dict())
+    untouched = tpfx.full_state_dict(gm, rank0_only=False)
+    out = {"untouched exact": all(torch.equal(v, reference.state_dict()[k]) for k, v in untouched.items()),
+           "vs single device": max_diff(gm(_ids())[0], reference(_ids())[0])}
+    _train_a_little(gm)
+    single = _reference(seed=11)
+    single.load_state_dict(tpfx.full_state_dict(gm, rank0_only=False))
+    out["trained vs single device"] = max_diff(single(_ids())[0], gm(_ids())[0])
+    return out
+
+
 def _tp4_from_tp2(folder: Path) -> dict:
-    """tp=4 programs loaded from the tp=2 state gather back exactly that state."""
+    """tp=4 programs (both modes) loaded from the tp=2 state gather back exactly that state."""
     trained = torch.load(folder / "tp2.pt", weights_only=True)
     out = {}
-    for kind in ("tp2.safetensors", "tp2.pt"):
-        gm = tpfx.parallelize(_meta_gpt(), tp=4)
-        tpfx.load_state_dict(gm, str(folder / kind))
+    for kind, mode in (("tp2.safetensors", "gather"), ("tp2.pt", "gather"), ("tp2.safetensors", "megatron")):
+        gm = tpfx.parallelize(_meta_gpt(), tp=4, mode=mode)
+        kind = kind if mode == "gather" else f"{kind} megatron"
+        tpfx.load_state_dict(gm, str(folder / kind.split()[0]))
         out[f"{kind} logits"] = gm(_ids())[0]
         again = tpfx.full_state_dict(gm, rank0_only=False)
         out[f"{kind} gathered equals the tp=2 state"] = again.keys() == trained.keys() and all(
@@ -268,6 +284,7 @@ def _world4(rank: int, world_size: int, folder: str) -> dict:
     folder = Path(folder)
     out = _tp2_round_trip(rank, folder)
     out["meta"] = _meta_builds(folder)
+    out["megatron"] = _megatron_round_trip()
     dist.barrier()  # tp2.* written by rank 0
     out["tp4"] = _tp4_from_tp2(folder)
     return out
@@ -303,6 +320,13 @@ def test_meta_built_program_loaded_from_files_equals_real_build(world4):
 
 def test_tp2_checkpoint_loads_into_tp4_with_the_same_outputs(world4):
     for rank, result in enumerate(world4):
-        for kind in ("tp2.safetensors", "tp2.pt"):
+        for kind in ("tp2.safetensors", "tp2.pt", "tp2.safetensors megatron"):
             assert result["tp4"][f"{kind} gathered equals the tp=2 state"], (rank, kind)
             assert max_diff(result["tp4"][f"{kind} logits"], result["tp2 logits"]) <= TOL, (rank, kind)
+
+
+def test_megatron_mode_checkpoints_round_trip(world4):
+    for rank, result in enumerate(world4):
+        megatron = result["megatron"]
+        assert megatron["untouched exact"], rank
+        assert megatron["vs single device"] <= TOL and megatron["trained vs single device"] <= TOL, (rank, megatron)
