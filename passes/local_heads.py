@@ -682,10 +682,9 @@ def _reshape(interp: _Interpreter, value: Value, items: list[SizeItem]) -> list[
     if value.prefix:
         tail = _take_from_right(interp, parts, [i.size for i in items])
         leading = items[:len(items) - len(tail)]
-        if any(item.size is None for item in leading):
-            raise Unsupported("-1 in the leading dims of a tensor of unknown rank")
         interp.learn_rank(value, leading)
-        return [(Part(size=item.size),) if item.size != ONE else () for item in leading] + tail
+        return [(Part(size=item.size or Size(1, (f"-1 of {item.location}",))),) if item.size != ONE else ()
+                for item in leading] + tail
     total = math.prod((interp.size_of(p) for p in parts), start=ONE)
     known = math.prod((i.size for i in items if i.size is not None), start=ONE)
     sizes = [i.size if i.size is not None else total.divide(known) for i in items]
@@ -725,7 +724,12 @@ def _take_from_left(interp: _Interpreter, parts: list[Part], sizes: list[Size]) 
 def _take_from_right(interp: _Interpreter, parts: list[Part], sizes: list[Size | None]) -> list[Dim]:
     """Match trailing output sizes against the feature parts; stop at the first batch-like size."""
     dims: list[Dim] = []
-    for size in reversed(sizes):
+    for position in range(len(sizes) - 1, -1, -1):
+        size = sizes[position]
+        if size is None and position > 0:  # -1 between spelled-out sizes: the features that are left
+            dims.insert(0, tuple(parts))
+            parts.clear()
+            continue
         if not parts or size is None:
             break
         dim: list[Part] = []
@@ -766,7 +770,7 @@ def _transpose(interp: _Interpreter, node: fx.Node) -> Value:
     a, b = (interp.axis(value, i) for i in (node.args[1:3] if len(node.args) >= 3 else (-2, -1)))
     dims = list(value.dims)
     dims[a], dims[b] = dims[b], dims[a]
-    return Value(tuple(dims), value.group, value.prefix)
+    return Value(tuple(dims), value.group, value.prefix, value.source)
 
 
 def _matmul(interp: _Interpreter, node: fx.Node) -> Value:
@@ -774,6 +778,9 @@ def _matmul(interp: _Interpreter, node: fx.Node) -> Value:
     if a is None or b is None or len(a.dims) < 2 or len(b.dims) < 2:
         raise Unsupported("a matmul with a tensor from outside the region or of rank < 2")
     interp.align(a.dims[-1], b.dims[-2], reason=f"'{node.name}' contracts it")
+    # heads are batch dims of both operands; a factor of the rows or columns alone is not a head
+    interp.block(a.dims[-2], f"'{node.name}' keeps it out of its batch dims")
+    interp.block(b.dims[-1], f"'{node.name}' keeps it out of its batch dims")
     batch, prefix = interp.broadcast([Value(a.dims[:-2], a.group, a.prefix), Value(b.dims[:-2], b.group, b.prefix)])
     return Value(batch + (a.dims[-2], b.dims[-1]), interp.flow.join(a.group, b.group), prefix)
 
@@ -852,7 +859,7 @@ def _pieces(interp: _Interpreter, node: fx.Node) -> Pieces:
     dims = [d for i, d in enumerate(value.dims) if i != axis or piece_dim is not None]
     if piece_dim is not None:
         dims[axis] = piece_dim
-    item = Value(tuple(dims), value.group, value.prefix)
+    item = Value(tuple(dims), value.group, value.prefix, value.source)
     return Pieces(tuple(item for _ in range(count)), value.group)
 
 
@@ -862,6 +869,7 @@ def _sdpa(interp: _Interpreter, node: fx.Node) -> Value:
         raise Unsupported("attention whose q, k or v is not from the region, or grouped by enable_gqa")
     interp.align(q.dims[-1], k.dims[-1], reason=f"'{node.name}' contracts it")
     interp.align(k.dims[-2], v.dims[-2])
+    interp.block(v.dims[-1], f"'{node.name}' keeps it out of its batch dims")
     parts = [Value(x.dims[:-2], x.group, x.prefix) for x in (q, k, v)]
     batch, prefix = interp.broadcast(parts)
     mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)

@@ -129,6 +129,8 @@ def _pair_group(gm: fx.GraphModule, flow: FeatureFlow, group: int, sites: list[S
         raise _NoPair(f"the input of '{row_node.target}' is not exactly the features of {_paths(sites)}")
     chosen = _choose_factor(flow, leaves, row_node, tp)
     layouts = tuple(_layout(flow, flow.roots[site.node_name], chosen, site) for site in sites)
+    if all(layout.shard_axis is None for layout in layouts):
+        raise _NoPair(f"no factor of {_paths(sites)} lines up with the split input of '{row_node.target}'")
     return Pair(
         kind="ffn" if all(site.role in _FFN_ROLES for site in sites) else "attention",
         columns=tuple(sites), column_layouts=layouts, row_module_path=str(row_node.target),
@@ -189,11 +191,13 @@ def _choose_factor(flow: FeatureFlow, leaves: list[int], row_node: fx.Node, tp: 
 def _layout(flow: FeatureFlow, root: int, chosen: int, site: Site) -> FeatureLayout:
     leaves = flow.factors.leaves(root)
     hits = [i for i, leaf in enumerate(leaves) if flow.factors.find(leaf) == flow.factors.find(chosen)]
-    if len(hits) != 1:
-        sizes = [flow.factors.sizes[leaf] for leaf in leaves]
-        raise _NoPair(f"'{site.module_path}' holds the sharded factor {len(hits)} times in its layout {sizes}; "
+    sizes = tuple(flow.factors.sizes[leaf] for leaf in leaves)
+    if len(hits) > 1:
+        raise _NoPair(f"'{site.module_path}' holds the sharded factor {len(hits)} times in its layout {list(sizes)}; "
                       "its heads do not line up with the next linear's input")
-    return FeatureLayout(tuple(flow.factors.sizes[leaf] for leaf in leaves), hits[0])
+    # no hit: the factor was made by an expand after this linear (grouped-query k/v with fewer heads than
+    # tp, repeated to the query heads); every rank keeps all of it and the repeats are what is split
+    return FeatureLayout(sizes, hits[0] if hits else None)
 
 
 def _layout_of(flow: FeatureFlow, leaves: list[int], chosen: int) -> FeatureLayout:

@@ -23,6 +23,7 @@ As there, modules and graphs are separate steps, so that further call forms reus
 
 from __future__ import annotations
 
+import copy
 import operator
 from dataclasses import dataclass
 
@@ -48,6 +49,8 @@ class PairShardResult:
 
 
 def _column_module(linear: nn.Linear, layout: FeatureLayout, *, tp: int, rank: int) -> nn.Module:
+    if layout.shard_axis is None:
+        return copy.deepcopy(linear)  # whole on every rank (grouped-query k/v with fewer heads than tp)
     ranges = layout.ranges(tp, rank)
     if len(ranges) == 1 and layout.shard_axis == 0:
         return ColumnParallelLinear(linear, tp=tp, rank=rank)
@@ -85,7 +88,9 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
     """Insert the collectives of every pair (and fallback) into ``gm.graph`` and localize its shapes."""
     inserted: list[str] = []
     for pair in pairing.pairs:
-        inserted += _copy_inputs(gm, {site.module_path for site in pair.columns}, group)
+        sharded = {s.module_path for s, layout in zip(pair.columns, pair.column_layouts) if layout.shard_axis is not None}
+        inserted += _copy_inputs(gm, sharded, group)
+        inserted += _copy_outputs(gm, {s.module_path for s in pair.columns} - sharded, group)
         inserted += _reduce_output(gm, pair.row_module_path, group)
     localized = localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
     gathered = insert_collectives(gm, pairing.fallback_sites, group=group)
@@ -105,7 +110,21 @@ def _copy_inputs(gm: fx.GraphModule, paths: set[str], group: str) -> list[str]:
             with gm.graph.inserting_before(node):
                 copies[source] = gm.graph.call_function(copy_to_tp, (source, group))
         node.replace_input_with(source, copies[source])
-    return [copy.name for copy in copies.values()]
+    return [node.name for node in copies.values()]
+
+
+def _copy_outputs(gm: fx.GraphModule, paths: set[str], group: str) -> list[str]:
+    """Copy-to after each whole (replicated) linear of a pair: its output gradient is a partial sum.
+
+    Each rank uses the replicated k/v only for its own query heads; backward all-reduces the sum.
+    """
+    inserted = []
+    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target in paths]:
+        with gm.graph.inserting_after(node):
+            copied = gm.graph.call_function(copy_to_tp, (node, group))
+        node.replace_all_uses_with(copied, delete_user_cb=lambda user: user is not copied)
+        inserted.append(copied.name)
+    return inserted
 
 
 def _reduce_output(gm: fx.GraphModule, path: str, group: str) -> list[str]:

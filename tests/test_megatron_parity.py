@@ -1,0 +1,175 @@
+"""Megatron mode in real gloo processes (fp32, eval mode): numbers, collectives and memory.
+
+Two spawns: world 2 (tp=2) and world 4 (tp=4). Each rank checks the example GPT in every call form
+and the attentions of tests/test_local_heads.py (GPT-2 style [Q | K | V], GPT-NeoX style
+interleaved, LLaMA style grouped-query with a SwiGLU FFN, including fewer key/value heads than tp),
+counts what the collectives are handed in one training step, and measures the block linears' bytes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tpfx
+from examples.gpt import GPTModel, small_config
+from passes.comm_table import comm_table
+from tests.multiprocess import run_ranks
+from tests.parity import grad_diffs, max_diff
+from tests.test_local_heads import WIDTH, FusedLastDim, Grouped, HeadMixing, Interleaved
+from tpfx.collectives import add_observer
+
+TOL = 1e-5
+BATCH, SEQ = 2, 16
+
+
+def _gpt_inputs(config) -> dict[str, dict[str, torch.Tensor]]:
+    ids = torch.randint(0, config.vocab_size, (BATCH, SEQ), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones_like(ids)
+    mask[0, -3:] = 0
+    return {"ids+mask+labels": {"input_ids": ids, "attention_mask": mask, "labels": ids},
+            "ids": {"input_ids": ids}, "ids+labels": {"input_ids": ids, "labels": ids},
+            "ids+mask": {"input_ids": ids, "attention_mask": mask}}
+
+
+def _step(model: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward and backward; the loss is the model's, or a square mean of its output."""
+    model.zero_grad(set_to_none=True)
+    out = model(**kwargs)
+    logits, loss = out if isinstance(out, tuple) else (out, None)
+    (loss if loss is not None else logits.pow(2).mean()).backward()
+    return logits, loss
+
+
+def _compare(gm: nn.Module, reference: nn.Module, kwargs: dict) -> dict[str, float]:
+    (ref_out, ref_loss), (tp_out, tp_loss) = _step(reference, kwargs), _step(gm, kwargs)
+    diffs = {"output": max_diff(tp_out, ref_out), "loss": max_diff(tp_loss, ref_loss)}
+    return diffs | {f"grad {k}": v for k, v in grad_diffs(gm, reference).items()}
+
+
+def _gpt(tp: int) -> dict:
+    torch.manual_seed(0)
+    reference = GPTModel(small_config(dropout=0.1)).eval()
+    gm = tpfx.parallelize(reference, tp=tp, mode="megatron")
+    forms = _gpt_inputs(reference.config)
+    diffs = {f"{form} {k}": v for form, kwargs in forms.items() for k, v in _compare(gm, reference, kwargs).items()}
+    return {"diffs": diffs, "pairs": [p.describe() for p in gm.tpfx_pairing.pairs],
+            "fallbacks": len(gm.tpfx_pairing.fallbacks), "collectives": _observed(gm, forms["ids+labels"]),
+            "table": [(r.direction, r.op, r.tensor_bytes, float(r.traffic_bytes))
+                      for r in comm_table(gm, forms["ids+labels"], tp=tp).rows],
+            "bytes": _block_linear_bytes(gm, reference)}
+
+
+def _observed(gm: nn.Module, kwargs: dict) -> list[tuple[str, str, int]]:
+    """(phase, collective, bytes handed to it) for every collective of one forward and backward."""
+    seen: list[tuple[str, str, int]] = []
+    phase = ["forward"]
+    remove = add_observer(lambda name, t: seen.append((phase[0], name, t.numel() * t.element_size())))
+    try:
+        _, loss = gm(**kwargs)
+        phase[0] = "backward"
+        loss.backward()
+    finally:
+        remove()
+    return seen
+
+
+def _block_linear_bytes(gm: nn.Module, reference: nn.Module) -> dict[str, int]:
+    """Bytes of the four linears of every block, single device and this rank; row biases counted apart."""
+    out = {"single": 0, "rank": 0, "row biases": 0}
+    for pair in gm.tpfx_pairing.pairs:
+        for path in [s.module_path for s in pair.columns] + [pair.row_module_path]:
+            for name, p in gm.get_submodule(path).named_parameters():
+                size = p.numel() * p.element_size()
+                key = "row biases" if path == pair.row_module_path and name == "bias" else "rank"
+                out[key] += size
+                if key == "rank":
+                    out["single"] += reference.get_submodule(path).get_parameter(name).numel() * p.element_size()
+    return out
+
+
+def _layouts(tp: int) -> dict:
+    """Each attention layout of tests/test_local_heads.py against its single-device module."""
+    x = torch.randn(BATCH, 5, WIDTH, generator=torch.Generator().manual_seed(3))
+    kv_cases = {2: (2, 1), 4: (4, 1, 2)}[tp]  # 1 and 2 key/value heads are fewer than tp=4
+    models = {"qkv-last-dim": FusedLastDim, "interleaved": Interleaved, "head-mixing": HeadMixing}
+    models |= {f"grouped kv={kv}": (lambda kv=kv: Grouped(kv_heads=kv)) for kv in kv_cases}
+    result = {}
+    for label, make in models.items():
+        torch.manual_seed(0)
+        reference = make().eval()
+        gm = tpfx.parallelize(reference, tp=tp, mode="megatron")
+        result[label] = {"diffs": _compare(gm, reference, {"x": x}),
+                         "pairs": [p.describe() for p in gm.tpfx_pairing.pairs],
+                         "fallbacks": [f.reason for f in gm.tpfx_pairing.fallbacks]}
+    return result
+
+
+def _world(rank: int, world_size: int) -> dict:
+    return {"gpt": _gpt(world_size), "layouts": _layouts(world_size)}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
+def world(request) -> tuple[int, list[dict]]:
+    return request.param, run_ranks(_world, request.param)
+
+
+def _assert_close(diffs: dict[str, float], label: str) -> None:
+    bad = {k: v for k, v in diffs.items() if not v <= TOL}
+    assert not bad, f"{label}: {len(bad)} tensors differ by more than {TOL}: {bad}"
+
+
+def test_gpt_logits_loss_and_every_gradient_match_single_device(world):
+    tp, results = world
+    for rank, result in enumerate(results):
+        gpt = result["gpt"]
+        assert len(gpt["diffs"]) > 100  # 4 call forms: output, loss and every parameter's gradient
+        _assert_close(gpt["diffs"], f"GPT tp={tp} rank {rank}")
+        assert gpt["fallbacks"] == 0 and len(gpt["pairs"]) == 4
+
+
+def test_every_layout_matches_single_device(world):
+    tp, results = world
+    for rank, result in enumerate(results):
+        for label, checked in result["layouts"].items():
+            _assert_close(checked["diffs"], f"{label} tp={tp} rank {rank}")
+
+
+def test_layouts_pair_or_fall_back_with_a_reason(world):
+    tp, results = world
+    layouts = results[0]["layouts"]
+    assert layouts["qkv-last-dim"]["pairs"] == ["c_attn [3, 4*, 8] -> c_proj [4*, 8]"]
+    assert layouts["interleaved"]["pairs"] == ["query_key_value [4*, 3, 8] -> dense [4*, 8]"]
+    assert layouts["grouped kv=1"]["pairs"][0] == "q_proj [4*, 8], k_proj [8], v_proj [8] -> o_proj [4*, 8]"
+    assert layouts["head-mixing"]["pairs"] == [] and "op 'mean'" in layouts["head-mixing"]["fallbacks"][0]
+    if tp == 4:  # 2 key/value heads for 4 ranks: neither the kv heads nor their repeats divide by 4
+        assert layouts["grouped kv=2"]["pairs"] == ["gate [64*], up [64*] -> down [64*]"]
+        assert "can be split across tp=4" in layouts["grouped kv=2"]["fallbacks"][0]
+
+
+def test_two_all_reduces_per_block_forward_and_no_all_gather(world):
+    tp, results = world
+    blocks, block_tensor = 2, BATCH * SEQ * 128 * 4  # T tokens x width h, fp32
+    for result in results:
+        seen = result["gpt"]["collectives"]
+        assert [(phase, name) for phase, name, _ in seen] == [("forward", "all_reduce")] * 2 * blocks + [
+            ("backward", "all_reduce")] * 2 * blocks
+        assert {size for _, _, size in seen} == {block_tensor}
+
+
+def test_comm_table_says_8_T_h_ring_elements_per_block_and_matches_the_run(world):
+    tp, results = world
+    blocks, tokens, width = 2, BATCH * SEQ, 128
+    table = results[0]["gpt"]["table"]
+    assert [(d, op, size) for d, op, size, _ in table] == [(p, n, s) for p, n, s in results[0]["gpt"]["collectives"]]
+    ring_elements = sum(traffic for *_, traffic in table) / 4 / blocks
+    assert ring_elements == 8 * tokens * width * (tp - 1) / tp
+
+
+def test_block_linear_bytes_per_rank_are_one_tp_th(world):
+    tp, results = world
+    for result in results:
+        measured = result["gpt"]["bytes"]
+        assert measured["rank"] * tp == measured["single"]
+        assert measured["row biases"] == 2 * 2 * 128 * 4  # out_proj and fc2 of 2 blocks, whole on every rank
