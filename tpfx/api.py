@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -16,6 +17,7 @@ from passes.row_shard import megatron_shard, rewrite_other_form
 from tpfx.capture import CallForm, capture, forward_signature, meta_skeleton
 from tpfx.collectives import bind_group, group_key
 from tpfx.errors import ConfigError
+from tpfx.megatron_report import megatron_report
 from tpfx.program import TensorParallelModule, adopt_missing
 from tpfx.report import build_report
 
@@ -105,7 +107,7 @@ MODES = ("gather", "megatron")
 
 
 def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessGroup | None = None,
-                rank: int | None = None, mode: str = "gather") -> TensorParallelModule:
+                rank: int | None = None, mode: Literal["gather", "megatron"] = "gather") -> TensorParallelModule:
     """Make ``model`` tensor-parallel: return this rank's program as a GraphModule.
 
     The attention QKV projections and FFN first linears are found by graph structure and
@@ -154,6 +156,8 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
     gm.attach_call_forms(meta_skeleton(model), forward_signature(model), form, rewrite)
     gm.tpfx_report = build_report(gm, model, tp=layout.tp, rank=layout.rank, group=layout.key, call_form=form,
                                   sites=finding.sites, replicated=finding.replicated)
+    if pairing is not None:
+        gm.tpfx_report = megatron_report(gm.tpfx_report, gm, model, pairing)
     assert result.gm is gm
     _bind_process_group(layout, group)
     return gm
