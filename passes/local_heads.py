@@ -602,6 +602,14 @@ class _Interpreter:
                 return self.modules[str(user.target)].in_features
         return None
 
+    def outside_shape(self, node: fx.Node) -> list[Size] | None:
+        """The shape of a tensor from outside the region: from meta, or a parameter/buffer's own shape."""
+        shape = _meta_shape(node)
+        if shape is None and node.op == "get_attr":
+            held = _fetch_attr(self.gm, str(node.target))
+            shape = [Size(int(s)) for s in held.shape] if isinstance(held, torch.Tensor) else None
+        return shape
+
     def learn_rank(self, value: Value, leading: list[SizeItem]) -> None:
         """A view that spells out a column input's leading dims as ``x.size(0), x.size(1)`` gives x's rank."""
         if not value.source:
@@ -609,6 +617,11 @@ class _Interpreter:
         expected = [f"{value.source}.size({i})" for i in range(len(leading))]
         if [item.size.symbols[0] if item.size and item.size.symbols else None for item in leading] == expected:
             self.ranks[value.source] = len(leading) + 1
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str) -> object:
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, name, None)
 
 
 def _symbol(node: fx.Node) -> Size:
@@ -661,7 +674,7 @@ def _broadcast(interp: _Interpreter, node: fx.Node) -> Value:
     values = [interp.value(a) for a in operands if interp.value(a) is not None]
     dims, prefix = interp.broadcast(values)
     for outside in (a for a in operands if interp.value(a) is None):
-        shape = _meta_shape(outside)
+        shape = interp.outside_shape(outside)
         for offset in range(1, min(len(shape or []), len(dims)) + 1):
             if shape[-offset] != ONE:
                 interp.block(dims[-offset], f"'{node.name}' combines it with the full-size tensor '{outside.name}'")
@@ -875,7 +888,7 @@ def _sdpa(interp: _Interpreter, node: fx.Node) -> Value:
     mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
     if interp.value(mask) is not None:
         raise Unsupported("an attention mask computed from the region")
-    shape = _meta_shape(mask)
+    shape = interp.outside_shape(mask) if isinstance(mask, fx.Node) else None
     for offset in range(3, min(len(shape or []), len(batch) + 2) + 1):
         if shape[-offset] != ONE:
             interp.block(batch[-(offset - 2)], f"'{node.name}' uses the full-size mask '{mask.name}'")

@@ -1,0 +1,141 @@
+"""Pairing: each column site finds its row-parallel partner by dataflow, or falls back with a reason."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import tpfx
+from examples.gpt import GPTModel, small_config
+from passes.find_sites import find_sites
+from passes.pair_megatron import Pair, pair_sites
+from passes.row_shard import megatron_shard
+from tpfx.capture import CallForm, capture
+from tpfx.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
+from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear
+
+from tests.test_local_heads import Grouped
+
+
+def _pairing(model: nn.Module, tp: int = 2, form: CallForm | None = None):
+    gm = capture(model, form)
+    return gm, pair_sites(gm, find_sites(gm, tp=tp), tp=tp)
+
+
+def test_gpt_pairs_qkv_with_out_proj_and_fc1_with_fc2():
+    _, pairing = _pairing(GPTModel(small_config(n_layers=2)))
+    assert not pairing.fallbacks
+    assert [(p.kind, [s.module_path for s in p.columns], p.row_module_path, p.shard_size) for p in pairing.pairs] == [
+        (kind, [f"blocks.{i}.{column}"], f"blocks.{i}.{row}", size) for i in range(2)
+        for kind, column, row, size in (("attention", "attn.qkv_proj", "attn.out_proj", 4),
+                                        ("ffn", "ffn.fc1", "ffn.fc2", 512))]
+    assert pairing.pairs[0].row_weight_shape == (128, 128)
+
+
+def test_gated_ffn_and_separate_qkv_each_form_one_pair():
+    _, pairing = _pairing(Grouped(kv_heads=2))
+    assert [([s.module_path for s in p.columns], p.row_module_path) for p in pairing.pairs] == [
+        (["q_proj", "k_proj", "v_proj"], "o_proj"), (["gate", "up"], "down")]
+    assert [s.role for s in pairing.pairs[1].columns] == ["fc1", "up"]
+
+
+def test_too_few_heads_for_tp_falls_back_with_the_reason():
+    _, pairing = _pairing(GPTModel(small_config(n_layers=1)), tp=8)
+    assert [p.kind for p in pairing.pairs] == ["ffn"]  # d_ff 512 still splits 8 ways
+    (fallback,) = pairing.fallbacks
+    assert [s.module_path for s in fallback.sites] == ["blocks.0.attn.qkv_proj"]
+    assert fallback.reason == ("no factor of the input of 'blocks.0.attn.out_proj' can be split across tp=8 "
+                               "(4: not divisible by tp=8; 32: 'matmul' contracts it)")
+
+
+class _TwoReaders(nn.Module):
+    """fc1's activation feeds two linears: there is no single row partner."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 16), nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc1(x))
+        return self.fc2(h) + self.fc3(h)
+
+
+class _Escapes(nn.Module):
+    """fc1's activation is also returned: the full activation leaves the pair."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.fc1(x))
+        return self.fc2(h), h
+
+
+class _ScaledFFN(nn.Module):
+    """A learned scale over the whole d_ff between the pair: elementwise, but with a full-size tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+        self.gamma = nn.Parameter(torch.ones(16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)) * self.gamma)
+
+
+@pytest.mark.parametrize(("model", "reason"), [
+    (_TwoReaders(), "the output of 'fc1' reaches several linears (fc2, fc3), not one"),
+    (_Escapes(), "op 'output' is neither elementwise nor head-local (at node 'output'"),
+    (_ScaledFFN(), "no factor of the input of 'fc2' can be split across tp=2 "
+                   "(16: 'mul' combines it with the full-size tensor 'gamma')"),
+], ids=["two-readers", "escapes", "full-size-operand"])
+def test_unsafe_pairs_fall_back_to_column_plus_gather(model, reason):
+    _, pairing = _pairing(model)
+    assert not pairing.pairs
+    assert [s.module_path for f in pairing.fallbacks for s in f.sites] == ["fc1"]
+    assert pairing.fallbacks[0].reason.startswith(reason)
+    assert "\n" not in pairing.fallbacks[0].reason
+
+
+def test_rewrite_inserts_one_copy_per_input_and_a_reduce_then_bias_per_row():
+    model = GPTModel(small_config(n_layers=1))
+    gm, pairing = _pairing(model)
+    result = megatron_shard(gm, pairing, tp=2, rank=1, group="tp:0-1", source=model)
+    gm.graph.lint()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(copy_to_tp) == 2 and targets.count(reduce_from_tp) == 2
+    assert gather_from_tp not in targets
+    assert len(result.collective_nodes) == 4 and result.localized_nodes == ("view", "view_1")
+    reduce = next(n for n in gm.graph.nodes if n.target is reduce_from_tp)
+    (add,) = reduce.users
+    assert add.args[1].op == "get_attr" and add.args[1].target == "blocks.0.attn.out_proj.bias"
+    qkv, out_proj = gm.get_submodule("blocks.0.attn.qkv_proj"), gm.get_submodule("blocks.0.attn.out_proj")
+    assert isinstance(qkv, BlockColumnParallelLinear) and isinstance(out_proj, RowParallelLinear)
+    assert type(gm.get_submodule("blocks.0.ffn.fc1")) is ColumnParallelLinear  # d_ff: one contiguous block
+    full = model.blocks[0].attn
+    assert torch.equal(qkv.weight, torch.cat([full.qkv_proj.weight[s:s + 64] for s in (64, 192, 320)]))
+    assert torch.equal(out_proj.weight, full.out_proj.weight[:, 64:]) and torch.equal(out_proj.bias, full.out_proj.bias)
+    assert out_proj.shard_spec("weight").ranges == ((64, 128),) and out_proj.shard_spec("bias") is None
+
+
+def test_call_forms_pair_alike():
+    model = GPTModel(small_config(n_layers=1))
+    forms = [CallForm(), CallForm(frozenset({"attention_mask", "labels"})), CallForm(training=True)]
+    signatures = {_pairing(model, form=form)[1].signature() for form in forms}
+    assert len(signatures) == 1
+
+
+def test_megatron_program_for_inspection_and_bad_mode():
+    model = GPTModel(small_config(n_layers=1))
+    gm = tpfx.parallelize(model, tp=2, rank=0, mode="megatron")
+    report = gm.tpfx_report
+    assert report.mode == "megatron" and [r["role"] for r in report.sites_table()] == ["qkv", "fc1", "row", "row"]
+    decisions = {row["module"]: row for row in report.linear_decisions()}
+    assert decisions["blocks.0.ffn.fc2"]["sharded"] and "row-parallel partner of 'blocks.0.ffn.fc1'" in decisions[
+        "blocks.0.ffn.fc2"]["reason"]
+    assert isinstance(gm.tpfx_pairing.pairs[0], Pair)
+    with pytest.raises(tpfx.ConfigError, match=r"mode='rows' is not a parallelization mode; use one of 'gather'"):
+        tpfx.parallelize(model, tp=2, rank=0, mode="rows")
