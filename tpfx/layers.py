@@ -109,6 +109,12 @@ class ColumnParallelLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
+def _owned_part(full: nn.Parameter, spec: ShardSpec | None) -> nn.Parameter:
+    """This rank's part of ``full`` (all of it when ``spec`` is None) in storage of its own, never aliased."""
+    part = full.detach() if spec is None else spec.take(full.detach())
+    return nn.Parameter(part.clone(), requires_grad=full.requires_grad)
+
+
 class BlockColumnParallelLinear(ColumnParallelLinear):
     """Column-parallel with this rank's rows in several blocks: whole heads of q, k and v of a fused QKV.
 
@@ -124,9 +130,8 @@ class BlockColumnParallelLinear(ColumnParallelLinear):
         self.full_out_features = linear.out_features
         self.out_features = spec.local_size
         self.tp, self.rank, self.spec = tp, rank, spec
-        self.weight = nn.Parameter(spec.take(linear.weight.detach()).clone(), requires_grad=linear.weight.requires_grad)
-        self.bias = None if linear.bias is None else nn.Parameter(
-            spec.take(linear.bias.detach()).clone(), requires_grad=linear.bias.requires_grad)
+        self.weight = _owned_part(linear.weight, spec)
+        self.bias = None if linear.bias is None else _owned_part(linear.bias, spec)
 
     def local_part(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's part of a full-size weight or bias (or of its gradient): the same row blocks."""
@@ -158,10 +163,9 @@ class RowParallelLinear(nn.Module):
         self.full_in_features = linear.in_features
         self.out_features = linear.out_features
         self.tp, self.rank, self.spec = tp, rank, spec
-        self.weight = nn.Parameter(spec.take(linear.weight.detach()).clone(), requires_grad=linear.weight.requires_grad)
+        self.weight = _owned_part(linear.weight, spec)
         # whole on every rank and added after the reduce, so it is counted once
-        self.bias = None if linear.bias is None else nn.Parameter(
-            linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        self.bias = None if linear.bias is None else _owned_part(linear.bias, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
