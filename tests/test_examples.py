@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _torchrun(script: str, *args: str) -> str:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
                str(ROOT / "examples" / script), *args]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
