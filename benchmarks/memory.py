@@ -3,7 +3,8 @@
 A GPT of about 1.23 GB of fp32 parameters is saved once as safetensors. Then two paths run, each in a
 fresh pair of gloo processes (tp=2), and each rank reports its peak resident memory (``VmHWM``):
 
-* tpfx:  build under ``tpfx.parameters_on_meta()`` -> ``tpfx.parallelize`` -> ``tpfx.load_state_dict(gm, file)``
+* tpfx:  build under ``tpfx.parameters_on_meta()`` -> ``tpfx.parallelize`` -> ``tpfx.load_state_dict(gm, file)``,
+  in the default mode (QKV and fc1 sharded) and in ``mode="megatron"`` (all four block linears sharded)
 * naive: build the full model -> ``model.load_state_dict(safetensors.torch.load_file(file))`` -> ``tpfx.parallelize``
 
 The bound of issue 6: peak RSS <= 1.3 x (the rank's own parameter bytes) + the RSS of an idle process
@@ -80,11 +81,12 @@ def _finish(gm: nn.Module, build_and_load_s: float) -> dict:
             "build_and_load_s": build_and_load_s, "logits_head": logits[0, :, :16].clone(), **memory_status()}
 
 
-def _tpfx_path(rank: int, world_size: int, path: str, config: GPTConfig) -> dict:
+def _tpfx_path(rank: int, world_size: int, path: str, config: GPTConfig, mode: str) -> dict:
     start = time.perf_counter()
     with tpfx.parameters_on_meta():
         model = GPTModel(config).eval()
-    gm = tpfx.parallelize(model, tp=world_size)
+    gm = tpfx.parallelize(model, tp=world_size, mode=mode)
+    del model  # its buffers (the causal masks) were copied into gm; drop them as a user would
     tpfx.load_state_dict(gm, path)
     return _finish(gm, time.perf_counter() - start)
 
@@ -105,7 +107,8 @@ def run(config: GPTConfig, folder: Path) -> dict:
     path = str(folder / "model.safetensors")
     [model_bytes] = launch(_write_checkpoint, 1, path, config, timeout_s=900)
     idle = idle_torch_rss()
-    paths = {"tpfx": launch(_tpfx_path, TP, path, config, timeout_s=900),
+    paths = {"tpfx": launch(_tpfx_path, TP, path, config, "gather", timeout_s=900),
+             "tpfx megatron": launch(_tpfx_path, TP, path, config, "megatron", timeout_s=900),
              "naive": launch(_naive_path, TP, path, config, timeout_s=900)}
     reference = paths["naive"][0]["logits_head"]
     ranks = {}
