@@ -84,21 +84,29 @@ def _target_lines(steps: dict) -> list[str]:
 
 
 def _pass_table(pass_cost: dict) -> list[str]:
+    rows = pass_cost["rows"]
+    extra = [(key, label) for key, label in (("megatron_total_s", "megatron mode total"),
+                                             ("export_path_total_s", "total, tracer='export'"))
+             if all(key in row for row in rows)]
     lines = ["## Pass cost: parallelize(tp=2, rank=0) on a meta-device GPT (GPT-3 175B shape at 96 layers), s", "",
-             "| layers | total | capture | after capture | of which find_sites | torch.export alone |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    for row in pass_cost["rows"]:
+             "| layers | total | capture | after capture | of which find_sites | torch.export alone |"
+             + "".join(f" {label} |" for _, label in extra), "|---:" * (6 + len(extra)) + "|"]
+    for row in rows:
         export = "—" if row["export_s"] is None else f"{row['export_s']:.3f}"
         lines.append(f"| {row['layers']} | {row['total_s']:.3f} | {row['capture_s']:.3f} | "
-                     f"{row['after_capture_s']:.3f} | {row['find_sites_s']:.3f} | {export} |")
-    growth, last = pass_cost["growth"], pass_cost["rows"][-1]
+                     f"{row['after_capture_s']:.3f} | {row['find_sites_s']:.3f} | {export} |"
+                     + "".join(f" {row[key]:.3f} |" for key, _ in extra))
+    growth, last = pass_cost["growth"], rows[-1]
     half = last["after_capture_s"] <= last["capture_s"] / 2
-    lines += ["", f"- growth: time per layer at {last['layers']} layers / at {pass_cost['rows'][0]['layers']} = "
+    lines += ["", f"- growth (gather mode): time per layer at {last['layers']} layers / at {rows[0]['layers']} = "
                   f"{growth['per_layer_ratio']:.2f} ({'linear' if growth['linear'] else 'NOT linear'})",
               f"- {last['layers']} layers under {PASS_TARGET_S} s: {last['total_s']:.2f} s "
               f"({'met' if last['total_s'] < PASS_TARGET_S else 'MISSED'}); after capture ≤ half of capture: "
-              f"{last['after_capture_s']:.2f} vs {last['capture_s']:.2f} s ({'met' if half else 'MISSED'})", ""]
-    return lines
+              f"{last['after_capture_s']:.2f} vs {last['capture_s']:.2f} s ({'met' if half else 'MISSED'})"]
+    for mode, profile in pass_cost.get("profile_at_most_layers", {}).items():
+        shares = ", ".join(f"{entry['function']} {100 * entry['share']:.0f}%" for entry in profile)
+        lines.append(f"- where {mode} mode spends it at {last['layers']} layers (cProfile shares): {shares}")
+    return lines + [""]
 
 
 def plot(results: dict, path: Path) -> None:
@@ -135,9 +143,10 @@ def _plot_steps(axis, steps: dict) -> None:
 def _plot_pass(axis, pass_cost: dict) -> None:
     rows = pass_cost["rows"]
     layers = [row["layers"] for row in rows]
-    for key, label in (("total_s", "parallelize total"), ("capture_s", "capture"),
+    for key, label in (("total_s", "parallelize total"), ("megatron_total_s", "parallelize megatron"),
+                       ("capture_s", "capture"),
                        ("after_capture_s", "after capture"), ("export_s", "torch.export alone")):
-        if all(row[key] is not None for row in rows):
+        if all(row.get(key) is not None for row in rows):
             axis.plot(layers, [row[key] for row in rows], marker="o", label=label)
     axis.set_xlabel("layers (GPT-3 175B shape, meta device)")
     axis.set_ylabel("seconds")
