@@ -34,6 +34,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
@@ -83,6 +84,20 @@ def _targets(module: nn.Module) -> list[_Target]:
 
 
 # ----------------------------------------------------------------------------------------- sources
+
+class _Source(Protocol):
+    """Where full tensors come from; ``read_into`` fills a rank's local tensor with its part of one."""
+
+    where: str  # how error messages name the source
+
+    def keys(self) -> set[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def read_into(self, key: str, spec: ShardSpec | None, out: torch.Tensor) -> None: ...
+
+    def close(self) -> None: ...
+
 
 class _TensorSource:
     """Full tensors held in memory or mapped from a file: a state dict or a ``torch.load(mmap=True)``."""
@@ -214,7 +229,7 @@ class _SafetensorsSource:
         self.file.close()
 
 
-def _open_source(source: StateSource) -> _TensorSource | _SafetensorsSource:
+def _open_source(source: StateSource) -> _Source:
     """Open a state dict, a torch.save file or a .safetensors file as a source of tensors.
 
     Raises:
@@ -247,7 +262,7 @@ def _listed(keys: list[str]) -> str:
     return shown + (f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
 
 
-def _problems(targets: list[_Target], source, *, strict: bool) -> tuple[list[str], list[str]]:
+def _problems(targets: list[_Target], source: _Source, *, strict: bool) -> tuple[list[str], list[str]]:
     """What keeps ``source`` from loading into ``targets``: (problems, fixes), both empty when it fits."""
     available = source.keys()
     expected = {key for target in targets for key in target.keys}
@@ -267,7 +282,7 @@ def _problems(targets: list[_Target], source, *, strict: bool) -> tuple[list[str
     return problems, fixes
 
 
-def _meta_buffer_problems(module: nn.Module, source) -> tuple[list[str], list[str]]:
+def _meta_buffer_problems(module: nn.Module, source: _Source) -> tuple[list[str], list[str]]:
     """Buffers left on meta that no checkpoint can fill (they are not saved: computed at construction)."""
     available = source.keys()
     lost = [name for name, buffer in module.named_buffers() if buffer.is_meta and name not in available]
@@ -280,7 +295,7 @@ def _meta_buffer_problems(module: nn.Module, source) -> tuple[list[str], list[st
 
 # ----------------------------------------------------------------------------------------- loading
 
-def _load_target(target: _Target, source, key: str, device: torch.device) -> None:
+def _load_target(target: _Target, source: _Source, key: str, device: torch.device) -> None:
     """Fill one tensor in place (a real one) or replace a meta one's storage, keeping the object."""
     tensor = target.tensor
     with torch.no_grad():
