@@ -10,6 +10,13 @@ after (rank r of tp)::
     h_local = self.fc1(copy_to_tp)                             # ColumnParallelLinear: rows r*4d/tp ... of W
     h = tpfx.collectives.gather_from_tp(h_local, 'tp:0-1')     # all-gather last dim fwd / own slice bwd
 
+A functional linear (ATen graphs from torch.export: the weight is a ``get_attr`` parameter) keeps its
+op; the parameters are replaced by this rank's slice: rows of an (out, in) weight, columns of an
+(in, out) one (GPT-2's Conv1D), and the bias with them::
+
+    addmm = aten.addmm(c_attn_bias, x2d, c_attn_weight)             # (d, 3d) weight, (3d,) bias
+    # after: weight (d, 3d/tp) = columns r*3d/tp ..., bias (3d/tp,); copy_to_tp on x2d, gather_from_tp after
+
 The pass has two steps so that further call forms of the same program reuse the shards:
 :func:`shard_site_modules` replaces the modules (weights), :func:`insert_collectives` rewrites a graph.
 """
@@ -22,9 +29,10 @@ import torch.fx as fx
 import torch.nn as nn
 
 from passes.find_sites import Site, require_divisible
+from passes.graph_view import functional_linear, parameter_shapes
 from tpfx.collectives import copy_to_tp, gather_from_tp
 from tpfx.errors import ShardingError
-from tpfx.layers import ColumnParallelLinear
+from tpfx.layers import ColumnParallelLinear, shard_range
 
 
 @dataclass(frozen=True)
@@ -52,25 +60,52 @@ def shard_site_modules(gm: fx.GraphModule, sites: tuple[Site, ...], *, tp: int, 
     """
     require_divisible(sites, tp)
     source = source if source is not None else gm
-    linears = {site.module_path: source.get_submodule(site.module_path) for site in sites}
+    linears = {site.module_path: source.get_submodule(site.module_path) for site in sites if not site.functional}
     for path, module in linears.items():
         if not isinstance(module, nn.Linear):
             raise ShardingError(f"site '{path}' is a {type(module).__name__}, not an nn.Linear; "
                                 "only Linear modules can be column-sharded")
+    slices = {name: tensor for site in sites if site.functional
+              for name, tensor in _parameter_slices(site, source, tp=tp, rank=rank).items()}
     for path, linear in linears.items():
         gm.set_submodule(path, ColumnParallelLinear(linear, tp=tp, rank=rank))
+    for name, tensor in slices.items():
+        owner, _, leaf = name.rpartition(".")
+        setattr(gm.get_submodule(owner), leaf, tensor)
+
+
+def _parameter_slices(site: Site, source: nn.Module, *, tp: int, rank: int) -> dict[str, nn.Parameter]:
+    """This rank's weight (rows or columns, per the site's layout) and bias of a functional site."""
+    start, stop = shard_range(site.weight_shape[site.shard_dim], tp, rank)
+    parts = {site.weight_name: site.shard_dim}
+    if site.bias_name:
+        parts[site.bias_name] = 0
+    slices = {}
+    for name, dim in parts.items():
+        full = source.get_parameter(name)
+        # clone so the shard owns compact storage and the caller's tensor is never aliased
+        slices[name] = nn.Parameter(full.detach().narrow(dim, start, stop - start).clone(),
+                                    requires_grad=full.requires_grad)
+    return slices
 
 
 def insert_collectives(gm: fx.GraphModule, sites: tuple[Site, ...], *, group: str) -> ColumnShardResult:
-    """Insert copy-to before and gather-from after every call of a site module in ``gm.graph``."""
-    paths = {site.module_path for site in sites}
+    """Insert copy-to before and gather-from after every call of a site (module or weight) in ``gm.graph``."""
+    paths = {site.module_path for site in sites if not site.functional}
+    weights = {site.weight_name for site in sites if site.functional}
+    parameters = parameter_shapes(gm) if weights else {}
     inserted: list[str] = []
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or node.target not in paths:
-            continue
+        if node.op == "call_module" and node.target in paths:
+            data_index = 0
+        else:
+            functional = functional_linear(node, parameters) if weights else None
+            if functional is None or functional.weight not in weights:
+                continue
+            data_index = functional.data_index
         with gm.graph.inserting_before(node):
-            copied = gm.graph.call_function(copy_to_tp, (node.args[0], group))
-        node.replace_input_with(node.args[0], copied)
+            copied = gm.graph.call_function(copy_to_tp, (node.args[data_index], group))
+        node.update_arg(data_index, copied)
         with gm.graph.inserting_after(node):
             gathered = gm.graph.call_function(gather_from_tp, (node, group))
         node.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)

@@ -11,15 +11,28 @@ after (records)::
     Site(role="fc1", module_path="fc1", ...)        # feeds an activation that reaches a linear
     Replicated(module_path="fc2", reason="...")     # everything else stays whole, with the reason
 
+A linear is an ``nn.Linear`` module (fx graphs) or an op on a parameter weight (ATen graphs from
+torch.export: ``aten.linear``, or ``aten.addmm``/``aten.mm`` with an (in, out) weight as in GPT-2's
+Conv1D); see :func:`passes.graph_view.functional_linear`. A functional site records its weight
+``layout`` and parameter names, so the rewrite slices rows of an (out, in) weight and columns of an
+(in, out) one.
+
 Rules (each walk is along tensor dataflow in :func:`passes.graph_view.to_networkx`):
 
 * attention projection: the linear's output reaches the query and/or key operand of a score matmul
   and/or the value operand of the probability-times-value matmul (or the q/k/v of
-  ``scaled_dot_product_attention``) through shape and indexing ops only. Role ``qkv`` when it
-  reaches all three, otherwise the letters it reaches (``q``, ``kv``, ...).
-* FFN first linear: the output goes (through shape ops) into an elementwise activation, and the
-  activation reaches another linear through elementwise ops only (role ``fc1``); in a gated FFN
-  ``act(gate(x)) * up(x) -> down`` the gate is ``fc1`` and the up projection is ``up``.
+  ``scaled_dot_product_attention``) through *head-local* ops only: shape and indexing ops (views,
+  transposes, splits, slices, ``cat`` of its own pieces, casts, the ``expand``/``reshape`` that
+  repeats key/value heads for grouped-query attention) and elementwise ops (the scale, rotary
+  embeddings ``q * cos + rotate_half(q) * sin``). Reductions, norms, softmax and matmuls stop the
+  walk: they mix positions of the feature dimension. Role ``qkv`` when it reaches all three,
+  otherwise the letters it reaches (``q``, ``kv``, ...).
+* FFN first linear: on the way from the linear's output to another linear's input (through shape,
+  elementwise, activation and dropout ops) there is an activation: ``gelu``, ``relu``, ``silu``, or
+  the written-out tanh/erf GELU (role ``fc1``). In a gated FFN ``act(gate(x)) * up(x) -> down`` the
+  gate is ``fc1`` and the up projection, multiplied by an activation of another linear, is ``up``.
+  A norm on the way (``mean``, ``layer_norm``) stops the walk, so a residual stream into the next
+  block's projections never counts.
 """
 
 from __future__ import annotations
@@ -28,19 +41,27 @@ from dataclasses import dataclass
 
 import networkx as nx
 import torch.fx as fx
-import torch.nn as nn
 
 from passes.graph_view import (ACTIVATION, ATTENTION, DROPOUT, ELEMENTWISE, LINEAR, MATMUL, SHAPE, SOFTMAX,
-                               reach_through, to_networkx)
+                               feeds_linear_input, flow_region, reach_through, to_networkx)
 from tpfx.errors import ShardingError
 
 ROLES = ("qkv", "q", "k", "v", "qk", "qv", "kv", "fc1", "up")
-_PASS_THROUGH_ELEMENTWISE = {SHAPE, ELEMENTWISE, DROPOUT}
+LAYOUTS = ("out_in", "in_out")
+# head-local ops that q, k and v may pass on their way into attention (see the module docstring)
+_TO_ATTENTION = {SHAPE, ELEMENTWISE, DROPOUT}
+# ops between an FFN's first linear and the linear after its activation
+_TO_NEXT_LINEAR = {SHAPE, ELEMENTWISE, ACTIVATION, DROPOUT}
 
 
 @dataclass(frozen=True)
 class Site:
-    """A linear to column-shard: its role, where it lives, and the shapes before and after sharding."""
+    """A linear to column-shard: its role, where it lives, and the shapes before and after sharding.
+
+    ``module_path`` is the linear module (fx) or the module owning the weight parameter (a
+    functional linear, ``weight_name`` set). ``layout`` says how the weight is stored: ``out_in``
+    (``nn.Linear``, shard rows, ``shard_dim`` 0) or ``in_out`` (Conv1D-style, shard columns, ``shard_dim`` 1).
+    """
 
     role: str
     module_path: str
@@ -48,12 +69,23 @@ class Site:
     weight_shape: tuple[int, ...]
     shard_shape: tuple[int, ...]
     shard_dim: int = 0
+    layout: str = "out_in"
+    weight_name: str = ""  # qualified parameter name of a functional linear's weight ("" for a module)
+    bias_name: str = ""  # ... and of its bias ("" when it has none, or for a module)
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"unknown site role {self.role!r}; expected one of {ROLES}")
         if len(self.weight_shape) != len(self.shard_shape):
             raise ValueError(f"site {self.module_path}: weight {self.weight_shape} vs shard {self.shard_shape}")
+        if self.layout not in LAYOUTS or self.shard_dim != LAYOUTS.index(self.layout):
+            raise ValueError(f"site {self.module_path}: layout {self.layout!r} with shard_dim {self.shard_dim}; "
+                             "expected out_in with 0 or in_out with 1")
+
+    @property
+    def functional(self) -> bool:
+        """Whether the site is an op on a parameter (export graphs) rather than a Linear module."""
+        return bool(self.weight_name)
 
 
 @dataclass(frozen=True)
@@ -83,6 +115,24 @@ class _Attention:
     value: str
 
 
+@dataclass(frozen=True)
+class _Linear:
+    """What the finder needs to know of one linear node, module or functional."""
+
+    key: str  # the module path, or the weight's parameter name: one record per key
+    module_path: str
+    weight_shape: tuple[int, ...]
+    layout: str
+    weight_name: str
+    bias_name: str
+
+    def site(self, role: str, node_name: str, tp: int) -> Site:
+        dim = LAYOUTS.index(self.layout)
+        shard = tuple(size // tp if axis == dim else size for axis, size in enumerate(self.weight_shape))
+        return Site(role, self.module_path, node_name, self.weight_shape, shard, dim, self.layout,
+                    self.weight_name, self.bias_name)
+
+
 def find_attentions(view: nx.DiGraph) -> list[_Attention]:
     """Every attention in the graph: ``scaled_dot_product_attention`` or matmul -> softmax -> matmul."""
     found: list[_Attention] = []
@@ -96,93 +146,110 @@ def find_attentions(view: nx.DiGraph) -> list[_Attention]:
 
 
 def _matmul_softmax_matmul(view: nx.DiGraph, scores: str) -> list[_Attention]:
+    """scores = q @ k^T -> (scale, mask) -> softmax -> (dropout) -> probs @ v: the attentions starting at ``scores``."""
     node: fx.Node = view.nodes[scores]["fx"]
-    downstream = nx.descendants(view, scores)
-    softmaxes = [n for n in downstream if view.nodes[n]["kind"] == SOFTMAX]
-    after_softmax = set().union(*(nx.descendants(view, s) | {s} for s in softmaxes)) if softmaxes else set()
+    before_softmax = flow_region(view, scores, {SHAPE, ELEMENTWISE})
+    softmaxes = {c for p in before_softmax for c in view.successors(p) if view.nodes[c]["kind"] == SOFTMAX}
+    probabilities = set().union(*(flow_region(view, s, _TO_ATTENTION) for s in softmaxes))
     found = []
-    for candidate in downstream:
-        if view.nodes[candidate]["kind"] != MATMUL:
-            continue
-        probs, value = view.nodes[candidate]["fx"].args[:2]
-        if probs.name in after_softmax:
-            found.append(_Attention(node.args[0].name, node.args[1].name, value.name))
+    for producer in probabilities:
+        for candidate in view.successors(producer):
+            if view.nodes[candidate]["kind"] == MATMUL and 0 in view.edges[producer, candidate]["operands"]:
+                value = view.nodes[candidate]["fx"].args[1]
+                found.append(_Attention(node.args[0].name, node.args[1].name, value.name))
     return found
 
 
 def find_sites(gm: fx.GraphModule, *, tp: int) -> SiteFinding:
-    """Classify every Linear called in ``gm`` as a site to shard or a replicated linear with a reason.
+    """Classify every linear called in ``gm`` as a site to shard or a replicated linear with a reason.
 
     Args:
-        gm: a captured graph (torch.fx, Linear modules as ``call_module`` leaves).
+        gm: a captured graph: torch.fx (Linear modules as ``call_module`` leaves) or torch.export
+            (ATen ops on ``get_attr`` parameters).
         tp: tensor-parallel degree; used for the shard shapes (divisibility is checked by the rewrite).
 
     Returns:
-        The sites in graph order (one per module) and the replicated linears with reasons.
+        The sites in graph order (one per module or weight parameter) and the replicated linears with reasons.
     """
     view = to_networkx(gm)
     attentions = find_attentions(view)
-    tied = _tied_modules(gm)
+    tied = _tied_parameters(gm)
     sites: list[Site] = []
     replicated: list[Replicated] = []
-    seen_paths: set[str] = set()
+    seen: set[str] = set()
     for node in gm.graph.nodes:
-        if view.nodes[node.name]["kind"] != LINEAR or node.target in seen_paths:
+        if view.nodes[node.name]["kind"] != LINEAR:
             continue
-        seen_paths.add(node.target)
-        weight = tuple(gm.get_submodule(node.target).weight.shape)
+        linear = _describe_linear(gm, view, node)
+        if linear.key in seen:
+            continue
+        seen.add(linear.key)
         role, reason = _classify_linear(view, node.name, attentions)
-        if role and node.target in tied:
-            role, reason = None, f"its weight is shared with '{tied[node.target]}' (tied); sharding would untie it"
+        shared = tied.get(linear.weight_name or f"{linear.module_path}.weight")
+        if role and shared:
+            role, reason = None, f"its weight is shared with '{shared}' (tied); sharding would untie it"
         if role:
-            shard = (weight[0] // tp,) + weight[1:]
-            sites.append(Site(role, node.target, node.name, weight, shard, shard_dim=0))
+            sites.append(linear.site(role, node.name, tp))
         else:
-            replicated.append(Replicated(node.target, node.name, weight, reason))
+            replicated.append(Replicated(linear.module_path, node.name, linear.weight_shape, reason))
     return SiteFinding(tuple(sites), tuple(replicated))
 
 
+def _describe_linear(gm: fx.GraphModule, view: nx.DiGraph, node: fx.Node) -> _Linear:
+    functional = view.nodes[node.name]["linear"]
+    if functional is None:  # an nn.Linear module
+        weight = tuple(gm.get_submodule(node.target).weight.shape)
+        return _Linear(str(node.target), str(node.target), weight, "out_in", "", "")
+    owner = functional.weight.rpartition(".")[0]
+    weight = tuple(gm.get_parameter(functional.weight).shape)
+    return _Linear(functional.weight, owner, weight, functional.layout, functional.weight, functional.bias or "")
+
+
 def _classify_linear(view: nx.DiGraph, name: str, attentions: list[_Attention]) -> tuple[str | None, str]:
-    reached = reach_through(view, name, {SHAPE})
+    toward_attention = flow_region(view, name, _TO_ATTENTION)
     letters = "".join(letter for letter, field in (("q", "query"), ("k", "key"), ("v", "value"))
-                      if any(getattr(a, field) in reached for a in attentions))
+                      if any(getattr(a, field) in toward_attention for a in attentions))
     if letters:
         return ("qkv" if letters == "qkv" else letters), ""
-    role = _ffn_role(view, reached)
+    role = _ffn_role(view, name)
     if role:
         return role, ""
-    return None, _why_not(view, reached)
+    return None, _why_not(view, reach_through(view, name, {SHAPE}))
 
 
-def _ffn_role(view: nx.DiGraph, reached: set[str]) -> str | None:
-    for producer in reached:
-        for consumer in view.successors(producer):
-            kind = view.nodes[consumer]["kind"]
-            if kind == ACTIVATION and _reaches_linear(view, consumer):
-                return "fc1"
-            if kind == ELEMENTWISE and _multiplies_activation(view, consumer, producer) and _reaches_linear(view, consumer):
-                return "up"
+def _ffn_role(view: nx.DiGraph, name: str) -> str | None:
+    """``fc1`` when an activation lies on the way to another linear's input, ``up`` when a gate's does."""
+    region = flow_region(view, name, _TO_NEXT_LINEAR)
+    exits = {p for p in region for c in view.successors(p) if c != name and feeds_linear_input(view, p, c)}
+    on_the_way = _backward_within(view, exits, region)  # the nodes of region that lead to a next linear
+    if any(view.nodes[n]["kind"] == ACTIVATION for n in on_the_way):
+        return "fc1"
+    if any(_multiplies_activation(view, n, region) for n in on_the_way):
+        return "up"
     return None
 
 
-def _reaches_linear(view: nx.DiGraph, start: str) -> bool:
-    region = reach_through(view, start, _PASS_THROUGH_ELEMENTWISE, data_operand_only=False)
-    return any(view.nodes[c]["kind"] == LINEAR and 0 in view.edges[p, c]["operands"]
-               for p in region for c in view.successors(p))
+def _backward_within(view: nx.DiGraph, starts: set[str], region: set[str]) -> set[str]:
+    seen, frontier = set(starts), list(starts)
+    while frontier:
+        fresh = [p for p in view.predecessors(frontier.pop()) if p in region and p not in seen]
+        seen.update(fresh)
+        frontier.extend(fresh)
+    return seen
 
 
-def _multiplies_activation(view: nx.DiGraph, product: str, own_input: str) -> bool:
-    """Whether ``product`` multiplies ``own_input`` by an activation of another linear (a gated FFN)."""
-    if "mul" not in view.nodes[product]["target"]:
+def _multiplies_activation(view: nx.DiGraph, product: str, own_region: set[str]) -> bool:
+    """Whether ``product`` multiplies this linear's value by an activation of another linear (a gated FFN)."""
+    if view.nodes[product]["kind"] != ELEMENTWISE or "mul" not in view.nodes[product]["target"]:
         return False
-    frontier = [p for p in view.predecessors(product) if p != own_input]
+    frontier = [p for p in view.predecessors(product) if p not in own_region]
     seen = set(frontier)
-    while frontier:  # back through shape ops and dropout to the activation
+    while frontier:  # back through shape, elementwise and dropout ops to an activation of a linear's output
         name = frontier.pop()
         kind = view.nodes[name]["kind"]
-        if kind == ACTIVATION:
-            return any(view.nodes[p]["kind"] in (LINEAR, SHAPE) for p in view.predecessors(name))
-        if kind in (SHAPE, DROPOUT):
+        if kind == ACTIVATION and any(view.nodes[p]["kind"] in (LINEAR, SHAPE) for p in view.predecessors(name)):
+            return True
+        if kind in _TO_NEXT_LINEAR:
             fresh = [p for p in view.predecessors(name) if p not in seen]
             seen.update(fresh)
             frontier.extend(fresh)
@@ -190,11 +257,13 @@ def _multiplies_activation(view: nx.DiGraph, product: str, own_input: str) -> bo
 
 
 def _why_not(view: nx.DiGraph, reached: set[str]) -> str:
-    uses = sorted({_describe(view, c) for p in reached for c in view.successors(p) if c not in reached})
+    stops = sorted({c for p in reached for c in view.successors(p) if c not in reached})
+    uses = sorted({_describe(view, c) for c in stops})
     feeds = ", ".join(uses) if uses else "nothing"
     only = " only" if len(uses) == 1 else ""
+    where = f"; matching stopped at node{'s' if len(stops) > 1 else ''} {', '.join(stops)}" if stops else ""
     return (f"feeds {feeds}{only}, not an attention q/k/v operand (through shape ops) nor an activation "
-            "that reaches another linear")
+            f"that reaches another linear{where}")
 
 
 def _describe(view: nx.DiGraph, name: str) -> str:
@@ -212,15 +281,17 @@ def _describe(view: nx.DiGraph, name: str) -> str:
     return f"{data['kind'] if data['kind'] != 'other' else 'op'} '{label}'"
 
 
-def _tied_modules(gm: fx.GraphModule) -> dict[str, str]:
-    """module path -> another module path sharing one of its parameters."""
-    owners: dict[int, str] = {}
-    tied: dict[str, str] = {}
-    for path, module in gm.named_modules(remove_duplicate=False):
-        for parameter in module.parameters(recurse=False):
-            other = owners.setdefault(id(parameter), path)
-            if other != path:
-                tied[path], tied[other] = other, path
+def _tied_parameters(gm: fx.GraphModule) -> dict[str, str]:
+    """parameter name -> the owner module of another name of the same parameter (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for name, parameter in gm.named_parameters(remove_duplicate=False):
+        names.setdefault(id(parameter), []).append(name)
+    tied = {}
+    for aliases in names.values():
+        for name in aliases:
+            others = [other.rpartition(".")[0] or other for other in aliases if other != name]
+            if others:
+                tied[name] = others[0]
     return tied
 
 

@@ -12,11 +12,20 @@ after (networkx)::
 Only tensor dataflow becomes an edge: ``x.size()`` feeding ``view``'s shape arguments does not, so
 a walk along edges follows the values, not the bookkeeping. The op kinds are data (tables below),
 so a new spelling of an op is one line, never a new branch in a finder.
+
+The same kinds cover ATen-level graphs from ``torch.export`` (``aten.view``, ``aten.linear``,
+``aten.scaled_dot_product_attention``, ...), where weights are ``get_attr`` parameters instead of
+modules. There a *functional linear* is an op whose weight operand is a 2-D parameter, directly or
+through a transpose::
+
+    addmm = aten.addmm(bias, x2d, c_attn_weight)     # weight stored (in, out): layout "in_out"
+    linear = aten.linear(x, q_proj_weight)           # weight stored (out, in): layout "out_in"
 """
 
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
 
 import networkx as nx
 import torch
@@ -46,9 +55,112 @@ _ELEMENTWISE = {operator.add, operator.mul, operator.sub, operator.truediv, torc
 _DROPOUT_FUNCTIONS = {F.dropout}
 _META_METHODS = {"size", "dim"}  # return Python values, not tensors
 
+# The ATen spelling of the same kinds (export graphs), keyed by overload packet: aten.view, not aten.view.default.
+aten = torch.ops.aten
+_SHAPE_FUNCTIONS |= {aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.transpose, aten.t,
+                     aten.contiguous, aten.clone, aten.alias, aten.split, aten.split_with_sizes, aten.chunk,
+                     aten.unbind, aten.squeeze, aten.unsqueeze, aten.flatten, aten.unflatten, aten.expand,
+                     aten.narrow, aten.select, aten.slice, aten.movedim, aten.cat, aten.to, aten._to_copy,
+                     aten.type_as, torch.cat}  # casts keep values; cat joins pieces of one tensor (rotary halves)
+_MATMULS |= {aten.matmul, aten.bmm, aten.mm}
+_SOFTMAXES |= {aten.softmax, aten._softmax, aten._safe_softmax}
+_ATTENTIONS |= {aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu,
+                aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_flash_attention}
+# pow, tanh and erf let the written-out GELUs (0.5*x*(1+tanh(c*(x+0.044715*x**3))), x*(1+erf(x/√2))/2) count
+_ACTIVATION_FUNCTIONS |= {aten.gelu, aten.relu, aten.silu, aten.mish, aten.tanh, aten.sigmoid, aten.erf,
+                          aten.pow, torch.sigmoid, F.sigmoid, torch.erf, torch.pow, "sigmoid", "pow"}
+_ELEMENTWISE |= {aten.add, aten.mul, aten.sub, aten.div, aten.neg, aten.rsub, aten.where, aten.masked_fill,
+                 torch.neg, torch.where, torch.masked_fill, operator.neg, "neg", "masked_fill", "__truediv__"}
+_DROPOUT_FUNCTIONS |= {aten.dropout, aten.native_dropout}
+_META_FUNCTIONS = {aten.sym_size, aten._assert_tensor_metadata, aten.sym_numel, aten.sym_stride}
 
-def op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    """The kind of ``node``: one of the module-level constants (LINEAR, SHAPE, ...)."""
+
+@dataclass(frozen=True)
+class FunctionalLinear:
+    """A linear written as an op on a parameter: where its input, weight and bias are, and the weight layout.
+
+    ``layout`` is ``"out_in"`` when the op uses the stored weight as (out, in) (``F.linear``), and
+    ``"in_out"`` when it multiplies by it as (in, out) (``addmm``/``mm``/``matmul``, GPT-2's Conv1D).
+    """
+
+    data_index: int  # the argument position of the input activations
+    weight: str  # the parameter's qualified name (a get_attr target)
+    bias: str | None  # the bias parameter's qualified name, if the op adds one
+    layout: str
+
+    @property
+    def shard_dim(self) -> int:
+        """The dimension of the stored weight that holds the output features."""
+        return 0 if self.layout == "out_in" else 1
+
+
+# op -> (data operand, weight operand, bias operand or None, layout of the weight as the op uses it)
+_LINEAR_OPERANDS: dict[object, tuple[int, int, int | None, str]] = {
+    F.linear: (0, 1, 2, "out_in"), aten.linear: (0, 1, 2, "out_in"),
+    torch.addmm: (1, 2, 0, "in_out"), aten.addmm: (1, 2, 0, "in_out"),
+    torch.mm: (0, 1, None, "in_out"), aten.mm: (0, 1, None, "in_out"),
+    torch.matmul: (0, 1, None, "in_out"), aten.matmul: (0, 1, None, "in_out"), operator.matmul: (0, 1, None, "in_out"),
+}
+_TRANSPOSES = {aten.t, aten.transpose, aten.permute, torch.t, torch.transpose, "t", "transpose", "permute"}
+
+
+def _table_key(target: object) -> object:
+    """ATen overloads are looked up by their packet (``aten.view.default`` -> ``aten.view``)."""
+    return getattr(target, "overloadpacket", target)
+
+
+def _parameter_of(node: object, parameters: dict[str, tuple[int, ...]]) -> tuple[str, bool] | None:
+    """``(name, transposed)`` when ``node`` is a parameter get_attr, or a transpose of a 2-D one."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "get_attr" and node.target in parameters:
+        return str(node.target), False
+    if node.op in ("call_function", "call_method") and _table_key(node.target) in _TRANSPOSES and node.args:
+        inner = node.args[0]
+        if isinstance(inner, fx.Node) and inner.op == "get_attr" and len(parameters.get(inner.target, ())) == 2:
+            return str(inner.target), True
+    return None
+
+
+def functional_linear(node: fx.Node, parameters: dict[str, tuple[int, ...]]) -> FunctionalLinear | None:
+    """The :class:`FunctionalLinear` that ``node`` computes, or None when it is not a linear on a parameter.
+
+    Args:
+        node: any graph node.
+        parameters: qualified name -> shape of the module's parameters (see :func:`parameter_shapes`).
+    """
+    operands = _LINEAR_OPERANDS.get(_table_key(node.target)) if node.op == "call_function" else None
+    if operands is None:
+        return None
+    data_index, weight_index, bias_index, layout = operands
+    weight = _parameter_of(node.args[weight_index] if len(node.args) > weight_index else None, parameters)
+    if weight is None or len(parameters[weight[0]]) != 2:
+        return None
+    bias_arg = node.args[bias_index] if bias_index is not None and len(node.args) > bias_index else None
+    bias = _parameter_of(bias_arg, parameters)
+    if bias_arg is not None and (bias is None or bias[1] or len(parameters[bias[0]]) != 1):
+        return None  # a computed bias would need the same slice as the weight: leave such an op whole
+    if weight[1]:  # the op sees the transpose of the stored weight
+        layout = "in_out" if layout == "out_in" else "out_in"
+    return FunctionalLinear(data_index, weight[0], bias[0] if bias else None, layout)
+
+
+def parameter_shapes(gm: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Qualified name -> shape of every parameter of ``gm``, a shared one under each of its names."""
+    return {name: tuple(p.shape) for name, p in gm.named_parameters(remove_duplicate=False)}
+
+
+def op_kind(node: fx.Node, modules: dict[str, nn.Module], *,
+            parameters: dict[str, tuple[int, ...]] | None = None) -> str:
+    """The kind of ``node``: one of the module-level constants (LINEAR, SHAPE, ...).
+
+    Args:
+        node: the node to classify.
+        modules: the graph module's ``named_modules()``.
+        parameters: its :func:`parameter_shapes`; with them, ops on a parameter weight count as LINEAR.
+    """
+    if parameters is not None and functional_linear(node, parameters) is not None:
+        return LINEAR
     if node.op == "call_module":
         module = modules[node.target]
         if isinstance(module, (nn.Linear, ColumnParallelLinear)):
@@ -60,11 +172,11 @@ def op_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str:
         return OTHER
     if node.op not in ("call_function", "call_method"):
         return OTHER
-    target = node.target
+    target = _table_key(node.target)
     for kind, table in ((SHAPE, _SHAPE_METHODS if node.op == "call_method" else _SHAPE_FUNCTIONS),
                         (MATMUL, _MATMULS), (SOFTMAX, _SOFTMAXES), (ATTENTION, _ATTENTIONS),
                         (ACTIVATION, _ACTIVATION_FUNCTIONS), (ELEMENTWISE, _ELEMENTWISE),
-                        (DROPOUT, _DROPOUT_FUNCTIONS), (META, _META_METHODS)):
+                        (DROPOUT, _DROPOUT_FUNCTIONS), (META, _META_METHODS | _META_FUNCTIONS)):
         if target in table:
             return kind
     if node.op == "call_function" and target is getattr:
@@ -84,11 +196,16 @@ def tensor_operands(node: fx.Node) -> list[tuple[int | str, fx.Node]]:
 
 
 def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
-    """The dataflow of ``gm`` as a DiGraph: node name -> {kind, op, target, fx}; edge -> {operands}."""
+    """The dataflow of ``gm`` as a DiGraph: node name -> {kind, op, target, fx, linear}; edge -> {operands}.
+
+    ``linear`` is the node's :class:`FunctionalLinear` (None for modules and non-linears).
+    """
     modules = dict(gm.named_modules())
+    parameters = parameter_shapes(gm)
     view = nx.DiGraph()
     for node in gm.graph.nodes:
-        view.add_node(node.name, kind=op_kind(node, modules), op=node.op, target=str(node.target), fx=node)
+        view.add_node(node.name, kind=op_kind(node, modules, parameters=parameters), op=node.op,
+                      target=str(node.target), fx=node, linear=functional_linear(node, parameters))
     for node in gm.graph.nodes:
         if view.nodes[node.name]["kind"] == META:
             continue  # sizes and dims are bookkeeping, not dataflow
@@ -123,3 +240,31 @@ def reach_through(view: nx.DiGraph, start: str, kinds: set[str], *, data_operand
 def consumers(view: nx.DiGraph, nodes: set[str]) -> list[tuple[str, str, tuple]]:
     """(producer, consumer, operand positions) for every edge leaving ``nodes``."""
     return [(p, c, view.edges[p, c]["operands"]) for p in nodes for c in view.successors(p) if c not in nodes]
+
+
+def flow_region(view: nx.DiGraph, start: str, kinds: set[str]) -> set[str]:
+    """``start`` and every node its value flows into through nodes of ``kinds``.
+
+    A shape op carries data in operand 0 only (``aten.view(x, sizes)``); any other op carries it in
+    every tensor operand (``q * cos + rotate_half(q) * sin``, ``act(gate) * up``).
+    """
+    seen, frontier = {start}, [start]
+    while frontier:
+        current = frontier.pop()
+        for successor in view.successors(current):
+            kind = view.nodes[successor]["kind"]
+            if successor in seen or kind not in kinds:
+                continue
+            if kind != SHAPE or 0 in view.edges[current, successor]["operands"]:
+                seen.add(successor)
+                frontier.append(successor)
+    return seen
+
+
+def feeds_linear_input(view: nx.DiGraph, producer: str, consumer: str) -> bool:
+    """Whether the edge ``producer -> consumer`` is the data input of a linear (not its weight or bias)."""
+    data = view.nodes[consumer]
+    if data["kind"] != LINEAR:
+        return False
+    data_index = data["linear"].data_index if data["linear"] is not None else 0
+    return data_index in view.edges[producer, consumer]["operands"]

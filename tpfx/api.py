@@ -14,9 +14,10 @@ from passes.column_shard import column_shard, insert_collectives
 from passes.find_sites import Site, find_sites, require_divisible
 from passes.pair_megatron import pair_sites
 from passes.row_shard import megatron_shard, rewrite_other_form
-from tpfx.capture import CallForm, capture, forward_signature, meta_skeleton
+from tpfx.capture import CallForm
 from tpfx.collectives import bind_group, group_key
 from tpfx.errors import ConfigError
+from tpfx.export_capture import ExampleInputs, capture_for_parallelize
 from tpfx.megatron_report import megatron_report
 from tpfx.program import TensorParallelModule, adopt_missing
 from tpfx.report import build_report
@@ -98,7 +99,9 @@ def _copy_without_site_weights(model: nn.Module, sites: tuple[Site, ...]) -> nn.
     """
     memo: dict[int, object] = {}
     for site in sites:
-        for tensor in model.get_submodule(site.module_path).parameters():
+        owned = (model.get_submodule(site.module_path).parameters() if not site.functional else
+                 [model.get_parameter(name) for name in (site.weight_name, site.bias_name) if name])
+        for tensor in owned:
             memo[id(tensor)] = nn.Parameter(torch.empty_like(tensor, device="meta"), tensor.requires_grad)
     return copy.deepcopy(model, memo)
 
@@ -107,7 +110,9 @@ MODES = ("gather", "megatron")
 
 
 def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessGroup | None = None,
-                rank: int | None = None, mode: Literal["gather", "megatron"] = "gather") -> TensorParallelModule:
+                rank: int | None = None, mode: Literal["gather", "megatron"] = "gather",
+                tracer: Literal["auto", "fx", "export"] = "auto",
+                example_inputs: ExampleInputs | None = None) -> TensorParallelModule:
     """Make ``model`` tensor-parallel: return this rank's program as a GraphModule.
 
     The attention QKV projections and FFN first linears are found by graph structure and
@@ -124,6 +129,12 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
             ``"megatron"``: pair each QKV/fc1 site with the linear after it (row-parallel, one
             all-reduce), run the ops between on this rank's heads; sites that cannot be paired
             safely stay column-plus-gather (``gm.tpfx_pairing.fallbacks`` says why).
+        tracer: ``"auto"`` (default): torch.fx where it traces, else torch.export with
+            ``example_inputs``; ``"fx"``; ``"export"`` (needs ``example_inputs``). An exported
+            program has dynamic batch and sequence dims but serves only its example's call form
+            (other calls raise ConfigError). ``gm.tpfx_report.tracer`` says which was used.
+        example_inputs: the arguments of one call of ``model``: a tuple of positional
+            arguments, a dict of keyword arguments, or one tensor. Used by torch.export only.
 
     Returns:
         A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts.
@@ -137,13 +148,13 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is not a parallelization mode; use one of {', '.join(map(repr, MODES))}")
     layout = resolve_layout(tp, group=group, rank=rank)
-    form = CallForm(training=model.training)
-    captured = capture(model, form)
+    capture_result = capture_for_parallelize(model, tracer=tracer, example_inputs=example_inputs)
+    form, captured = capture_result.form, capture_result.gm
     finding = find_sites(captured, tp=layout.tp)
     pairing = pair_sites(captured, finding, tp=layout.tp) if mode == "megatron" else None
     require_divisible(finding.sites if pairing is None else pairing.fallback_sites, layout.tp)
-    owner = _copy_without_site_weights(model, finding.sites)
-    gm = TensorParallelModule(owner, captured.graph, type(model).__name__)
+    owner = _copy_without_site_weights(capture_result.weight_source(model), finding.sites)
+    gm = capture_result.program(owner, type(model).__name__)
     if pairing is None:
         result = column_shard(gm, finding.sites, tp=layout.tp, rank=layout.rank, group=layout.key, source=model)
         rewrite = lambda traced: insert_collectives(traced, finding.sites, group=layout.key)  # noqa: E731
@@ -153,9 +164,10 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
     gm.tpfx_pairing = pairing  # megatron mode: the pairs and the fallbacks with their reasons
     adopt_missing(gm, owner)
     gm.train(model.training)
-    gm.attach_call_forms(meta_skeleton(model), forward_signature(model), form, rewrite)
+    capture_result.serve_call_forms(gm, model, rewrite)
     gm.tpfx_report = build_report(gm, model, tp=layout.tp, rank=layout.rank, group=layout.key, call_form=form,
-                                  sites=finding.sites, replicated=finding.replicated)
+                                  sites=finding.sites, replicated=finding.replicated,
+                                  tracer=capture_result.tracer, tracer_note=capture_result.note)
     if pairing is not None:
         gm.tpfx_report = megatron_report(gm.tpfx_report, gm, model, pairing)
     assert result.gm is gm

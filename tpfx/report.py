@@ -8,6 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from passes.find_sites import Replicated, Site
+from passes.graph_view import functional_linear, parameter_shapes
 from tpfx.capture import CallForm
 from tpfx.collectives import COLLECTIVES
 
@@ -30,6 +31,8 @@ class Report:
     site_bytes_rank: int  # the sharded linears, this rank's shards
     linear_order: tuple[str, ...] = ()  # module paths of the graph's call_module nodes, in graph order
     collectives_by_module: tuple[tuple[str, tuple[str, ...]], ...] = ()  # sharded module -> collectives next to it
+    tracer: str = "fx"  # how the model was captured: "fx" or "export"
+    tracer_note: str = ""  # why tracer="auto" chose export, and which dims stayed dynamic
 
     def sites_table(self) -> list[dict[str, object]]:
         """One row per site: module path, role, full weight shape, shard shape, collectives around it."""
@@ -78,28 +81,41 @@ def parameter_bytes(module: nn.Module) -> int:
 
 
 def build_report(gm: fx.GraphModule, model: nn.Module, *, tp: int, rank: int, group: str, call_form: CallForm,
-                 sites: tuple[Site, ...], replicated: tuple[Replicated, ...]) -> Report:
+                 sites: tuple[Site, ...], replicated: tuple[Replicated, ...], tracer: str = "fx",
+                 tracer_note: str = "") -> Report:
     """Compute the report of ``gm`` (the rewritten program) against ``model`` (the original)."""
     collectives = tuple((n.name, COLLECTIVES[n.target]) for n in gm.graph.nodes
                         if n.op == "call_function" and n.target in COLLECTIVES)
+    parameters = parameter_shapes(gm)
     return Report(
         model_name=type(model).__name__, tp=tp, rank=rank, group=group, call_form=call_form,
         sites=sites, replicated=replicated, collective_nodes=collectives,
         param_bytes_single=parameter_bytes(model), param_bytes_rank=parameter_bytes(gm),
         site_bytes_single=sum(parameter_bytes(model.get_submodule(s.module_path)) for s in sites),
         site_bytes_rank=sum(parameter_bytes(gm.get_submodule(s.module_path)) for s in sites),
-        linear_order=tuple(dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "call_module")),
+        linear_order=tuple(dict.fromkeys(path for n in gm.graph.nodes if (path := _linear_path(n, parameters)))),
         collectives_by_module=_collectives_by_module(gm, {s.module_path for s in sites}),
+        tracer=tracer, tracer_note=tracer_note,
     )
 
 
 def _collectives_by_module(gm: fx.GraphModule, paths: set[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """For each sharded module: the collectives feeding it or fed by it, in graph order."""
     around: dict[str, list[str]] = {path: [] for path in paths}
+    parameters = parameter_shapes(gm)
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in COLLECTIVES:
             continue
         for neighbour in [*node.all_input_nodes, *node.users]:
-            if neighbour.op == "call_module" and neighbour.target in around:
-                around[neighbour.target].append(COLLECTIVES[node.target])
+            path = _linear_path(neighbour, parameters)
+            if path in around:
+                around[path].append(COLLECTIVES[node.target])
     return tuple((path, tuple(names)) for path, names in around.items())
+
+
+def _linear_path(node: fx.Node, parameters: dict[str, tuple[int, ...]]) -> str | None:
+    """The module path of a call_module node, or of the module owning a functional linear's weight (export graphs)."""
+    if node.op == "call_module":
+        return str(node.target)
+    linear = functional_linear(node, parameters)
+    return linear.weight.rpartition(".")[0] if linear is not None else None

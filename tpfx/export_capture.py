@@ -1,0 +1,246 @@
+"""Capture through ``torch.export``, for models that torch.fx cannot trace (most real model code).
+
+torch.fx symbolic tracing fails on keyword-only signatures, cache objects and Python branches on
+tensor values; ``torch.export`` runs the model on fake tensors instead and records an ATen-level
+graph whose weights are ``get_attr`` parameters. tpfx exports with the batch and sequence
+dimensions (dims 0 and 1 of every tensor input) left dynamic, so one program serves other shapes
+than the example's.
+
+An exported graph is fixed to its example call: which arguments are given (tensors, with their
+dtype and rank, or constants such as ``use_cache=False``) and the train/eval mode. The program
+(:class:`ExportedTensorParallelModule`) checks every call against that *export form* and raises a
+one-line :class:`~tpfx.errors.ConfigError` for any other, rather than silently running a graph
+traced for different arguments.
+
+``parallelize(model, tracer="auto")`` uses torch.fx where it works (every call form served) and
+falls back to torch.export when fx fails and ``example_inputs`` are given; the report says which.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from tpfx.capture import CallForm, call_form_of, capture, forward_signature, meta_skeleton
+from tpfx.errors import CaptureError, ConfigError
+from tpfx.program import TensorParallelModule
+
+TRACERS = ("auto", "fx", "export")
+ExampleInputs = tuple | dict | torch.Tensor
+
+
+@dataclass(frozen=True)
+class ExportForm:
+    """What an exported graph is specialized to: the mode, and each given argument's kind."""
+
+    training: bool
+    arguments: tuple[tuple[str, str], ...]  # (name, "tensor int64 2-d" or the repr of a constant)
+
+    def describe(self) -> str:
+        """A short human form, e.g. ``eval, input_ids=tensor int64 2-d, use_cache=False``."""
+        given = ", ".join(f"{name}={kind}" for name, kind in self.arguments) or "no arguments"
+        return f"{'train' if self.training else 'eval'}, {given}"
+
+
+def bind_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The call's arguments by name, None ones left out and ``**kwargs`` spread out.
+
+    Raises:
+        ConfigError: the arguments do not fit the signature.
+    """
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as error:
+        raise ConfigError(f"call does not match forward{signature}: {error}") from None
+    call: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL and value:
+            raise ConfigError(f"forward(*{name}) with {len(value)} extra positional arguments cannot be exported; "
+                              "pass them by keyword in example_inputs")
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            call.update((key, item) for key, item in value.items() if item is not None)
+        elif kind is not inspect.Parameter.VAR_POSITIONAL and value is not None:
+            call[name] = value
+    return call
+
+
+def export_form(call: dict[str, Any], *, training: bool) -> ExportForm:
+    """The :class:`ExportForm` of a call (from :func:`bind_call`)."""
+    def kind(value: Any) -> str:
+        if isinstance(value, torch.Tensor):
+            return f"tensor {str(value.dtype).removeprefix('torch.')} {value.dim()}-d"
+        return repr(value)
+    return ExportForm(training, tuple((name, kind(value)) for name, value in call.items()))
+
+
+def _as_args_kwargs(example_inputs: ExampleInputs) -> tuple[tuple, dict]:
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, tuple):
+        return example_inputs, {}
+    raise ConfigError(f"example_inputs is a {type(example_inputs).__name__}; pass a tuple of positional "
+                      "arguments, a dict of keyword arguments, or one tensor")
+
+
+def _dynamic_shapes(call: dict[str, Any]) -> dict[str, Any]:
+    """Dims 0 and 1 (batch, sequence) of every tensor argument dynamic; export specializes what must be."""
+    auto = torch.export.Dim.AUTO
+    return {name: ({dim: auto for dim in range(min(value.dim(), 2))} if isinstance(value, torch.Tensor) else None)
+            for name, value in call.items()}
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A model captured by torch.export: the unlifted graph module and what it is specialized to."""
+
+    gm: fx.GraphModule  # ATen ops; parameters, buffers and constants are get_attr (shared with the model)
+    form: ExportForm
+    dynamic_dims: tuple[str, ...]  # e.g. ("input_ids[0]", "input_ids[1]"): the dims left dynamic
+
+
+def export_capture(model: nn.Module, example_inputs: ExampleInputs) -> Exported:
+    """Capture ``model`` with ``torch.export`` for the call ``model(*example_inputs)`` (or ``**``).
+
+    Args:
+        model: the single-device model, exported in its current train/eval mode; it is not changed.
+        example_inputs: a tuple of positional arguments, a dict of keyword arguments, or one tensor.
+
+    Returns:
+        The unlifted ATen graph module, its export form and its dynamic dims.
+
+    Raises:
+        ConfigError: the example inputs do not fit the model's forward.
+        CaptureError: torch.export fails; the message has the first line of its reason.
+    """
+    args, kwargs = _as_args_kwargs(example_inputs)
+    call = bind_call(forward_signature(model), args, kwargs)
+    # clones: export would merge two arguments that are one tensor (input_ids passed as labels too)
+    # into one graph input, and the program would then ignore the second one
+    example = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in call.items()}
+    try:
+        program = torch.export.export(model, (), example, dynamic_shapes=_dynamic_shapes(example), strict=False)
+    except Exception as error:  # export raises many types; each becomes one line naming the model
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise CaptureError(
+            f"cannot capture {type(model).__name__} with torch.export ({export_form(call, training=model.training).describe()}): "
+            f"{type(error).__name__}: {reason}. Fix: make that code exportable (see torch.export's "
+            "troubleshooting), or try other example_inputs"
+        ) from error
+    gm = program.module()
+    gm.graph.lint()
+    return Exported(gm, export_form(call, training=model.training), _dynamic_dims(gm))
+
+
+def _dynamic_dims(gm: fx.GraphModule) -> tuple[str, ...]:
+    dims = []
+    for node in gm.graph.find_nodes(op="placeholder"):
+        value = node.meta.get("val")
+        for axis, size in enumerate(getattr(value, "shape", ())):
+            if isinstance(size, torch.SymInt):
+                dims.append(f"{node.name}[{axis}]")
+    return tuple(dims)
+
+
+class ExportedTensorParallelModule(TensorParallelModule):
+    """A rank's program captured by torch.export: the call form of its example inputs, at any batch and length."""
+
+    def attach_export_form(self, signature: inspect.Signature, form: ExportForm) -> None:
+        """Fix the program to ``form``: other calls raise instead of running a graph traced for other arguments."""
+        self.__dict__["_tpfx_export"] = (signature, form)
+
+    @property
+    def export_form(self) -> ExportForm:
+        """The arguments and mode the graph was exported for."""
+        return self.__dict__["_tpfx_export"][1]
+
+    @property
+    def call_forms(self) -> list[CallForm]:
+        """The one call form this program serves."""
+        signature, form = self.__dict__["_tpfx_export"]
+        absent = frozenset(name for name in _optional(signature) if name not in dict(form.arguments))
+        return [CallForm(absent=absent, training=form.training)]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        signature, form = self.__dict__["_tpfx_export"]
+        call = bind_call(signature, args, kwargs)
+        given = export_form(call, training=self.training)
+        if given != form:
+            raise ConfigError(
+                f"this {self._get_name()} program was captured with torch.export for ({form.describe()}) and "
+                f"cannot run ({given.describe()}): an exported graph is fixed to its example call; call it "
+                "that way, or parallelize again with example_inputs= matching this call"
+            )
+        return fx.GraphModule.__call__(self, **call)
+
+
+def _optional(signature: inspect.Signature) -> tuple[str, ...]:
+    return tuple(name for name, p in signature.parameters.items() if p.default is None)
+
+
+@dataclass(frozen=True)
+class Captured:
+    """The graph :func:`tpfx.parallelize` rewrites, and how it was captured."""
+
+    gm: fx.GraphModule
+    tracer: str  # "fx" or "export"
+    form: CallForm  # the primary call form (for export: the example call's)
+    exported: Exported | None = None
+    note: str = ""  # why "auto" fell back to export, the dynamic dims
+
+    def weight_source(self, model: nn.Module) -> nn.Module:
+        """The module whose copy becomes the program: the model (fx), or the unlifted export graph module."""
+        return model if self.exported is None else self.gm
+
+    def program(self, owner: nn.Module, name: str) -> TensorParallelModule:
+        """The program module for ``owner``'s copy, running the captured graph."""
+        kind = TensorParallelModule if self.exported is None else ExportedTensorParallelModule
+        return kind(owner, self.gm.graph, name)
+
+    def serve_call_forms(self, gm: TensorParallelModule, model: nn.Module,
+                         rewrite: Callable[[fx.GraphModule], object]) -> None:
+        """fx: trace other call forms lazily with the same rewrite; export: fix the program to its form."""
+        if self.exported is None:
+            gm.attach_call_forms(meta_skeleton(model), forward_signature(model), self.form, rewrite)
+        else:
+            gm.attach_export_form(forward_signature(model), self.exported.form)
+
+
+def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
+                            example_inputs: ExampleInputs | None = None) -> Captured:
+    """Capture ``model`` with the tracer asked for: ``fx``, ``export``, or ``auto`` (fx, else export).
+
+    Raises:
+        ConfigError: an unknown tracer, or export without example inputs.
+        CaptureError: the tracer(s) fail; with ``auto`` and no example inputs, the message says to pass them.
+    """
+    if tracer not in TRACERS:
+        raise ConfigError(f"tracer={tracer!r} is not a tracer; use one of {', '.join(map(repr, TRACERS))}")
+    if tracer == "export" and example_inputs is None:
+        raise ConfigError("tracer='export' needs example_inputs= (a tuple of positional arguments or a dict of "
+                          "keyword arguments, as the model's forward takes them)")
+    note = ""
+    if tracer in ("auto", "fx"):
+        form = CallForm(training=model.training)
+        try:
+            return Captured(capture(model, form), "fx", form)
+        except CaptureError as error:
+            if tracer == "fx":
+                raise
+            if example_inputs is None:
+                raise CaptureError(f"{error}; or pass example_inputs= so that tpfx captures it with "
+                                   "torch.export instead") from error
+            note = f"torch.fx failed ({str(error).split(': ', 1)[-1][:160]}); "
+    exported = export_capture(model, example_inputs)
+    args, kwargs = _as_args_kwargs(example_inputs)
+    form = call_form_of(forward_signature(model), args, kwargs, training=model.training)
+    note += f"dynamic dims: {', '.join(exported.dynamic_dims) or 'none'}"
+    return Captured(exported.gm, "export", form, exported, note)
