@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -103,6 +104,32 @@ class ShapeEdit:
     def __post_init__(self) -> None:
         if not self.path:
             raise ValueError(f"shape edit of {self.node_name} needs a path into its arguments")
+
+
+@dataclass(frozen=True)
+class LinearCall:
+    """A node that applies a linear: which operand is its input, what identifies it, its sizes."""
+
+    data_index: int
+    key: str  # the module path, or the weight's parameter name for an op on a parameter
+    in_features: int
+    out_features: int
+
+
+LinearOf = Callable[[fx.Node], "LinearCall | None"]
+
+
+def module_linears(gm: fx.GraphModule) -> LinearOf:
+    """Recognize ``call_module`` nodes of ``nn.Linear`` (and of tpfx's sharded linears) in ``gm``."""
+    modules = dict(gm.named_modules())
+
+    def linear_of(node: fx.Node) -> LinearCall | None:
+        module = modules.get(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(module, nn.Linear):
+            return None
+        return LinearCall(0, str(node.target), module.in_features, module.out_features)
+
+    return linear_of
 
 
 # ------------------------------------------------------------------------------------------------
@@ -287,7 +314,7 @@ class FeatureFlow:
     factors: Factors
     roots: dict[str, int]  # column linear node -> its feature factor
     root_groups: dict[str, int]  # column linear node -> group id (after unions: use ``group_of``)
-    rows: dict[int, list[tuple[str, Dim]]] = field(default_factory=dict)  # group -> (linear node, input last dim)
+    rows: dict[int, list[tuple[str, str, Dim]]] = field(default_factory=dict)  # group -> (node, key, input last dim)
     poisoned: dict[int, str] = field(default_factory=dict)  # group -> why no pair can be formed
     shape_uses: list[ShapeUse] = field(default_factory=list)
     _groups: dict[int, int] = field(default_factory=dict)
@@ -329,7 +356,7 @@ def op_name(node: fx.Node, modules: dict[str, nn.Module]) -> str:
     return _ALIASES.get(name, name)
 
 
-_ALIASES = {"__matmul__": "matmul", "bmm": "matmul", "__add__": "add", "__mul__": "mul", "__sub__": "sub",
+_ALIASES = {"to_copy": "to", "safe_softmax": "softmax", "__matmul__": "matmul", "bmm": "matmul", "__add__": "add", "__mul__": "mul", "__sub__": "sub",
             "__truediv__": "truediv", "div": "truediv", "unsafe_view": "view", "reshape": "view",
             "swapaxes": "transpose", "scaled_dot_product_attention": "sdpa", "split_with_sizes": "split"}
 _UNARY = {"gelu", "relu", "silu", "tanh", "sigmoid", "mish", "neg", "exp", "erf", "contiguous", "clone", "float",
@@ -339,23 +366,26 @@ _BROADCAST = {"add", "sub", "mul", "truediv", "masked_fill", "where", "rsub"}
 _SIZE_QUERIES = {"size", "dim", "sym_size", "numel"}
 
 
-def analyze_feature_flow(gm: fx.GraphModule, column_nodes: list[str]) -> FeatureFlow:
+def analyze_feature_flow(gm: fx.GraphModule, column_nodes: list[str], *,
+                         linear_of: LinearOf | None = None) -> FeatureFlow:
     """Walk ``gm`` in order from the given column linears, tracking feature factors through every op.
 
     Args:
-        gm: a captured graph whose column linears are full-size ``nn.Linear`` modules.
+        gm: a captured graph whose linears are full size.
         column_nodes: names of the call nodes of the column-parallel candidates.
+        linear_of: recognizes a linear node; default :func:`module_linears` (``nn.Linear`` modules).
 
     Returns:
         The factors, the linears each group reaches (row candidates), the shape arguments met, and
         per group the first op that is not head-local (``poisoned``).
     """
-    return _Interpreter(gm, column_nodes).run()
+    return _Interpreter(gm, column_nodes, linear_of or module_linears(gm)).run()
 
 
 class _Interpreter:
-    def __init__(self, gm: fx.GraphModule, column_nodes: list[str]) -> None:
+    def __init__(self, gm: fx.GraphModule, column_nodes: list[str], linear_of: LinearOf) -> None:
         self.gm = gm
+        self.linear_of = linear_of
         self.modules = dict(gm.named_modules())
         self.nodes = {node.name: node for node in gm.graph.nodes}
         self.flow = FeatureFlow(Factors(), {}, {})
@@ -386,12 +416,15 @@ class _Interpreter:
         return self.flow
 
     def _start(self, node: fx.Node) -> None:
-        linear = self.modules[str(node.target)]
+        linear = self.linear_of(node)
+        if linear is None:
+            raise ValueError(f"column node {node.name} is not a linear")
         fid = self.flow.factors.new(linear.out_features)
         group = len(self.flow.roots)
         self.flow.roots[node.name], self.flow.root_groups[node.name] = fid, group
         shape = _meta_shape(node)
-        source = node.args[0].name if isinstance(node.args[0], fx.Node) else ""
+        data = node.args[linear.data_index]
+        source = data.name if isinstance(data, fx.Node) else ""
         if shape is None:
             self.env[node.name] = Value(((Part(fid),),), group, prefix=True, source=source)
         else:
@@ -399,9 +432,10 @@ class _Interpreter:
             self.env[node.name] = Value(leading + ((Part(fid),),), group, source=source)
 
     def _step(self, node: fx.Node) -> Value | Pieces | None:
+        linear = self.linear_of(node)
+        if linear is not None:
+            return self._row(node, linear)
         name = op_name(node, self.modules)
-        if name == "linear":
-            return self._row(node)
         handler = _HANDLERS.get(name)
         if handler is None and name in _UNARY:
             handler = _unary
@@ -411,13 +445,14 @@ class _Interpreter:
             raise Unsupported(f"op '{name}' is neither elementwise nor head-local")
         return handler(self, node)
 
-    def _row(self, node: fx.Node) -> None:
-        value = self.value(node.args[0]) if isinstance(node.args[0], fx.Node) else None
-        if value is None or any(isinstance(a, fx.Node) and a.name in self.env for a in node.args[1:]):
+    def _row(self, node: fx.Node, linear: LinearCall) -> None:
+        value = self.value(node.args[linear.data_index])
+        others = [a for i, a in enumerate(node.args) if i != linear.data_index]
+        if value is None or any(isinstance(a, fx.Node) and a.name in self.env for a in others):
             raise Unsupported("a linear reads this value other than as its input")
         if value.prefix and not value.dims:
             raise Unsupported("the input of the next linear has no known feature dim")
-        self.flow.rows.setdefault(value.group, []).append((node.name, self.expand(value.dims[-1])))
+        self.flow.rows.setdefault(value.group, []).append((node.name, linear.key, self.expand(value.dims[-1])))
         return None
 
     # -- helpers the handlers share -------------------------------------------------------------
@@ -570,7 +605,7 @@ class _Interpreter:
             quotient = a.divide(b)
             return (quotient, la + lb) if quotient is not None else (_symbol(node), ())
         meta = _meta_int(node)
-        return (Size(meta), ()) if meta is not None else (_symbol(node), ())
+        return (meta, ()) if meta is not None else (_symbol(node), ())
 
     def _operand(self, arg: object) -> tuple[Size, tuple[int, ...]]:
         if isinstance(arg, int):
@@ -598,8 +633,9 @@ class _Interpreter:
     def _known_width(self, tensor: fx.Node) -> int | None:
         """The last dim of a column linear's input: the linear's in_features."""
         for user in tensor.users:
-            if user.name in self.columns and user.args[0] is tensor:
-                return self.modules[str(user.target)].in_features
+            linear = self.linear_of(user) if user.name in self.columns else None
+            if linear is not None and user.args[linear.data_index] is tensor:
+                return linear.in_features
         return None
 
     def outside_shape(self, node: fx.Node) -> list[Size] | None:
@@ -647,14 +683,31 @@ def _meta_shape(node: object) -> list[Size] | None:
         return None
     val = node.meta.get("val", node.meta.get("tensor_meta"))
     shape = getattr(val, "shape", None)
-    if shape is None:
-        return None
-    return [Size(int(s)) if isinstance(s, int) or str(s).isdigit() else Size(1, (str(s),)) for s in shape]
+    return None if shape is None else [_size_of_meta(s) for s in shape]
 
 
-def _meta_int(node: fx.Node) -> int | None:
+def _size_of_meta(value: object) -> Size:
+    """An int, or a SymInt such as ``s0*s1`` as a product of symbols (anything else: one opaque symbol)."""
+    if isinstance(value, int):
+        return Size(value)
+    expr = getattr(getattr(value, "node", None), "expr", None)
+    if expr is None:
+        return Size(1, (str(value),))
+    if expr.is_Integer:
+        return Size(int(expr))
+    coeff, terms = expr.as_coeff_mul()
+    symbols: list[str] = []
+    for term in terms:
+        base, power = term.as_base_exp()
+        if not (base.is_Symbol and power.is_Integer and power > 0):
+            return Size(1, (str(expr),))
+        symbols += [str(base)] * int(power)
+    return Size(int(coeff), tuple(sorted(symbols))) if coeff.is_Integer else Size(1, (str(expr),))
+
+
+def _meta_int(node: fx.Node) -> Size | None:
     val = node.meta.get("val")
-    return int(val) if isinstance(val, int) else None
+    return _size_of_meta(val) if isinstance(val, (int, torch.SymInt)) else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -723,15 +776,27 @@ def _take_from_left(interp: _Interpreter, parts: list[Part], sizes: list[Size]) 
                 dim.append(part)
                 need = rest
                 continue
-            whole = interp.size_of(part)
-            if part.factor is None or not need.is_int or whole.coeff % need.coeff:
-                raise Unsupported(f"a view splits a dim of size {whole} by {need}")
-            head, tail = interp.flow.factors.split(part.factor, (need.coeff, whole.coeff // need.coeff))
-            dim.append(Part(head))
-            parts.insert(0, Part(tail))
+            head, tail = _split_part(interp, part, need, outer=True)
+            dim.append(head)
+            parts.insert(0, tail)
             need = ONE
         dims.append(tuple(dim))
     return dims
+
+
+def _split_part(interp: _Interpreter, part: Part, need: Size, *, outer: bool) -> tuple[Part, Part]:
+    """Split ``part`` so that one piece has size ``need``: (that piece, the rest); outer or inner piece."""
+    whole = interp.size_of(part)
+    rest = whole.divide(need)
+    if rest is None:
+        raise Unsupported(f"a view splits a dim of size {whole} by {need}")
+    if part.factor is None:  # batch sizes, e.g. the B*T rows of a flattened input: split the product
+        return Part(size=need), Part(size=rest)
+    if not need.is_int:
+        raise Unsupported(f"a view splits a feature dim of size {whole} by {need}")
+    sizes = (need.coeff, rest.coeff) if outer else (rest.coeff, need.coeff)
+    first, second = interp.flow.factors.split(part.factor, sizes)
+    return (Part(first), Part(second)) if outer else (Part(second), Part(first))
 
 
 def _take_from_right(interp: _Interpreter, parts: list[Part], sizes: list[Size | None]) -> list[Dim]:
@@ -757,11 +822,9 @@ def _take_from_right(interp: _Interpreter, parts: list[Part], sizes: list[Size |
                 dim.insert(0, part)
                 need = rest
                 continue
-            if part.factor is None or not need.is_int or whole.coeff % need.coeff:
-                raise Unsupported(f"a view splits a dim of size {whole} by {need}")
-            head, tail = interp.flow.factors.split(part.factor, (whole.coeff // need.coeff, need.coeff))
-            dim.insert(0, Part(tail))
-            parts.append(Part(head))
+            inner, outer = _split_part(interp, part, need, outer=False)
+            dim.insert(0, inner)
+            parts.append(outer)
             need = ONE
         dims.insert(0, tuple(dim))
     if parts:
@@ -927,9 +990,38 @@ def _expand(interp: _Interpreter, node: fx.Node) -> Value:
     return Value(tuple(dims), value.group)
 
 
+def _slice(interp: _Interpreter, node: fx.Node) -> Value:
+    """``aten.slice(x, dim, start, end)``: the whole range is a no-op; a part of a dim keeps it whole."""
+    value = interp.value(node.args[0])
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    axis = interp.axis(value, dim)
+    if start in (None, 0) and (end is None or (isinstance(end, int) and end >= 2**62)) and step == 1:
+        return value
+    interp.block(value.dims[axis], f"'{node.name}' slices it")
+    dims = list(value.dims)
+    dims[axis] = (Part(size=_symbol(node)),)
+    return Value(tuple(dims), value.group, value.prefix, value.source)
+
+
+def _select(interp: _Interpreter, node: fx.Node) -> Value:
+    """``aten.select(x, dim, index)``: one index of a dim, which goes away."""
+    value = interp.value(node.args[0])
+    axis = interp.axis(value, node.args[1])
+    interp.block(value.dims[axis], f"'{node.name}' indexes it")
+    return Value(value.dims[:axis] + value.dims[axis + 1:], value.group, value.prefix, value.source)
+
+
+def _unsqueeze(interp: _Interpreter, node: fx.Node) -> Value:
+    value = interp.value(node.args[0])
+    index = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+    position = len(value.dims) + index + 1 if index < 0 else interp.axis(Value(value.dims + ((),), 0), index)
+    return Value(value.dims[:position] + ((),) + value.dims[position:], value.group, value.prefix, value.source)
+
+
 _HANDLERS = {"view": _view, "permute": _permute, "transpose": _transpose, "matmul": _matmul, "softmax": _softmax,
              "log_softmax": _softmax, "getitem": _getitem, "split": _pieces, "chunk": _pieces, "unbind": _pieces,
-             "sdpa": _sdpa, "cat": _cat, "expand": _expand, "t": _transpose}
+             "sdpa": _sdpa, "cat": _cat, "expand": _expand, "t": _transpose, "slice": _slice, "select": _select,
+             "unsqueeze": _unsqueeze}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -141,7 +141,7 @@ def _pair_group(gm: fx.GraphModule, flow: FeatureFlow, group: int, sites: list[S
 
 def _partner(gm: fx.GraphModule, flow: FeatureFlow, group: int, sites: list[Site]) -> tuple[fx.Node, Dim]:
     """The one linear the group's values reach, and the parts of its input's feature dim."""
-    reached = [(name, dim) for g, rows in flow.rows.items() if flow.group_of(g) == group for name, dim in rows]
+    reached = [(name, dim) for g, rows in flow.rows.items() if flow.group_of(g) == group for name, _, dim in rows]
     paths = sorted({str(_node(gm, name).target) for name, _ in reached})
     if not paths:
         raise _NoPair(f"the output of {_paths(sites)} reaches no other linear as its input")
