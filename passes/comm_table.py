@@ -143,14 +143,16 @@ def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -
         raise CommTableError(f"collective(s) {sorted(unknown)} have no rule in passes/comm_table.py RULES; "
                              "add one line per collective saying what it sends forward and backward")
     seen = _FakeRun(gm, tp).seen(inputs)
+    report = getattr(program, "tpfx_report", None)
+    sites = frozenset(s.module_path for s in report.sites) if report is not None else frozenset()
     forward, backward = [], []
     for node in _collective_nodes(gm):
         rule, local, needs_grad = RULES[COLLECTIVES[node.target]], *seen[node.name]
         if rule.forward:
-            forward.append(_row(gm, node, "forward", rule.forward, local, tp))
+            forward.append(_row(gm, node, "forward", rule.forward, local, tp, sites))
         if rule.backward and needs_grad:
             # the gradient handed backward has the shape of this node's output
-            backward.append(_row(gm, node, "backward", rule.backward, seen[node.name + ".out"][0], tp))
+            backward.append(_row(gm, node, "backward", rule.backward, seen[node.name + ".out"][0], tp, sites))
     return CommTable(tp, tuple(forward + backward[::-1]))
 
 
@@ -158,18 +160,24 @@ def _collective_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in COLLECTIVES]
 
 
-def _row(gm: fx.GraphModule, node: fx.Node, direction: str, op: str, tensor: torch.Tensor, tp: int) -> CommRow:
+def _row(gm: fx.GraphModule, node: fx.Node, direction: str, op: str, tensor: torch.Tensor, tp: int,
+         sites: frozenset[str]) -> CommRow:
     nbytes = tensor.numel() * tensor.element_size()
-    return CommRow(node.name, COLLECTIVES[node.target], direction, op, served_module(gm, node), tuple(tensor.shape),
-                   str(tensor.dtype).removeprefix("torch."), nbytes, float(ring_traffic(op, nbytes, tp)))
+    return CommRow(node.name, COLLECTIVES[node.target], direction, op, served_module(gm, node, sites),
+                   tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), nbytes,
+                   float(ring_traffic(op, nbytes, tp)))
 
 
-def served_module(gm: fx.GraphModule, node: fx.Node) -> str:
-    """The sharded module (a :mod:`tpfx.layers` runtime module) next to a collective node, "" if none."""
+def served_module(gm: fx.GraphModule, node: fx.Node, sites: frozenset[str] = frozenset()) -> str:
+    """The sharded module next to a collective node (a :mod:`tpfx.layers` module or one of ``sites``), "" if none."""
     neighbours = [a for a in node.args if isinstance(a, fx.Node)] + list(node.users)
     for neighbour in neighbours:
         if neighbour.op == "call_module" and is_sharded_module(gm.get_submodule(neighbour.target)):
             return str(neighbour.target)
+        # an exported graph calls linear(x, weight) on a get_attr of the shard's weight instead
+        for owner in (str(a.target).rpartition(".")[0] for a in neighbour.all_input_nodes if a.op == "get_attr"):
+            if owner in sites or (owner and is_sharded_module(gm.get_submodule(owner))):
+                return owner
     return ""
 
 

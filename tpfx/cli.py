@@ -25,7 +25,7 @@ from passes.comm_table import comm_table
 from passes.draw import to_dot, to_svg
 from tpfx.errors import TpfxError
 from tpfx.launch import RankFailure
-from tpfx.targets import load_target
+from tpfx.targets import Target, load_target, parallelize_target
 from tpfx.verify import VerifyOptions, VerifyResult, verify
 
 SCHEMA_VERSION = 1
@@ -66,20 +66,20 @@ class _Style:
 
 
 def parallelize_options() -> dict[str, inspect.Parameter]:
-    """Keyword options of :func:`tpfx.parallelize` beyond group/rank that take a string (``mode``, ``tracer``)."""
+    """Keyword options of :func:`tpfx.parallelize` with a string default (``mode``, ``tracer``): CLI options."""
     parameters = inspect.signature(tpfx.parallelize).parameters
-    return {name: p for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY and name not in ("group", "rank")
-            and (p.default is None or isinstance(p.default, str))}
+    return {name: p for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY and isinstance(p.default, str)}
 
 
 def _choices_of(name: str) -> list[str] | None:
+    """The strings of a ``Literal[...]`` annotation of that parallelize option, if it has one."""
     try:
         hint = typing.get_type_hints(tpfx.parallelize).get(name)
     except Exception:  # an annotation that does not resolve only costs the list of choices
         return None
-    literals = [arg for part in (typing.get_args(hint) or (hint,)) for arg in typing.get_args(part)
-                if isinstance(arg, str)] if hint is not None else []
-    return literals or None
+    if typing.get_origin(hint) is typing.Literal:
+        return [arg for arg in typing.get_args(hint) if isinstance(arg, str)] or None
+    return None
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -127,13 +127,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _passthrough(args: argparse.Namespace) -> dict[str, str]:
+    """The parallelize options given on the command line (the others keep parallelize's defaults)."""
     return {name: getattr(args, f"parallelize_{name}") for name in parallelize_options()
             if getattr(args, f"parallelize_{name}") is not None}
 
 
-def _inspect(args: argparse.Namespace) -> tuple[object, tpfx.TensorParallelModule]:
+def _inspect(args: argparse.Namespace) -> tuple[Target, tpfx.TensorParallelModule]:
     target = load_target(args.target)
-    program = tpfx.parallelize(target.model, tp=args.tp, rank=args.rank, **_passthrough(args))
+    program = parallelize_target(target, tp=args.tp, rank=args.rank, batch=args.batch, seq=args.seq,
+                                 options=_passthrough(args))
     return target, program
 
 

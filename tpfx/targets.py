@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from tpfx.capture import CallForm, capture, optional_parameters
-from tpfx.errors import TpfxError
+from tpfx.errors import CaptureError, TpfxError
 
 
 class TargetError(TpfxError):
@@ -86,6 +86,27 @@ class Target:
                      if isinstance(value, torch.Tensor) else repr(value))
             parts.append(f"{name}: {shown}")
         return ", ".join(parts)
+
+
+def parallelize_target(target: Target, *, tp: int | None, rank: int | None = None, batch: int | None = None,
+                       seq: int | None = None, options: dict[str, object] | None = None) -> nn.Module:
+    """``tpfx.parallelize`` of the target's model, handing it example inputs where it takes them.
+
+    Args:
+        target: a loaded TARGET.
+        tp, rank: as for :func:`tpfx.parallelize` (``rank`` builds an inspection program).
+        batch, seq: the sizes of the example inputs (a torch.export capture specializes on a call).
+        options: further keyword options of ``parallelize`` (``mode``, ``tracer``, ...).
+
+    Returns:
+        This rank's program.
+    """
+    from tpfx.api import parallelize  # tpfx.api imports the passes; keep this module light to import
+
+    options = dict(options or {})
+    if "example_inputs" in inspect.signature(parallelize).parameters:
+        options.setdefault("example_inputs", target.inputs(batch=batch, seq=seq, seed=0))
+    return parallelize(target.model, tp=tp, rank=rank, **options)
 
 
 def load_target(spec: str) -> Target:
@@ -188,7 +209,11 @@ def _inferred_recipes(model: nn.Module, spec: str, *, batch: int = 2, seq: int =
     """Recipes for the required arguments, from the module each placeholder first feeds."""
     signature = inspect.signature(model.forward)
     optional = optional_parameters(signature)
-    gm = capture(model, CallForm(absent=frozenset(optional), training=model.training))
+    try:
+        gm = capture(model, CallForm(absent=frozenset(optional), training=model.training))
+    except CaptureError as error:
+        raise CaptureError(f"{error}; or make the factory in {spec!r} return (model, example_inputs) so that "
+                           "torch.export can capture it") from error
     required = {name for name, p in signature.parameters.items() if p.default is inspect.Parameter.empty}
     recipes = []
     for node in gm.graph.nodes:

@@ -19,10 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-import tpfx
 from tpfx.errors import ConfigError
 from tpfx.launch import launch
-from tpfx.targets import load_target
+from tpfx.targets import load_target, parallelize_target
 
 
 @dataclass(frozen=True)
@@ -89,7 +88,8 @@ def verify(spec: str, options: VerifyOptions) -> VerifyResult:
         RankFailure: a rank raised; LaunchTimeout: the ranks did not finish within the timeout.
     """
     target = load_target(spec)  # bad input is reported here, before processes start
-    tpfx.parallelize(target.model, tp=options.tp, rank=0, **options.parallelize_options)
+    parallelize_target(target, tp=options.tp, rank=0, batch=options.batch, seq=options.seq,
+                       options=options.parallelize_options)
     per_rank = launch(_verify_rank, options.tp, spec, options, timeout_s=options.timeout_s)
     merged: dict[str, list[float]] = {}
     for figures in per_rank:
@@ -115,7 +115,8 @@ def _verify_rank(rank: int, world_size: int, spec: str, options: VerifyOptions) 
     reference = target.model
     for tensor in [*reference.parameters(), *reference.buffers()]:
         dist.broadcast(tensor.data, src=0)  # every rank holds rank 0's model, seeded factory or not
-    program = tpfx.parallelize(reference, tp=world_size, **options.parallelize_options)
+    program = parallelize_target(target, tp=world_size, batch=options.batch, seq=options.seq,
+                                 options=options.parallelize_options)
     inputs = target.inputs(batch=options.batch, seq=options.seq, seed=options.seed)
     outputs = [_forward_backward(model, inputs, options.seed) for model in (reference, program)]
     figures: dict[str, list[float]] = {}
