@@ -25,7 +25,89 @@ ROOT = Path(__file__).resolve().parents[1]
 GPT = "examples/gpt.py:tiny_gpt"
 ANSI = "\033["
 
-MODELS_SOURCE = '"""Models for the CLI tests, defined outside the package as a user would."""\n\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n\n\nclass TinyLM(nn.Module):\n    """Separate q/k/v projections into scaled_dot_product_attention, a gated FFN, other names."""\n\n    def __init__(self, vocab: int = 64, d: int = 32, heads: int = 4, hidden: int = 48) -> None:\n        super().__init__()\n        self.heads = heads\n        self.embed = nn.Embedding(vocab, d)\n        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)\n        self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d) for _ in range(4))\n        self.gate, self.up = nn.Linear(d, hidden), nn.Linear(d, hidden)\n        self.down = nn.Linear(hidden, d)\n        self.head = nn.Linear(d, vocab, bias=False)\n\n    def split(self, x):\n        b, t, d = x.shape\n        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)\n\n    def forward(self, tokens):\n        x = self.embed(tokens)\n        h = self.norm1(x)\n        a = F.scaled_dot_product_attention(self.split(self.wq(h)), self.split(self.wk(h)), self.split(self.wv(h)),\n                                           is_causal=True)\n        x = x + self.wo(a.transpose(1, 2).reshape(x.shape))\n        h = self.norm2(x)\n        x = x + self.down(F.silu(self.gate(h)) * self.up(h))\n        return self.head(x)\n\n\ndef tiny_lm():\n    torch.manual_seed(0)\n    return TinyLM()\n\n\ndef tiny_lm_double_with_inputs():\n    torch.manual_seed(0)\n    return TinyLM().double(), (torch.randint(0, 64, (3, 5)),)\n\n\ndef broken():\n    raise ValueError("no weights here")\n\n\nclass Branchy(nn.Module):\n    def __init__(self):\n        super().__init__()\n        self.fc = nn.Linear(8, 8)\n\n    def forward(self, x):\n        if x.sum() > 0:  # a Python branch on a tensor value cannot be traced\n            return self.fc(x)\n        return x\n\n\ndef untraceable():\n    return Branchy()\n\n\nclass TracedDiffers(nn.Module):\n    """Computes something else when traced: a stand-in for a program that tpfx got wrong."""\n\n    def __init__(self):\n        super().__init__()\n        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)\n\n    def forward(self, x):\n        h = self.fc2(F.gelu(self.fc1(x)))\n        if isinstance(h, torch.fx.Proxy):\n            h = h * 1.01\n        return h\n\n\ndef traced_differs():\n    torch.manual_seed(0)\n    return TracedDiffers()\n'
+MODELS_SOURCE = '''\
+"""Models for the CLI tests, defined outside the package as a user would."""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class TinyLM(nn.Module):
+    """Separate q/k/v projections into scaled_dot_product_attention, a gated FFN, other names."""
+
+    def __init__(self, vocab: int = 64, d: int = 32, heads: int = 4, hidden: int = 48) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Embedding(vocab, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.wq, self.wk, self.wv, self.wo = (nn.Linear(d, d) for _ in range(4))
+        self.gate, self.up = nn.Linear(d, hidden), nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+        self.head = nn.Linear(d, vocab, bias=False)
+
+    def split(self, x):
+        b, t, d = x.shape
+        return x.view(b, t, self.heads, d // self.heads).transpose(1, 2)
+
+    def forward(self, tokens):
+        x = self.embed(tokens)
+        h = self.norm1(x)
+        a = F.scaled_dot_product_attention(self.split(self.wq(h)), self.split(self.wk(h)), self.split(self.wv(h)),
+                                           is_causal=True)
+        x = x + self.wo(a.transpose(1, 2).reshape(x.shape))
+        h = self.norm2(x)
+        x = x + self.down(F.silu(self.gate(h)) * self.up(h))
+        return self.head(x)
+
+
+def tiny_lm():
+    torch.manual_seed(0)
+    return TinyLM()
+
+
+def tiny_lm_double_with_inputs():
+    torch.manual_seed(0)
+    return TinyLM().double(), (torch.randint(0, 64, (3, 5)),)
+
+
+def broken():
+    raise ValueError("no weights here")
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.sum() > 0:  # a Python branch on a tensor value cannot be traced
+            return self.fc(x)
+        return x
+
+
+def untraceable():
+    return Branchy()
+
+
+class TracedDiffers(nn.Module):
+    """Computes something else when traced: a stand-in for a program that tpfx got wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.fc2(F.gelu(self.fc1(x)))
+        if isinstance(h, torch.fx.Proxy):
+            h = h * 1.01
+        return h
+
+
+def traced_differs():
+    torch.manual_seed(0)
+    return TracedDiffers()
+'''
 
 
 def write_models(directory: Path) -> Path:
@@ -207,6 +289,8 @@ def test_bad_input_in_a_real_process_is_one_line_and_exit_2(models):
     ("no_such_package.models:build", (), "module 'no_such_package.models' of TARGET"),
     ("examples/gpt.py", (), "TARGET 'examples/gpt.py' must be path/to/file.py:factory"),
     (GPT, ("--format", "pdf"), "argument --format: invalid choice: 'pdf'"),
+    (GPT, ("--seq", "0"), "argument --seq: 0 must be at least 1"),
+    (GPT, ("--rank", "2"), "rank=2 is outside the tensor-parallel group of size tp=2"),
 ])
 def test_bad_input_is_one_line_naming_the_problem(capsys, models, target, extra, message):
     fill = {"models": models, "models_dir": models.parent}

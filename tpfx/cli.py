@@ -82,12 +82,23 @@ def _choices_of(name: str) -> list[str] | None:
     return None
 
 
+def _count(text: str) -> int:
+    """argparse type: a positive integer (a degree, a batch size, a sequence length)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("target", metavar="TARGET", help="path/to/file.py:factory or package.module:factory")
-    common.add_argument("--tp", type=int, default=2, help="tensor-parallel degree (default 2)")
-    common.add_argument("--batch", type=int, help="batch size of the inputs (default: the example's, else 2)")
-    common.add_argument("--seq", type=int, help="sequence length of the inputs (default: the example's, else 16)")
+    common.add_argument("--tp", type=_count, default=2, help="tensor-parallel degree (default 2)")
+    common.add_argument("--batch", type=_count, help="batch size of the inputs (default: the example's, else 2)")
+    common.add_argument("--seq", type=_count, help="sequence length of the inputs (default: the example's, else 16)")
     for name, parameter in parallelize_options().items():  # only what this tpfx.parallelize accepts
         common.add_argument(f"--{name.replace('_', '-')}", dest=f"parallelize_{name}", choices=_choices_of(name),
                             default=None, help=f"passed to tpfx.parallelize({name}=...); default {parameter.default!r}")
