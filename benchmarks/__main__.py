@@ -8,13 +8,14 @@ pass cost of capturing through torch.export.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
-from benchmarks import pass_cost, results, step_time
+from benchmarks import memory, pass_cost, results, step_time
 
 QUICK = {"label": "quick", "sizes": (step_time.SMALL, step_time.MEDIUM), "warmup": 3, "rounds": 15,
          "layers": (12, 24, 48, 96), "repeats": 1, "export_path": False}
-FULL = {"label": "full", "sizes": (step_time.SMALL, step_time.MEDIUM, step_time.LARGE), "warmup": 5, "rounds": 40,
+FULL = {"label": "full", "sizes": (step_time.SMALL, step_time.MEDIUM, step_time.LARGE), "warmup": 5, "rounds": 30,
         "layers": (12, 24, 48, 96), "repeats": 3, "export_path": True}
 
 
@@ -25,6 +26,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results folder")
     parser.add_argument("--skip-steps", action="store_true", help="only the pass cost")
     parser.add_argument("--skip-pass", action="store_true", help="only the step times and traffic")
+    parser.add_argument("--memory", action="store_true",
+                        help="also rerun the memory benchmark (python -m benchmarks.memory) first")
     options = parser.parse_args(argv)
     settings = QUICK if options.quick else FULL
     run: dict = {"machine": results.machine(),
@@ -33,6 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     if not options.skip_steps:
         spec = step_time.StepSpec(sizes=settings["sizes"], warmup=settings["warmup"], rounds=settings["rounds"])
         run["steps"] = step_time.run(spec)
+    if options.memory:
+        memory.main(["--out", str(options.out)])
+    if (options.out / "memory.json").exists():  # the checkpoint path's figures, from their own run
+        run["memory"] = json.loads((options.out / "memory.json").read_text())
     if not options.skip_pass:
         run["pass_cost"] = pass_cost.measure(settings["layers"], repeats=settings["repeats"],
                                               export_path=settings["export_path"])

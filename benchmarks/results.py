@@ -42,7 +42,19 @@ def markdown(results: dict) -> str:
         lines += _step_tables(results["steps"])
     if "pass_cost" in results:
         lines += _pass_table(results["pass_cost"])
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _memory_section(results.get("memory"))) + "\n"
+
+
+def _memory_section(memory: dict | None) -> list[str]:
+    """The checkpoint path's peak memory per rank, from ``python -m benchmarks.memory`` (memory.json)."""
+    lines = ["## Memory: peak resident memory per rank, loading a safetensors checkpoint at tp=2", ""]
+    if memory is None:
+        return lines + ["Not measured in this folder yet: run `python -m benchmarks.memory` (about a minute, 8 GB), "
+                        "then `python -m benchmarks` again to include it here.", ""]
+    from benchmarks.memory import markdown as memory_markdown  # memory.py imports this module: import late
+
+    return lines + [f"Measured {memory['machine']['date']} (torch {memory['machine']['torch']}).", "",
+                    memory_markdown(memory)]
 
 
 def _step_tables(steps: dict) -> list[str]:

@@ -53,7 +53,7 @@ class ModelSize:
 
 SMALL = ModelSize("small", n_layers=2, n_heads=4, d_model=128, d_ff=512, vocab_size=10000, batch=2, seq=16)
 MEDIUM = ModelSize("medium", n_layers=4, n_heads=8, d_model=256, d_ff=1024, vocab_size=10000, batch=4, seq=64)
-LARGE = ModelSize("large", n_layers=8, n_heads=16, d_model=1024, d_ff=4096, vocab_size=10000, batch=4, seq=64)
+LARGE = ModelSize("large", n_layers=4, n_heads=8, d_model=512, d_ff=2048, vocab_size=10000, batch=4, seq=64)
 
 
 @dataclass(frozen=True)
