@@ -188,6 +188,9 @@ def find_sites(gm: fx.GraphModule, *, tp: int) -> SiteFinding:
         shared = tied.get(linear.weight_name or f"{linear.module_path}.weight")
         if role and shared:
             role, reason = None, f"its weight is shared with '{shared}' (tied); sharding would untie it"
+        elif role and (elsewhere := _other_uses(view, linear)):
+            role, reason = None, (f"its weight or bias is also read by node {elsewhere}, which is not a linear; "
+                                  "sharding would change what that node sees")
         if role:
             sites.append(linear.site(role, node.name, tp))
         else:
@@ -203,6 +206,20 @@ def _describe_linear(gm: fx.GraphModule, view: nx.DiGraph, node: fx.Node) -> _Li
     owner = functional.weight.rpartition(".")[0]
     weight = tuple(gm.get_parameter(functional.weight).shape)
     return _Linear(functional.weight, owner, weight, functional.layout, functional.weight, functional.bias or "")
+
+
+def _other_uses(view: nx.DiGraph, linear: _Linear) -> str:
+    """The first node that reads the linear's parameters other than as a linear's weight/bias ("" if none)."""
+    names = {linear.weight_name, linear.bias_name} - {""} or {f"{linear.module_path}.weight", f"{linear.module_path}.bias"}
+    for name, data in view.nodes(data=True):
+        if data["op"] != "get_attr" or data["fx"].target not in names:
+            continue
+        for user in data["fx"].users:
+            readers = [user] if view.nodes[user.name]["kind"] == LINEAR else list(user.users)
+            if view.nodes[user.name]["kind"] not in (LINEAR, SHAPE) or any(
+                    view.nodes[r.name]["linear"] is None for r in readers):
+                return user.name
+    return ""
 
 
 def _classify_linear(view: nx.DiGraph, name: str, attentions: list[_Attention]) -> tuple[str | None, str]:
@@ -262,7 +279,7 @@ def _why_not(view: nx.DiGraph, reached: set[str]) -> str:
     feeds = ", ".join(uses) if uses else "nothing"
     only = " only" if len(uses) == 1 else ""
     where = f"; matching stopped at node{'s' if len(stops) > 1 else ''} {', '.join(stops)}" if stops else ""
-    return (f"feeds {feeds}{only}, not an attention q/k/v operand (through shape ops) nor an activation "
+    return (f"feeds {feeds}{only}, not an attention q/k/v operand (through head-local ops) nor an activation "
             f"that reaches another linear{where}")
 
 

@@ -201,3 +201,22 @@ def test_hugging_face_eager_attention_is_matmul_softmax_matmul_at_aten_level(nam
     assert not any("scaled_dot_product" in str(n.target) for n in gm.graph.nodes)
     roles = [s.role for s in find_sites(gm, tp=2).sites]
     assert roles == (["q", "k", "v", "fc1", "up"] if name == "llama" else ["q", "k", "v", "fc1"])
+
+
+class _WeightReadElsewhere(nn.Module):
+    """fc1's weight is also read by a penalty term: slicing it would change that term."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(64, D)), nn.Parameter(torch.randn(D, 64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.relu(F.linear(x, self.w1)), self.w2) + self.w1.pow(2).sum()
+
+
+def test_a_weight_read_by_another_op_stays_whole():
+    gm = _export(_WeightReadElsewhere(), 2, 3, D)
+    finding = find_sites(gm, tp=2)
+    assert finding.sites == ()
+    reader = next(n.name for n in gm.graph.nodes if n.target == torch.ops.aten.pow.Tensor_Scalar)
+    assert f"also read by node {reader}, which is not a linear" in finding.replicated[0].reason
