@@ -210,14 +210,15 @@ def _describe_linear(gm: fx.GraphModule, view: nx.DiGraph, node: fx.Node) -> _Li
 
 def _other_uses(view: nx.DiGraph, linear: _Linear) -> str:
     """The first node that reads the linear's parameters other than as a linear's weight/bias ("" if none)."""
-    names = {linear.weight_name, linear.bias_name} - {""} or {f"{linear.module_path}.weight", f"{linear.module_path}.bias"}
-    for name, data in view.nodes(data=True):
+    path = linear.module_path
+    names = {linear.weight_name, linear.bias_name} - {""} or {f"{path}.weight", f"{path}.bias"}
+    for data in view.nodes.values():
         if data["op"] != "get_attr" or data["fx"].target not in names:
             continue
         for user in data["fx"].users:
-            readers = [user] if view.nodes[user.name]["kind"] == LINEAR else list(user.users)
-            if view.nodes[user.name]["kind"] not in (LINEAR, SHAPE) or any(
-                    view.nodes[r.name]["linear"] is None for r in readers):
+            kind = view.nodes[user.name]["kind"]
+            readers = [user] if kind == LINEAR else list(user.users)  # a transpose's readers must be linears
+            if kind not in (LINEAR, SHAPE) or any(view.nodes[r.name]["linear"] is None for r in readers):
                 return user.name
     return ""
 

@@ -126,18 +126,19 @@ def export_capture(model: nn.Module, example_inputs: ExampleInputs) -> Exported:
     # clones: export would merge two arguments that are one tensor (input_ids passed as labels too)
     # into one graph input, and the program would then ignore the second one
     example = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in call.items()}
+    form = export_form(call, training=model.training)
     try:
         program = torch.export.export(model, (), example, dynamic_shapes=_dynamic_shapes(example), strict=False)
     except Exception as error:  # export raises many types; each becomes one line naming the model
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CaptureError(
-            f"cannot capture {type(model).__name__} with torch.export ({export_form(call, training=model.training).describe()}): "
-            f"{type(error).__name__}: {reason}. Fix: make that code exportable (see torch.export's "
-            "troubleshooting), or try other example_inputs"
+            f"cannot capture {type(model).__name__} with torch.export ({form.describe()}): "
+            f"{type(error).__name__}: {reason}. Fix: make that code exportable (no branches on tensor values; "
+            "see torch.export's troubleshooting), or try other example_inputs"
         ) from error
     gm = program.module()
     gm.graph.lint()
-    return Exported(gm, export_form(call, training=model.training), _dynamic_dims(gm))
+    return Exported(gm, form, _dynamic_dims(gm))
 
 
 def _dynamic_dims(gm: fx.GraphModule) -> tuple[str, ...]:
