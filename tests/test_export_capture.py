@@ -128,3 +128,20 @@ def test_capture_errors_are_one_line_and_say_what_to_do():
         with pytest.raises(error_type) as raised:
             call()
         assert expected in str(raised.value) and "\n" not in str(raised.value), label
+
+
+def test_tpfx_explain_and_dump_read_a_hugging_face_model(capsys):
+    pytest.importorskip("transformers")
+    import json
+
+    from tpfx.cli import main
+
+    assert main(["explain", "examples/hf_models.py:tiny_gpt2", "--format", "json"]) == 0
+    linears = json.loads(capsys.readouterr().out)["linears"]
+    assert [(row["module"].rsplit(".", 1)[-1], row["role"]) for row in linears if row["sharded"]] == [
+        ("c_attn", "qkv"), ("c_fc", "fc1")] * 2
+    assert main(["dump", "examples/hf_models.py:tiny_gpt2", "--format", "json", "--batch", "3", "--seq", "5"]) == 0
+    dump = json.loads(capsys.readouterr().out)
+    assert [row["shard"] for row in dump["sites"]] == [[64, 96], [64, 128]] * 2  # Conv1D: columns of (in, out)
+    gathers = [row for row in dump["communication"]["rows"] if row["op"] == "all_gather"]
+    assert [row["shape"] for row in gathers] == [[15, 96], [15, 128]] * 2  # 3 x 5 tokens, this rank's columns
