@@ -114,6 +114,9 @@ class LinearCall:
     key: str  # the module path, or the weight's parameter name for an op on a parameter
     in_features: int
     out_features: int
+    functional: bool = False  # an op on a parameter (export graphs), not a module call
+    bias: str = ""  # a functional linear's bias parameter, if it adds one
+    layout: str = "out_in"  # how a functional linear's weight is stored: (out, in) or (in, out)
 
 
 LinearOf = Callable[[fx.Node], "LinearCall | None"]
@@ -399,8 +402,9 @@ class _Interpreter:
                 self._start(node)
                 continue
             inputs = [self.env[p.name] for p in node.all_input_nodes if p.name in self.env]
-            if not inputs or op_name(node, self.modules) in _SIZE_QUERIES or _is_attribute_query(node):
-                continue
+            name = op_name(node, self.modules)
+            if not inputs or name in _SIZE_QUERIES or name.startswith("assert") or _is_attribute_query(node):
+                continue  # sizes are read lazily by the shape ops; export's metadata checks compute nothing
             groups = [value if isinstance(value, int) else value.group for value in inputs]
             group = self.flow.join(*groups)
             if any(isinstance(value, int) for value in inputs):
@@ -637,6 +641,25 @@ class _Interpreter:
             if linear is not None and user.args[linear.data_index] is tensor:
                 return linear.in_features
         return None
+
+    def sliced(self, dim: Dim, part: slice, node: fx.Node) -> Dim:
+        """The dim ``dim[part]``: a new, blocked factor (or an opaque size when it is not known)."""
+        self.block(dim, f"'{node.name}' slices it")
+        size = self.dim_size(dim)
+        bounds = (part.start, part.stop, part.step)
+        if not size.is_int or not all(b is None or isinstance(b, int) for b in bounds):
+            return self.fresh(None, node, "slices it")
+        return self.fresh(Size(len(range(size.coeff)[part])), node, "slices it")
+
+    def fresh(self, size: Size | None, node: fx.Node, what: str) -> Dim:
+        """A dim made by ``node`` (a slice, a cat): a new factor that is never split, or an opaque size."""
+        if size is None:
+            return (Part(size=_symbol(node)),)
+        if size == ONE:
+            return ()
+        factor = self.flow.factors.new(size.coeff)
+        self.flow.factors.block(factor, f"'{node.name}' {what}")
+        return (Part(factor),)
 
     def outside_shape(self, node: fx.Node) -> list[Size] | None:
         """The shape of a tensor from outside the region: from meta, or a parameter/buffer's own shape."""
@@ -891,8 +914,7 @@ def _getitem(interp: _Interpreter, node: fx.Node) -> Value:
         if isinstance(item, slice) and item == slice(None):
             out.append(dim)
         elif isinstance(item, slice):
-            interp.block(dim, f"'{node.name}' slices it")
-            out.append((Part(size=_symbol(node)),))
+            out.append(interp.sliced(dim, item, node))
         elif isinstance(item, int):
             interp.block(dim, f"'{node.name}' indexes it")
         else:
@@ -964,11 +986,13 @@ def _cat(interp: _Interpreter, node: fx.Node) -> Value:
     if any(v is None for v in values):
         raise Unsupported("a cat with a tensor from outside the region")
     axis = interp.axis(values[0], node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
+    sizes = [interp.dim_size(v.dims[axis]) for v in values]
     for v in values:
         interp.block(v.dims[axis], f"'{node.name}' concatenates along it")
     others = [Value(v.dims[:axis] + ((),) + v.dims[axis + 1:], v.group, v.prefix) for v in values]
     dims, prefix = interp.broadcast(others)
-    dims = dims[:axis] + ((Part(size=_symbol(node)),),) + dims[axis + 1:]
+    total = Size(sum(s.coeff for s in sizes)) if all(s.is_int for s in sizes) else None
+    dims = dims[:axis] + (interp.fresh(total, node, "concatenates along it"),) + dims[axis + 1:]
     return Value(dims, interp.flow.join(*(v.group for v in values)), prefix)
 
 
@@ -997,9 +1021,8 @@ def _slice(interp: _Interpreter, node: fx.Node) -> Value:
     axis = interp.axis(value, dim)
     if start in (None, 0) and (end is None or (isinstance(end, int) and end >= 2**62)) and step == 1:
         return value
-    interp.block(value.dims[axis], f"'{node.name}' slices it")
     dims = list(value.dims)
-    dims[axis] = (Part(size=_symbol(node)),)
+    dims[axis] = interp.sliced(dims[axis], slice(start, end, step), node)
     return Value(tuple(dims), value.group, value.prefix, value.source)
 
 

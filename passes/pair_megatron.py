@@ -24,10 +24,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch.fx as fx
-import torch.nn as nn
 
 from passes.find_sites import Site, SiteFinding
-from passes.local_heads import Dim, FeatureFlow, FeatureLayout, ShapeEdit, analyze_feature_flow
+from passes.graph_view import functional_linear, parameter_shapes
+from passes.local_heads import (Dim, FeatureFlow, FeatureLayout, LinearCall, LinearOf, ShapeEdit, analyze_feature_flow,
+                                module_linears)
 
 _FFN_ROLES = ("fc1", "up")
 
@@ -45,14 +46,23 @@ class Pair:
     row_layout: FeatureLayout
     shape_edits: tuple[ShapeEdit, ...]
     shard_size: int  # the size of the factor split across ranks: the head count or d_ff
+    row_weight_name: str = ""  # a functional row linear (export graphs): its weight parameter
+    row_bias_name: str = ""  # ... and its bias, if the op adds one
+    row_weight_layout: str = "out_in"  # ... stored (out, in) as nn.Linear, or (in, out) as GPT-2's Conv1D
 
     def __post_init__(self) -> None:
         if self.kind not in ("attention", "ffn"):
             raise ValueError(f"pair kind must be 'attention' or 'ffn', got {self.kind!r}")
         if not self.columns or len(self.columns) != len(self.column_layouts):
             raise ValueError(f"pair of {self.row_module_path}: one layout per column site is needed")
-        if self.row_layout.size != self.row_weight_shape[1]:
+        if self.row_weight_layout not in ("out_in", "in_out"):
+            raise ValueError(f"row weight layout must be 'out_in' or 'in_out', got {self.row_weight_layout!r}")
+        if self.row_layout.size != self.row_in_features:
             raise ValueError(f"row layout {self.row_layout} does not cover in_features of {self.row_module_path}")
+
+    @property
+    def row_in_features(self) -> int:
+        return self.row_weight_shape[1 if self.row_weight_layout == "out_in" else 0]
 
     def signature(self) -> tuple:
         """What must agree between call forms: modules and layouts, not node names."""
@@ -94,6 +104,23 @@ class _NoPair(Exception):
     """Why a group of sites cannot be paired (one line)."""
 
 
+def graph_linears(gm: fx.GraphModule) -> LinearOf:
+    """Recognize the linears of ``gm``: ``nn.Linear`` calls, and ops on a parameter weight (export graphs)."""
+    by_module, parameters = module_linears(gm), parameter_shapes(gm)
+
+    def linear_of(node: fx.Node) -> LinearCall | None:
+        found = by_module(node)
+        functional = functional_linear(node, parameters) if found is None else None
+        if functional is None:
+            return found
+        shape = parameters[functional.weight]
+        return LinearCall(functional.data_index, functional.weight, shape[1 - functional.shard_dim],
+                          shape[functional.shard_dim], functional=True, bias=functional.bias or "",
+                          layout=functional.layout)
+
+    return linear_of
+
+
 def pair_sites(gm: fx.GraphModule, finding: SiteFinding, *, tp: int) -> Pairing:
     """Pair the finder's column sites with their row-parallel partners, or say why not.
 
@@ -105,65 +132,70 @@ def pair_sites(gm: fx.GraphModule, finding: SiteFinding, *, tp: int) -> Pairing:
     Returns:
         The pairs and the fallbacks, in graph order of their first site.
     """
-    flow = analyze_feature_flow(gm, [site.node_name for site in finding.sites])
+    linear_of = graph_linears(gm)
+    flow = analyze_feature_flow(gm, [site.node_name for site in finding.sites], linear_of=linear_of)
     groups: dict[int, list[Site]] = {}
     for site in finding.sites:
         groups.setdefault(flow.group_of(flow.root_groups[site.node_name]), []).append(site)
     pairs, fallbacks = [], []
     for group, sites in groups.items():
         try:
-            pairs.append(_pair_group(gm, flow, group, sites, tp))
+            pairs.append(_pair_group(gm, flow, group, sites, tp, linear_of))
         except _NoPair as why:
             fallbacks.append(Fallback(tuple(sites), str(why)))
     return Pairing(tuple(pairs), tuple(fallbacks))
 
 
-def _pair_group(gm: fx.GraphModule, flow: FeatureFlow, group: int, sites: list[Site], tp: int) -> Pair:
+def _pair_group(gm: fx.GraphModule, flow: FeatureFlow, group: int, sites: list[Site], tp: int,
+                linear_of: LinearOf) -> Pair:
     poisoned = [why for g, why in flow.poisoned.items() if flow.group_of(g) == group]
     if poisoned:
         raise _NoPair(poisoned[0])
-    row_node, row_dim = _partner(gm, flow, group, sites)
-    row = gm.get_submodule(str(row_node.target))
-    leaves = _leaf_factors(flow, row_dim, row_node)
+    row_node, row, row_dim = _partner(gm, flow, group, sites, linear_of)
+    leaves = _leaf_factors(flow, row_dim, row.key)
     if _product(flow, leaves) != row.in_features:
-        raise _NoPair(f"the input of '{row_node.target}' is not exactly the features of {_paths(sites)}")
-    chosen = _choose_factor(flow, leaves, row_node, tp)
+        raise _NoPair(f"the input of '{row.key}' is not exactly the features of {_paths(sites)}")
+    chosen = _choose_factor(flow, leaves, row.key, tp)
     layouts = tuple(_layout(flow, flow.roots[site.node_name], chosen, site) for site in sites)
     if all(layout.shard_axis is None for layout in layouts):
-        raise _NoPair(f"no factor of {_paths(sites)} lines up with the split input of '{row_node.target}'")
+        raise _NoPair(f"no factor of {_paths(sites)} lines up with the split input of '{row.key}'")
+    weight_shape = (row.out_features, row.in_features) if row.layout == "out_in" else (row.in_features, row.out_features)
     return Pair(
         kind="ffn" if all(site.role in _FFN_ROLES for site in sites) else "attention",
-        columns=tuple(sites), column_layouts=layouts, row_module_path=str(row_node.target),
-        row_node_name=row_node.name, row_weight_shape=tuple(row.weight.shape),
+        columns=tuple(sites), column_layouts=layouts,
+        row_module_path=row.key.rpartition(".")[0] if row.functional else row.key,
+        row_node_name=row_node.name, row_weight_shape=weight_shape,
         row_layout=_layout_of(flow, leaves, chosen), shape_edits=_shape_edits(flow, group, chosen),
-        shard_size=flow.factors.sizes[chosen])
+        shard_size=flow.factors.sizes[chosen], row_weight_name=row.key if row.functional else "",
+        row_bias_name=row.bias, row_weight_layout=row.layout)
 
 
-def _partner(gm: fx.GraphModule, flow: FeatureFlow, group: int, sites: list[Site]) -> tuple[fx.Node, Dim]:
+def _partner(gm: fx.GraphModule, flow: FeatureFlow, group: int, sites: list[Site],
+             linear_of: LinearOf) -> tuple[fx.Node, LinearCall, Dim]:
     """The one linear the group's values reach, and the parts of its input's feature dim."""
-    reached = [(name, dim) for g, rows in flow.rows.items() if flow.group_of(g) == group for name, _, dim in rows]
-    paths = sorted({str(_node(gm, name).target) for name, _ in reached})
-    if not paths:
+    reached = [(key, dim) for g, rows in flow.rows.items() if flow.group_of(g) == group for _, key, dim in rows]
+    keys = sorted({key for key, _ in reached})
+    if not keys:
         raise _NoPair(f"the output of {_paths(sites)} reaches no other linear as its input")
-    if len(paths) > 1:
-        raise _NoPair(f"the output of {_paths(sites)} reaches several linears ({', '.join(paths)}), not one")
-    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == paths[0]]
-    if len(calls) != 1 or not isinstance(gm.get_submodule(paths[0]), nn.Linear):
-        raise _NoPair(f"'{paths[0]}' is called {len(calls)} times or is not an nn.Linear; it must be one call")
-    if _shared_with(gm, paths[0]):
-        raise _NoPair(f"the weight of '{paths[0]}' is shared with another module (tied)")
-    return calls[0], reached[0][1]
+    if len(keys) > 1:
+        raise _NoPair(f"the output of {_paths(sites)} reaches several linears ({', '.join(keys)}), not one")
+    calls = [(node, found) for node in gm.graph.nodes if (found := linear_of(node)) is not None and found.key == keys[0]]
+    if len(calls) != 1:
+        raise _NoPair(f"'{keys[0]}' is applied {len(calls)} times; a row-parallel partner must be applied once")
+    if _tied(gm, calls[0][1]):
+        raise _NoPair(f"the weight of '{keys[0]}' is shared with another module (tied)")
+    return calls[0][0], calls[0][1], reached[0][1]
 
 
-def _shared_with(gm: fx.GraphModule, path: str) -> list[str]:
-    mine = {id(p) for p in gm.get_submodule(path).parameters()}
-    return [other for other, module in gm.named_modules() if other != path
-            and any(id(p) in mine for p in module.parameters(recurse=False))]
+def _tied(gm: fx.GraphModule, linear: LinearCall) -> bool:
+    """Whether the linear's weight is also reachable under another name."""
+    weight = gm.get_parameter(linear.key) if linear.functional else gm.get_submodule(linear.key).weight
+    return sum(1 for _, p in gm.named_parameters(remove_duplicate=False) if p is weight) > 1
 
 
-def _leaf_factors(flow: FeatureFlow, dim: Dim, row_node: fx.Node) -> list[int]:
+def _leaf_factors(flow: FeatureFlow, dim: Dim, row: str) -> list[int]:
     if any(part.factor is None for part in dim):
-        raise _NoPair(f"the input of '{row_node.target}' mixes batch dims into its feature dim")
+        raise _NoPair(f"the input of '{row}' mixes batch dims into its feature dim")
     return [leaf for part in dim for leaf in flow.factors.leaves(part.factor)]
 
 
@@ -174,7 +206,7 @@ def _product(flow: FeatureFlow, leaves: list[int]) -> int:
     return total
 
 
-def _choose_factor(flow: FeatureFlow, leaves: list[int], row_node: fx.Node, tp: int) -> int:
+def _choose_factor(flow: FeatureFlow, leaves: list[int], row: str, tp: int) -> int:
     """The outermost factor of the row input that every op keeps local and that tp divides."""
     why = []
     for leaf in leaves:
@@ -185,7 +217,7 @@ def _choose_factor(flow: FeatureFlow, leaves: list[int], row_node: fx.Node, tp: 
             why.append(f"{size}: not divisible by tp={tp}")
         else:
             return leaf
-    raise _NoPair(f"no factor of the input of '{row_node.target}' can be split across tp={tp} ({'; '.join(why)})")
+    raise _NoPair(f"no factor of the input of '{row}' can be split across tp={tp} ({'; '.join(why)})")
 
 
 def _layout(flow: FeatureFlow, root: int, chosen: int, site: Site) -> FeatureLayout:
@@ -221,10 +253,6 @@ def _shape_edits(flow: FeatureFlow, group: int, chosen: int) -> tuple[ShapeEdit,
                 raise _NoPair(f"the size of a head dim in '{use.node_name}' is computed where tpfx cannot change it")
             edits.append(ShapeEdit(item.location[0], item.location[1], item.literal))
     return tuple(edits)
-
-
-def _node(gm: fx.GraphModule, name: str) -> fx.Node:
-    return next(n for n in gm.graph.nodes if n.name == name)
 
 
 def _paths(sites: list[Site]) -> str:

@@ -27,13 +27,16 @@ import copy
 import operator
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from passes.column_shard import insert_collectives, shard_site_modules
-from passes.find_sites import find_sites
+from passes.find_sites import Site, find_sites
+from passes.graph_view import FunctionalLinear, functional_linear, parameter_shapes
 from passes.local_heads import FeatureLayout, localize_shapes
-from passes.pair_megatron import Pairing, pair_sites
+from passes.pair_megatron import Pair, Pairing, pair_sites
 from tpfx.collectives import copy_to_tp, reduce_from_tp
 from tpfx.errors import ShardingError
 from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, ShardSpec
@@ -57,9 +60,41 @@ def _column_module(linear: nn.Linear, layout: FeatureLayout, *, tp: int, rank: i
     return BlockColumnParallelLinear(linear, spec=ShardSpec(0, layout.size, ranges), tp=tp, rank=rank)
 
 
+def pair_parameter_specs(pairing: Pairing, *, tp: int, rank: int) -> dict[str, ShardSpec | None]:
+    """Where this rank's functional pair parameters (export graphs) lie in the full tensors; None: whole.
+
+    The same contract as a sharded layer's ``shard_spec``, for parameters that belong to no tpfx layer.
+    """
+    specs: dict[str, ShardSpec | None] = {}
+    for pair in pairing.pairs:
+        for site, layout in zip(pair.columns, pair.column_layouts):
+            if site.functional:
+                ranges = layout.ranges(tp, rank)
+                specs[site.weight_name] = ShardSpec(site.shard_dim, layout.size, ranges)
+                if site.bias_name:
+                    specs[site.bias_name] = ShardSpec(0, layout.size, ranges)
+        if pair.row_weight_name:
+            dim = 1 if pair.row_weight_layout == "out_in" else 0
+            specs[pair.row_weight_name] = ShardSpec(dim, pair.row_layout.size, pair.row_layout.ranges(tp, rank))
+            if pair.row_bias_name:
+                specs[pair.row_bias_name] = None
+    return specs
+
+
+def _set_parameter(gm: nn.Module, name: str, full: nn.Parameter, spec: ShardSpec | None) -> None:
+    owner, _, leaf = name.rpartition(".")
+    part = full.detach() if spec is None else spec.take(full.detach())
+    # clone so the shard owns compact storage and the caller's tensor is never aliased
+    setattr(gm.get_submodule(owner), leaf, nn.Parameter(part.clone(), requires_grad=full.requires_grad))
+
+
 def shard_pair_modules(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: int,
                        source: nn.Module | None = None) -> None:
     """Replace each pair's linears in ``gm`` by this rank's column- and row-parallel shards.
+
+    Module linears become :class:`ColumnParallelLinear` / :class:`BlockColumnParallelLinear` and
+    :class:`RowParallelLinear`; a functional linear's parameters (export graphs) are replaced by
+    this rank's parts, as :func:`pair_parameter_specs` says.
 
     Args:
         gm: the module tree to change in place.
@@ -74,24 +109,36 @@ def shard_pair_modules(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: i
     replacements: dict[str, nn.Module] = {}
     for pair in pairing.pairs:
         for site, layout in zip(pair.columns, pair.column_layouts):
-            replacements[site.module_path] = _column_module(source.get_submodule(site.module_path), layout,
-                                                            tp=tp, rank=rank)
-        row = source.get_submodule(pair.row_module_path)
-        spec = ShardSpec(1, pair.row_layout.size, pair.row_layout.ranges(tp, rank))
-        replacements[pair.row_module_path] = RowParallelLinear(row, spec=spec, tp=tp, rank=rank)
+            if not site.functional:
+                replacements[site.module_path] = _column_module(source.get_submodule(site.module_path), layout,
+                                                                tp=tp, rank=rank)
+        if not pair.row_weight_name:
+            row = source.get_submodule(pair.row_module_path)
+            spec = ShardSpec(1, pair.row_layout.size, pair.row_layout.ranges(tp, rank))
+            replacements[pair.row_module_path] = RowParallelLinear(row, spec=spec, tp=tp, rank=rank)
     shard_site_modules(gm, pairing.fallback_sites, tp=tp, rank=rank, source=source)
     for path, module in replacements.items():
         gm.set_submodule(path, module)
+    replicated = {site.weight_name: None for pair in pairing.pairs for site, layout in zip(pair.columns, pair.column_layouts)
+                  if site.functional and layout.shard_axis is None}
+    replicated |= {site.bias_name: None for pair in pairing.pairs for site, layout in zip(pair.columns, pair.column_layouts)
+                   if site.functional and layout.shard_axis is None and site.bias_name}
+    for name, spec in (pair_parameter_specs(pairing, tp=tp, rank=rank) | replicated).items():
+        _set_parameter(gm, name, source.get_parameter(name), spec)
+
+
+def _key(site: Site) -> str:
+    return site.weight_name if site.functional else site.module_path
 
 
 def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: str) -> PairShardResult:
     """Insert the collectives of every pair (and fallback) into ``gm.graph`` and localize its shapes."""
     inserted: list[str] = []
     for pair in pairing.pairs:
-        sharded = {s.module_path for s, layout in zip(pair.columns, pair.column_layouts) if layout.shard_axis is not None}
+        sharded = {_key(s) for s, layout in zip(pair.columns, pair.column_layouts) if layout.shard_axis is not None}
         inserted += _copy_inputs(gm, sharded, group)
-        inserted += _copy_outputs(gm, {s.module_path for s in pair.columns} - sharded, group)
-        inserted += _reduce_output(gm, pair.row_module_path, group)
+        inserted += _copy_outputs(gm, {_key(s) for s in pair.columns} - sharded, group)
+        inserted += _reduce_output(gm, pair, group)
     localized = localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
     gathered = insert_collectives(gm, pairing.fallback_sites, group=group)
     ordered = {n.name: i for i, n in enumerate(gm.graph.nodes)}
@@ -99,27 +146,37 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
     return PairShardResult(gm, tuple(names), localized)
 
 
-def _copy_inputs(gm: fx.GraphModule, paths: set[str], group: str) -> list[str]:
+def _calls(gm: fx.GraphModule, keys: set[str]) -> list[tuple[fx.Node, int, FunctionalLinear | None]]:
+    """The nodes that apply a linear of ``keys`` (module path or weight name): (node, input position, op)."""
+    parameters = parameter_shapes(gm)
+    found = []
+    for node in list(gm.graph.nodes):
+        if node.op == "call_module" and node.target in keys:
+            found.append((node, 0, None))
+        elif (functional := functional_linear(node, parameters)) is not None and functional.weight in keys:
+            found.append((node, functional.data_index, functional))
+    return found
+
+
+def _copy_inputs(gm: fx.GraphModule, keys: set[str], group: str) -> list[str]:
     """One copy-to per distinct input of the pair's column linears (q, k, v of one x share one)."""
     copies: dict[fx.Node, fx.Node] = {}
-    for node in list(gm.graph.nodes):
-        if node.op != "call_module" or node.target not in paths:
-            continue
-        source = node.args[0]
+    for node, data_index, _ in _calls(gm, keys):
+        source = node.args[data_index]
         if source not in copies:
             with gm.graph.inserting_before(node):
                 copies[source] = gm.graph.call_function(copy_to_tp, (source, group))
-        node.replace_input_with(source, copies[source])
+        node.update_arg(data_index, copies[source])
     return [node.name for node in copies.values()]
 
 
-def _copy_outputs(gm: fx.GraphModule, paths: set[str], group: str) -> list[str]:
+def _copy_outputs(gm: fx.GraphModule, keys: set[str], group: str) -> list[str]:
     """Copy-to after each whole (replicated) linear of a pair: its output gradient is a partial sum.
 
     Each rank uses the replicated k/v only for its own query heads; backward all-reduces the sum.
     """
     inserted = []
-    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target in paths]:
+    for node, _, _ in _calls(gm, keys):
         with gm.graph.inserting_after(node):
             copied = gm.graph.call_function(copy_to_tp, (node, group))
         node.replace_all_uses_with(copied, delete_user_cb=lambda user: user is not copied)
@@ -127,21 +184,44 @@ def _copy_outputs(gm: fx.GraphModule, paths: set[str], group: str) -> list[str]:
     return inserted
 
 
-def _reduce_output(gm: fx.GraphModule, path: str, group: str) -> list[str]:
+def _reduce_output(gm: fx.GraphModule, pair: Pair, group: str) -> list[str]:
     """All-reduce the row linear's partial sums, then add its bias once."""
     inserted = []
-    for node in [n for n in gm.graph.nodes if n.op == "call_module" and n.target == path]:
+    for node, _, functional in _calls(gm, {pair.row_weight_name or pair.row_module_path}):
+        bias = _take_bias(gm, node, functional)
         with gm.graph.inserting_after(node):
             reduced = gm.graph.call_function(reduce_from_tp, (node, group))
         result = reduced
-        if gm.get_submodule(path).bias is not None:
+        if bias is not None:
             with gm.graph.inserting_after(reduced):
-                bias = gm.graph.get_attr(f"{path}.bias")
-            with gm.graph.inserting_after(bias):
                 result = gm.graph.call_function(operator.add, (reduced, bias))
         node.replace_all_uses_with(result, delete_user_cb=lambda user: user is not reduced)
         inserted.append(reduced.name)
     return inserted
+
+
+def _take_bias(gm: fx.GraphModule, node: fx.Node, functional: FunctionalLinear | None) -> fx.Node | None:
+    """Take the bias out of a row linear's op (it is added after the reduce); the bias node, or None."""
+    if functional is None:
+        if gm.get_submodule(str(node.target)).bias is None:
+            return None
+        with gm.graph.inserting_before(node):
+            return gm.graph.get_attr(f"{node.target}.bias")
+    if functional.bias is None:
+        return None
+    position = _BIAS_POSITION.get(getattr(node.target, "overloadpacket", node.target))
+    if position is None or node.kwargs:
+        raise ShardingError(f"cannot take the bias out of row-parallel node '{node.name}' ({node.format_node()}); "
+                            "only linear and addmm without keyword options are supported")
+    bias = node.args[position]
+    if position == 0:  # addmm(bias, x, w) -> mm(x, w)
+        node.target, node.args = torch.ops.aten.mm.default, node.args[1:3]
+    else:  # linear(x, w, bias) -> linear(x, w)
+        node.args = node.args[:position]
+    return bias
+
+
+_BIAS_POSITION = {torch.ops.aten.linear: 2, torch.ops.aten.addmm: 0, F.linear: 2, torch.addmm: 0}
 
 
 def megatron_shard(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: int, group: str,
