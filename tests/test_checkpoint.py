@@ -280,21 +280,65 @@ def _tp4_from_tp2(folder: Path) -> dict:
     return out
 
 
-def _world4(rank: int, world_size: int, folder: str) -> dict:
+def _gpt2_tp2(rank: int, folder: Path) -> dict:
+    """Hugging Face GPT-2 (torch.export capture, Conv1D columns sliced in place), meta-built at tp=2."""
+    from examples.hf_models import build, example_inputs
+
+    reference = build("gpt2")
+    with tpfx.parameters_on_meta():
+        model = build("gpt2", seed=3)  # ties lm_head to wte after construction, on meta
+    gm = tpfx.parallelize(model, tp=2, example_inputs=example_inputs())
+    tpfx.load_state_dict(gm, str(folder / "gpt2.safetensors"))  # saved without the tied lm_head.weight
+    gathered = tpfx.full_state_dict(gm, rank0_only=False)
+    if rank == 0:
+        torch.save(gathered, folder / "gpt2_tp2.pt")  # torch.save keeps the tie; safetensors would refuse it
+    inputs = example_inputs()  # the export form: input_ids and labels
+    return {"vs single device": max_diff(gm(**inputs).logits, reference(**inputs).logits),
+            "loss vs single device": max_diff(gm(**inputs).loss, reference(**inputs).loss),
+            "gathered exact": gathered.keys() == reference.state_dict().keys() and all(
+                torch.equal(v, reference.state_dict()[k]) for k, v in gathered.items())}
+
+
+def _gpt2_tp4(folder: Path) -> float:
+    """GPT-2 at tp=4 from the tp=2 program's gathered state: the single-device logits again."""
+    from examples.hf_models import build, example_inputs
+
+    reference = build("gpt2")
+    gm = tpfx.parallelize(build("gpt2", seed=5), tp=4, example_inputs=example_inputs())
+    tpfx.load_state_dict(gm, str(folder / "gpt2_tp2.pt"))
+    inputs = example_inputs()
+    return max_diff(gm(**inputs).logits, reference(**inputs).logits)
+
+
+def _world4(rank: int, world_size: int, folder: str, with_gpt2: bool) -> dict:
     folder = Path(folder)
     out = _tp2_round_trip(rank, folder)
     out["meta"] = _meta_builds(folder)
     out["megatron"] = _megatron_round_trip()
-    dist.barrier()  # tp2.* written by rank 0
+    out["gpt2"] = _gpt2_tp2(rank, folder) if with_gpt2 else None
+    dist.barrier()  # tp2.* and gpt2_tp2.pt written by rank 0
     out["tp4"] = _tp4_from_tp2(folder)
+    if with_gpt2:
+        out["gpt2"]["tp4 vs single device"] = _gpt2_tp4(folder)
     return out
+
+
+def _save_gpt2(folder: Path) -> bool:
+    """The HF GPT-2 reference as safetensors, the tied lm_head.weight left out as Hugging Face saves it."""
+    try:
+        from examples.hf_models import build
+    except ImportError:  # transformers is in the test extra; without it the GPT-2 checks are skipped
+        return False
+    state = build("gpt2").state_dict()
+    save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}, str(folder / "gpt2.safetensors"))
+    return True
 
 
 @pytest.fixture(scope="module")
 def world4(tmp_path_factory) -> list[dict]:
     folder = tmp_path_factory.mktemp("checkpoints")
     _save_all(_reference().state_dict(), folder)
-    return run_ranks(_world4, 4, str(folder))
+    return run_ranks(_world4, 4, str(folder), _save_gpt2(folder))
 
 
 def test_single_device_to_tp2_and_back_is_exact(world4):
@@ -330,3 +374,29 @@ def test_megatron_mode_checkpoints_round_trip(world4):
         megatron = result["megatron"]
         assert megatron["untouched exact"], rank
         assert megatron["vs single device"] <= TOL and megatron["trained vs single device"] <= TOL, (rank, megatron)
+
+
+def test_hugging_face_gpt2_meta_build_loads_and_round_trips_to_tp4(world4):
+    if world4[0]["gpt2"] is None:
+        pytest.skip("transformers is not installed (it is in the test extra)")
+    for rank, result in enumerate(world4):
+        gpt2 = result["gpt2"]
+        assert gpt2["gathered exact"], rank
+        assert max(gpt2["vs single device"], gpt2["loss vs single device"], gpt2["tp4 vs single device"]) <= TOL, \
+            (rank, gpt2)
+
+
+def test_meta_device_constants_are_retargeted_to_the_inputs_device():
+    from passes.meta_device import device_of_inputs, find_meta_device_constants, retarget_meta_device
+
+    graph = torch.fx.Graph()
+    size = graph.placeholder("size")
+    made = graph.call_function(torch.arange, (size,), {"device": torch.device("meta")})
+    ones = graph.call_function(torch.full, ((2,), 1.0), {"device": torch.device("meta")})
+    graph.output(graph.call_function(torch.add, (ones, made)))
+    gm = torch.fx.GraphModule(nn.Module(), graph)
+    assert [c.argument for c in find_meta_device_constants(gm)] == ["device", "device"]
+    replaced = retarget_meta_device(gm, device=device_of_inputs({"mask": None, "ids": torch.zeros(1)}))
+    assert len(replaced) == 2 and not find_meta_device_constants(gm)
+    assert torch.equal(gm(2), torch.tensor([1.0, 2.0]))  # runs on the CPU now
+    assert device_of_inputs((1, "a")) == torch.device("cpu")

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from passes.column_shard import column_shard, insert_collectives
 from passes.find_sites import Site, find_sites, require_divisible
+from passes.meta_device import device_of_inputs, retarget_meta_device
 from passes.pair_megatron import pair_sites
 from passes.row_shard import megatron_shard, rewrite_other_form
 from tpfx.capture import CallForm
@@ -149,6 +150,8 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
         raise ConfigError(f"mode={mode!r} is not a parallelization mode; use one of {', '.join(map(repr, MODES))}")
     layout = resolve_layout(tp, group=group, rank=rank)
     capture_result = capture_for_parallelize(model, tracer=tracer, example_inputs=example_inputs)
+    # a model built with parameters on meta was traced on meta: its device constants must say the inputs' device
+    retarget_meta_device(capture_result.gm, device=device_of_inputs(example_inputs))
     form, captured = capture_result.form, capture_result.gm
     finding = find_sites(captured, tp=layout.tp)
     pairing = pair_sites(captured, finding, tp=layout.tp) if mode == "megatron" else None

@@ -13,8 +13,9 @@ Saving (the original model's keys and shapes)::
     if state: torch.save(state, "model.pt")
 
 Which part of a full tensor a rank holds is the sharded layer's business: every sharded layer has
-``shard_spec(param_name) -> ShardSpec | None`` (see :class:`tpfx.layers.ShardSpec`); a parameter of
-any other module is replicated. The checkpoint is checked against the program (missing, unexpected
+``shard_spec(param_name) -> ShardSpec | None`` (see :class:`tpfx.layers.ShardSpec`). A parameter that
+a pass sliced in place (a functional linear of an exported graph) has its spec in the program (see
+:func:`in_place_shard_specs`). Every other parameter is replicated. The checkpoint is checked against the program (missing, unexpected
 and mis-shaped keys) before a single tensor is loaded.
 
 Sources: a state dict; a ``torch.save`` file (opened with ``mmap=True``); a ``.safetensors`` file.
@@ -42,7 +43,7 @@ import torch.nn as nn
 
 from tpfx.collectives import _group as bound_group  # the process group behind a program's group key
 from tpfx.errors import ConfigError, LoadError
-from tpfx.layers import ShardSpec
+from tpfx.layers import ShardSpec, shard_range
 
 StateSource = Mapping[str, torch.Tensor] | str | os.PathLike
 
@@ -64,12 +65,36 @@ class _Target:
         return self.spec.full_shape(local) if self.spec else local
 
 
-def _shard_spec_of(module: nn.Module, key: str) -> ShardSpec | None:
+def in_place_shard_specs(gm: nn.Module) -> dict[str, ShardSpec]:
+    """Parameters sliced in place by a pass (functional linears of exported graphs), by qualified name.
+
+    A sharded *layer* answers ``shard_spec`` itself. A functional linear keeps its op and gets a
+    sliced parameter instead, so its spec comes from the program: the mapping a pass recorded in
+    ``gm.tpfx_parameter_specs``, and the column-sharded functional sites of ``gm.tpfx_report``
+    (rank r holds block r of ``shard_dim``, the bias the same block of dim 0).
+    """
+    specs = dict(getattr(gm, "tpfx_parameter_specs", None) or {})
+    report, pairing = getattr(gm, "tpfx_report", None), getattr(gm, "tpfx_pairing", None)
+    if report is None:
+        return specs
+    column_sites = report.sites if pairing is None else pairing.fallback_sites  # paired sites: their own specs
+    for site in column_sites:
+        if not getattr(site, "functional", False):
+            continue
+        size = site.weight_shape[site.shard_dim]
+        start, stop = shard_range(size, report.tp, report.rank)
+        specs.setdefault(site.weight_name, ShardSpec.contiguous(site.shard_dim, start, stop, size))
+        if site.bias_name:
+            specs.setdefault(site.bias_name, ShardSpec.contiguous(0, start, stop, size))
+    return specs
+
+
+def _shard_spec_of(module: nn.Module, key: str, in_place: dict[str, ShardSpec]) -> ShardSpec | None:
     owner_path, _, leaf = key.rpartition(".")
     owner = module.get_submodule(owner_path)
     if leaf in owner._parameters and callable(getattr(owner, "shard_spec", None)):
         return owner.shard_spec(leaf)
-    return None
+    return in_place.get(key)
 
 
 def _targets(module: nn.Module) -> list[_Target]:
@@ -79,7 +104,8 @@ def _targets(module: nn.Module) -> list[_Target]:
     for key, tensor in module.state_dict(keep_vars=True).items():
         keys_of.setdefault(id(tensor), []).append(key)
         tensor_of[id(tensor)] = tensor
-    return [_Target(tuple(keys), tensor_of[ident], _shard_spec_of(module, keys[0]))
+    in_place = in_place_shard_specs(module)
+    return [_Target(tuple(keys), tensor_of[ident], _shard_spec_of(module, keys[0], in_place))
             for ident, keys in keys_of.items()]
 
 

@@ -1,0 +1,82 @@
+"""Rewrite: a graph traced from a meta-device model computes on the real device.
+
+torch.export records the device of the tensors a model creates or checks as constants
+(``arange``, ``full``, ``to``, ``_assert_tensor_metadata``). A model built with its parameters on
+meta (:func:`tpfx.parameters_on_meta`) is traced on meta, so those constants say ``meta``; once
+:func:`tpfx.load_state_dict` has put the weights on the real device, they must say that device.
+
+before (exported from a meta-built GPT-2, inputs on the CPU)::
+
+    arange = torch.ops.aten.arange.default(sym_size_int, device=device(type='meta'), pin_memory=False)
+
+after::
+
+    arange = torch.ops.aten.arange.default(sym_size_int, device=device(type='cpu'), pin_memory=False)
+
+torch.fx graphs read devices from tensors at run time (``x.device`` is a node), so they carry no such
+constant and the pass changes nothing there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+
+def _is_meta(value: object) -> bool:
+    return isinstance(value, torch.device) and value.type == "meta"
+
+
+@dataclass(frozen=True)
+class MetaDeviceConstant:
+    """A ``device='meta'`` constant in a node's arguments: the node and where (an index or a keyword)."""
+
+    node_name: str
+    argument: int | str
+
+
+def find_meta_device_constants(gm: fx.GraphModule) -> tuple[MetaDeviceConstant, ...]:
+    """Every meta device constant among the nodes' positional and keyword arguments, in graph order."""
+    found = []
+    for node in gm.graph.nodes:
+        found += [MetaDeviceConstant(node.name, index) for index, value in enumerate(node.args) if _is_meta(value)]
+        found += [MetaDeviceConstant(node.name, key) for key, value in node.kwargs.items() if _is_meta(value)]
+    return tuple(found)
+
+
+def retarget_meta_device(gm: fx.GraphModule, *, device: torch.device | str) -> tuple[MetaDeviceConstant, ...]:
+    """Replace the meta device constants of ``gm``'s graph by ``device``; return what was replaced.
+
+    Args:
+        gm: a captured graph, changed in place (recompiled when anything changed).
+        device: where the program will run: the device of the example inputs.
+
+    Returns:
+        The constants that were replaced (empty for a graph traced from real weights).
+    """
+    constants = find_meta_device_constants(gm)
+    nodes = {node.name: node for node in gm.graph.nodes}
+    target = torch.device(device)
+    for constant in constants:
+        node = nodes[constant.node_name]
+        if isinstance(constant.argument, int):
+            node.update_arg(constant.argument, target)
+        else:
+            node.update_kwarg(constant.argument, target)
+    if constants:
+        gm.graph.lint()
+        gm.recompile()
+    return constants
+
+
+def device_of_inputs(example_inputs: object) -> torch.device:
+    """The device of the first tensor in example inputs (a tensor, tuple, list or dict); the CPU if none."""
+    if isinstance(example_inputs, dict):
+        values = list(example_inputs.values())
+    elif isinstance(example_inputs, (tuple, list)):
+        values = list(example_inputs)
+    else:
+        values = [example_inputs]
+    return next((value.device for value in values if isinstance(value, torch.Tensor)), torch.device("cpu"))
