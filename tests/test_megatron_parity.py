@@ -1,12 +1,16 @@
 """Megatron mode in real gloo processes (fp32, eval mode): numbers, collectives and memory.
 
-Two spawns: world 2 (tp=2) and world 4 (tp=4). Each rank checks the example GPT in every call form
-and the attentions of tests/test_local_heads.py (GPT-2 style [Q | K | V], GPT-NeoX style
-interleaved, LLaMA style grouped-query with a SwiGLU FFN, including fewer key/value heads than tp),
-counts what the collectives are handed in one training step, and measures the block linears' bytes.
+Two spawns: world 2 (tp=2) and world 4 (tp=4). Each rank checks the example GPT in every call form,
+the attentions of tests/test_local_heads.py (GPT-2 style [Q | K | V], GPT-NeoX style interleaved,
+LLaMA style grouped-query with a SwiGLU FFN, including fewer key/value heads than tp) and Hugging
+Face GPT-2, LLaMA and GPT-NeoX through torch.export (LLaMA with 2 key/value heads at tp=2, 1 at
+tp=4), counts what the collectives are handed in one training step, and measures the block
+linears' bytes.
 """
 
 from __future__ import annotations
+
+import importlib.util
 
 import pytest
 import torch
@@ -18,7 +22,11 @@ from passes.comm_table import comm_table
 from tests.multiprocess import run_ranks
 from tests.parity import grad_diffs, max_diff
 from tests.test_local_heads import WIDTH, FusedLastDim, Grouped, HeadMixing, Interleaved
+from passes.row_shard import pair_parameter_specs
 from tpfx.collectives import add_observer
+from tpfx.layers import shard_range
+
+HAVE_HF = importlib.util.find_spec("transformers") is not None
 
 TOL = 1e-5
 BATCH, SEQ = 2, 16
@@ -106,8 +114,47 @@ def _layouts(tp: int) -> dict:
     return result
 
 
+def _hf(tp: int, rank: int) -> dict:
+    """Hugging Face models through torch.export: logits, loss and every gradient, and the pairing."""
+    from examples import hf_models
+
+    kv_heads = {2: 2, 4: 1}[tp]
+    result = {}
+    one_layer = {"num_hidden_layers": 1}  # one block says all a pair can say; export time grows with depth
+    for name, overrides in (("gpt2", {"n_layer": 1}), ("llama", {"num_key_value_heads": kv_heads, **one_layer}),
+                            ("neox", one_layer)):
+        reference = hf_models.build(name, **overrides)
+        inputs = hf_models.example_inputs()
+        gm = tpfx.parallelize(reference, tp=tp, mode="megatron", example_inputs=inputs)
+        (ref, par) = [model(**inputs) for model in (reference, gm)]
+        ref.loss.backward()
+        par.loss.backward()
+        diffs = {"logits": max_diff(par.logits, ref.logits), "loss": max_diff(par.loss, ref.loss)}
+        full = dict(reference.named_parameters())
+        for key, parameter in gm.named_parameters():
+            diffs[f"grad {key}"] = max_diff(parameter.grad, _local_grad(gm, key, full[key].grad, tp, rank))
+        result[name] = {"diffs": diffs, "pairs": len(gm.tpfx_pairing.pairs),
+                        "fallbacks": [f.reason for f in gm.tpfx_pairing.fallbacks]}
+    return result
+
+
+def _local_grad(gm: nn.Module, key: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """This rank's part of a single-device gradient: pair specs, fallback column slices, or a layer's part."""
+    specs = pair_parameter_specs(gm.tpfx_pairing, tp=tp, rank=rank)
+    if key in specs:
+        return full if specs[key] is None else specs[key].take(full)
+    for site in gm.tpfx_pairing.fallback_sites:
+        dim = site.shard_dim if key == site.weight_name else 0 if key == site.bias_name else None
+        if dim is not None:
+            start, stop = shard_range(full.shape[dim], tp, rank)
+            return full.narrow(dim, start, stop - start)
+    owner = gm.get_submodule(key.rpartition(".")[0])
+    return owner.local_part(full) if hasattr(owner, "local_part") else full
+
+
 def _world(rank: int, world_size: int) -> dict:
-    return {"gpt": _gpt(world_size), "layouts": _layouts(world_size)}
+    hf = _hf(world_size, rank) if HAVE_HF else {}
+    return {"gpt": _gpt(world_size), "layouts": _layouts(world_size), "hf": hf}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
@@ -134,6 +181,16 @@ def test_every_layout_matches_single_device(world):
     for rank, result in enumerate(results):
         for label, checked in result["layouts"].items():
             _assert_close(checked["diffs"], f"{label} tp={tp} rank {rank}")
+
+
+@pytest.mark.skipif(not HAVE_HF, reason="needs the transformers package (the test extra)")
+def test_hugging_face_models_match_single_device_with_every_linear_paired(world):
+    tp, results = world
+    for rank, result in enumerate(results):
+        for name, checked in result["hf"].items():
+            assert len(checked["diffs"]) > 10  # logits, loss and every parameter's gradient
+            _assert_close(checked["diffs"], f"{name} tp={tp} rank {rank}")
+            assert checked["pairs"] == 2 and not checked["fallbacks"], (name, checked["fallbacks"])
 
 
 def test_layouts_pair_or_fall_back_with_a_reason(world):
