@@ -57,7 +57,7 @@ def test_exported_graph_serves_other_batch_sizes_and_lengths():
     torch.manual_seed(0)
     model = _ShapeBranch().eval()
     exported = export_capture(model, (_x(),))  # the unlifted graph takes the arguments by name
-    assert exported.dynamic_dims == ("x[0]", "x[1]")
+    assert exported.dynamic_dims == ("x.shape[0]", "x.shape[1]") and exported.fixed_dims == ()
     assert any(n.target == torch.ops.aten.linear.default for n in exported.gm.graph.nodes)
     for batch, seq in ((2, 5), (3, 11), (1, 1)):
         torch.testing.assert_close(exported.gm(x=_x(batch, seq)), model(_x(batch, seq)), rtol=0, atol=0)
@@ -79,7 +79,7 @@ def test_auto_falls_back_to_export_and_the_report_says_so():
     report = gm.tpfx_report
     assert isinstance(gm, ExportedTensorParallelModule)
     assert report.tracer == "export" and report.tracer_note.startswith("torch.fx failed")
-    assert "dynamic dims: x[0], x[1]" in report.tracer_note
+    assert "dynamic dims: x.shape[0], x.shape[1]" in report.tracer_note
     assert [(s.role, s.module_path, s.weight_name, s.bias_name) for s in report.sites] == [
         ("fc1", "fc1", "fc1.weight", "fc1.bias")]
     assert report.sites_table()[0]["collectives"] == ["copy_to_tp", "gather_from_tp"]
@@ -145,3 +145,12 @@ def test_tpfx_explain_and_dump_read_a_hugging_face_model(capsys):
     assert [row["shard"] for row in dump["sites"]] == [[64, 96], [64, 128]] * 2  # Conv1D: columns of (in, out)
     gathers = [row for row in dump["communication"]["rows"] if row["op"] == "all_gather"]
     assert [row["shape"] for row in gathers] == [[15, 96], [15, 128]] * 2  # 3 x 5 tokens, this rank's columns
+
+
+def test_a_size_one_example_dim_is_fixed_and_other_sizes_fail_in_one_line():
+    torch.manual_seed(0)
+    gm = tpfx.parallelize(_ShapeBranch().eval(), tp=2, rank=0, tracer="export", example_inputs=(_x(1, 5),))
+    assert "dynamic dims: x.shape[1]" in gm.tpfx_report.tracer_note
+    with pytest.raises(ConfigError, match=r"^argument x has size 2 in dim 0, but this program was exported from an "
+                                          r"example with size 1 there"):
+        gm(_x(2, 7))

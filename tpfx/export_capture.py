@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from tpfx.capture import CallForm, call_form_of, capture, forward_signature, meta_skeleton
 from tpfx.errors import CaptureError, ConfigError
@@ -104,7 +105,8 @@ class Exported:
 
     gm: fx.GraphModule  # ATen ops; parameters, buffers and constants are get_attr (shared with the model)
     form: ExportForm
-    dynamic_dims: tuple[str, ...]  # e.g. ("input_ids[0]", "input_ids[1]"): the dims left dynamic
+    dynamic_dims: tuple[str, ...]  # e.g. ("input_ids.shape[0]", "input_ids.shape[1]"): the dims left dynamic
+    fixed_dims: tuple[tuple[str, int, int], ...] = ()  # (argument, dim, size): batch/sequence dims export fixed
 
 
 def export_capture(model: nn.Module, example_inputs: ExampleInputs) -> Exported:
@@ -138,25 +140,35 @@ def export_capture(model: nn.Module, example_inputs: ExampleInputs) -> Exported:
         ) from error
     gm = program.module()
     gm.graph.lint()
-    return Exported(gm, form, _dynamic_dims(gm))
+    return Exported(gm, form, *_dims_of(gm, example))
 
 
-def _dynamic_dims(gm: fx.GraphModule) -> tuple[str, ...]:
-    dims = []
-    for node in gm.graph.find_nodes(op="placeholder"):
-        value = node.meta.get("val")
-        for axis, size in enumerate(getattr(value, "shape", ())):
+def _dims_of(gm: fx.GraphModule, example: dict[str, Any]) -> tuple[tuple[str, ...], tuple[tuple[str, int, int], ...]]:
+    """The dims export kept dynamic, and the batch/sequence dims of top-level arguments it fixed (a size-1 example)."""
+    dynamic, fixed = [], []
+    leaves = tree_flatten_with_path(example)[0]  # the graph's placeholders, in the same order
+    for (path, value), node in zip(leaves, gm.graph.find_nodes(op="placeholder")):
+        name = path[0].key + keystr(path[1:])
+        shape = getattr(node.meta.get("val"), "shape", ())
+        for axis, size in enumerate(shape):
             if isinstance(size, torch.SymInt):
-                dims.append(f"{node.name}[{axis}]")
-    return tuple(dims)
+                dynamic.append(f"{name}.shape[{axis}]")
+            elif axis < 2 and len(path) == 1 and isinstance(value, torch.Tensor):
+                fixed.append((name, axis, int(size)))
+    return tuple(dynamic), tuple(fixed)
 
 
 class ExportedTensorParallelModule(TensorParallelModule):
     """A rank's program captured by torch.export: the call form of its example inputs, at any batch and length."""
 
-    def attach_export_form(self, signature: inspect.Signature, form: ExportForm) -> None:
-        """Fix the program to ``form``: other calls raise instead of running a graph traced for other arguments."""
+    def attach_export_form(self, signature: inspect.Signature, form: ExportForm,
+                           fixed_dims: tuple[tuple[str, int, int], ...] = ()) -> None:
+        """Fix the program to ``form``: other calls raise instead of running a graph traced for other arguments.
+
+        ``fixed_dims`` are batch/sequence dims that export could not keep dynamic; other sizes raise too.
+        """
         self.__dict__["_tpfx_export"] = (signature, form)
+        self.__dict__["_tpfx_fixed_dims"] = fixed_dims
 
     @property
     def export_form(self) -> ExportForm:
@@ -177,9 +189,16 @@ class ExportedTensorParallelModule(TensorParallelModule):
         if given != form:
             raise ConfigError(
                 f"this {self._get_name()} program was captured with torch.export for ({form.describe()}) and "
-                f"cannot run ({given.describe()}): an exported graph is fixed to its example call; call it "
-                "that way, or parallelize again with example_inputs= matching this call"
+                f"cannot run ({given.describe()}): an exported graph is fixed to its example call and mode; call "
+                "it that way, or parallelize again with the model in this mode and example_inputs= matching this call"
             )
+        for name, axis, size in self.__dict__.get("_tpfx_fixed_dims", ()):
+            if call[name].shape[axis] != size:
+                raise ConfigError(
+                    f"argument {name} has size {call[name].shape[axis]} in dim {axis}, but this program was exported "
+                    f"from an example with size {size} there, which torch.export fixes; parallelize again with "
+                    "example_inputs of batch size and sequence length 2 or more"
+                )
         return fx.GraphModule.__call__(self, **call)
 
 
@@ -212,7 +231,7 @@ class Captured:
         if self.exported is None:
             gm.attach_call_forms(meta_skeleton(model), forward_signature(model), self.form, rewrite)
         else:
-            gm.attach_export_form(forward_signature(model), self.exported.form)
+            gm.attach_export_form(forward_signature(model), self.exported.form, self.exported.fixed_dims)
 
 
 def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
