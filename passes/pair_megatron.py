@@ -217,7 +217,9 @@ def _choose_factor(flow: FeatureFlow, leaves: list[int], row: str, tp: int) -> i
             why.append(f"{size}: not divisible by tp={tp}")
         else:
             return leaf
-    raise _NoPair(f"no factor of the input of '{row}' can be split across tp={tp} ({'; '.join(why)})")
+    free = sorted({flow.factors.sizes[leaf] for leaf in leaves if not flow.factors.why_blocked(leaf)})
+    fix = f"; a tp that divides {' or '.join(map(str, free))} pairs it" if free else ""
+    raise _NoPair(f"no factor of the input of '{row}' can be split across tp={tp} ({'; '.join(why)}){fix}")
 
 
 def _layout(flow: FeatureFlow, root: int, chosen: int, site: Site) -> FeatureLayout:

@@ -47,7 +47,7 @@ def test_too_few_heads_for_tp_falls_back_with_the_reason():
     (fallback,) = pairing.fallbacks
     assert [s.module_path for s in fallback.sites] == ["blocks.0.attn.qkv_proj"]
     assert fallback.reason == ("no factor of the input of 'blocks.0.attn.out_proj' can be split across tp=8 "
-                               "(4: not divisible by tp=8; 32: 'matmul' contracts it)")
+                               "(4: not divisible by tp=8; 32: 'matmul' contracts it); a tp that divides 4 pairs it")
 
 
 class _TwoReaders(nn.Module):
@@ -139,3 +139,40 @@ def test_megatron_program_for_inspection_and_bad_mode():
     assert isinstance(gm.tpfx_pairing.pairs[0], Pair)
     with pytest.raises(tpfx.ConfigError, match=r"mode='rows' is not a parallelization mode; use one of 'gather'"):
         tpfx.parallelize(model, tp=2, rank=0, mode="rows")
+
+
+class _Conv1DAttention(nn.Module):
+    """GPT-2's Conv1D written out: weights stored (in, out), ``addmm`` on flattened tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv_weight = nn.Parameter(torch.randn(16, 48) * 0.2)
+        self.qkv_bias = nn.Parameter(torch.randn(48) * 0.2)
+        self.out_weight = nn.Parameter(torch.randn(16, 16) * 0.2)
+        self.out_bias = nn.Parameter(torch.randn(16) * 0.2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq, width = x.shape
+        qkv = torch.addmm(self.qkv_bias, x.view(-1, width), self.qkv_weight).view(bsz, seq, 3 * width)
+        q, k, v = (t.view(bsz, seq, 4, 4).transpose(1, 2) for t in qkv.split(width, dim=2))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(bsz, seq, width)
+        return torch.addmm(self.out_bias, out.view(-1, width), self.out_weight).view(bsz, seq, width)
+
+
+def test_export_graph_pairs_functional_linears_in_either_weight_layout():
+    torch.manual_seed(0)
+    model = _Conv1DAttention().eval()
+    gm = tpfx.parallelize(model, tp=2, rank=1, mode="megatron", tracer="export",
+                          example_inputs=(torch.randn(2, 5, 16),))
+    (pair,) = gm.tpfx_pairing.pairs
+    assert [(s.weight_name, s.layout) for s in pair.columns] == [("qkv_weight", "in_out")]
+    assert (pair.column_layouts[0].describe(), pair.row_weight_name, pair.row_bias_name) == (
+        "[3, 4*, 4]", "out_weight", "out_bias")
+    # (in, out) storage: the column linear keeps whole heads of q, k and v in its columns, the row
+    # linear its rows of the split input; the row bias stays whole and is added after the reduce
+    assert torch.equal(gm.get_parameter("qkv_weight"),
+                       torch.cat([model.qkv_weight[:, s:s + 8] for s in (8, 24, 40)], dim=1))
+    assert torch.equal(gm.get_parameter("out_weight"), model.out_weight[8:])
+    assert torch.equal(gm.get_parameter("out_bias"), model.out_bias)
+    ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten.mm.default in ops and ops.count(reduce_from_tp) == 1 and gather_from_tp not in ops
