@@ -293,10 +293,17 @@ def _gpt2_tp2(rank: int, folder: Path) -> dict:
     if rank == 0:
         torch.save(gathered, folder / "gpt2_tp2.pt")  # torch.save keeps the tie; safetensors would refuse it
     inputs = example_inputs()  # the export form: input_ids and labels
+    with tpfx.parameters_on_meta():
+        megatron = tpfx.parallelize(build("gpt2", seed=3), tp=2, mode="megatron", example_inputs=inputs)
+    tpfx.load_state_dict(megatron, str(folder / "gpt2.safetensors"))
+    expected = reference.state_dict()
     return {"vs single device": max_diff(gm(**inputs).logits, reference(**inputs).logits),
             "loss vs single device": max_diff(gm(**inputs).loss, reference(**inputs).loss),
-            "gathered exact": gathered.keys() == reference.state_dict().keys() and all(
-                torch.equal(v, reference.state_dict()[k]) for k, v in gathered.items())}
+            "megatron vs single device": max_diff(megatron(**inputs).logits, reference(**inputs).logits),
+            "gathered exact": gathered.keys() == expected.keys() and all(
+                torch.equal(v, expected[k]) for k, v in gathered.items()),
+            "megatron gathered exact": all(torch.equal(v, expected[k])
+                                           for k, v in tpfx.full_state_dict(megatron, rank0_only=False).items())}
 
 
 def _gpt2_tp4(folder: Path) -> float:
@@ -381,9 +388,10 @@ def test_hugging_face_gpt2_meta_build_loads_and_round_trips_to_tp4(world4):
         pytest.skip("transformers is not installed (it is in the test extra)")
     for rank, result in enumerate(world4):
         gpt2 = result["gpt2"]
-        assert gpt2["gathered exact"], rank
-        assert max(gpt2["vs single device"], gpt2["loss vs single device"], gpt2["tp4 vs single device"]) <= TOL, \
-            (rank, gpt2)
+        assert gpt2["gathered exact"] and gpt2["megatron gathered exact"], rank
+        worst = max(gpt2["vs single device"], gpt2["loss vs single device"], gpt2["megatron vs single device"],
+                    gpt2["tp4 vs single device"])
+        assert worst <= TOL, (rank, gpt2)
 
 
 def test_meta_device_constants_are_retargeted_to_the_inputs_device():

@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from passes.row_shard import pair_parameter_specs
 from tpfx.collectives import _group as bound_group  # the process group behind a program's group key
 from tpfx.errors import ConfigError, LoadError
 from tpfx.layers import ShardSpec, shard_range
@@ -69,24 +70,28 @@ def in_place_shard_specs(gm: nn.Module) -> dict[str, ShardSpec]:
     """Parameters sliced in place by a pass (functional linears of exported graphs), by qualified name.
 
     A sharded *layer* answers ``shard_spec`` itself. A functional linear keeps its op and gets a
-    sliced parameter instead, so its spec comes from the program: the mapping a pass recorded in
-    ``gm.tpfx_parameter_specs``, and the column-sharded functional sites of ``gm.tpfx_report``
-    (rank r holds block r of ``shard_dim``, the bias the same block of dim 0).
+    sliced parameter instead, so its spec comes from the program's records: the column-sharded
+    functional sites of ``gm.tpfx_report`` (rank r holds block r of ``shard_dim``, the bias the same
+    block of dim 0) and, in megatron mode, the pairs of ``gm.tpfx_pairing``.
     """
-    specs = dict(getattr(gm, "tpfx_parameter_specs", None) or {})
     report, pairing = getattr(gm, "tpfx_report", None), getattr(gm, "tpfx_pairing", None)
     if report is None:
-        return specs
-    column_sites = report.sites if pairing is None else pairing.fallback_sites  # paired sites: their own specs
+        return {}
+    specs: dict[str, ShardSpec] = {}
+    column_sites = report.sites if pairing is None else pairing.fallback_sites  # paired sites: below
     for site in column_sites:
         if not getattr(site, "functional", False):
             continue
         size = site.weight_shape[site.shard_dim]
         start, stop = shard_range(size, report.tp, report.rank)
-        specs.setdefault(site.weight_name, ShardSpec.contiguous(site.shard_dim, start, stop, size))
+        specs[site.weight_name] = ShardSpec.contiguous(site.shard_dim, start, stop, size)
         if site.bias_name:
-            specs.setdefault(site.bias_name, ShardSpec.contiguous(0, start, stop, size))
-    return specs
+            specs[site.bias_name] = ShardSpec.contiguous(0, start, stop, size)
+    if pairing is not None:
+        specs |= pair_parameter_specs(pairing, tp=report.tp, rank=report.rank)
+    # a spec covering the whole dim (a pair member kept whole) is no shard
+    return {name: spec for name, spec in specs.items()
+            if spec is not None and spec.ranges != ((0, spec.full_size),)}
 
 
 def _shard_spec_of(module: nn.Module, key: str, in_place: dict[str, ShardSpec]) -> ShardSpec | None:
