@@ -156,7 +156,7 @@ def _plot_pass(axis, pass_cost: dict) -> None:
     rows = pass_cost["rows"]
     layers = [row["layers"] for row in rows]
     for key, label in (("total_s", "parallelize total"), ("megatron_total_s", "parallelize megatron"),
-                       ("capture_s", "capture"),
+                       ("export_path_total_s", "parallelize, tracer='export'"), ("capture_s", "capture"),
                        ("after_capture_s", "after capture"), ("export_s", "torch.export alone")):
         if all(row.get(key) is not None for row in rows):
             axis.plot(layers, [row[key] for row in rows], marker="o", label=label)

@@ -14,7 +14,6 @@ import inspect
 import statistics
 import time
 from dataclasses import asdict, dataclass
-
 from fractions import Fraction
 
 import torch
@@ -25,8 +24,8 @@ import tpfx
 from benchmarks.communication import analytic_calls, analytic_ring_bytes, counting_traffic
 from benchmarks.dtensor_baseline import dtensor_gpt
 from benchmarks.handwritten import handwritten_gpt
-from passes.comm_table import comm_table
 from examples.gpt import GPTConfig, GPTModel
+from passes.comm_table import comm_table
 from tpfx.launch import launch
 
 MODES = ("gather", "megatron")
