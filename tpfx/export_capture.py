@@ -183,8 +183,14 @@ class ExportedTensorParallelModule(TensorParallelModule):
         return [CallForm(absent=absent, training=form.training)]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        signature, form = self.__dict__["_tpfx_export"]
+        signature, _ = self.__dict__["_tpfx_export"]
         call = bind_call(signature, args, kwargs)
+        self._check(call)
+        return fx.GraphModule.__call__(self, **call)
+
+    def _check(self, call: dict[str, Any]) -> None:
+        """Raise unless ``call`` has the arguments, mode and fixed sizes the graph was exported for."""
+        form = self.export_form
         given = export_form(call, training=self.training)
         if given != form:
             raise ConfigError(
@@ -199,7 +205,6 @@ class ExportedTensorParallelModule(TensorParallelModule):
                     f"from an example with size {size} there, which torch.export fixes; parallelize again with "
                     "example_inputs of batch size and sequence length 2 or more"
                 )
-        return fx.GraphModule.__call__(self, **call)
 
 
 def _optional(signature: inspect.Signature) -> tuple[str, ...]:
@@ -258,7 +263,8 @@ def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
             if example_inputs is None:
                 raise CaptureError(f"{error}; or pass example_inputs= so that tpfx captures it with "
                                    "torch.export instead") from error
-            note = f"torch.fx failed ({str(error).split(': ', 1)[-1][:160]}); "
+            reason = str(error).split(". Fix:", 1)[0].split("): ", 1)[-1]  # where and why, without the advice
+            note = f"torch.fx failed ({reason}); "
     exported = export_capture(model, example_inputs)
     args, kwargs = _as_args_kwargs(example_inputs)
     form = call_form_of(forward_signature(model), args, kwargs, training=model.training)
