@@ -24,6 +24,7 @@ from fractions import Fraction
 
 import torch
 
+from examples.gpt import GPTConfig
 from passes.comm_table import ring_traffic
 from tpfx.collectives import add_observer
 
@@ -53,11 +54,11 @@ def counting_traffic(tp: int) -> Iterator[TrafficCounter]:
         remove()
 
 
-def analytic_ring_bytes(config, *, tokens: int, tp: int, mode: str, element_size: int = 4) -> Fraction:
+def analytic_ring_bytes(config: GPTConfig, *, tokens: int, tp: int, mode: str, element_size: int = 4) -> Fraction:
     """Ring bytes per rank of one forward+backward step of the example GPT, from the table above.
 
     Args:
-        config: a :class:`examples.gpt.GPTConfig` (n_layers, d_model, d_ff).
+        config: the example GPT's config (n_layers, d_model, d_ff).
         tokens: batch × sequence length.
         tp: tensor-parallel degree.
         mode: ``"gather"`` or ``"megatron"``.
@@ -73,7 +74,7 @@ def analytic_ring_bytes(config, *, tokens: int, tp: int, mode: str, element_size
     return Fraction(per_block * tokens * element_size * config.n_layers * (tp - 1), tp)
 
 
-def analytic_calls(config, *, mode: str) -> dict[str, int]:
+def analytic_calls(config: GPTConfig, *, mode: str) -> dict[str, int]:
     """Collective calls per step of the example GPT: two gathers and two all-reduces per block, or four all-reduces."""
     per_block = {"gather": {"all_gather": 2, "all_reduce": 2}, "megatron": {"all_reduce": 4}}[mode]
     return {name: count * config.n_layers for name, count in per_block.items()}

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from examples.gpt import GPTModel, MultiHeadSelfAttention
+from examples.gpt import GPTConfig, GPTModel, MultiHeadSelfAttention
 
 
 class _CopyIntoParallelRegion(torch.autograd.Function):
@@ -165,14 +165,14 @@ def handwritten_gpt(reference: GPTModel, *, mode: str) -> GPTModel:
     return model
 
 
-def _shard_block_gather(block: nn.Module, config, *, tp: int, rank: int) -> None:
+def _shard_block_gather(block: nn.Module, config: GPTConfig, *, tp: int, rank: int) -> None:
     attn, ffn = block.attn, block.ffn
     attn.qkv_proj = ColumnParallelLinear(attn.qkv_proj, contiguous_block(3 * config.d_model, tp=tp, rank=rank),
                                          gather_output=True)
     ffn.fc1 = ColumnParallelLinear(ffn.fc1, contiguous_block(config.d_ff, tp=tp, rank=rank), gather_output=True)
 
 
-def _shard_block_megatron(block: nn.Module, config, *, tp: int, rank: int) -> None:
+def _shard_block_megatron(block: nn.Module, config: GPTConfig, *, tp: int, rank: int) -> None:
     qkv_rows = local_head_rows(config.d_model, config.n_heads, tp=tp, rank=rank)
     head_columns = contiguous_block(config.d_model, tp=tp, rank=rank)
     block.attn = LocalHeadAttention(
@@ -183,7 +183,8 @@ def _shard_block_megatron(block: nn.Module, config, *, tp: int, rank: int) -> No
     block.ffn.fc1 = ColumnParallelLinear(block.ffn.fc1, ffn_rows, gather_output=False)
 
 
-def local_part_of_grad(name: str, full_grad: torch.Tensor, *, config, mode: str, tp: int, rank: int) -> torch.Tensor:
+def local_part_of_grad(name: str, full_grad: torch.Tensor, *, config: GPTConfig, mode: str, tp: int,
+                       rank: int) -> torch.Tensor:
     """The part of a single-device gradient that parameter ``name`` of the hand-written model holds."""
     leaf = name.rsplit(".", 2)[-2:]  # e.g. ["qkv_proj", "weight"]
     ffn_rows = contiguous_block(config.d_ff, tp=tp, rank=rank)
