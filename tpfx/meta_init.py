@@ -12,6 +12,10 @@ runs normally and only parameters are moved to meta as they are registered::
     gm = tpfx.parallelize(model, tp=2)    # shards are meta too
     tpfx.load_state_dict(gm, "model.safetensors")   # each rank reads only its shards
 
+The same holds for models captured with torch.export (Hugging Face models): build them inside the
+block, then ``tpfx.parallelize(model, tp=2, example_inputs=...)``; the device constants that export
+records from meta weights are turned into the example inputs' device (:mod:`passes.meta_device`).
+
 Each parameter is still created on the CPU first (``nn.Parameter(torch.empty(...))``) and moved at
 once, so at most one parameter exists for real at a time, and ``torch.empty`` touches no pages.
 Initialization code that runs after registration (``reset_parameters``) runs on meta and costs nothing.
