@@ -390,7 +390,6 @@ class _Interpreter:
         self.gm = gm
         self.linear_of = linear_of
         self.modules = dict(gm.named_modules())
-        self.nodes = {node.name: node for node in gm.graph.nodes}
         self.flow = FeatureFlow(Factors(), {}, {})
         self.env: dict[str, Value | Pieces | int] = {}  # int: a poisoned value of that group
         self.ranks: dict[str, int] = {}  # outside node -> its rank, once known

@@ -16,6 +16,10 @@ after (rank r of tp)::
     out_proj_bias = self.out_proj.bias
     y = reduce_from_tp + out_proj_bias                         # the bias once, after the sum
 
+In an exported (ATen) graph a linear is an op on a parameter: the op stays and its parameters are
+replaced by this rank's parts (rows or columns as the weight is stored), and a row linear's bias is
+taken out of its op (``addmm(b, x, w)`` becomes ``mm(x, w)``) and added after the reduce.
+
 Sites that could not be paired keep the column-plus-gather rewrite of :mod:`passes.column_shard`.
 As there, modules and graphs are separate steps, so that further call forms reuse the shards:
 :func:`shard_pair_modules` replaces the modules, :func:`rewrite_pair_graph` rewrites one graph.
