@@ -48,7 +48,7 @@ from tpfx.layers import ShardSpec, shard_range
 
 StateSource = Mapping[str, torch.Tensor] | str | os.PathLike
 
-_CHUNK_BYTES = 64 << 20  # column-sharded tensors are read in row blocks of about this size
+_CHUNK_BYTES = 8 << 20  # column shards and dtype casts go through a scratch buffer of this size
 _MAX_LISTED = 3  # keys named in an error message before "+N more"
 
 
@@ -188,6 +188,7 @@ class _SafetensorsSource:
     def __init__(self, path: Path) -> None:
         self.where = f"safetensors file '{path}'"
         self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
+        self.scratch: torch.Tensor | None = None
         try:
             self.entries = self._read_header()
         except Exception:
@@ -219,45 +220,59 @@ class _SafetensorsSource:
 
     def read_into(self, key: str, spec: ShardSpec | None, out: torch.Tensor) -> None:
         entry = self.entries[key]
-        if not entry.shape:  # a scalar
-            self._read_rows(entry, 0, 1, out)
+        if not entry.shape:  # a scalar: one "row" of one element
+            self._read_rows(entry, 0, 1, out.reshape(1))
         elif spec is None:
             self._read_rows(entry, 0, entry.shape[0], out)
         elif spec.dim == 0:
             for local, start, length in spec.pieces():
                 self._read_rows(entry, start, length, out.narrow(0, local, length))
-        else:
-            self._read_columns(entry, spec, out)
-
-    def _read_columns(self, entry: _Entry, spec: ShardSpec, out: torch.Tensor) -> None:
-        """A shard along dim >= 1: read blocks of whole rows, keep this rank's columns of each."""
-        rows_per_block = max(1, _CHUNK_BYTES // max(1, entry.row_bytes))
-        for first in range(0, entry.shape[0], rows_per_block):
-            count = min(rows_per_block, entry.shape[0] - first)
-            block = torch.empty((count,) + entry.shape[1:], dtype=entry.dtype)
-            self._read_rows(entry, first, count, block)
-            destination = out.narrow(0, first, count)
-            for local, start, length in spec.pieces():
-                destination.narrow(spec.dim, local, length).copy_(block.narrow(spec.dim, start, length))
+        else:  # a shard along dim >= 1: read whole rows a chunk at a time, keep this rank's columns
+            for done, block in self._chunks(entry, 0, entry.shape[0]):
+                destination = out.narrow(0, done, block.shape[0])
+                for local, start, length in spec.pieces():
+                    destination.narrow(spec.dim, local, length).copy_(block.narrow(spec.dim, start, length))
 
     def _read_rows(self, entry: _Entry, first: int, count: int, out: torch.Tensor) -> None:
-        """Rows ``[first, first + count)`` into ``out``: directly when dtype and layout allow, else via a copy."""
-        direct = out.dtype == entry.dtype and out.is_contiguous() and out.device.type == "cpu"
-        buffer = out if direct else torch.empty(out.shape, dtype=entry.dtype)
-        if buffer.numel():
-            view = memoryview(buffer.reshape(-1).view(torch.uint8).numpy())
-            self.file.seek(entry.offset + first * entry.row_bytes)
-            filled = 0
-            while filled < len(view):  # a single read returns at most about 2 GiB
-                got = self.file.readinto(view[filled:])
-                if not got:
-                    raise LoadError(f"{self.where} ends early; fix: the file is truncated, write it again")
-                filled += got
-        if not direct:
-            out.copy_(buffer)
+        """Rows ``[first, first + count)`` into ``out``: straight into it when dtype and layout allow."""
+        if out.dtype == entry.dtype and out.is_contiguous() and out.device.type == "cpu":
+            self._fill(out, entry.offset + first * entry.row_bytes)
+            return
+        for done, block in self._chunks(entry, first, count):  # cast or copy through the scratch buffer
+            out.narrow(0, done, block.shape[0]).copy_(block)
+
+    def _chunks(self, entry: _Entry, first: int, count: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """Rows ``[first, first + count)`` a chunk at a time: (rows done before it, the chunk in the scratch)."""
+        per_chunk = max(1, _CHUNK_BYTES // max(1, entry.row_bytes))
+        for done in range(0, count, per_chunk):
+            rows = min(per_chunk, count - done)
+            block = self._scratch(rows * entry.row_bytes).view(entry.dtype).view((rows,) + entry.shape[1:])
+            self._fill(block, entry.offset + (first + done) * entry.row_bytes)
+            yield done, block
+
+    def _scratch(self, nbytes: int) -> torch.Tensor:
+        # one buffer reused for every chunk: fresh temporaries between the loaded tensors would leave
+        # holes in the heap that the process keeps as resident memory
+        if self.scratch is None or self.scratch.numel() < nbytes:
+            self.scratch = torch.empty(max(nbytes, _CHUNK_BYTES), dtype=torch.uint8)
+        return self.scratch[:nbytes]
+
+    def _fill(self, tensor: torch.Tensor, offset: int) -> None:
+        """Read ``tensor``'s bytes (contiguous, on the CPU) from ``offset`` in the file."""
+        if not tensor.numel():
+            return
+        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+        self.file.seek(offset)
+        filled = 0
+        while filled < len(view):  # a single read returns at most about 2 GiB
+            got = self.file.readinto(view[filled:])
+            if not got:
+                raise LoadError(f"{self.where} ends early; fix: the file is truncated, write it again")
+            filled += got
 
     def close(self) -> None:
         self.file.close()
+        self.scratch = None
 
 
 def _open_source(source: StateSource) -> _Source:
