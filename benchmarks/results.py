@@ -100,7 +100,8 @@ def _pass_table(pass_cost: dict) -> list[str]:
     extra = [(key, label) for key, label in (("megatron_total_s", "megatron mode total"),
                                              ("export_path_total_s", "total, tracer='export'"))
              if all(key in row for row in rows)]
-    lines = ["## Pass cost: parallelize(tp=2, rank=0) on a meta-device GPT (GPT-3 175B shape at 96 layers), s", "",
+    lines = ["## Pass cost: parallelize(tp=2, rank=0) on a meta-device GPT (GPT-3 175B shape at 96 layers)", "",
+             "CPU seconds of the process (equal to wall time on an idle machine; not inflated by other load).", "",
              "| layers | total | capture | after capture | of which find_sites | torch.export alone |"
              + "".join(f" {label} |" for _, label in extra), "|---:" * (6 + len(extra)) + "|"]
     for row in rows:
@@ -161,6 +162,6 @@ def _plot_pass(axis, pass_cost: dict) -> None:
         if all(row.get(key) is not None for row in rows):
             axis.plot(layers, [row[key] for row in rows], marker="o", label=label)
     axis.set_xlabel("layers (GPT-3 175B shape, meta device)")
-    axis.set_ylabel("seconds")
+    axis.set_ylabel("CPU seconds")
     axis.set_title("pass cost")
     axis.legend(fontsize=7)
