@@ -14,16 +14,17 @@ Saving (the original model's keys and shapes)::
 
 Which part of a full tensor a rank holds is the sharded layer's business: every sharded layer has
 ``shard_spec(param_name) -> ShardSpec | None`` (see :class:`tpfx.layers.ShardSpec`). A parameter that
-a pass sliced in place (a functional linear of an exported graph) has its spec in the program (see
-:func:`in_place_shard_specs`). Every other parameter is replicated. The checkpoint is checked against the program (missing, unexpected
-and mis-shaped keys) before a single tensor is loaded.
+a pass sliced in place (a functional linear of an exported graph) has its spec in the program's
+records (see :func:`in_place_shard_specs`). Every other parameter is replicated. The checkpoint is
+checked against the program (missing, unexpected and mis-shaped keys) before a single tensor is loaded.
 
 Sources: a state dict; a ``torch.save`` file (opened with ``mmap=True``); a ``.safetensors`` file.
 A safetensors file is read without mmap, on purpose: pages of a mapped file count in the process's
 resident memory for as long as the mapping lives, so reading through a mapping holds every touched
-byte twice (mapped page + tensor). tpfx reads each tensor's header once and then ``readinto`` each
-rank's byte ranges straight into the destination tensor: peak memory is the rank's own tensors plus
-one chunk.
+byte twice (mapped page + tensor). tpfx reads the file's JSON header, then ``readinto`` each rank's
+byte ranges straight into the destination tensor, one tensor at a time: peak memory is the rank's
+own tensors plus one 8 MB scratch buffer (for column shards and dtype casts). A ``torch.save`` file
+is memory-mapped by ``torch.load``, so its touched pages stay resident until the load returns.
 """
 
 from __future__ import annotations
