@@ -26,6 +26,7 @@ class MegatronReport(Report):
     pairs: tuple[Pair, ...] = ()
     fallbacks: tuple[Fallback, ...] = ()
     row_collectives: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    rows_with_bias: tuple[str, ...] = ()
 
     def sites_table(self) -> list[dict[str, object]]:
         """The column sites (as in gather mode), then each pair's row-parallel linear."""
@@ -51,9 +52,10 @@ class MegatronReport(Report):
             pair = rows.get(row["module"])
             if pair is not None:
                 columns = ", ".join(f"'{s.module_path}'" for s in pair.columns)
+                bias = ", bias added once after the sum" if pair.row_module_path in self.rows_with_bias else ""
                 row = row | {"sharded": True, "role": "row", "reason": (
                     f"row-parallel partner of {columns}: input columns {pair.row_layout.describe()} (* split), "
-                    "all-reduce after, bias added once after the sum")}
+                    f"all-reduce after{bias}")}
             elif row["module"] in why:
                 row = row | {"reason": why[row["module"]]}
             decisions.append(row)
@@ -66,5 +68,7 @@ def megatron_report(report: Report, gm: fx.GraphModule, model: nn.Module, pairin
     fields = {f.name: getattr(report, f.name) for f in dataclasses.fields(Report)}
     fields["site_bytes_single"] += sum(parameter_bytes(model.get_submodule(path)) for path in rows)
     fields["site_bytes_rank"] += sum(parameter_bytes(gm.get_submodule(path)) for path in rows)
+    with_bias = tuple(p.row_module_path for p in pairing.pairs
+                      if p.row_bias_name or (not p.row_weight_name and gm.get_submodule(p.row_module_path).bias is not None))
     return MegatronReport(**fields, pairs=pairing.pairs, fallbacks=pairing.fallbacks,
-                          row_collectives=_collectives_by_module(gm, set(rows)))
+                          row_collectives=_collectives_by_module(gm, set(rows)), rows_with_bias=with_bias)
