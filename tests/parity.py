@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from tpfx.layers import ColumnParallelLinear, RowParallelLinear
+from tpfx.checkpoint import parameter_shard_specs
 
 
 def max_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
@@ -20,12 +20,11 @@ def max_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
 def grad_diffs(program: nn.Module, reference: nn.Module) -> dict[str, float]:
     """For every parameter of ``program``: max |grad - matching part of the single-device grad|."""
     full = dict(reference.named_parameters())
+    specs = parameter_shard_specs(program)
     diffs = {}
     for name, parameter in program.named_parameters():
-        owner_path, _, leaf = name.rpartition(".")
-        owner = program.get_submodule(owner_path)
         expected = full[name].grad
-        if isinstance(owner, (ColumnParallelLinear, RowParallelLinear)) and expected is not None:
-            expected = owner.local_part(expected)
+        if name in specs and expected is not None:
+            expected = specs[name].take(expected)
         diffs[name] = max_diff(parameter.grad, expected)
     return diffs

@@ -408,3 +408,22 @@ def test_meta_device_constants_are_retargeted_to_the_inputs_device():
     assert len(replaced) == 2 and not find_meta_device_constants(gm)
     assert torch.equal(gm(2), torch.tensor([1.0, 2.0]))  # runs on the CPU now
     assert device_of_inputs((1, "a")) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("mode", ["gather", "megatron"])
+def test_parameter_shard_specs_cover_layers_and_in_place_slices(mode):
+    """Every parameter whose local shape differs from the full one has a spec, and the spec explains it."""
+    from examples.hf_models import build, example_inputs
+
+    for model, options in ((GPTModel(small_config(n_layers=1)), {}),
+                           (build("gpt2"), {"example_inputs": example_inputs()})):
+        gm = tpfx.parallelize(model, tp=2, rank=1, mode=mode, **options)
+        specs = tpfx.parameter_shard_specs(gm)
+        full = dict(model.named_parameters())
+        for name, parameter in gm.named_parameters():
+            if name in specs:
+                assert specs[name].take(full[name]).shape == parameter.shape, name
+                assert torch.equal(specs[name].take(full[name]), parameter), name
+            else:
+                assert parameter.shape == full[name].shape, f"{name} is sharded but has no spec"
+        assert len(specs) >= 4

@@ -317,6 +317,15 @@ def test_verify_passes_on_the_example_gpt():
     assert done.stdout.rstrip().splitlines()[-1] == "PASS: 7 of 7 tensor groups within tolerance"
 
 
+def test_verify_passes_on_an_exported_hugging_face_model_in_megatron_mode():
+    # the sharded parameters of an exported program are sliced in place: no layer knows their shard
+    done = tpfx_command("verify", "examples/hf_models.py:tiny_gpt2", "--tp", "2", "--mode", "megatron")
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = table_rows(done.stdout, "tensor group")
+    assert {"grad sharded qkv", "grad sharded fc1"} <= set(rows)
+    assert all(row[-1] == "PASS" and float(row[2]) <= 1e-5 for row in rows.values())
+
+
 def test_verify_fails_when_the_program_computes_something_else(models):
     # the model multiplies by 1.01 only when traced, so tpfx's program really differs from it
     done = tpfx_command("verify", f"{models}:traced_differs", "--tp", "2", "--batch", "3", "--seq", "4",

@@ -103,6 +103,18 @@ def _shard_spec_of(module: nn.Module, key: str, in_place: dict[str, ShardSpec]) 
     return in_place.get(key)
 
 
+def parameter_shard_specs(gm: nn.Module) -> dict[str, ShardSpec]:
+    """Every sharded parameter of a program, by qualified name: where it lies in the full tensor.
+
+    Covers sharded layers (their ``shard_spec``) and parameters a pass sliced in place (functional
+    linears of exported graphs); parameters not listed are replicated. ``spec.take(full)`` gives a
+    rank's part of a full tensor or of its gradient, e.g. to compare with a single-device model.
+    """
+    in_place = in_place_shard_specs(gm)
+    specs = {name: _shard_spec_of(gm, name, in_place) for name, _ in gm.named_parameters()}
+    return {name: spec for name, spec in specs.items() if spec is not None}
+
+
 def _targets(module: nn.Module) -> list[_Target]:
     """The program's state-dict tensors, tied keys grouped, in state-dict order."""
     keys_of: dict[int, list[str]] = {}

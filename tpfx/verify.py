@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from tpfx.checkpoint import parameter_shard_specs
 from tpfx.errors import ConfigError
 from tpfx.launch import launch
 from tpfx.targets import load_target, parallelize_target
@@ -125,12 +126,13 @@ def _verify_rank(rank: int, world_size: int, spec: str, options: VerifyOptions) 
         _accumulate(figures, name, parallel_outputs.get(name), single)
     sites = {site.module_path: site.role for site in program.tpfx_report.sites}
     full = dict(reference.named_parameters())
+    specs = parameter_shard_specs(program)
     for name, parameter in program.named_parameters():
         owner_path = name.rpartition(".")[0]
         owner = program.get_submodule(owner_path)
         expected = full[name].grad
-        if hasattr(owner, "local_part") and expected is not None:
-            expected = owner.local_part(expected)  # this rank's part of the full gradient
+        if name in specs and expected is not None:
+            expected = specs[name].take(expected)  # this rank's part of the full gradient
         group = (f"grad sharded {sites.get(owner_path, type(owner).__name__)}" if owner_path in sites
                  else f"grad {type(owner).__name__}")
         _accumulate(figures, group, parameter.grad, expected)
