@@ -217,6 +217,15 @@ def test_dump_json_of_a_user_model_carries_the_same_content(models):
     assert memory["single_device_bytes"] - memory["rank_bytes"] == memory["sharded_linears_rank_bytes"]
 
 
+@pytest.mark.parametrize("mode", ["gather", "megatron"])
+def test_dump_names_the_mode_and_the_tracer(capsys, mode):
+    code, out, _ = run_main(capsys, "dump", GPT, "--mode", mode, "--format", "json")
+    document = json.loads(out)
+    assert code == 0 and (document["mode"], document["tracer"]) == (mode, "fx")
+    code, out, _ = run_main(capsys, "dump", GPT, "--mode", mode, "--no-color")
+    assert f"{mode} mode, captured with fx" in out.splitlines()[0]
+
+
 def test_dump_diff_text_and_dot_file(capsys, models, tmp_path):
     code, out, _ = run_main(capsys, "dump", f"{models}:tiny_lm", "--diff")
     assert code == 0

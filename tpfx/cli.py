@@ -165,7 +165,8 @@ def dump_document(args: argparse.Namespace) -> tuple[dict[str, object], tpfx.Ten
         graph["diff"] = _graph_diff(target.model, program)
     return {
         "schema_version": SCHEMA_VERSION, "command": "dump", "target": args.target, "model": report.model_name,
-        "tp": report.tp, "rank": report.rank, "group": report.group, "options": _passthrough(args),
+        "tp": report.tp, "rank": report.rank, "group": report.group, "mode": report.mode, "tracer": report.tracer,
+        "options": _passthrough(args),
         "sites": report.sites_table(),
         "replicated": [row for row in report.linear_decisions() if not row["sharded"]],
         "graph": graph,
@@ -202,7 +203,7 @@ def _run_dump(args: argparse.Namespace, style: _Style) -> int:
 
 def _dump_text(document: dict, style: _Style) -> list[str]:
     head = (f"tpfx dump {document['target']}: {document['model']}, rank {document['rank']} of tp={document['tp']} "
-            f"(group {document['group']})")
+            f"(group {document['group']}), {document['mode']} mode, captured with {document['tracer']}")
     lines = [style(head, "bold"), "", style(f"Sites ({len(document['sites'])})", "bold")]
     lines += _table(("module", "role", "weight", "shard", "collectives"),
                     [(s["module"], s["role"], _shape(s["weight"]), _shape(s["shard"]), ", ".join(s["collectives"]))

@@ -22,7 +22,6 @@ from tpfx.report import Report, _collectives_by_module, parameter_bytes, role_re
 class MegatronReport(Report):
     """A :class:`Report` with the pairing; ``mode`` is ``"megatron"``."""
 
-    mode: str = "megatron"
     pairs: tuple[Pair, ...] = ()
     fallbacks: tuple[Fallback, ...] = ()
     row_collectives: tuple[tuple[str, tuple[str, ...]], ...] = ()
@@ -65,7 +64,7 @@ class MegatronReport(Report):
 def megatron_report(report: Report, gm: fx.GraphModule, model: nn.Module, pairing: Pairing) -> MegatronReport:
     """Extend the gather-mode ``report`` of ``gm`` with ``pairing``; row linears count as sharded bytes."""
     rows = [p.row_module_path for p in pairing.pairs]
-    fields = {f.name: getattr(report, f.name) for f in dataclasses.fields(Report)}
+    fields = {f.name: getattr(report, f.name) for f in dataclasses.fields(Report)} | {"mode": "megatron"}
     fields["site_bytes_single"] += sum(parameter_bytes(model.get_submodule(path)) for path in rows)
     fields["site_bytes_rank"] += sum(parameter_bytes(gm.get_submodule(path)) for path in rows)
     with_bias = tuple(p.row_module_path for p in pairing.pairs

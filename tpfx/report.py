@@ -33,6 +33,7 @@ class Report:
     collectives_by_module: tuple[tuple[str, tuple[str, ...]], ...] = ()  # sharded module -> collectives next to it
     tracer: str = "fx"  # how the model was captured: "fx" or "export"
     tracer_note: str = ""  # why tracer="auto" chose export, and which dims stayed dynamic
+    mode: str = "gather"  # the parallelization mode; MegatronReport says "megatron"
 
     def sites_table(self) -> list[dict[str, object]]:
         """One row per site: module path, role, full weight shape, shard shape, collectives around it."""
