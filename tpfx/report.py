@@ -72,7 +72,7 @@ def role_reason(role: str) -> str:
         names = [_OPERANDS[letter] for letter in role]
         operands = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
         plural = "s" if len(names) > 1 else ""
-        return f"its output reaches the {operands} operand{plural} of an attention through shape and indexing ops only"
+        return f"its output reaches the {operands} operand{plural} of an attention through head-local ops only (shape, indexing, rotary and other per-head elementwise ops)"
     return f"sharded as role '{role}'"
 
 
