@@ -33,6 +33,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tpfx.collectives import COLLECTIVES
 from tpfx.errors import TpfxError
+from tpfx.program import TensorParallelModule
 
 
 class CommTableError(TpfxError):
@@ -113,14 +114,8 @@ def _row_dict(row: CommRow) -> dict[str, Any]:
 
 def graph_module_for_call(program: fx.GraphModule, inputs: dict[str, object]) -> fx.GraphModule:
     """The GraphModule that ``program(**inputs)`` runs: for a TensorParallelModule, the graph of that call form."""
-    forms = program.__dict__.get("_tpfx_forms")
-    if forms is None:
-        return program
-    from tpfx.capture import call_form_of  # only TensorParallelModule programs need it
-
-    form = call_form_of(forms.signature, (), inputs, training=program.training)
     # TensorParallelModule traces and rewrites each call form on first use; ask it for that graph
-    return program if form == forms.primary else program._module_for(forms, form)
+    return program.module_for_call(**inputs) if isinstance(program, TensorParallelModule) else program
 
 
 def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -> CommTable:

@@ -41,9 +41,10 @@ def test_program_builds_each_call_form_once_and_shares_parameters():
     torch.manual_seed(0)
     model = GPTModel(small_config(n_layers=1)).eval()
     gm = tpfx.parallelize(model, tp=2, rank=0)
-    forms = gm.__dict__["_tpfx_forms"]
-    built = gm._module_for(forms, CallForm(frozenset({"labels"}), training=False))
-    assert built is gm._module_for(forms, CallForm(frozenset({"labels"}), training=False))
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    built = gm.module_for_call(ids, ids)
+    assert built is not gm and built is gm.module_for_call(ids, attention_mask=ids, labels=None)
+    assert gm.module_for_call(ids, ids, ids) is gm
     assert {id(p) for p in built.parameters()} <= {id(p) for p in gm.parameters()}
     assert "labels has been specialized to have value None" in built.code
     assert "attention_mask has been specialized" not in built.code

@@ -49,14 +49,23 @@ class TensorParallelModule(fx.GraphModule):
         forms = self.__dict__.get("_tpfx_forms")
         return [forms.primary, *forms.built] if forms else []
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def module_for_call(self, *args: Any, **kwargs: Any) -> fx.GraphModule:
+        """The GraphModule that ``self(*args, **kwargs)`` runs: this one, or the one traced for that call form.
+
+        Raises:
+            ConfigError: the arguments do not fit the model's forward signature.
+        """
         forms: _Forms | None = self.__dict__.get("_tpfx_forms")
         if forms is None:
-            return super().__call__(*args, **kwargs)
+            return self
         form = call_form_of(forms.signature, args, kwargs, training=self.training)
-        if form == forms.primary:
+        return self if form == forms.primary else self._module_for(forms, form)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        module = self.module_for_call(*args, **kwargs)
+        if module is self:
             return super().__call__(*args, **kwargs)
-        return self._module_for(forms, form)(*args, **kwargs)
+        return module(*args, **kwargs)
 
     def _module_for(self, forms: _Forms, form: CallForm) -> fx.GraphModule:
         if form not in forms.built:
