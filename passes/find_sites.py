@@ -174,6 +174,7 @@ def find_sites(gm: fx.GraphModule, *, tp: int) -> SiteFinding:
     view = to_networkx(gm)
     attentions = find_attentions(view)
     tied = _tied_parameters(gm)
+    reads = _parameter_reads(view)
     sites: list[Site] = []
     replicated: list[Replicated] = []
     seen: set[str] = set()
@@ -188,7 +189,7 @@ def find_sites(gm: fx.GraphModule, *, tp: int) -> SiteFinding:
         shared = tied.get(linear.weight_name or f"{linear.module_path}.weight")
         if role and shared:
             role, reason = None, f"its weight is shared with '{shared}' (tied); sharding would untie it"
-        elif role and (elsewhere := _other_uses(view, linear)):
+        elif role and (elsewhere := _other_uses(view, linear, reads)):
             role, reason = None, (f"its weight or bias is also read by node {elsewhere}, which is not a linear; "
                                   "sharding would change what that node sees")
         if role:
@@ -208,14 +209,21 @@ def _describe_linear(gm: fx.GraphModule, view: nx.DiGraph, node: fx.Node) -> _Li
     return _Linear(functional.weight, owner, weight, functional.layout, functional.weight, functional.bias or "")
 
 
-def _other_uses(view: nx.DiGraph, linear: _Linear) -> str:
+def _parameter_reads(view: nx.DiGraph) -> dict[str, list[fx.Node]]:
+    """get_attr nodes by the parameter they read: built once, so each linear's look-up is not a graph scan."""
+    reads: dict[str, list[fx.Node]] = {}
+    for data in view.nodes.values():
+        if data["op"] == "get_attr":
+            reads.setdefault(str(data["fx"].target), []).append(data["fx"])
+    return reads
+
+
+def _other_uses(view: nx.DiGraph, linear: _Linear, reads: dict[str, list[fx.Node]]) -> str:
     """The first node that reads the linear's parameters other than as a linear's weight/bias ("" if none)."""
     path = linear.module_path
     names = {linear.weight_name, linear.bias_name} - {""} or {f"{path}.weight", f"{path}.bias"}
-    for data in view.nodes.values():
-        if data["op"] != "get_attr" or data["fx"].target not in names:
-            continue
-        for user in data["fx"].users:
+    for getter in (node for name in sorted(names) for node in reads.get(name, ())):
+        for user in getter.users:
             kind = view.nodes[user.name]["kind"]
             readers = [user] if kind == LINEAR else list(user.users)  # a transpose's readers must be linears
             if kind not in (LINEAR, SHAPE) or any(view.nodes[r.name]["linear"] is None for r in readers):
