@@ -43,6 +43,7 @@ class ModelSize:
     vocab_size: int
     batch: int
     seq: int
+    rounds_factor: int = 1  # short steps are the noisiest: time this many times more rounds of them
 
     def config(self) -> GPTConfig:
         """The example GPT's config, dropout off (every variant then computes the same numbers)."""
@@ -50,7 +51,8 @@ class ModelSize:
                          n_heads=self.n_heads, d_model=self.d_model, d_ff=self.d_ff, dropout=0.0)
 
 
-SMALL = ModelSize("small", n_layers=2, n_heads=4, d_model=128, d_ff=512, vocab_size=10000, batch=2, seq=16)
+SMALL = ModelSize("small", n_layers=2, n_heads=4, d_model=128, d_ff=512, vocab_size=10000, batch=2, seq=16,
+                  rounds_factor=4)
 MEDIUM = ModelSize("medium", n_layers=4, n_heads=8, d_model=256, d_ff=1024, vocab_size=10000, batch=4, seq=64)
 LARGE = ModelSize("large", n_layers=4, n_heads=8, d_model=512, d_ff=2048, vocab_size=10000, batch=4, seq=64)
 
@@ -141,7 +143,8 @@ def measure_size(size: ModelSize, spec: StepSpec) -> dict:
     for _ in range(spec.warmup - 1):  # the loss check above was the first warm-up step
         for model in variants.values():
             training_step(model, input_ids)
-    return {"loss_diff": loss_diff, "traffic": traffic, "times": _time_rounds(variants, input_ids, spec.rounds)}
+    times = _time_rounds(variants, input_ids, spec.rounds * size.rounds_factor)
+    return {"loss_diff": loss_diff, "traffic": traffic, "times": times}
 
 
 def rank_worker(rank: int, world_size: int, spec: StepSpec) -> dict[str, dict]:
