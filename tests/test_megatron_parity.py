@@ -22,9 +22,7 @@ from passes.comm_table import comm_table
 from tests.multiprocess import run_ranks
 from tests.parity import grad_diffs, max_diff
 from tests.test_local_heads import WIDTH, FusedLastDim, Grouped, HeadMixing, Interleaved
-from passes.row_shard import pair_parameter_specs
 from tpfx.collectives import add_observer
-from tpfx.layers import shard_range
 
 HAVE_HF = importlib.util.find_spec("transformers") is not None
 
@@ -130,26 +128,10 @@ def _hf(tp: int, rank: int) -> dict:
         ref.loss.backward()
         par.loss.backward()
         diffs = {"logits": max_diff(par.logits, ref.logits), "loss": max_diff(par.loss, ref.loss)}
-        full = dict(reference.named_parameters())
-        for key, parameter in gm.named_parameters():
-            diffs[f"grad {key}"] = max_diff(parameter.grad, _local_grad(gm, key, full[key].grad, tp, rank))
+        diffs.update({f"grad {key}": value for key, value in grad_diffs(gm, reference).items()})
         result[name] = {"diffs": diffs, "pairs": len(gm.tpfx_pairing.pairs),
                         "fallbacks": [f.reason for f in gm.tpfx_pairing.fallbacks]}
     return result
-
-
-def _local_grad(gm: nn.Module, key: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
-    """This rank's part of a single-device gradient: pair specs, fallback column slices, or a layer's part."""
-    specs = pair_parameter_specs(gm.tpfx_pairing, tp=tp, rank=rank)
-    if key in specs:
-        return full if specs[key] is None else specs[key].take(full)
-    for site in gm.tpfx_pairing.fallback_sites:
-        dim = site.shard_dim if key == site.weight_name else 0 if key == site.bias_name else None
-        if dim is not None:
-            start, stop = shard_range(full.shape[dim], tp, rank)
-            return full.narrow(dim, start, stop - start)
-    owner = gm.get_submodule(key.rpartition(".")[0])
-    return owner.local_part(full) if hasattr(owner, "local_part") else full
 
 
 def _world(rank: int, world_size: int) -> dict:

@@ -91,10 +91,6 @@ class ColumnParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
 
-    def local_part(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a full-size weight or bias (or of its gradient): the same rows."""
-        start, stop = shard_range(self.full_out_features, self.tp, self.rank)
-        return full[start:stop]
 
     def shard_spec(self, param_name: str) -> ShardSpec | None:
         """How ``weight`` or ``bias`` maps to the full Linear's tensor: the same rows of dim 0 for both."""
@@ -133,9 +129,6 @@ class BlockColumnParallelLinear(ColumnParallelLinear):
         self.weight = _owned_part(linear.weight, spec)
         self.bias = None if linear.bias is None else _owned_part(linear.bias, spec)
 
-    def local_part(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a full-size weight or bias (or of its gradient): the same row blocks."""
-        return self.spec.take(full)
 
     def shard_spec(self, param_name: str) -> ShardSpec | None:
         """``weight`` and ``bias`` both hold the row blocks of ``spec`` (dim 0)."""
@@ -170,9 +163,6 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight)
 
-    def local_part(self, full: torch.Tensor) -> torch.Tensor:
-        """This rank's part of a full-size weight (its columns) or bias (all of it), or of their gradients."""
-        return self.spec.take(full) if full.dim() == 2 else full
 
     def shard_spec(self, param_name: str) -> ShardSpec | None:
         """``weight``: the column blocks of ``spec`` (dim 1); ``bias``: None (replicated)."""
