@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tpfx.errors import CaptureError, ConfigError
+from tpfx.errors import CaptureError, ConfigError, one_line
 
 
 @dataclass(frozen=True)
@@ -111,10 +111,9 @@ def capture(model: nn.Module, form: CallForm | None = None, *,
         if tracer.failed_in is not None:
             path, module = tracer.failed_in
             where = f"module '{path or '<root>'}' ({type(module).__name__})"
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CaptureError(
             f"cannot capture {type(model).__name__} with torch.fx ({form.describe()}): {where} failed: "
-            f"{type(error).__name__}: {reason}. Fix: make that code traceable (no Python branches on tensor "
+            f"{one_line(error)}. Fix: make that code traceable (no Python branches on tensor "
             "values, no iteration over tensors), or wrap it in a module tpfx treats as a leaf"
         ) from error
     finally:

@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from passes.row_shard import pair_parameter_specs
 from tpfx.collectives import _group as bound_group  # the process group behind a program's group key
-from tpfx.errors import ConfigError, LoadError
+from tpfx.errors import ConfigError, LoadError, first_line
 from tpfx.layers import ShardSpec, shard_range
 
 StateSource = Mapping[str, torch.Tensor] | str | os.PathLike
@@ -305,8 +305,7 @@ def _open_source(source: StateSource) -> _Source:
     try:
         loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as error:  # mmap needs the zip format; old files and foreign files land here
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise LoadError(f"cannot read '{path}' with torch.load(mmap=True, weights_only=True): {reason}; fix: "
+        raise LoadError(f"cannot read '{path}' with torch.load(mmap=True, weights_only=True): {first_line(error)}; fix: "
                         "save a state dict with torch.save(model.state_dict(), path), or use .safetensors") from None
     if not isinstance(loaded, Mapping):
         raise LoadError(f"'{path}' holds a {type(loaded).__name__}, not a state dict; fix: save "

@@ -24,3 +24,13 @@ class ConfigError(TpfxError):
 
 class LoadError(TpfxError):
     """A checkpoint does not match the parallelized program."""
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name when the message is empty)."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message`` of a third-party exception, for tpfx's one-line errors."""
+    return f"{type(error).__name__}: {first_line(error)}"

@@ -29,7 +29,7 @@ import torch.nn as nn
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from tpfx.capture import CallForm, call_form_of, capture, forward_signature, meta_skeleton
-from tpfx.errors import CaptureError, ConfigError
+from tpfx.errors import CaptureError, ConfigError, one_line
 from tpfx.program import TensorParallelModule
 
 TRACERS = ("auto", "fx", "export")
@@ -132,10 +132,9 @@ def export_capture(model: nn.Module, example_inputs: ExampleInputs) -> Exported:
     try:
         program = torch.export.export(model, (), example, dynamic_shapes=_dynamic_shapes(example), strict=False)
     except Exception as error:  # export raises many types; each becomes one line naming the model
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise CaptureError(
             f"cannot capture {type(model).__name__} with torch.export ({form.describe()}): "
-            f"{type(error).__name__}: {reason}. Fix: make that code exportable (no branches on tensor values; "
+            f"{one_line(error)}. Fix: make that code exportable (no branches on tensor values; "
             "see torch.export's troubleshooting), or try other example_inputs"
         ) from error
     gm = program.module()

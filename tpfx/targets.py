@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from tpfx.capture import CallForm, capture, optional_parameters
-from tpfx.errors import CaptureError, TpfxError
+from tpfx.errors import CaptureError, TpfxError, first_line, one_line
 
 
 class TargetError(TpfxError):
@@ -127,7 +127,7 @@ def load_target(spec: str) -> Target:
     try:
         produced = factory()
     except Exception as error:  # any failure of user code becomes one line naming the factory
-        raise TargetError(f"factory {spec!r} raised {type(error).__name__}: {_first_line(error)}; "
+        raise TargetError(f"factory {spec!r} raised {one_line(error)}; "
                           "fix the factory so that it returns a model") from error
     model, example = produced if isinstance(produced, tuple) and len(produced) == 2 else (produced, None)
     if not isinstance(model, nn.Module):
@@ -167,7 +167,7 @@ def _import_file(path_text: str, spec: str) -> object:
         module_spec.loader.exec_module(module)
     except Exception as error:  # the user's file; one line with its error
         del sys.modules[name]
-        raise TargetError(f"importing {path_text!r} raised {type(error).__name__}: {_first_line(error)}; "
+        raise TargetError(f"importing {path_text!r} raised {one_line(error)}; "
                           "fix the file so that it imports") from error
     return module
 
@@ -176,14 +176,10 @@ def _import_module(name: str, spec: str) -> object:
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as error:
-        raise TargetError(f"module {name!r} of TARGET {spec!r} cannot be found ({_first_line(error)}); "
+        raise TargetError(f"module {name!r} of TARGET {spec!r} cannot be found ({first_line(error)}); "
                           "install it or give a path/to/file.py") from error
     except Exception as error:  # the user's module
-        raise TargetError(f"importing module {name!r} raised {type(error).__name__}: {_first_line(error)}") from error
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise TargetError(f"importing module {name!r} raised {one_line(error)}") from error
 
 
 def _recipes_from_example(model: nn.Module, example: object, spec: str) -> tuple[ArgumentRecipe, ...]:
