@@ -76,15 +76,18 @@ class FeatureLayout:
         """This rank's ``[start, stop)`` blocks of the feature dim, merged where they touch."""
         if self.shard_axis is None:
             return ((0, self.size),)
-        kept = self.factor_sizes[self.shard_axis] // tp
-        index = torch.arange(self.size).view(self.factor_sizes)
-        mine = index.narrow(self.shard_axis, rank * kept, kept).reshape(-1).tolist()
+        # row-major: each combination of the outer factors holds one block of this rank's slice of the
+        # sharded factor times everything inner to it; arithmetic, since d_ff-sized index lists are slow
+        axis = self.factor_sizes[self.shard_axis]
+        outer = math.prod(self.factor_sizes[:self.shard_axis])
+        inner = math.prod(self.factor_sizes[self.shard_axis + 1:])
+        length = axis // tp * inner
         blocks: list[list[int]] = []
-        for row in mine:
-            if blocks and blocks[-1][1] == row:
-                blocks[-1][1] = row + 1
+        for start in (o * axis * inner + rank * length for o in range(outer)):
+            if blocks and blocks[-1][1] == start:
+                blocks[-1][1] = start + length
             else:
-                blocks.append([row, row + 1])
+                blocks.append([start, start + length])
         return tuple((start, stop) for start, stop in blocks)
 
     def describe(self) -> str:

@@ -134,24 +134,46 @@ def pair_sites(gm: fx.GraphModule, finding: SiteFinding, *, tp: int) -> Pairing:
     """
     linear_of = graph_linears(gm)
     flow = analyze_feature_flow(gm, [site.node_name for site in finding.sites], linear_of=linear_of)
+    index = _GraphIndex.of(gm, linear_of)
     groups: dict[int, list[Site]] = {}
     for site in finding.sites:
         groups.setdefault(flow.group_of(flow.root_groups[site.node_name]), []).append(site)
     pairs, fallbacks = [], []
     for group, sites in groups.items():
         try:
-            pairs.append(_pair_group(gm, flow, group, sites, tp, linear_of))
+            pairs.append(_pair_group(flow, group, sites, tp, index))
         except _NoPair as why:
             fallbacks.append(Fallback(tuple(sites), str(why)))
     return Pairing(tuple(pairs), tuple(fallbacks))
 
 
-def _pair_group(gm: fx.GraphModule, flow: FeatureFlow, group: int, sites: list[Site], tp: int,
-                linear_of: LinearOf) -> Pair:
+@dataclass(frozen=True)
+class _GraphIndex:
+    """What pairing looks up for every group, read off the graph once (a scan per group is quadratic)."""
+
+    calls: dict[str, list[tuple[fx.Node, LinearCall]]]  # linear key -> its applications, in graph order
+    weights: dict[str, object]  # linear key -> its weight parameter
+    names_per_parameter: dict[int, int]  # id(parameter) -> how many qualified names reach it
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule, linear_of: LinearOf) -> _GraphIndex:
+        calls: dict[str, list[tuple[fx.Node, LinearCall]]] = {}
+        for node in gm.graph.nodes:
+            if (found := linear_of(node)) is not None:
+                calls.setdefault(found.key, []).append((node, found))
+        weights = {key: gm.get_parameter(found.key) if found.functional else gm.get_submodule(found.key).weight
+                   for key, ((_, found), *_) in calls.items()}
+        names: dict[int, int] = {}
+        for _, parameter in gm.named_parameters(remove_duplicate=False):
+            names[id(parameter)] = names.get(id(parameter), 0) + 1
+        return cls(calls, weights, names)
+
+
+def _pair_group(flow: FeatureFlow, group: int, sites: list[Site], tp: int, index: _GraphIndex) -> Pair:
     poisoned = [why for g, why in flow.poisoned.items() if flow.group_of(g) == group]
     if poisoned:
         raise _NoPair(poisoned[0])
-    row_node, row, row_dim = _partner(gm, flow, group, sites, linear_of)
+    row_node, row, row_dim = _partner(flow, group, sites, index)
     leaves = _leaf_factors(flow, row_dim, row.key)
     if _product(flow, leaves) != row.in_features:
         raise _NoPair(f"the input of '{row.key}' is not exactly the features of {_paths(sites)}")
@@ -170,8 +192,7 @@ def _pair_group(gm: fx.GraphModule, flow: FeatureFlow, group: int, sites: list[S
         row_bias_name=row.bias, row_weight_layout=row.layout)
 
 
-def _partner(gm: fx.GraphModule, flow: FeatureFlow, group: int, sites: list[Site],
-             linear_of: LinearOf) -> tuple[fx.Node, LinearCall, Dim]:
+def _partner(flow: FeatureFlow, group: int, sites: list[Site], index: _GraphIndex) -> tuple[fx.Node, LinearCall, Dim]:
     """The one linear the group's values reach, and the parts of its input's feature dim."""
     reached = [(key, dim) for g, rows in flow.rows.items() if flow.group_of(g) == group for _, key, dim in rows]
     keys = sorted({key for key, _ in reached})
@@ -179,18 +200,12 @@ def _partner(gm: fx.GraphModule, flow: FeatureFlow, group: int, sites: list[Site
         raise _NoPair(f"the output of {_paths(sites)} reaches no other linear as its input")
     if len(keys) > 1:
         raise _NoPair(f"the output of {_paths(sites)} reaches several linears ({', '.join(keys)}), not one")
-    calls = [(node, found) for node in gm.graph.nodes if (found := linear_of(node)) is not None and found.key == keys[0]]
+    calls = index.calls.get(keys[0], [])
     if len(calls) != 1:
         raise _NoPair(f"'{keys[0]}' is applied {len(calls)} times; a row-parallel partner must be applied once")
-    if _tied(gm, calls[0][1]):
+    if index.names_per_parameter.get(id(index.weights[keys[0]]), 0) > 1:
         raise _NoPair(f"the weight of '{keys[0]}' is shared with another module (tied)")
     return calls[0][0], calls[0][1], reached[0][1]
-
-
-def _tied(gm: fx.GraphModule, linear: LinearCall) -> bool:
-    """Whether the linear's weight is also reachable under another name."""
-    weight = gm.get_parameter(linear.key) if linear.functional else gm.get_submodule(linear.key).weight
-    return sum(1 for _, p in gm.named_parameters(remove_duplicate=False) if p is weight) > 1
 
 
 def _leaf_factors(flow: FeatureFlow, dim: Dim, row: str) -> list[int]:

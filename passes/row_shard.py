@@ -138,11 +138,12 @@ def _key(site: Site) -> str:
 def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: str) -> PairShardResult:
     """Insert the collectives of every pair (and fallback) into ``gm.graph`` and localize its shapes."""
     inserted: list[str] = []
+    index = _linear_calls(gm)
     for pair in pairing.pairs:
         sharded = {_key(s) for s, layout in zip(pair.columns, pair.column_layouts) if layout.shard_axis is not None}
-        inserted += _copy_inputs(gm, sharded, group)
-        inserted += _copy_outputs(gm, {_key(s) for s in pair.columns} - sharded, group)
-        inserted += _reduce_output(gm, pair, group)
+        inserted += _copy_inputs(gm, _calls(index, sharded), group)
+        inserted += _copy_outputs(gm, _calls(index, {_key(s) for s in pair.columns} - sharded), group)
+        inserted += _reduce_output(gm, _calls(index, {pair.row_weight_name or pair.row_module_path}), group)
     localized = localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
     gathered = insert_collectives(gm, pairing.fallback_sites, group=group)
     ordered = {n.name: i for i, n in enumerate(gm.graph.nodes)}
@@ -150,22 +151,34 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
     return PairShardResult(gm, tuple(names), localized)
 
 
-def _calls(gm: fx.GraphModule, keys: set[str]) -> list[tuple[fx.Node, int, FunctionalLinear | None]]:
-    """The nodes that apply a linear of ``keys`` (module path or weight name): (node, input position, op)."""
+_Call = tuple[fx.Node, int, FunctionalLinear | None]  # (node, input position, functional op or None)
+
+
+def _linear_calls(gm: fx.GraphModule) -> dict[str, list[tuple[int, _Call]]]:
+    """Every linear application of ``gm`` by key (module path or weight name), in graph order.
+
+    Built once per rewrite: each key belongs to one pair and is rewritten once, and the rewrites keep
+    the nodes they touch (arguments change, identities do not), so the index stays valid.
+    """
     parameters = parameter_shapes(gm)
-    found = []
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target in keys:
-            found.append((node, 0, None))
-        elif (functional := functional_linear(node, parameters)) is not None and functional.weight in keys:
-            found.append((node, functional.data_index, functional))
-    return found
+    calls: dict[str, list[tuple[int, _Call]]] = {}
+    for position, node in enumerate(gm.graph.nodes):
+        if node.op == "call_module":
+            calls.setdefault(str(node.target), []).append((position, (node, 0, None)))
+        elif (functional := functional_linear(node, parameters)) is not None:
+            calls.setdefault(functional.weight, []).append((position, (node, functional.data_index, functional)))
+    return calls
 
 
-def _copy_inputs(gm: fx.GraphModule, keys: set[str], group: str) -> list[str]:
+def _calls(index: dict[str, list[tuple[int, _Call]]], keys: set[str]) -> list[_Call]:
+    """The applications of the linears of ``keys``, in graph order (positions from before any rewrite)."""
+    return [call for _, call in sorted(entry for key in keys for entry in index.get(key, ()))]
+
+
+def _copy_inputs(gm: fx.GraphModule, calls: list[_Call], group: str) -> list[str]:
     """One copy-to per distinct input of the pair's column linears (q, k, v of one x share one)."""
     copies: dict[fx.Node, fx.Node] = {}
-    for node, data_index, _ in _calls(gm, keys):
+    for node, data_index, _ in calls:
         source = node.args[data_index]
         if source not in copies:
             with gm.graph.inserting_before(node):
@@ -174,13 +187,13 @@ def _copy_inputs(gm: fx.GraphModule, keys: set[str], group: str) -> list[str]:
     return [node.name for node in copies.values()]
 
 
-def _copy_outputs(gm: fx.GraphModule, keys: set[str], group: str) -> list[str]:
+def _copy_outputs(gm: fx.GraphModule, calls: list[_Call], group: str) -> list[str]:
     """Copy-to after each whole (replicated) linear of a pair: its output gradient is a partial sum.
 
     Each rank uses the replicated k/v only for its own query heads; backward all-reduces the sum.
     """
     inserted = []
-    for node, _, _ in _calls(gm, keys):
+    for node, _, _ in calls:
         with gm.graph.inserting_after(node):
             copied = gm.graph.call_function(copy_to_tp, (node, group))
         node.replace_all_uses_with(copied, delete_user_cb=lambda user: user is not copied)
@@ -188,10 +201,10 @@ def _copy_outputs(gm: fx.GraphModule, keys: set[str], group: str) -> list[str]:
     return inserted
 
 
-def _reduce_output(gm: fx.GraphModule, pair: Pair, group: str) -> list[str]:
-    """All-reduce the row linear's partial sums, then add its bias once."""
+def _reduce_output(gm: fx.GraphModule, calls: list[_Call], group: str) -> list[str]:
+    """All-reduce the row linear's partial sums (``calls``: its applications), then add its bias once."""
     inserted = []
-    for node, _, functional in _calls(gm, {pair.row_weight_name or pair.row_module_path}):
+    for node, _, functional in calls:
         bias = _take_bias(gm, node, functional)
         with gm.graph.inserting_after(node):
             reduced = gm.graph.call_function(reduce_from_tp, (node, group))

@@ -8,6 +8,7 @@ got whole heads of q, k and v and every shape between the pair was made local.
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 
@@ -192,3 +193,17 @@ def test_head_mixing_op_is_not_head_local():
     (fallback,) = pairing.fallbacks
     assert [s.module_path for s in fallback.sites] == ["qkv"]
     assert "op 'mean' is neither elementwise nor head-local" in fallback.reason and "at node 'mean'" in fallback.reason
+
+
+@pytest.mark.parametrize("factors", [(3, 4, 32), (512,), (4, 3, 8), (6, 2, 2, 3), (1, 4, 5)])
+def test_layout_ranges_are_the_ranks_slice_of_the_sharded_factor(factors):
+    """The blocks equal the brute-force answer: indices whose sharded-factor coordinate is this rank's."""
+    for axis, tp in itertools.product(range(len(factors)), (1, 2, 4)):
+        if factors[axis] % tp:
+            continue
+        for rank in range(tp):
+            kept = factors[axis] // tp
+            index = torch.arange(math.prod(factors)).view(factors).narrow(axis, rank * kept, kept).reshape(-1)
+            blocks = FeatureLayout(factors, axis).ranges(tp, rank)
+            assert torch.cat([torch.arange(start, stop) for start, stop in blocks]).tolist() == index.tolist()
+            assert all(stop < start for (_, stop), (start, _) in zip(blocks, blocks[1:]))  # merged where touching
