@@ -29,7 +29,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from passes.find_sites import Site, require_divisible
-from passes.graph_view import functional_linear, parameter_shapes
+from passes.graph_view import applications_of, linear_applications
 from tpfx.collectives import copy_to_tp, gather_from_tp
 from tpfx.errors import ShardingError
 from tpfx.layers import ColumnParallelLinear, shard_range
@@ -91,18 +91,9 @@ def _parameter_slices(site: Site, source: nn.Module, *, tp: int, rank: int) -> d
 
 def insert_collectives(gm: fx.GraphModule, sites: tuple[Site, ...], *, group: str) -> ColumnShardResult:
     """Insert copy-to before and gather-from after every call of a site (module or weight) in ``gm.graph``."""
-    paths = {site.module_path for site in sites if not site.functional}
-    weights = {site.weight_name for site in sites if site.functional}
-    parameters = parameter_shapes(gm) if weights else {}
+    keys = {site.weight_name if site.functional else site.module_path for site in sites}
     inserted: list[str] = []
-    for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.target in paths:
-            data_index = 0
-        else:
-            functional = functional_linear(node, parameters) if weights else None
-            if functional is None or functional.weight not in weights:
-                continue
-            data_index = functional.data_index
+    for node, data_index, _ in applications_of(linear_applications(gm), keys):
         with gm.graph.inserting_before(node):
             copied = gm.graph.call_function(copy_to_tp, (node.args[data_index], group))
         node.update_arg(data_index, copied)

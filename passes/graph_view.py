@@ -145,6 +145,30 @@ def functional_linear(node: fx.Node, parameters: dict[str, tuple[int, ...]]) -> 
     return FunctionalLinear(data_index, weight[0], bias[0] if bias else None, layout)
 
 
+LinearApplication = tuple[fx.Node, int, FunctionalLinear | None]  # (node, data input position, functional op)
+
+
+def linear_applications(gm: fx.GraphModule) -> dict[str, list[tuple[int, LinearApplication]]]:
+    """Every ``call_module`` and functional linear of ``gm`` by key (module path or weight name).
+
+    Each entry carries the node's graph position, so :func:`applications_of` can merge keys in graph
+    order even after nodes were inserted. Rewrites that change a node's arguments keep it valid.
+    """
+    parameters = parameter_shapes(gm)
+    index: dict[str, list[tuple[int, LinearApplication]]] = {}
+    for position, node in enumerate(gm.graph.nodes):
+        if node.op == "call_module":
+            index.setdefault(str(node.target), []).append((position, (node, 0, None)))
+        elif (functional := functional_linear(node, parameters)) is not None:
+            index.setdefault(functional.weight, []).append((position, (node, functional.data_index, functional)))
+    return index
+
+
+def applications_of(index: dict[str, list[tuple[int, LinearApplication]]], keys: set[str]) -> list[LinearApplication]:
+    """The applications of the linears of ``keys``, in graph order."""
+    return [application for _, application in sorted(entry for key in keys for entry in index.get(key, ()))]
+
+
 def parameter_shapes(gm: nn.Module) -> dict[str, tuple[int, ...]]:
     """Qualified name -> shape of every parameter of ``gm``, a shared one under each of its names."""
     return {name: tuple(p.shape) for name, p in gm.named_parameters(remove_duplicate=False)}

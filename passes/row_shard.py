@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from passes.column_shard import insert_collectives, shard_site_modules
 from passes.find_sites import Site, find_sites
-from passes.graph_view import FunctionalLinear, functional_linear, parameter_shapes
+from passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
 from passes.local_heads import FeatureLayout, localize_shapes
 from passes.pair_megatron import Pair, Pairing, pair_sites
 from tpfx.collectives import copy_to_tp, reduce_from_tp
@@ -138,12 +138,12 @@ def _key(site: Site) -> str:
 def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: str) -> PairShardResult:
     """Insert the collectives of every pair (and fallback) into ``gm.graph`` and localize its shapes."""
     inserted: list[str] = []
-    index = _linear_calls(gm)
+    index = linear_applications(gm)  # once: each key is rewritten once, and rewrites keep node identities
     for pair in pairing.pairs:
         sharded = {_key(s) for s, layout in zip(pair.columns, pair.column_layouts) if layout.shard_axis is not None}
-        inserted += _copy_inputs(gm, _calls(index, sharded), group)
-        inserted += _copy_outputs(gm, _calls(index, {_key(s) for s in pair.columns} - sharded), group)
-        inserted += _reduce_output(gm, _calls(index, {pair.row_weight_name or pair.row_module_path}), group)
+        inserted += _copy_inputs(gm, applications_of(index, sharded), group)
+        inserted += _copy_outputs(gm, applications_of(index, {_key(s) for s in pair.columns} - sharded), group)
+        inserted += _reduce_output(gm, applications_of(index, {pair.row_weight_name or pair.row_module_path}), group)
     localized = localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
     gathered = insert_collectives(gm, pairing.fallback_sites, group=group)
     ordered = {n.name: i for i, n in enumerate(gm.graph.nodes)}
@@ -151,31 +151,7 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
     return PairShardResult(gm, tuple(names), localized)
 
 
-_Call = tuple[fx.Node, int, FunctionalLinear | None]  # (node, input position, functional op or None)
-
-
-def _linear_calls(gm: fx.GraphModule) -> dict[str, list[tuple[int, _Call]]]:
-    """Every linear application of ``gm`` by key (module path or weight name), in graph order.
-
-    Built once per rewrite: each key belongs to one pair and is rewritten once, and the rewrites keep
-    the nodes they touch (arguments change, identities do not), so the index stays valid.
-    """
-    parameters = parameter_shapes(gm)
-    calls: dict[str, list[tuple[int, _Call]]] = {}
-    for position, node in enumerate(gm.graph.nodes):
-        if node.op == "call_module":
-            calls.setdefault(str(node.target), []).append((position, (node, 0, None)))
-        elif (functional := functional_linear(node, parameters)) is not None:
-            calls.setdefault(functional.weight, []).append((position, (node, functional.data_index, functional)))
-    return calls
-
-
-def _calls(index: dict[str, list[tuple[int, _Call]]], keys: set[str]) -> list[_Call]:
-    """The applications of the linears of ``keys``, in graph order (positions from before any rewrite)."""
-    return [call for _, call in sorted(entry for key in keys for entry in index.get(key, ()))]
-
-
-def _copy_inputs(gm: fx.GraphModule, calls: list[_Call], group: str) -> list[str]:
+def _copy_inputs(gm: fx.GraphModule, calls: list[LinearApplication], group: str) -> list[str]:
     """One copy-to per distinct input of the pair's column linears (q, k, v of one x share one)."""
     copies: dict[fx.Node, fx.Node] = {}
     for node, data_index, _ in calls:
@@ -187,7 +163,7 @@ def _copy_inputs(gm: fx.GraphModule, calls: list[_Call], group: str) -> list[str
     return [node.name for node in copies.values()]
 
 
-def _copy_outputs(gm: fx.GraphModule, calls: list[_Call], group: str) -> list[str]:
+def _copy_outputs(gm: fx.GraphModule, calls: list[LinearApplication], group: str) -> list[str]:
     """Copy-to after each whole (replicated) linear of a pair: its output gradient is a partial sum.
 
     Each rank uses the replicated k/v only for its own query heads; backward all-reduces the sum.
@@ -201,7 +177,7 @@ def _copy_outputs(gm: fx.GraphModule, calls: list[_Call], group: str) -> list[st
     return inserted
 
 
-def _reduce_output(gm: fx.GraphModule, calls: list[_Call], group: str) -> list[str]:
+def _reduce_output(gm: fx.GraphModule, calls: list[LinearApplication], group: str) -> list[str]:
     """All-reduce the row linear's partial sums (``calls``: its applications), then add its bias once."""
     inserted = []
     for node, _, functional in calls:

@@ -72,7 +72,8 @@ def role_reason(role: str) -> str:
         names = [_OPERANDS[letter] for letter in role]
         operands = " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
         plural = "s" if len(names) > 1 else ""
-        return f"its output reaches the {operands} operand{plural} of an attention through head-local ops only (shape, indexing, rotary and other per-head elementwise ops)"
+        return (f"its output reaches the {operands} operand{plural} of an attention through head-local ops only "
+                "(shape, indexing, rotary and other per-head elementwise ops)")
     return f"sharded as role '{role}'"
 
 
@@ -95,15 +96,19 @@ def build_report(gm: fx.GraphModule, model: nn.Module, *, tp: int, rank: int, gr
         site_bytes_single=sum(parameter_bytes(model.get_submodule(s.module_path)) for s in sites),
         site_bytes_rank=sum(parameter_bytes(gm.get_submodule(s.module_path)) for s in sites),
         linear_order=tuple(dict.fromkeys(path for n in gm.graph.nodes if (path := _linear_path(n, parameters)))),
-        collectives_by_module=_collectives_by_module(gm, {s.module_path for s in sites}),
+        collectives_by_module=_collectives_by_module(gm, {s.module_path for s in sites}, parameters),
         tracer=tracer, tracer_note=tracer_note,
     )
 
 
-def _collectives_by_module(gm: fx.GraphModule, paths: set[str]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    """For each sharded module: the collectives feeding it or fed by it, in graph order."""
+def _collectives_by_module(gm: fx.GraphModule, paths: set[str], parameters: dict[str, tuple[int, ...]] | None = None,
+                           ) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """For each sharded module: the collectives feeding it or fed by it, in graph order.
+
+    ``parameters`` is ``parameter_shapes(gm)`` when the caller already has it.
+    """
     around: dict[str, list[str]] = {path: [] for path in paths}
-    parameters = parameter_shapes(gm)
+    parameters = parameter_shapes(gm) if parameters is None else parameters
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in COLLECTIVES:
             continue
