@@ -32,7 +32,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tpfx.collectives import COLLECTIVES
-from tpfx.errors import TpfxError
+from tpfx.errors import TpfxError, one_line
 from tpfx.program import TensorParallelModule
 
 
@@ -203,7 +203,7 @@ class _FakeRun(fx.Interpreter):
                 raise
             except Exception as error:  # any op's complaint about shapes; name the node it happened at
                 raise CommTableError(f"cannot propagate shapes through node '{self._current}' of the graph: "
-                                     f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}; "
+                                     f"{one_line(error)}; "
                                      "check that the inputs fit the model (batch, seq, dtype)") from error
         return self.observed
 

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 import tpfx
 from passes.comm_table import comm_table
 from passes.draw import to_dot, to_svg
-from tpfx.errors import TpfxError
+from tpfx.errors import TpfxError, one_line
 from tpfx.launch import RankFailure
 from tpfx.targets import Target, load_target, parallelize_target
 from tpfx.verify import VerifyOptions, VerifyResult, verify
@@ -349,8 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return EXIT_OK
     except Exception as error:  # a bug in tpfx or in the model's code: one line unless --debug
-        first = (str(error).strip().splitlines() or [""])[0]
-        return _report_error(args, error, f"{type(error).__name__}: {first} (rerun with --debug for the traceback)",
+        return _report_error(args, error, f"{one_line(error)} (rerun with --debug for the traceback)",
                              internal=True)
 
 

@@ -32,5 +32,6 @@ def first_line(error: BaseException) -> str:
 
 
 def one_line(error: BaseException) -> str:
-    """``Type: first line of the message`` of a third-party exception, for tpfx's one-line errors."""
-    return f"{type(error).__name__}: {first_line(error)}"
+    """``Type: first line of the message`` of a third-party exception (``Type`` alone without a message)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tpfx.errors import TpfxError
+from tpfx.errors import TpfxError, first_line, one_line
 
 GROUP_TIMEOUT = datetime.timedelta(seconds=120)
 
@@ -57,8 +57,7 @@ def _entry(rank: int, world_size: int, store_path: str, out_dir: str, worker: Ca
                                 timeout=datetime.timedelta(seconds=group_timeout_s))
         result = ("ok", worker(rank, world_size, *args))
     except BaseException as error:  # noqa: BLE001 - the parent re-raises it with the rank's traceback
-        summary = (str(error).strip().splitlines() or [""])[0]
-        summary = summary if isinstance(error, TpfxError) else f"{type(error).__name__}: {summary}"
+        summary = first_line(error) if isinstance(error, TpfxError) else one_line(error)
         result = ("error", RankError(rank, traceback.format_exc(), summary, isinstance(error, TpfxError)))
     finally:
         if dist.is_initialized():
