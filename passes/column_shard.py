@@ -18,7 +18,8 @@ op; the parameters are replaced by this rank's slice: rows of an (out, in) weigh
     # after: weight (d, 3d/tp) = columns r*3d/tp ..., bias (3d/tp,); copy_to_tp on x2d, gather_from_tp after
 
 The pass has two steps so that further call forms of the same program reuse the shards:
-:func:`shard_site_modules` replaces the modules (weights), :func:`insert_collectives` rewrites a graph.
+:func:`shard_site_modules` replaces the modules (weights), :func:`insert_collectives` rewrites a graph
+(before the program is built from it: its code is generated once).
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ def _parameter_slices(site: Site, source: nn.Module, *, tp: int, rank: int) -> d
 
 
 def insert_collectives(gm: fx.GraphModule, sites: tuple[Site, ...], *, group: str) -> ColumnShardResult:
-    """Insert copy-to before and gather-from after every call of a site (module or weight) in ``gm.graph``."""
+    """Insert copy-to before and gather-from after every call of a site (module or weight) in ``gm.graph``.
+
+    Only the graph changes: the caller recompiles (tpfx generates a program's code once, after every rewrite).
+    """
     keys = {site.weight_name if site.functional else site.module_path for site in sites}
     inserted: list[str] = []
     for node, data_index, _ in applications_of(linear_applications(gm), keys):
@@ -101,8 +105,6 @@ def insert_collectives(gm: fx.GraphModule, sites: tuple[Site, ...], *, group: st
             gathered = gm.graph.call_function(gather_from_tp, (node, group))
         node.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
         inserted += [copied.name, gathered.name]
-    gm.graph.lint()
-    gm.recompile()
     return ColumnShardResult(gm, tuple(inserted))
 
 
@@ -114,4 +116,7 @@ def column_shard(gm: fx.GraphModule, sites: tuple[Site, ...], *, tp: int, rank: 
         ShardingError: tp does not divide a site's out_features (nothing is changed then).
     """
     shard_site_modules(gm, sites, tp=tp, rank=rank, source=source)
-    return insert_collectives(gm, sites, group=group)
+    result = insert_collectives(gm, sites, group=group)
+    gm.graph.lint()
+    gm.recompile()
+    return result

@@ -43,7 +43,7 @@ import networkx as nx
 import torch.fx as fx
 
 from passes.graph_view import (ACTIVATION, ATTENTION, DROPOUT, ELEMENTWISE, LINEAR, MATMUL, SHAPE, SOFTMAX,
-                               feeds_linear_input, flow_region, reach_through, to_networkx)
+                               feeds_linear_input, flow_region, leading_to, reach_through, to_networkx)
 from tpfx.errors import ShardingError
 
 ROLES = ("qkv", "q", "k", "v", "qk", "qv", "kv", "fc1", "up")
@@ -173,6 +173,11 @@ def find_sites(gm: fx.GraphModule, *, tp: int) -> SiteFinding:
     """
     view = to_networkx(gm)
     attentions = find_attentions(view)
+    # the nodes worth walking from a linear: those that lead to an attention operand, or to a linear's input
+    operands = {letter: {getattr(a, field) for a in attentions} for letter, field in _OPERAND_FIELDS}
+    every_operand = set().union(*operands.values())
+    walks = _Walks(operands, leading_to(view, _TO_ATTENTION, every_operand.__contains__),
+                   leading_to(view, _TO_NEXT_LINEAR, lambda name: _feeds_a_linear(view, name)))
     tied = _tied_parameters(gm)
     reads = _parameter_reads(view)
     sites: list[Site] = []
@@ -185,7 +190,7 @@ def find_sites(gm: fx.GraphModule, *, tp: int) -> SiteFinding:
         if linear.key in seen:
             continue
         seen.add(linear.key)
-        role, reason = _classify_linear(view, node.name, attentions)
+        role, reason = _classify_linear(view, node.name, walks)
         shared = tied.get(linear.weight_name or f"{linear.module_path}.weight")
         if role and shared:
             role, reason = None, f"its weight is shared with '{shared}' (tied); sharding would untie it"
@@ -231,21 +236,40 @@ def _other_uses(view: nx.DiGraph, linear: _Linear, reads: dict[str, list[fx.Node
     return ""
 
 
-def _classify_linear(view: nx.DiGraph, name: str, attentions: list[_Attention]) -> tuple[str | None, str]:
-    toward_attention = flow_region(view, name, _TO_ATTENTION)
-    letters = "".join(letter for letter, field in (("q", "query"), ("k", "key"), ("v", "value"))
-                      if any(getattr(a, field) in toward_attention for a in attentions))
+@dataclass(frozen=True)
+class _Walks:
+    """Where a walk from a linear can find what it looks for (see :func:`passes.graph_view.leading_to`)."""
+
+    operands: dict[str, set[str]]  # "q", "k", "v" -> the attentions' operand nodes of that letter
+    to_attention: set[str]  # nodes of _TO_ATTENTION kinds that lead to a q, k or v operand
+    to_next_linear: set[str]  # nodes of _TO_NEXT_LINEAR kinds that lead to a linear's data input
+
+
+def _feeds_a_linear(view: nx.DiGraph, name: str) -> bool:
+    return any(feeds_linear_input(view, name, consumer) for consumer in view.successors(name))
+
+
+_OPERAND_FIELDS = (("q", "query"), ("k", "key"), ("v", "value"))
+
+
+def _classify_linear(view: nx.DiGraph, name: str, walks: _Walks) -> tuple[str | None, str]:
+    toward_attention = flow_region(view, name, _TO_ATTENTION, within=walks.to_attention)
+    letters = "".join(letter for letter, _ in _OPERAND_FIELDS if not toward_attention.isdisjoint(walks.operands[letter]))
     if letters:
         return ("qkv" if letters == "qkv" else letters), ""
-    role = _ffn_role(view, name)
+    role = _ffn_role(view, name, walks)
     if role:
         return role, ""
     return None, _why_not(view, reach_through(view, name, {SHAPE}))
 
 
-def _ffn_role(view: nx.DiGraph, name: str) -> str | None:
-    """``fc1`` when an activation lies on the way to another linear's input, ``up`` when a gate's does."""
-    region = flow_region(view, name, _TO_NEXT_LINEAR)
+def _ffn_role(view: nx.DiGraph, name: str, walks: _Walks) -> str | None:
+    """``fc1`` when an activation lies on the way to another linear's input, ``up`` when a gate's does.
+
+    Only the part of the region that leads to a linear's input is walked: the exits, the nodes on
+    the way and the operands of a product on the way all lie in it.
+    """
+    region = flow_region(view, name, _TO_NEXT_LINEAR, within=walks.to_next_linear)
     exits = {p for p in region for c in view.successors(p) if c != name and feeds_linear_input(view, p, c)}
     on_the_way = _backward_within(view, exits, region)  # the nodes of region that lead to a next linear
     if any(view.nodes[n]["kind"] == ACTIVATION for n in on_the_way):

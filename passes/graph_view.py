@@ -25,6 +25,7 @@ through a transpose::
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import networkx as nx
@@ -266,23 +267,44 @@ def consumers(view: nx.DiGraph, nodes: set[str]) -> list[tuple[str, str, tuple]]
     return [(p, c, view.edges[p, c]["operands"]) for p in nodes for c in view.successors(p) if c not in nodes]
 
 
-def flow_region(view: nx.DiGraph, start: str, kinds: set[str]) -> set[str]:
-    """``start`` and every node its value flows into through nodes of ``kinds``.
+def _flows(view: nx.DiGraph, current: str, successor: str, kinds: set[str]) -> bool:
+    """Whether ``current``'s value flows on into ``successor`` through an op of ``kinds``.
 
     A shape op carries data in operand 0 only (``aten.view(x, sizes)``); any other op carries it in
     every tensor operand (``q * cos + rotate_half(q) * sin``, ``act(gate) * up``).
     """
+    kind = view.nodes[successor]["kind"]
+    return kind in kinds and (kind != SHAPE or 0 in view.edges[current, successor]["operands"])
+
+
+def flow_region(view: nx.DiGraph, start: str, kinds: set[str], *, within: set[str] | None = None) -> set[str]:
+    """``start`` and every node its value flows into through nodes of ``kinds`` (and of ``within``, if given)."""
     seen, frontier = {start}, [start]
     while frontier:
         current = frontier.pop()
         for successor in view.successors(current):
-            kind = view.nodes[successor]["kind"]
-            if successor in seen or kind not in kinds:
+            if successor in seen or (within is not None and successor not in within):
                 continue
-            if kind != SHAPE or 0 in view.edges[current, successor]["operands"]:
+            if _flows(view, current, successor, kinds):
                 seen.add(successor)
                 frontier.append(successor)
     return seen
+
+
+def leading_to(view: nx.DiGraph, kinds: set[str], is_end: Callable[[str], bool]) -> set[str]:
+    """The nodes of ``kinds`` whose value flows (as :func:`flow_region` walks) into a node ``is_end`` accepts.
+
+    One pass over the graph, last node first (a view's nodes are in graph order, a topological
+    order). Passed as ``within`` to :func:`flow_region`, it keeps a walk to the part that can matter:
+    a residual stream flows through every later layer, and walking it from every linear would cost
+    the square of the depth.
+    """
+    leading: set[str] = set()
+    for name in reversed(list(view.nodes)):
+        if view.nodes[name]["kind"] in kinds and (is_end(name) or any(
+                successor in leading and _flows(view, name, successor, kinds) for successor in view.successors(name))):
+            leading.add(name)
+    return leading
 
 
 def feeds_linear_input(view: nx.DiGraph, producer: str, consumer: str) -> bool:

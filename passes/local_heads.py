@@ -1058,7 +1058,7 @@ def localize_shapes(gm: fx.GraphModule, edits: tuple[ShapeEdit, ...], *, tp: int
     """Divide each edited shape argument by ``tp``: a literal in place, a traced size by a new ``//`` node.
 
     Args:
-        gm: the graph to change in place (recompiled after).
+        gm: the graph to change in place (only the graph: the caller recompiles).
         edits: the arguments to divide, as found by the pairing.
         tp: the tensor-parallel degree.
 
@@ -1081,8 +1081,6 @@ def localize_shapes(gm: fx.GraphModule, edits: tuple[ShapeEdit, ...], *, tp: int
             raise ShardingError(f"shape argument {current!r} of node '{consumer.name}' ({consumer.format_node()}) "
                                 f"is not divisible by tp={tp}; use a tp that divides the head count")
         _write_at(consumer, edit.path, new)
-    gm.graph.lint()
-    gm.recompile()
     return tuple(dict.fromkeys(edit.node_name for edit in edits))
 
 

@@ -50,7 +50,7 @@ def retarget_meta_device(gm: fx.GraphModule, *, device: torch.device | str) -> t
     """Replace the meta device constants of ``gm``'s graph by ``device``; return what was replaced.
 
     Args:
-        gm: a captured graph, changed in place (recompiled when anything changed).
+        gm: a captured graph, changed in place (only the graph: the caller recompiles).
         device: where the program will run: the device of the example inputs.
 
     Returns:
@@ -65,9 +65,6 @@ def retarget_meta_device(gm: fx.GraphModule, *, device: torch.device | str) -> t
             node.update_arg(constant.argument, target)
         else:
             node.update_kwarg(constant.argument, target)
-    if constants:
-        gm.graph.lint()
-        gm.recompile()
     return constants
 
 

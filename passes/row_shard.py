@@ -136,7 +136,10 @@ def _key(site: Site) -> str:
 
 
 def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: str) -> PairShardResult:
-    """Insert the collectives of every pair (and fallback) into ``gm.graph`` and localize its shapes."""
+    """Insert the collectives of every pair (and fallback) into ``gm.graph`` and localize its shapes.
+
+    Only the graph changes: the caller recompiles.
+    """
     inserted: list[str] = []
     index = linear_applications(gm)  # once: each key is rewritten once, and rewrites keep node identities
     for pair in pairing.pairs:
@@ -221,7 +224,10 @@ def megatron_shard(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: int, 
                    source: nn.Module | None = None) -> PairShardResult:
     """The whole pass: shard the pair and fallback modules, then rewrite the graph around them."""
     shard_pair_modules(gm, pairing, tp=tp, rank=rank, source=source)
-    return rewrite_pair_graph(gm, pairing, tp=tp, group=group)
+    result = rewrite_pair_graph(gm, pairing, tp=tp, group=group)
+    gm.graph.lint()
+    gm.recompile()
+    return result
 
 
 def rewrite_other_form(traced: fx.GraphModule, primary: Pairing, *, tp: int, group: str) -> PairShardResult:

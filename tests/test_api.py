@@ -61,3 +61,58 @@ def test_report_lists_sites_and_collectives():
         "blocks.0.attn.qkv_proj", "blocks.0.ffn.fc1", "blocks.1.attn.qkv_proj", "blocks.1.ffn.fc1"]
     assert [kind for _, kind in report.collective_nodes] == ["copy_to_tp", "gather_from_tp"] * 4
     assert report.group == "tp:0-1" and report.call_form.absent == frozenset()
+
+
+@pytest.mark.parametrize("was_enabled", [True, False])
+def test_garbage_collector_state_is_restored_after_success_and_error(was_enabled):
+    import gc
+
+    (gc.enable if was_enabled else gc.disable)()
+    try:
+        tpfx.parallelize(GPTModel(small_config(n_layers=1)), tp=2, rank=0)
+        assert gc.isenabled() is was_enabled
+        with pytest.raises(tpfx.ShardingError):
+            tpfx.parallelize(GPTModel(small_config(n_layers=1, d_ff=510)), tp=4, rank=0)
+        assert gc.isenabled() is was_enabled
+    finally:
+        gc.enable()
+
+
+@pytest.mark.parametrize("mode", ["gather", "megatron"])
+def test_code_is_generated_once_after_capture(mode):
+    """The rewrites change the graph only; the program's code is generated once (capture's is the other)."""
+    from unittest import mock
+
+    generated = []
+    original = torch.fx.GraphModule.recompile
+
+    def counting(self):
+        generated.append(type(self).__name__)
+        return original(self)
+
+    with mock.patch.object(torch.fx.GraphModule, "recompile", counting):
+        gm = tpfx.parallelize(GPTModel(small_config(n_layers=2)), tp=2, rank=0, mode=mode)
+    assert len(generated) == 2 and "copy_to_tp" in gm.code
+
+
+class _DeviceFromWeights(torch.nn.Module):
+    """Reads a device off its weights while tracing (as Hugging Face's ``self.device`` does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.full((4,), 2.0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = next(self.parameters()).device  # concrete while tracing: the traced copy's device
+        return x * self.scale + torch.arange(4, device=device)
+
+
+def test_constants_made_while_tracing_are_real_and_not_left_on_the_callers_model():
+    """The model itself is traced (its weights' device, real constants); the program is built over a copy."""
+    model = _DeviceFromWeights()
+    attributes = set(vars(model))
+    gm = tpfx.parallelize(model, tp=2, rank=0)  # no sites: no collectives, so it runs without a group
+    assert set(vars(model)) == attributes  # fx set its tensor constant on the traced root; it moved to the copy
+    assert "_tensor_constant0" in gm.code
+    x = torch.ones(3, 4)
+    torch.testing.assert_close(gm(x), model(x))

@@ -75,3 +75,62 @@ def test_untraceable_model_gets_one_line_naming_the_module():
     assert "\n" not in message
     assert message.startswith("cannot capture _DataDependent with torch.fx (train, all arguments): "
                               "module 'inner' (_Branchy) failed: TraceError")
+
+
+def test_other_forms_keep_no_tensor_alive_after_the_program_moves():
+    """The skeleton other forms are traced from holds only meta tensors and the program's own."""
+    import gc
+    import weakref
+
+    model = GPTModel(small_config(n_layers=2)).eval()
+    gm = tpfx.parallelize(model, tp=2, rank=0)
+    del model
+    old = [weakref.ref(buffer) for buffer in gm.buffers()]
+    assert old  # the causal masks
+    gm._apply(lambda tensor: tensor.clone())  # what .to(device) does: new buffer tensors
+    gc.collect()
+    assert [ref for ref in old if ref() is not None] == []
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    built = gm.module_for_call(ids, ids)  # traced after the move, from the skeleton
+    assert {id(b) for b in built.buffers()} <= {id(b) for b in gm.buffers()}
+
+
+def test_tracing_another_form_leaves_the_program_modes_alone():
+    model = GPTModel(small_config(n_layers=1)).train()
+    gm = tpfx.parallelize(model, tp=2, rank=0)
+    gm.eval()
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    gm.module_for_call(ids, ids)  # an eval form traced from a skeleton built in train mode
+    assert [name for name, module in gm.named_modules() if module.training] == []
+
+
+class _SharedBuffer(nn.Module):
+    """One tensor registered as a buffer under two names, read through the second; and one more buffer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Module()
+        self.first.register_buffer("scale", torch.full((3,), 2.0))
+        self.second = nn.Module()
+        self.second.register_buffer("scale", self.first.scale)
+        self.register_buffer("offset", torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.second.scale + self.offset
+
+
+def test_tensor_attributes_get_fx_names_with_one_walk_of_the_root():
+    """get_attr targets equal plain fx's, and the root's buffers are listed once per trace, not per read."""
+    model = _SharedBuffer()
+
+    class _Plain(torch.fx.Tracer):
+        proxy_buffer_attributes = True
+
+    expected = [n.target for n in _Plain().trace(model).nodes if n.op == "get_attr"]
+    walks = []
+    original = model.named_buffers
+    model.named_buffers = lambda *a, **k: (walks.append(1), original(*a, **k))[1]
+    gm = capture(model)
+    assert [n.target for n in gm.graph.nodes if n.op == "get_attr"] == expected == ["first.scale", "offset"]
+    assert len(walks) == 1
+    torch.testing.assert_close(gm(torch.ones(3)), torch.full((3,), 3.0))

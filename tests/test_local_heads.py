@@ -127,6 +127,7 @@ def _sum_of_ranks(model: nn.Module, x: torch.Tensor, tp: int) -> torch.Tensor:
         assert len(pairing.pairs) == 1 and not pairing.fallbacks
         shard_pair_modules(gm, pairing, tp=tp, rank=rank, source=model)
         localize_shapes(gm, pairing.pairs[0].shape_edits, tp=tp)
+        gm.recompile()  # the pass changes the graph only
         total = total + gm(x)
     bias = model.get_submodule(pairing.pairs[0].row_module_path).bias
     return total + (bias if bias is not None else 0)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-import copy
+import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -10,17 +12,17 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from passes.column_shard import column_shard, insert_collectives
+from passes.column_shard import insert_collectives, shard_site_modules
 from passes.find_sites import Site, find_sites, require_divisible
 from passes.meta_device import device_of_inputs, retarget_meta_device
 from passes.pair_megatron import pair_sites
-from passes.row_shard import megatron_shard, rewrite_other_form
-from tpfx.capture import CallForm
+from passes.row_shard import rewrite_other_form, rewrite_pair_graph, shard_pair_modules
+from tpfx.capture import forward_signature
 from tpfx.collectives import bind_group, group_key
 from tpfx.errors import ConfigError
 from tpfx.export_capture import ExampleInputs, capture_for_parallelize
 from tpfx.megatron_report import megatron_report
-from tpfx.program import TensorParallelModule, adopt_missing
+from tpfx.program import TensorParallelModule, adopt_missing, take_weights
 from tpfx.report import build_report
 
 
@@ -93,20 +95,6 @@ def _bind_process_group(layout: Layout, group: dist.ProcessGroup | None) -> None
     bind_group(layout.key, group)
 
 
-def _copy_without_site_weights(model: nn.Module, sites: tuple[Site, ...]) -> nn.Module:
-    """A copy of ``model`` that shares nothing with it, with meta placeholders for the sites' weights.
-
-    The sites' full weights are never copied: each rank keeps only its slice (read from ``model``).
-    """
-    memo: dict[int, object] = {}
-    for site in sites:
-        owned = (model.get_submodule(site.module_path).parameters() if not site.functional else
-                 [model.get_parameter(name) for name in (site.weight_name, site.bias_name) if name])
-        for tensor in owned:
-            memo[id(tensor)] = nn.Parameter(torch.empty_like(tensor, device="meta"), tensor.requires_grad)
-    return copy.deepcopy(model, memo)
-
-
 MODES = ("gather", "megatron")
 
 
@@ -149,30 +137,62 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is not a parallelization mode; use one of {', '.join(map(repr, MODES))}")
     layout = resolve_layout(tp, group=group, rank=rank)
-    capture_result = capture_for_parallelize(model, tracer=tracer, example_inputs=example_inputs)
-    # a model built with parameters on meta was traced on meta: its device constants must say the inputs' device
-    retarget_meta_device(capture_result.gm, device=device_of_inputs(example_inputs))
-    form, captured = capture_result.form, capture_result.gm
-    finding = find_sites(captured, tp=layout.tp)
-    pairing = pair_sites(captured, finding, tp=layout.tp) if mode == "megatron" else None
-    require_divisible(finding.sites if pairing is None else pairing.fallback_sites, layout.tp)
-    owner = _copy_without_site_weights(capture_result.weight_source(model), finding.sites)
-    gm = capture_result.program(owner, type(model).__name__)
-    if pairing is None:
-        result = column_shard(gm, finding.sites, tp=layout.tp, rank=layout.rank, group=layout.key, source=model)
-        rewrite = lambda traced: insert_collectives(traced, finding.sites, group=layout.key)  # noqa: E731
-    else:
-        result = megatron_shard(gm, pairing, tp=layout.tp, rank=layout.rank, group=layout.key, source=model)
-        rewrite = lambda traced: rewrite_other_form(traced, pairing, tp=layout.tp, group=layout.key)  # noqa: E731
-    gm.tpfx_pairing = pairing  # megatron mode: the pairs and the fallbacks with their reasons
-    adopt_missing(gm, owner)
-    gm.train(model.training)
-    capture_result.serve_call_forms(gm, model, rewrite)
-    gm.tpfx_report = build_report(gm, model, tp=layout.tp, rank=layout.rank, group=layout.key, call_form=form,
-                                  sites=finding.sites, replicated=finding.replicated,
-                                  tracer=capture_result.tracer, tracer_note=capture_result.note)
-    if pairing is not None:
-        gm.tpfx_report = megatron_report(gm.tpfx_report, gm, model, pairing)
-    assert result.gm is gm
+    with _collector_paused():
+        gm = _compile(model, layout, mode=mode, tracer=tracer, example_inputs=example_inputs)
     _bind_process_group(layout, group)
     return gm
+
+
+def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
+             example_inputs: ExampleInputs | None) -> TensorParallelModule:
+    """capture -> find sites (-> pair) -> rewrite the graph and the modules -> take the weights -> report.
+
+    The captured program is compiled in place: it is built over a weightless copy of the model, the
+    passes change its graph and its modules, and its code is generated once, at the end.
+    """
+    captured = capture_for_parallelize(model, tracer=tracer, example_inputs=example_inputs)
+    gm = captured.gm
+    # a model built with parameters on meta was traced on meta: its device constants must say the inputs' device
+    retarget_meta_device(gm, device=device_of_inputs(example_inputs))
+    finding = find_sites(gm, tp=layout.tp)
+    pairing = pair_sites(gm, finding, tp=layout.tp) if mode == "megatron" else None
+    require_divisible(finding.sites if pairing is None else pairing.fallback_sites, layout.tp)
+    if pairing is None:
+        insert_collectives(gm, finding.sites, group=layout.key)
+        shard_site_modules(gm, finding.sites, tp=layout.tp, rank=layout.rank, source=model)
+        rewrite = lambda traced: insert_collectives(traced, finding.sites, group=layout.key)  # noqa: E731
+    else:
+        rewrite_pair_graph(gm, pairing, tp=layout.tp, group=layout.key)
+        shard_pair_modules(gm, pairing, tp=layout.tp, rank=layout.rank, source=model)
+        rewrite = lambda traced: rewrite_other_form(traced, pairing, tp=layout.tp, group=layout.key)  # noqa: E731
+    gm.tpfx_pairing = pairing  # megatron mode: the pairs and the fallbacks with their reasons
+    adopt_missing(gm, captured.skeleton)
+    take_weights(gm, captured.sources)
+    gm.graph.lint()
+    gm.recompile()
+    gm.train(model.training)
+    captured.serve_call_forms(forward_signature(model), rewrite)
+    gm.tpfx_report = build_report(gm, model, tp=layout.tp, rank=layout.rank, group=layout.key, call_form=captured.form,
+                                  sites=finding.sites, replicated=finding.replicated,
+                                  tracer=captured.tracer, tracer_note=captured.note)
+    if pairing is not None:
+        gm.tpfx_report = megatron_report(gm.tpfx_report, gm, model, pairing)
+    return gm
+
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a program is compiled.
+
+    Tracing and copying a model allocate hundreds of thousands of objects, and every few thousand
+    allocations the collector walks the (growing) heap: about a quarter of the pass's time at 96
+    layers, growing faster than the layer count. Nothing the pass makes is cyclic garbage it needs
+    freed early; the collector runs as usual afterwards.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()

@@ -72,6 +72,37 @@ class _PathTracer(fx.Tracer):
         super().__init__()
         self.leaf_types = leaf_types
         self.failed_in: tuple[str, nn.Module] | None = None
+        self._tensor_names: tuple[dict[int, str], dict[int, str]] | None = None
+
+    def getattr(self, attr: str, attr_val: object, parameter_proxy_cache: dict[str, fx.Proxy]) -> object:
+        # fx finds a tensor attribute's qualified name by walking every parameter (or buffer) of the
+        # root on each first read: one walk per layer's buffer, quadratic in depth. An index by
+        # identity, built once per trace, gives the same name (the first one the walk would meet).
+        if not isinstance(attr_val, torch.Tensor):
+            return attr_val
+        if self._tensor_names is None:
+            self._tensor_names = (self._first_names(self.root.named_parameters()),
+                                  self._first_names(self.root.named_buffers()))
+        parameters, buffers = self._tensor_names
+        name = parameters.get(id(attr_val)) if isinstance(attr_val, nn.Parameter) else None
+        if name is None and self.proxy_buffer_attributes:
+            name = buffers.get(id(attr_val))
+        if name is None:  # not registered on the root (or registered during forward): fx's own search
+            return super().getattr(attr, attr_val, parameter_proxy_cache)
+        if name not in parameter_proxy_cache:
+            parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+        return parameter_proxy_cache[name]
+
+    def trace(self, root, concrete_args=None):  # noqa: ANN001, ANN201 - fx.Tracer's signature
+        self._tensor_names = None  # the index belongs to one root
+        return super().trace(root, concrete_args)
+
+    @staticmethod
+    def _first_names(named: object) -> dict[int, str]:
+        names: dict[int, str] = {}
+        for name, tensor in named:
+            names.setdefault(id(tensor), name)
+        return names
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
@@ -85,14 +116,18 @@ class _PathTracer(fx.Tracer):
             raise
 
 
-def capture(model: nn.Module, form: CallForm | None = None, *,
-            leaf_types: tuple[type, ...] = ()) -> fx.GraphModule:
+def capture(model: nn.Module, form: CallForm | None = None, *, leaf_types: tuple[type, ...] = (),
+            into: type[fx.GraphModule] = fx.GraphModule, onto: nn.Module | None = None) -> fx.GraphModule:
     """Trace ``model`` with torch.fx for one call form.
 
     Args:
         model: the single-device model; its mode is set to ``form.training`` while tracing and restored.
         form: the call form; default: every optional argument present, the model's current mode.
         leaf_types: extra module types to keep as single ``call_module`` nodes.
+        into: the GraphModule class to build (a subclass, for a program that is compiled further).
+        onto: build the GraphModule over this copy of ``model`` (same module paths, e.g. a
+            :func:`weightless_copy`) instead of over ``model``. Tensor constants that fx records while
+            tracing (it sets them on the traced root) move there, so ``model`` is left as it was.
 
     Returns:
         A GraphModule whose graph is valid for ``form`` only.
@@ -103,6 +138,7 @@ def capture(model: nn.Module, form: CallForm | None = None, *,
     form = form or CallForm(training=model.training)
     tracer = _PathTracer(leaf_types)
     was_training = model.training
+    attributes_before = set(vars(model))
     model.train(form.training)
     try:
         graph = tracer.trace(model, concrete_args={name: None for name in form.absent} or None)
@@ -118,18 +154,33 @@ def capture(model: nn.Module, form: CallForm | None = None, *,
         ) from error
     finally:
         model.train(was_training)
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+        recorded = {name: vars(model).pop(name) for name in set(vars(model)) - attributes_before}
+    root = model if onto is None else onto
+    for name, constant in recorded.items():
+        setattr(root, name, constant)
+    gm = into(root, graph, type(model).__name__)
     gm.graph.lint()
     return gm
 
 
-def meta_skeleton(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose parameters and buffers live on the meta device (no memory).
 
-    tpfx keeps it to trace further call forms later without holding the caller's weights.
+def weightless_copy(model: nn.Module) -> tuple[nn.Module, dict[int, torch.Tensor]]:
+    """A copy of ``model`` whose parameters and buffers are meta placeholders, and where each came from.
+
+    tpfx compiles this copy: tracing reads no tensor values, and the finished program takes a copy
+    of each placeholder's source (or this rank's slice of it) only once it knows which it needs.
+    A tensor registered under two names stays one placeholder.
+
+    Returns:
+        The copy, and ``{id(placeholder): the model's tensor}``.
     """
     memo: dict[int, object] = {}
-    for tensor in list(model.parameters()) + list(model.buffers()):
+    sources: dict[int, torch.Tensor] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if id(tensor) in memo:
+            continue
         meta = torch.empty_like(tensor, device="meta")
-        memo[id(tensor)] = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
-    return copy.deepcopy(model, memo)
+        placeholder = nn.Parameter(meta, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else meta
+        memo[id(tensor)] = placeholder
+        sources[id(placeholder)] = tensor
+    return copy.deepcopy(model, memo), sources

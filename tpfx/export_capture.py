@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
-from tpfx.capture import CallForm, call_form_of, capture, forward_signature, meta_skeleton
+from tpfx.capture import CallForm, call_form_of, capture, forward_signature, weightless_copy
 from tpfx.errors import CaptureError, ConfigError, one_line
 from tpfx.program import TensorParallelModule
 
@@ -212,35 +212,36 @@ def _optional(signature: inspect.Signature) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class Captured:
-    """The graph :func:`tpfx.parallelize` rewrites, and how it was captured."""
+    """The program :func:`tpfx.parallelize` compiles, and how it was captured.
 
-    gm: fx.GraphModule
+    ``gm`` is built over a weightless copy of the model (``skeleton``): its parameters and buffers
+    are meta placeholders, and ``sources`` says which tensor of the model each one stands for.
+    """
+
+    gm: TensorParallelModule
+    skeleton: nn.Module
+    sources: dict[int, torch.Tensor]
     tracer: str  # "fx" or "export"
     form: CallForm  # the primary call form (for export: the example call's)
     exported: Exported | None = None
     note: str = ""  # why "auto" fell back to export, the dynamic dims
 
-    def weight_source(self, model: nn.Module) -> nn.Module:
-        """The module whose copy becomes the program: the model (fx), or the unlifted export graph module."""
-        return model if self.exported is None else self.gm
-
-    def program(self, owner: nn.Module, name: str) -> TensorParallelModule:
-        """The program module for ``owner``'s copy, running the captured graph."""
-        kind = TensorParallelModule if self.exported is None else ExportedTensorParallelModule
-        return kind(owner, self.gm.graph, name)
-
-    def serve_call_forms(self, gm: TensorParallelModule, model: nn.Module,
-                         rewrite: Callable[[fx.GraphModule], object]) -> None:
-        """fx: trace other call forms lazily with the same rewrite; export: fix the program to its form."""
+    def serve_call_forms(self, signature: inspect.Signature, rewrite: Callable[[fx.GraphModule], object]) -> None:
+        """fx: trace other call forms lazily from the skeleton with the same rewrite; export: fix the
+        program to its form."""
         if self.exported is None:
-            gm.attach_call_forms(meta_skeleton(model), forward_signature(model), self.form, rewrite)
+            self.gm.attach_call_forms(self.skeleton, signature, self.form, rewrite)
         else:
-            gm.attach_export_form(forward_signature(model), self.exported.form, self.exported.fixed_dims)
+            self.gm.attach_export_form(signature, self.exported.form, self.exported.fixed_dims)
 
 
 def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
                             example_inputs: ExampleInputs | None = None) -> Captured:
     """Capture ``model`` with the tracer asked for: ``fx``, ``export``, or ``auto`` (fx, else export).
+
+    Either tracer runs on the model itself (fx with proxies, export on fake tensors), so devices and
+    constants it records are the model's; the program is then built over a weightless copy of the
+    model (fx) or of the exported graph module (export). The model is not changed.
 
     Raises:
         ConfigError: an unknown tracer, or export without example inputs.
@@ -254,8 +255,10 @@ def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
     note = ""
     if tracer in ("auto", "fx"):
         form = CallForm(training=model.training)
+        skeleton, sources = weightless_copy(model)
         try:
-            return Captured(capture(model, form), "fx", form)
+            gm = capture(model, form, into=TensorParallelModule, onto=skeleton)
+            return Captured(gm, skeleton, sources, "fx", form)
         except CaptureError as error:
             if tracer == "fx":
                 raise
@@ -268,4 +271,6 @@ def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
     args, kwargs = _as_args_kwargs(example_inputs)
     form = call_form_of(forward_signature(model), args, kwargs, training=model.training)
     note += f"dynamic dims: {', '.join(exported.dynamic_dims) or 'none'}"
-    return Captured(exported.gm, "export", form, exported, note)
+    skeleton, sources = weightless_copy(exported.gm)
+    gm = ExportedTensorParallelModule(skeleton, skeleton.graph, type(model).__name__)
+    return Captured(gm, skeleton, sources, "export", form, exported, note)

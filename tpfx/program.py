@@ -2,9 +2,15 @@
 
 A graph is traced for one call form (which optional arguments are None, train or eval). The
 program holds the graph of the form it was built with, and traces any other form the first time it
-is called that way, from a weightless (meta) copy of the original model, reusing the sharded
-modules already held. So ``gm(ids)``, ``gm(ids, mask)`` and ``gm(ids, labels=y)`` each run a graph
-traced for exactly that call, and all of them share one set of parameters.
+is called that way, reusing the sharded modules already held. So ``gm(ids)``, ``gm(ids, mask)`` and
+``gm(ids, labels=y)`` each run a graph traced for exactly that call, and all of them share one set
+of parameters.
+
+Other forms are traced from the *skeleton*: the weightless copy of the model the program was
+compiled from (:func:`tpfx.capture.weightless_copy`). Its leaf modules are the program's own
+(tracing reads no values), and the tensors it holds elsewhere (site placeholders, buffers of
+container modules) are meta placeholders, so the skeleton costs no memory and keeps nothing alive
+after ``.to()`` replaces the program's tensors.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -37,11 +44,19 @@ class TensorParallelModule(fx.GraphModule):
     ``tpfx_report`` (set by :func:`tpfx.parallelize`) describes the sites, collectives and memory.
     """
 
-    def attach_call_forms(self, skeleton: nn.Module, signature: inspect.Signature, primary: CallForm,
+    def attach_call_forms(self, source: nn.Module, signature: inspect.Signature, primary: CallForm,
                           rewrite: Callable[[fx.GraphModule], object]) -> None:
-        """Let this program serve other call forms: ``rewrite`` applies the same passes to their graphs."""
+        """Let this program serve other call forms: ``rewrite`` applies the same passes to their graphs.
+
+        Args:
+            source: the weightless copy of the model this program was built from: its leaf modules
+                are the program's, its other modules hold only meta placeholders.
+            signature: the model's forward signature, to tell the call form of a call.
+            primary: the call form of this program's own graph.
+            rewrite: the passes for a newly traced graph (graph only: its code is generated here).
+        """
         # through __dict__ so that the skeleton is not registered as a submodule (no state_dict entries)
-        self.__dict__["_tpfx_forms"] = _Forms(skeleton, signature, primary, rewrite)
+        self.__dict__["_tpfx_forms"] = _Forms(source, signature, primary, rewrite)
 
     @property
     def call_forms(self) -> list[CallForm]:
@@ -69,7 +84,13 @@ class TensorParallelModule(fx.GraphModule):
 
     def _module_for(self, forms: _Forms, form: CallForm) -> fx.GraphModule:
         if form not in forms.built:
-            traced = capture(forms.skeleton, form)
+            # the skeleton's leaves are this program's modules: tracing sets their mode, so restore it
+            modes = [(module, module.training) for module in self.modules()]
+            try:
+                traced = capture(forms.skeleton, form)
+            finally:
+                for module, training in modes:
+                    module.training = training
             forms.rewrite(traced)
             # built from self: every module and buffer is this program's own, shared, not copied
             forms.built[form] = fx.GraphModule(self, traced.graph, type(self).__name__)
@@ -104,3 +125,25 @@ def adopt_missing(gm: nn.Module, owner: nn.Module) -> None:
             gm.register_buffer(name, buffer, persistent=persistent)
         elif not persistent:
             gm._non_persistent_buffers_set.add(name)  # the GraphModule copy registered it as persistent
+
+
+
+def take_weights(gm: nn.Module, sources: dict[int, torch.Tensor]) -> None:
+    """Replace each placeholder ``gm`` holds by a copy of the tensor it stands for (``sources``: by id).
+
+    Sharded layers already hold their slices, so what is copied here is what every rank keeps whole.
+    A tensor registered under two names stays one tensor; a source on meta stays a placeholder.
+    """
+    copies: dict[int, torch.Tensor] = {}
+    for module in gm.modules():
+        for registry in (module._parameters, module._buffers):
+            for name, tensor in registry.items():
+                source = sources.get(id(tensor)) if tensor is not None else None
+                if source is None or source.device.type == "meta":
+                    continue
+                if id(tensor) not in copies:
+                    # clone: the program owns compact storage and the caller's tensor is never aliased
+                    data = source.detach().clone()
+                    copies[id(tensor)] = (nn.Parameter(data, source.requires_grad)
+                                          if isinstance(tensor, nn.Parameter) else data)
+                registry[name] = copies[id(tensor)]
