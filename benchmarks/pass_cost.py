@@ -72,18 +72,50 @@ def _timed_total(model: torch.nn.Module, **options) -> float:
     return _clock() - start
 
 
+@contextmanager
+def _timing_code_generation(into: dict[str, float], *, outside: str) -> Iterator[None]:
+    """Accumulate into ``into["code_generation"]`` the seconds torch.fx spends writing and compiling
+    Python code (``GraphModule.recompile``) outside of the ``tpfx.api.<outside>`` step."""
+    original = torch.fx.GraphModule.recompile
+    inside_step = [0]
+
+    def timed_recompile(self):  # noqa: ANN001, ANN202
+        start = _clock()
+        try:
+            return original(self)
+        finally:
+            if not inside_step[0]:
+                into["code_generation"] = into.get("code_generation", 0.0) + _clock() - start
+
+    step: Callable = getattr(tpfx.api, outside)
+
+    def marked_step(*args, **kwargs):
+        inside_step[0] += 1
+        try:
+            return step(*args, **kwargs)
+        finally:
+            inside_step[0] -= 1
+
+    with mock.patch.object(torch.fx.GraphModule, "recompile", timed_recompile), \
+            mock.patch.object(tpfx.api, outside, marked_step):
+        yield
+
+
 def time_parallelize(model: torch.nn.Module, *, export_path: bool = False) -> dict[str, float]:
     """Seconds of one ``parallelize(model, tp=2, rank=0)``: total, capture, find_sites and the rest.
 
-    Also, where this tpfx has them, the totals of Megatron mode (``megatron_total_s``) and, with
-    ``export_path``, of capturing through torch.export (``export_path_total_s``).
+    ``code_generation_s`` is the part of the rest that torch.fx spends writing and compiling the
+    program's Python code (tpfx asks for it once, after every rewrite). Also, where this tpfx has
+    them, the totals of Megatron mode (``megatron_total_s``) and, with ``export_path``, of capturing
+    through torch.export (``export_path_total_s``).
     """
     parts: dict[str, float] = {}
     capture_step = next(name for name in _CAPTURE_STEPS if hasattr(tpfx.api, name))
-    with _timing(capture_step, parts), _timing("find_sites", parts):
+    with _timing_code_generation(parts, outside=capture_step), _timing(capture_step, parts), \
+            _timing("find_sites", parts):
         total = _timed_total(model)
     row = {"total_s": total, "capture_s": parts[capture_step], "find_sites_s": parts["find_sites"],
-           "after_capture_s": total - parts[capture_step]}
+           "after_capture_s": total - parts[capture_step], "code_generation_s": parts.get("code_generation", 0.0)}
     if "megatron" in _modes():
         row["megatron_total_s"] = _timed_total(model, mode="megatron")
     if export_path and _accepts("tracer"):
@@ -102,7 +134,9 @@ def profile_parallelize(model: torch.nn.Module, *, mode: str = "gather", tp: int
     profiler = cProfile.Profile()
     profiler.runcall(tpfx.parallelize, model, tp=tp, rank=0, **options)
     stats = pstats.Stats(profiler).stats  # (file, line, name) -> (calls, ..., cumulative, callers)
-    root = next(key for key in stats if key[2] == "parallelize" and key[0].endswith("api.py"))
+    # the steps are the callees of the compile function (newer tpfx), else of parallelize itself
+    roots = [key for key in stats if key[0].endswith("api.py") and key[2] in ("_compile", "parallelize")]
+    root = min(roots, key=lambda key: key[2] != "_compile")
     total = stats[root][3]
     callees = [(key, callers[root][3]) for key, (*_, callers) in stats.items() if root in callers]
     callees.sort(key=lambda item: -item[1])

@@ -102,12 +102,14 @@ def _pass_table(pass_cost: dict) -> list[str]:
              if all(key in row for row in rows)]
     lines = ["## Pass cost: parallelize(tp=2, rank=0) on a meta-device GPT (GPT-3 175B shape at 96 layers)", "",
              "CPU seconds of the process (equal to wall time on an idle machine; not inflated by other load).", "",
-             "| layers | total | capture | after capture | of which find_sites | torch.export alone |"
-             + "".join(f" {label} |" for _, label in extra), "|---:" * (6 + len(extra)) + "|"]
+             "| layers | total | capture | after capture | of which find_sites | of which code generation "
+             "(torch.fx) | torch.export alone |"
+             + "".join(f" {label} |" for _, label in extra), "|---:" * (7 + len(extra)) + "|"]
     for row in rows:
         export = "—" if row["export_s"] is None else f"{row['export_s']:.3f}"
+        generation = f"{row['code_generation_s']:.3f}" if "code_generation_s" in row else "—"
         lines.append(f"| {row['layers']} | {row['total_s']:.3f} | {row['capture_s']:.3f} | "
-                     f"{row['after_capture_s']:.3f} | {row['find_sites_s']:.3f} | {export} |"
+                     f"{row['after_capture_s']:.3f} | {row['find_sites_s']:.3f} | {generation} | {export} |"
                      + "".join(f" {row[key]:.3f} |" for key, _ in extra))
     growth, last = pass_cost["growth"], rows[-1]
     half = last["after_capture_s"] <= last["capture_s"] / 2

@@ -90,6 +90,9 @@ def test_pass_cost_and_result_files_at_toy_size(ranks, tmp_path):
     cost = pass_cost.measure((1, 2), config_for=toy_config)
     assert [row["layers"] for row in cost["rows"]] == [1, 2]
     assert all(0 < row["capture_s"] < row["total_s"] and row["export_s"] > 0 for row in cost["rows"])
+    # the program's code is generated after capture, and is part of the rest
+    assert all(0 < row["code_generation_s"] < row["after_capture_s"] for row in cost["rows"])
+    assert all(entry["function"] != "tpfx/api.py:_compile" for entry in cost["profile_at_most_layers"]["gather"])
     run = {"machine": results.machine(), "settings": {"label": "toy"}, "pass_cost": cost,
            "steps": step_time.summarize([r["steps"] for r in ranks], TOY_SPEC)}
     paths = results.write(run, tmp_path)

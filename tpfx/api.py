@@ -148,7 +148,7 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     """capture -> find sites (-> pair) -> rewrite the graph and the modules -> take the weights -> report.
 
     The captured program is compiled in place: it is built over a weightless copy of the model, the
-    passes change its graph and its modules, and its code is generated once, at the end.
+    passes change its graph and its modules, and its Python code is generated once, at the end.
     """
     captured = capture_for_parallelize(model, tracer=tracer, example_inputs=example_inputs)
     gm = captured.gm

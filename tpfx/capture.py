@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -117,14 +118,16 @@ class _PathTracer(fx.Tracer):
 
 
 def capture(model: nn.Module, form: CallForm | None = None, *, leaf_types: tuple[type, ...] = (),
-            into: type[fx.GraphModule] = fx.GraphModule, onto: nn.Module | None = None) -> fx.GraphModule:
+            into: Callable[[nn.Module, fx.Graph, str], fx.GraphModule] = fx.GraphModule,
+            onto: nn.Module | None = None) -> fx.GraphModule:
     """Trace ``model`` with torch.fx for one call form.
 
     Args:
         model: the single-device model; its mode is set to ``form.training`` while tracing and restored.
         form: the call form; default: every optional argument present, the model's current mode.
         leaf_types: extra module types to keep as single ``call_module`` nodes.
-        into: the GraphModule class to build (a subclass, for a program that is compiled further).
+        into: what builds the GraphModule from (root, graph, class name): a GraphModule class, or
+            ``TensorParallelModule.without_code`` for a program that the passes compile further.
         onto: build the GraphModule over this copy of ``model`` (same module paths, e.g. a
             :func:`weightless_copy`) instead of over ``model``. Tensor constants that fx records while
             tracing (it sets them on the traced root) move there, so ``model`` is left as it was.

@@ -257,7 +257,7 @@ def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
         form = CallForm(training=model.training)
         skeleton, sources = weightless_copy(model)
         try:
-            gm = capture(model, form, into=TensorParallelModule, onto=skeleton)
+            gm = capture(model, form, into=TensorParallelModule.without_code, onto=skeleton)
             return Captured(gm, skeleton, sources, "fx", form)
         except CaptureError as error:
             if tracer == "fx":
@@ -272,5 +272,5 @@ def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
     form = call_form_of(forward_signature(model), args, kwargs, training=model.training)
     note += f"dynamic dims: {', '.join(exported.dynamic_dims) or 'none'}"
     skeleton, sources = weightless_copy(exported.gm)
-    gm = ExportedTensorParallelModule(skeleton, skeleton.graph, type(model).__name__)
+    gm = ExportedTensorParallelModule.without_code(skeleton, skeleton.graph, type(model).__name__)
     return Captured(gm, skeleton, sources, "export", form, exported, note)

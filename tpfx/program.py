@@ -44,6 +44,24 @@ class TensorParallelModule(fx.GraphModule):
     ``tpfx_report`` (set by :func:`tpfx.parallelize`) describes the sites, collectives and memory.
     """
 
+    @classmethod
+    def without_code(cls, root: nn.Module, graph: fx.Graph, class_name: str) -> TensorParallelModule:
+        """The program over ``root`` and ``graph``, its Python code not generated yet.
+
+        tpfx rewrites the captured graph before the program can run; generating code for the graph
+        as captured would be thrown away (about a sixth of the whole pass). :meth:`recompile`
+        generates it; until then the program cannot be called.
+        """
+        program = cls.__new__(cls, root, graph, class_name)
+        program.__dict__["_tpfx_code_later"] = True  # read by the recompile that fx's constructor makes
+        program.__init__(root, graph, class_name)
+        return program
+
+    def recompile(self):  # noqa: ANN201 - fx.GraphModule's signature
+        if self.__dict__.pop("_tpfx_code_later", False):
+            return None  # the constructor's call, from without_code
+        return super().recompile()
+
     def attach_call_forms(self, source: nn.Module, signature: inspect.Signature, primary: CallForm,
                           rewrite: Callable[[fx.GraphModule], object]) -> None:
         """Let this program serve other call forms: ``rewrite`` applies the same passes to their graphs.
