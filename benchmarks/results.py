@@ -118,6 +118,13 @@ def _pass_table(pass_cost: dict) -> list[str]:
               f"- {last['layers']} layers under {PASS_TARGET_S} s: {last['total_s']:.2f} s "
               f"({'met' if last['total_s'] < PASS_TARGET_S else 'MISSED'}); after capture ≤ half of capture: "
               f"{last['after_capture_s']:.2f} vs {last['capture_s']:.2f} s ({'met' if half else 'MISSED'})"]
+    if not half and "code_generation_s" in last:
+        passes = last["after_capture_s"] - last["code_generation_s"]
+        lines.append(f"- why: of the {last['after_capture_s']:.2f} s after capture, {last['code_generation_s']:.2f} s is "
+                     "torch.fx writing and compiling the program's Python code (once, after every rewrite) and "
+                     f"{passes:.2f} s ({passes / last['capture_s']:.2f} × capture) is tpfx's own work: finding sites, "
+                     "rewriting, slicing, the report. Capture itself is cheap: fx tracing and the weightless copy"
+                     + (f" (torch.export alone takes {last['export_s']:.1f} s)" if last.get("export_s") else ""))
     for mode, profile in pass_cost.get("profile_at_most_layers", {}).items():
         shares = ", ".join(f"{entry['function']} {100 * entry['share']:.0f}%" for entry in profile)
         lines.append(f"- where {mode} mode spends it at {last['layers']} layers (cProfile shares): {shares}")
