@@ -47,18 +47,33 @@ def find_meta_device_constants(gm: fx.GraphModule) -> tuple[MetaDeviceConstant, 
 
 
 def retarget_meta_device(gm: fx.GraphModule, *, device: torch.device | str) -> tuple[MetaDeviceConstant, ...]:
-    """Replace the meta device constants of ``gm``'s graph by ``device``; return what was replaced.
+    """Replace the meta device constants of ``gm``'s graph, and of the graphs nested in it, by ``device``.
+
+    Nested graphs are the submodules of torch.export's higher-order ops (``wrap_with_autocast``,
+    ``wrap_with_set_grad_enabled``); they are compiled modules of their own, so they are recompiled
+    here. ``gm``'s own graph only changes: the caller recompiles it.
 
     Args:
-        gm: a captured graph, changed in place (only the graph: the caller recompiles).
+        gm: a captured graph, changed in place.
         device: where the program will run: the device of the example inputs.
 
     Returns:
-        The constants that were replaced (empty for a graph traced from real weights).
+        The constants that were replaced, ``gm``'s first (empty for a graph traced from real weights).
     """
+    target = torch.device(device)
+    replaced = list(_retarget_graph(gm, target))
+    for name, nested in gm.named_modules():
+        if nested is not gm and isinstance(nested, fx.GraphModule):
+            found = _retarget_graph(nested, target)
+            if found:
+                nested.recompile()
+                replaced += [MetaDeviceConstant(f"{name}.{c.node_name}", c.argument) for c in found]
+    return tuple(replaced)
+
+
+def _retarget_graph(gm: fx.GraphModule, target: torch.device) -> tuple[MetaDeviceConstant, ...]:
     constants = find_meta_device_constants(gm)
     nodes = {node.name: node for node in gm.graph.nodes}
-    target = torch.device(device)
     for constant in constants:
         node = nodes[constant.node_name]
         if isinstance(constant.argument, int):

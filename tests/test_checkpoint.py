@@ -411,6 +411,24 @@ def test_meta_device_constants_are_retargeted_to_the_inputs_device():
     assert device_of_inputs((1, "a")) == torch.device("cpu")
 
 
+def test_meta_device_constants_in_nested_graphs_are_retargeted_and_recompiled():
+    """torch.export puts the ops under autocast or no_grad in submodule graphs: those are fixed too."""
+    from passes.meta_device import retarget_meta_device
+
+    inner = torch.fx.Graph()
+    size = inner.placeholder("size")
+    inner.output(inner.call_function(torch.arange, (size,), {"device": torch.device("meta")}))
+    outer = torch.fx.Graph()
+    size = outer.placeholder("size")
+    outer.output(outer.call_module("nested", (size,)))
+    root = nn.Module()
+    root.nested = torch.fx.GraphModule(nn.Module(), inner)
+    gm = torch.fx.GraphModule(root, outer)
+    replaced = retarget_meta_device(gm, device="cpu")
+    assert [(c.node_name, c.argument) for c in replaced] == [("nested.arange", "device")]
+    assert torch.equal(gm(3), torch.arange(3))  # the nested module's code was regenerated
+
+
 @pytest.mark.parametrize("mode", ["gather", "megatron"])
 def test_parameter_shard_specs_cover_layers_and_in_place_slices(mode):
     """Every parameter whose local shape differs from the full one has a spec, and the spec explains it."""

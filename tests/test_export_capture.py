@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import tpfx
 from examples.gpt import GPTModel, small_config
+from tpfx.collectives import copy_to_tp, gather_from_tp
 from tpfx.errors import CaptureError, ConfigError
 from tpfx.export_capture import ExportedTensorParallelModule, export_capture
 
@@ -95,19 +96,23 @@ def test_auto_uses_fx_where_it_traces():
     assert gm.tpfx_report.tracer == "fx" and not isinstance(gm, ExportedTensorParallelModule)
 
 
-def test_other_call_forms_and_modes_fail_in_one_line_instead_of_running_another_graph():
+def test_other_call_forms_and_modes_are_exported_on_first_use_with_the_same_parameters():
     torch.manual_seed(0)
-    gm = tpfx.parallelize(_ShapeBranch().eval(), tp=2, rank=0, tracer="export", example_inputs={"x": _x()})
+    model = _ShapeBranch().eval()
+    gm = tpfx.parallelize(model, tp=2, rank=0, tracer="export", example_inputs={"x": _x()})
     assert [f.describe() for f in gm.call_forms] == ["eval, without scale"]
-    with pytest.raises(ConfigError, match=r"captured with torch.export for \(eval, x=tensor float32 3-d\) and "
-                                          r"cannot run \(eval, x=tensor float32 3-d, scale=tensor float32 0-d\)"):
-        gm(_x(), scale=torch.tensor(2.0))
-    with pytest.raises(ConfigError, match=r"cannot run \(eval, x=tensor int64 3-d\)"):
-        gm(_x().long())
+    scaled = gm.module_for_call(_x(), scale=torch.tensor(2.0))
+    assert scaled is not gm and scaled is gm.module_for_call(_x(3, 4), scale=torch.tensor(3.0))  # built once
+    assert {id(p) for p in scaled.parameters()} == {id(p) for p in gm.parameters()}
+    ops = [n.target for n in scaled.graph.nodes if n.op == "call_function"]
+    assert ops.count(copy_to_tp) == ops.count(gather_from_tp) == 1 and "meta" not in scaled.code
     gm.train()
-    with pytest.raises(ConfigError, match=r"cannot run \(train, x=tensor float32 3-d\)") as raised:
-        gm(_x())
-    assert "\n" not in str(raised.value)
+    assert gm.module_for_call(_x()).training and [f.describe() for f in gm.call_forms] == [
+        "eval, without scale", "eval, all arguments", "train, without scale"]
+    assert model.training is False and list(model.parameters())[0].device.type == "cpu"  # the caller's model
+    with pytest.raises(ConfigError, match=r"captured with torch.export for \(eval, x=tensor float32 3-d, "
+                                          r"scale=tensor float32 0-d\) and cannot run \(eval, x=tensor float32 3-d\)"):
+        scaled(_x())  # a form's own graph, called directly in another form: one line, nothing run
 
 
 def test_capture_errors_are_one_line_and_say_what_to_do():

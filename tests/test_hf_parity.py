@@ -22,6 +22,7 @@ from tpfx.layers import shard_range  # noqa: E402
 
 TOL = 1e-5
 SHAPES = ((2, 8), (3, 13), (1, 5))  # the example's first, then other batch sizes and lengths
+OTHER_FORM_MODELS = ("gpt2", "llama")  # also called with an attention mask, which their example has not
 
 
 def _expected_grad(name: str, full: torch.Tensor, sites, *, tp: int, rank: int) -> torch.Tensor:
@@ -69,6 +70,12 @@ def _one_model(name: str, rank: int) -> dict:
         diffs, gathered = _compare(gm, reference, hf_models.example_inputs(batch, seq, seed=batch * seq),
                                    rank=rank)
         result["shapes"][(batch, seq)] = {"diffs": diffs, "gathered widths": gathered}
+    if name in OTHER_FORM_MODELS:  # a padding mask: a call form the example did not have, exported on first use
+        inputs = hf_models.example_inputs(3, 7, seed=11)
+        mask = torch.ones_like(inputs["input_ids"])
+        mask[0, -3:] = 0
+        diffs, _ = _compare(gm, reference, inputs | {"attention_mask": mask}, rank=rank)
+        result["other form"] = {"diffs": diffs, "forms": [form.describe() for form in gm.call_forms]}
     return result
 
 
@@ -91,6 +98,17 @@ def test_logits_loss_and_every_gradient_match_single_device_at_several_shapes(wo
             assert len(diffs) == 2 + result["n params"]  # logits, loss and every parameter's gradient
             bad = {k: v for k, v in diffs.items() if not v <= TOL}
             assert not bad, f"{name} rank {rank} at (batch, seq)={shape}: {bad}"
+
+
+@pytest.mark.parametrize("name", OTHER_FORM_MODELS)
+def test_another_call_form_is_exported_on_first_use_and_matches_single_device(world2, name):
+    for rank, results in enumerate(world2):
+        other = results[name]["other form"]
+        # the example's form (no mask), then the one exported on first use
+        first, second = (set(form.partition("without ")[2].split(", ")) for form in other["forms"])
+        assert first - second == {"attention_mask"}, other["forms"]
+        bad = {k: v for k, v in other["diffs"].items() if not v <= TOL}
+        assert len(other["diffs"]) == 2 + results[name]["n params"] and not bad, f"{name} rank {rank}: {bad}"
 
 
 @pytest.mark.parametrize("name", list(hf_models.BUILDERS))

@@ -120,8 +120,9 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
             safely stay column-plus-gather (``gm.tpfx_pairing.fallbacks`` says why).
         tracer: ``"auto"`` (default): torch.fx where it traces, else torch.export with
             ``example_inputs``; ``"fx"``; ``"export"`` (needs ``example_inputs``). An exported
-            program has dynamic batch and sequence dims but serves only its example's call form
-            (other calls raise ConfigError). ``gm.tpfx_report.tracer`` says which was used.
+            program has dynamic batch and sequence dims; another call form (other arguments given,
+            or the other train/eval mode) is exported from a weightless copy of the model on its
+            first call. ``gm.tpfx_report.tracer`` says which was used.
         example_inputs: the arguments of one call of ``model``: a tuple of positional
             arguments, a dict of keyword arguments, or one tensor. Used by torch.export only.
 
@@ -171,7 +172,8 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     gm.graph.lint()
     gm.recompile()
     gm.train(model.training)
-    captured.serve_call_forms(forward_signature(model), rewrite)
+    captured.serve_call_forms(forward_signature(model), rewrite,
+                              lambda exported, device: retarget_meta_device(exported, device=device))
     gm.tpfx_report = build_report(gm, model, tp=layout.tp, rank=layout.rank, group=layout.key, call_form=captured.form,
                                   sites=finding.sites, replicated=finding.replicated,
                                   tracer=captured.tracer, tracer_note=captured.note)

@@ -8,19 +8,20 @@ than the example's.
 
 An exported graph is fixed to its example call: which arguments are given (tensors, with their
 dtype and rank, or constants such as ``use_cache=False``) and the train/eval mode. The program
-(:class:`ExportedTensorParallelModule`) checks every call against that *export form* and raises a
-one-line :class:`~tpfx.errors.ConfigError` for any other, rather than silently running a graph
-traced for different arguments.
+(:class:`ExportedTensorParallelModule`) reads the *export form* of every call; the first call of
+another form exports the model's weightless copy for it (on meta), and the same passes rewrite that
+graph, which then runs with the program's parameters. A graph never runs under a form it was not
+exported for.
 
-``parallelize(model, tracer="auto")`` uses torch.fx where it works (every call form served) and
-falls back to torch.export when fx fails and ``example_inputs`` are given; the report says which.
+``parallelize(model, tracer="auto")`` uses torch.fx where it works and falls back to torch.export
+when fx fails and ``example_inputs`` are given; the report says which.
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -157,17 +158,31 @@ def _dims_of(gm: fx.GraphModule, example: dict[str, Any]) -> tuple[tuple[str, ..
     return tuple(dynamic), tuple(fixed)
 
 
+@dataclass
+class _Reexport:
+    """What an exported program needs to export and rewrite another call form (kept out of the module tree)."""
+
+    source: nn.Module  # a weightless copy of the original model: export runs it on fake tensors
+    rewrite: Callable[[fx.GraphModule, torch.device], object]  # the passes, given where the call's tensors are
+    built: dict[ExportForm, ExportedTensorParallelModule] = field(default_factory=dict)
+
+
 class ExportedTensorParallelModule(TensorParallelModule):
-    """A rank's program captured by torch.export: the call form of its example inputs, at any batch and length."""
+    """A rank's program captured by torch.export: its graph serves the call form of its example inputs,
+    at any batch and length; another call form (other arguments given, or the other train/eval mode)
+    is exported from a weightless copy of the model the first time it is called, rewritten by the
+    same passes and served with the same parameters."""
 
     def attach_export_form(self, signature: inspect.Signature, form: ExportForm,
-                           fixed_dims: tuple[tuple[str, int, int], ...] = ()) -> None:
-        """Fix the program to ``form``: other calls raise instead of running a graph traced for other arguments.
+                           fixed_dims: tuple[tuple[str, int, int], ...] = (), *,
+                           reexport: _Reexport | None = None) -> None:
+        """Fix this graph to ``form``; with ``reexport``, other forms are exported lazily, else they raise.
 
-        ``fixed_dims`` are batch/sequence dims that export could not keep dynamic; other sizes raise too.
+        ``fixed_dims`` are batch/sequence dims that export could not keep dynamic; other sizes raise.
         """
         self.__dict__["_tpfx_export"] = (signature, form)
         self.__dict__["_tpfx_fixed_dims"] = fixed_dims
+        self.__dict__["_tpfx_reexport"] = reexport
 
     @property
     def export_form(self) -> ExportForm:
@@ -176,27 +191,81 @@ class ExportedTensorParallelModule(TensorParallelModule):
 
     @property
     def call_forms(self) -> list[CallForm]:
-        """The one call form this program serves."""
+        """The call forms exported so far, this graph's first."""
         signature, form = self.__dict__["_tpfx_export"]
-        absent = frozenset(name for name in _optional(signature) if name not in dict(form.arguments))
-        return [CallForm(absent=absent, training=form.training)]
+        reexport: _Reexport | None = self.__dict__.get("_tpfx_reexport")
+        forms = [form, *(reexport.built if reexport else ())]
+        return [CallForm(absent=frozenset(name for name in _optional(signature) if name not in dict(f.arguments)),
+                         training=f.training) for f in forms]
+
+    def module_for_call(self, *args: Any, **kwargs: Any) -> fx.GraphModule:
+        """The GraphModule that ``self(*args, **kwargs)`` runs: this one, or the one exported for that call.
+
+        Raises:
+            ConfigError: the arguments do not fit the forward signature, or this program cannot export
+                another form (one built from an exported graph module, not from a model).
+            CaptureError: torch.export fails on this call form.
+        """
+        signature, _ = self.__dict__["_tpfx_export"]
+        return self._module_for(bind_call(signature, args, kwargs))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         signature, _ = self.__dict__["_tpfx_export"]
         call = bind_call(signature, args, kwargs)
-        self._check(call)
-        return fx.GraphModule.__call__(self, **call)
+        module = self._module_for(call)
+        module._check_fixed_dims(call)
+        return fx.GraphModule.__call__(module, **call)
 
-    def _check(self, call: dict[str, Any]) -> None:
-        """Raise unless ``call`` has the arguments, mode and fixed sizes the graph was exported for."""
-        form = self.export_form
-        given = export_form(call, training=self.training)
-        if given != form:
+    def _module_for(self, call: dict[str, Any]) -> ExportedTensorParallelModule:
+        form, given = self.export_form, export_form(call, training=self.training)
+        if given == form:
+            return self
+        reexport: _Reexport | None = self.__dict__.get("_tpfx_reexport")
+        if reexport is None:
             raise ConfigError(
                 f"this {self._get_name()} program was captured with torch.export for ({form.describe()}) and "
                 f"cannot run ({given.describe()}): an exported graph is fixed to its example call and mode; call "
                 "it that way, or parallelize again with the model in this mode and example_inputs= matching this call"
             )
+        if given not in reexport.built:
+            reexport.built[given] = self._export_form(reexport, call, given)
+        return reexport.built[given]
+
+    def _export_form(self, reexport: _Reexport, call: dict[str, Any], given: ExportForm) -> ExportedTensorParallelModule:
+        """Export ``call`` from the weightless copy, rewrite it, and bind its graph to this program's modules."""
+        # the copy's weights are on meta: so are the example's tensors (device constants are retargeted below)
+        example = {name: value.to("meta") if isinstance(value, torch.Tensor) else value for name, value in call.items()}
+        was_training = reexport.source.training
+        reexport.source.train(given.training)
+        try:
+            exported = export_capture(reexport.source, example)
+        finally:
+            reexport.source.train(was_training)
+        reexport.rewrite(exported.gm, _device_of(call))
+        # parameters and buffers are this program's (sharded where the passes sharded them); the rest
+        # (constants, export's guard module) belongs to the new export, and must not be a placeholder
+        own = dict(self.named_parameters(remove_duplicate=False)) | dict(self.named_buffers(remove_duplicate=False))
+        attributes: dict[str, object] = {}
+        for node in exported.gm.graph.nodes:
+            if node.op not in ("get_attr", "call_module") or node.target in attributes:
+                continue
+            value = own.get(node.target) if node.op == "get_attr" else None
+            if value is None:
+                value = _fetch(exported.gm, node.target)
+                if isinstance(value, torch.Tensor) and value.device.type == "meta":
+                    raise ConfigError(
+                        f"cannot export ({given.describe()}) for this {self._get_name()} program: the new graph's "
+                        f"constant '{node.target}' was computed from the weightless copy of the model (meta); "
+                        "parallelize with example_inputs= of this call form instead"
+                    )
+            attributes[node.target] = value
+        module = ExportedTensorParallelModule(attributes, exported.gm.graph, self._get_name())
+        module.attach_export_form(self.__dict__["_tpfx_export"][0], given, exported.fixed_dims)
+        module.train(given.training)
+        return module
+
+    def _check_fixed_dims(self, call: dict[str, Any]) -> None:
+        """Raise unless the dims that export fixed have the sizes the graph was exported for."""
         for name, axis, size in self.__dict__.get("_tpfx_fixed_dims", ()):
             if call[name].shape[axis] != size:
                 raise ConfigError(
@@ -204,6 +273,25 @@ class ExportedTensorParallelModule(TensorParallelModule):
                     f"from an example with size {size} there, which torch.export fixes; parallelize again with "
                     "example_inputs of batch size and sequence length 2 or more"
                 )
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
+        # .to()/.cuda() may replace buffers by new tensors; other forms are exported again on their next call
+        reexport: _Reexport | None = self.__dict__.get("_tpfx_reexport")
+        if reexport is not None:
+            reexport.built.clear()
+        return super()._apply(fn, recurse)
+
+
+def _fetch(module: nn.Module, target: str) -> object:
+    """The attribute at a dotted path (``"layers.0.attn.bias"``)."""
+    current: object = module
+    for part in target.split("."):
+        current = getattr(current, part)
+    return current
+
+
+def _device_of(call: dict[str, Any]) -> torch.device:
+    return next((value.device for value in call.values() if isinstance(value, torch.Tensor)), torch.device("cpu"))
 
 
 def _optional(signature: inspect.Signature) -> tuple[str, ...]:
@@ -225,14 +313,23 @@ class Captured:
     form: CallForm  # the primary call form (for export: the example call's)
     exported: Exported | None = None
     note: str = ""  # why "auto" fell back to export, the dynamic dims
+    model_copy: nn.Module | None = None  # export: a weightless copy of the model, to export other call forms
 
-    def serve_call_forms(self, signature: inspect.Signature, rewrite: Callable[[fx.GraphModule], object]) -> None:
-        """fx: trace other call forms lazily from the skeleton with the same rewrite; export: fix the
-        program to its form."""
+    def serve_call_forms(self, signature: inspect.Signature, rewrite: Callable[[fx.GraphModule], object],
+                         prepare_export: Callable[[fx.GraphModule, torch.device], object]) -> None:
+        """Let the program serve other call forms with the same ``rewrite``: fx traces them from the
+        skeleton; export exports them from the model's weightless copy (``prepare_export`` first fixes
+        a new export's graph for the call's device)."""
         if self.exported is None:
             self.gm.attach_call_forms(self.skeleton, signature, self.form, rewrite)
-        else:
-            self.gm.attach_export_form(signature, self.exported.form, self.exported.fixed_dims)
+            return
+
+        def prepare_and_rewrite(traced: fx.GraphModule, device: torch.device) -> None:
+            prepare_export(traced, device)
+            rewrite(traced)
+
+        reexport = _Reexport(self.model_copy, prepare_and_rewrite) if self.model_copy is not None else None
+        self.gm.attach_export_form(signature, self.exported.form, self.exported.fixed_dims, reexport=reexport)
 
 
 def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
@@ -273,4 +370,4 @@ def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
     note += f"dynamic dims: {', '.join(exported.dynamic_dims) or 'none'}"
     skeleton, sources = weightless_copy(exported.gm)
     gm = ExportedTensorParallelModule.without_code(skeleton, skeleton.graph, type(model).__name__)
-    return Captured(gm, skeleton, sources, "export", form, exported, note)
+    return Captured(gm, skeleton, sources, "export", form, exported, note, model_copy=weightless_copy(model)[0])
