@@ -13,8 +13,9 @@ after::
 
     arange = torch.ops.aten.arange.default(sym_size_int, device=device(type='cpu'), pin_memory=False)
 
-torch.fx graphs read devices from tensors at run time (``x.device`` is a node), so they carry no such
-constant and the pass changes nothing there.
+torch.fx graphs mostly read devices from tensors at run time (``x.device`` is a node). A device read
+off a weight while tracing (``next(self.parameters()).device``, Hugging Face's ``self.device``) is a
+constant, though, and it says ``meta`` in a call form traced from the program's weightless copy.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+
+from tpfx.program import device_of_call
 
 
 def _is_meta(value: object) -> bool:
@@ -86,9 +89,5 @@ def _retarget_graph(gm: fx.GraphModule, target: torch.device) -> tuple[MetaDevic
 def device_of_inputs(example_inputs: object) -> torch.device:
     """The device of the first tensor in example inputs (a tensor, tuple, list or dict); the CPU if none."""
     if isinstance(example_inputs, dict):
-        values = list(example_inputs.values())
-    elif isinstance(example_inputs, (tuple, list)):
-        values = list(example_inputs)
-    else:
-        values = [example_inputs]
-    return next((value.device for value in values if isinstance(value, torch.Tensor)), torch.device("cpu"))
+        return device_of_call(example_inputs.values())
+    return device_of_call(example_inputs if isinstance(example_inputs, (tuple, list)) else [example_inputs])

@@ -134,3 +134,28 @@ def test_tensor_attributes_get_fx_names_with_one_walk_of_the_root():
     assert [n.target for n in gm.graph.nodes if n.op == "get_attr"] == expected == ["first.scale", "offset"]
     assert len(walks) == 1
     torch.testing.assert_close(gm(torch.ones(3)), torch.full((3,), 3.0))
+
+
+class _DeviceFromRootParameter(nn.Module):
+    """Reads a device off its first parameter, which is registered on the root (as ``self.device`` does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.offset = nn.Parameter(torch.full((4,), 0.5))
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        positions = torch.arange(x.size(1), device=next(self.parameters()).device)  # a traced size: a node
+        y = self.inner(x) + self.offset + positions[None, :, None]
+        return y if mask is None else y * mask[..., None]
+
+
+def test_another_form_traced_from_the_weightless_copy_runs_on_the_programs_device():
+    """The copy's root parameter is a meta placeholder: device constants traced from it are retargeted."""
+    torch.manual_seed(0)
+    model = _DeviceFromRootParameter()
+    gm = tpfx.parallelize(model, tp=2, rank=0)  # no sites: no collectives, so it runs without a group
+    x, mask = torch.randn(2, 3, 4), torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    torch.testing.assert_close(gm(x), model(x))
+    assert "meta" not in gm.module_for_call(x, mask).code
+    torch.testing.assert_close(gm(x, mask), model(x, mask))

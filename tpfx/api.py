@@ -173,7 +173,7 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     gm.recompile()
     gm.train(model.training)
     captured.serve_call_forms(forward_signature(model), rewrite,
-                              lambda exported, device: retarget_meta_device(exported, device=device))
+                              lambda traced, device: retarget_meta_device(traced, device=device))
     gm.tpfx_report = build_report(gm, model, tp=layout.tp, rank=layout.rank, group=layout.key, call_form=captured.form,
                                   sites=finding.sites, replicated=finding.replicated,
                                   tracer=captured.tracer, tracer_note=captured.note)

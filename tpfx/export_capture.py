@@ -31,7 +31,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from tpfx.capture import CallForm, call_form_of, capture, forward_signature, weightless_copy
 from tpfx.errors import CaptureError, ConfigError, one_line
-from tpfx.program import TensorParallelModule
+from tpfx.program import TensorParallelModule, device_of_call
 
 TRACERS = ("auto", "fx", "export")
 ExampleInputs = tuple | dict | torch.Tensor
@@ -241,7 +241,7 @@ class ExportedTensorParallelModule(TensorParallelModule):
             exported = export_capture(reexport.source, example)
         finally:
             reexport.source.train(was_training)
-        reexport.rewrite(exported.gm, _device_of(call))
+        reexport.rewrite(exported.gm, device_of_call(call.values()))
         # parameters and buffers are this program's (sharded where the passes sharded them); the rest
         # (constants, export's guard module) belongs to the new export, and must not be a placeholder
         own = dict(self.named_parameters(remove_duplicate=False)) | dict(self.named_buffers(remove_duplicate=False))
@@ -290,10 +290,6 @@ def _fetch(module: nn.Module, target: str) -> object:
     return current
 
 
-def _device_of(call: dict[str, Any]) -> torch.device:
-    return next((value.device for value in call.values() if isinstance(value, torch.Tensor)), torch.device("cpu"))
-
-
 def _optional(signature: inspect.Signature) -> tuple[str, ...]:
     return tuple(name for name, p in signature.parameters.items() if p.default is None)
 
@@ -316,18 +312,18 @@ class Captured:
     model_copy: nn.Module | None = None  # export: a weightless copy of the model, to export other call forms
 
     def serve_call_forms(self, signature: inspect.Signature, rewrite: Callable[[fx.GraphModule], object],
-                         prepare_export: Callable[[fx.GraphModule, torch.device], object]) -> None:
+                         prepare: Callable[[fx.GraphModule, torch.device], object]) -> None:
         """Let the program serve other call forms with the same ``rewrite``: fx traces them from the
-        skeleton; export exports them from the model's weightless copy (``prepare_export`` first fixes
-        a new export's graph for the call's device)."""
-        if self.exported is None:
-            self.gm.attach_call_forms(self.skeleton, signature, self.form, rewrite)
-            return
+        skeleton, export exports them from the model's weightless copy. Both copies hold meta
+        placeholders, so ``prepare`` first fixes a new graph for the device of the call's tensors."""
 
         def prepare_and_rewrite(traced: fx.GraphModule, device: torch.device) -> None:
-            prepare_export(traced, device)
+            prepare(traced, device)
             rewrite(traced)
 
+        if self.exported is None:
+            self.gm.attach_call_forms(self.skeleton, signature, self.form, prepare_and_rewrite)
+            return
         reexport = _Reexport(self.model_copy, prepare_and_rewrite) if self.model_copy is not None else None
         self.gm.attach_export_form(signature, self.exported.form, self.exported.fixed_dims, reexport=reexport)
 

@@ -16,7 +16,7 @@ after ``.to()`` replaces the program's tensors.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,7 +34,7 @@ class _Forms:
     skeleton: nn.Module
     signature: inspect.Signature
     primary: CallForm
-    rewrite: Callable[[fx.GraphModule], object]
+    rewrite: Callable[[fx.GraphModule, torch.device], object]  # the passes, given where the call's tensors are
     built: dict[CallForm, fx.GraphModule] = field(default_factory=dict)
 
 
@@ -63,7 +63,7 @@ class TensorParallelModule(fx.GraphModule):
         return super().recompile()
 
     def attach_call_forms(self, source: nn.Module, signature: inspect.Signature, primary: CallForm,
-                          rewrite: Callable[[fx.GraphModule], object]) -> None:
+                          rewrite: Callable[[fx.GraphModule, torch.device], object]) -> None:
         """Let this program serve other call forms: ``rewrite`` applies the same passes to their graphs.
 
         Args:
@@ -71,7 +71,8 @@ class TensorParallelModule(fx.GraphModule):
                 are the program's, its other modules hold only meta placeholders.
             signature: the model's forward signature, to tell the call form of a call.
             primary: the call form of this program's own graph.
-            rewrite: the passes for a newly traced graph (graph only: its code is generated here).
+            rewrite: the passes for a newly traced graph and the device of the call's tensors (graph
+                only: its code is generated here).
         """
         # through __dict__ so that the skeleton is not registered as a submodule (no state_dict entries)
         self.__dict__["_tpfx_forms"] = _Forms(source, signature, primary, rewrite)
@@ -92,7 +93,9 @@ class TensorParallelModule(fx.GraphModule):
         if forms is None:
             return self
         form = call_form_of(forms.signature, args, kwargs, training=self.training)
-        return self if form == forms.primary else self._module_for(forms, form)
+        if form == forms.primary:
+            return self
+        return self._module_for(forms, form, device_of_call([*args, *kwargs.values()]))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module_for_call(*args, **kwargs)
@@ -100,7 +103,7 @@ class TensorParallelModule(fx.GraphModule):
             return super().__call__(*args, **kwargs)
         return module(*args, **kwargs)
 
-    def _module_for(self, forms: _Forms, form: CallForm) -> fx.GraphModule:
+    def _module_for(self, forms: _Forms, form: CallForm, device: torch.device) -> fx.GraphModule:
         if form not in forms.built:
             # the skeleton's leaves are this program's modules: tracing sets their mode, so restore it
             modes = [(module, module.training) for module in self.modules()]
@@ -109,7 +112,7 @@ class TensorParallelModule(fx.GraphModule):
             finally:
                 for module, training in modes:
                     module.training = training
-            forms.rewrite(traced)
+            forms.rewrite(traced, device)
             # built from self: every module and buffer is this program's own, shared, not copied
             forms.built[form] = fx.GraphModule(self, traced.graph, type(self).__name__)
         return forms.built[form]
@@ -120,6 +123,11 @@ class TensorParallelModule(fx.GraphModule):
         if forms is not None:
             forms.built.clear()
         return super()._apply(fn, recurse)
+
+
+def device_of_call(values: Iterable[object]) -> torch.device:
+    """The device of the first tensor among a call's arguments; the CPU if there is none."""
+    return next((value.device for value in values if isinstance(value, torch.Tensor)), torch.device("cpu"))
 
 
 def adopt_missing(gm: nn.Module, owner: nn.Module) -> None:
