@@ -40,7 +40,7 @@ from passes.column_shard import insert_collectives, shard_site_modules
 from passes.find_sites import Site, find_sites
 from passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
 from passes.local_heads import FeatureLayout, localize_shapes
-from passes.pair_megatron import Pair, Pairing, pair_sites
+from passes.pair_megatron import Pairing, pair_sites
 from tpfx.collectives import copy_to_tp, reduce_from_tp
 from tpfx.errors import ShardingError
 from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, ShardSpec
@@ -231,7 +231,7 @@ def megatron_shard(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: int, 
 
 
 def rewrite_other_form(traced: fx.GraphModule, primary: Pairing, *, tp: int, group: str) -> PairShardResult:
-    """Pair another call form's graph (traced from the full-size skeleton) and rewrite it like the primary.
+    """Pair another call form's graph (traced from the weightless copy) and rewrite it like the primary.
 
     Raises:
         ShardingError: this form pairs the linears differently from the form the program was built with.

@@ -8,12 +8,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 import torch.distributed as dist
 import torch.nn as nn
 
 from passes.column_shard import insert_collectives, shard_site_modules
-from passes.find_sites import Site, find_sites, require_divisible
+from passes.find_sites import find_sites, require_divisible
 from passes.meta_device import device_of_inputs, retarget_meta_device
 from passes.pair_megatron import pair_sites
 from passes.row_shard import rewrite_other_form, rewrite_pair_graph, shard_pair_modules

@@ -153,7 +153,6 @@ def adopt_missing(gm: nn.Module, owner: nn.Module) -> None:
             gm._non_persistent_buffers_set.add(name)  # the GraphModule copy registered it as persistent
 
 
-
 def take_weights(gm: nn.Module, sources: dict[int, torch.Tensor]) -> None:
     """Replace each placeholder ``gm`` holds by a copy of the tensor it stands for (``sources``: by id).
 
