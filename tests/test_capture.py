@@ -159,3 +159,28 @@ def test_another_form_traced_from_the_weightless_copy_runs_on_the_programs_devic
     torch.testing.assert_close(gm(x), model(x))
     assert "meta" not in gm.module_for_call(x, mask).code
     torch.testing.assert_close(gm(x, mask), model(x, mask))
+
+
+class _ConstantPerForm(nn.Module):
+    """Each call form makes its own tensor constant while tracing; fx names both ``_tensor_constant0``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            return self.inner(x) + torch.arange(4.0)
+        return (self.inner(x) + torch.full((4,), 10.0)) * mask[..., None]
+
+
+def test_each_form_runs_with_the_constants_traced_for_it():
+    torch.manual_seed(0)
+    model = _ConstantPerForm()
+    attributes = set(vars(model))
+    gm = tpfx.parallelize(model, tp=2, rank=0)  # no sites: no collectives, so it runs without a group
+    x, mask = torch.randn(2, 3, 4), torch.ones(2, 3)
+    torch.testing.assert_close(gm(x), model(x))
+    torch.testing.assert_close(gm(x, mask), model(x, mask))  # not the other form's constant of the same name
+    torch.testing.assert_close(capture(model)(x, mask), model(x, mask))
+    assert set(vars(model)) == attributes  # capture leaves the constants it records on its GraphModule only

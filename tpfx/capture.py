@@ -60,6 +60,10 @@ def call_form_of(signature: inspect.Signature, args: tuple, kwargs: dict, *, tra
     return CallForm(absent=absent, training=training)
 
 
+# GraphModule.meta key: the names of the tensor constants fx recorded while tracing (``_tensor_constant0``)
+TRACED_CONSTANTS = "tpfx_traced_constants"
+
+
 class _PathTracer(fx.Tracer):
     """An fx tracer that remembers which module it was inside when tracing failed.
 
@@ -162,6 +166,10 @@ def capture(model: nn.Module, form: CallForm | None = None, *, leaf_types: tuple
     for name, constant in recorded.items():
         setattr(root, name, constant)
     gm = into(root, graph, type(model).__name__)
+    if onto is None:
+        for name in recorded:  # the GraphModule holds them now
+            delattr(model, name)
+    gm.meta[TRACED_CONSTANTS] = tuple(recorded)
     gm.graph.lint()
     return gm
 

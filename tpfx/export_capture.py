@@ -31,7 +31,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from tpfx.capture import CallForm, call_form_of, capture, forward_signature, weightless_copy
 from tpfx.errors import CaptureError, ConfigError, one_line
-from tpfx.program import TensorParallelModule, device_of_call
+from tpfx.program import TensorParallelModule, device_of_call, graph_attributes
 
 TRACERS = ("auto", "fx", "export")
 ExampleInputs = tuple | dict | torch.Tensor
@@ -244,21 +244,16 @@ class ExportedTensorParallelModule(TensorParallelModule):
         reexport.rewrite(exported.gm, device_of_call(call.values()))
         # parameters and buffers are this program's (sharded where the passes sharded them); the rest
         # (constants, export's guard module) belongs to the new export, and must not be a placeholder
-        own = dict(self.named_parameters(remove_duplicate=False)) | dict(self.named_buffers(remove_duplicate=False))
-        attributes: dict[str, object] = {}
-        for node in exported.gm.graph.nodes:
-            if node.op not in ("get_attr", "call_module") or node.target in attributes:
-                continue
-            value = own.get(node.target) if node.op == "get_attr" else None
-            if value is None:
-                value = _fetch(exported.gm, node.target)
-                if isinstance(value, torch.Tensor) and value.device.type == "meta":
-                    raise ConfigError(
-                        f"cannot export ({given.describe()}) for this {self._get_name()} program: the new graph's "
-                        f"constant '{node.target}' was computed from the weightless copy of the model (meta); "
-                        "parallelize with example_inputs= of this call form instead"
-                    )
-            attributes[node.target] = value
+        own = {name for name, _ in self.named_parameters(remove_duplicate=False)}
+        own |= {name for name, _ in self.named_buffers(remove_duplicate=False)}
+        attributes = graph_attributes(exported.gm.graph, lambda node: self if node.target in own else exported.gm)
+        for target, value in attributes.items():
+            if target not in own and isinstance(value, torch.Tensor) and value.device.type == "meta":
+                raise ConfigError(
+                    f"cannot export ({given.describe()}) for this {self._get_name()} program: the new graph's "
+                    f"constant '{target}' was computed from the weightless copy of the model (meta); "
+                    "parallelize with example_inputs= of this call form instead"
+                )
         module = ExportedTensorParallelModule(attributes, exported.gm.graph, self._get_name())
         module.attach_export_form(self.__dict__["_tpfx_export"][0], given, exported.fixed_dims)
         module.train(given.training)
@@ -280,14 +275,6 @@ class ExportedTensorParallelModule(TensorParallelModule):
         if reexport is not None:
             reexport.built.clear()
         return super()._apply(fn, recurse)
-
-
-def _fetch(module: nn.Module, target: str) -> object:
-    """The attribute at a dotted path (``"layers.0.attn.bias"``)."""
-    current: object = module
-    for part in target.split("."):
-        current = getattr(current, part)
-    return current
 
 
 def _optional(signature: inspect.Signature) -> tuple[str, ...]:

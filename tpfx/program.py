@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tpfx.capture import CallForm, call_form_of, capture
+from tpfx.capture import TRACED_CONSTANTS, CallForm, call_form_of, capture
 
 
 @dataclass
@@ -113,8 +113,11 @@ class TensorParallelModule(fx.GraphModule):
                 for module, training in modes:
                     module.training = training
             forms.rewrite(traced, device)
-            # built from self: every module and buffer is this program's own, shared, not copied
-            forms.built[form] = fx.GraphModule(self, traced.graph, type(self).__name__)
+            # every module, parameter and buffer is this program's own, shared, not copied; the tensor
+            # constants are this trace's (another form's constant may have the same name)
+            constants = set(traced.meta.get(TRACED_CONSTANTS, ()))
+            attributes = graph_attributes(traced.graph, lambda node: traced if node.target in constants else self)
+            forms.built[form] = fx.GraphModule(attributes, traced.graph, type(self).__name__)
         return forms.built[form]
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
@@ -123,6 +126,19 @@ class TensorParallelModule(fx.GraphModule):
         if forms is not None:
             forms.built.clear()
         return super()._apply(fn, recurse)
+
+
+def graph_attributes(graph: fx.Graph, owner_of: Callable[[fx.Node], nn.Module]) -> dict[str, object]:
+    """What a GraphModule for ``graph`` needs, by target: each ``get_attr`` and ``call_module`` target
+    read from the module ``owner_of(node)`` says (the program, or the capture that made the graph)."""
+    attributes: dict[str, object] = {}
+    for node in graph.nodes:
+        if node.op in ("get_attr", "call_module") and node.target not in attributes:
+            value: object = owner_of(node)
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+            attributes[node.target] = value
+    return attributes
 
 
 def device_of_call(values: Iterable[object]) -> torch.device:
