@@ -184,3 +184,25 @@ def test_each_form_runs_with_the_constants_traced_for_it():
     torch.testing.assert_close(gm(x, mask), model(x, mask))  # not the other form's constant of the same name
     torch.testing.assert_close(capture(model)(x, mask), model(x, mask))
     assert set(vars(model)) == attributes  # capture leaves the constants it records on its GraphModule only
+
+
+class _ConstantFromWeight(nn.Module):
+    """Computes a constant from a weight's values while tracing (an eager op on a concrete parameter)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.full((4,), 0.5))  # on the root: a meta placeholder in the weightless copy
+        self.inner = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        scale = next(self.parameters()).detach().abs().sum()  # concrete while tracing: a tensor constant
+        y = self.inner(x) * scale
+        return y if mask is None else y * mask[..., None]
+
+
+def test_a_constant_computed_from_a_placeholder_is_a_one_line_error_not_a_meta_tensor_at_run_time():
+    gm = tpfx.parallelize(_ConstantFromWeight(), tp=2, rank=0)
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(tpfx.ConfigError, match=r"cannot trace \(train, without mask\) .* constant '_tensor_constant") as error:
+        gm(x)
+    assert "\n" not in str(error.value)

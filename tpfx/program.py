@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.capture import TRACED_CONSTANTS, CallForm, call_form_of, capture
+from tpfx.errors import ConfigError
 
 
 @dataclass
@@ -117,6 +118,13 @@ class TensorParallelModule(fx.GraphModule):
             # constants are this trace's (another form's constant may have the same name)
             constants = set(traced.meta.get(TRACED_CONSTANTS, ()))
             attributes = graph_attributes(traced.graph, lambda node: traced if node.target in constants else self)
+            for name in constants & attributes.keys():
+                if isinstance(attributes[name], torch.Tensor) and attributes[name].device.type == "meta":
+                    raise ConfigError(
+                        f"cannot trace ({form.describe()}) for this {self._get_name()} program: its constant '{name}' "
+                        "was computed while tracing from a weight, which the weightless copy holds on meta; compute "
+                        "it in forward from tensors (or register it as a buffer), or build the program for this form"
+                    )
             forms.built[form] = fx.GraphModule(attributes, traced.graph, type(self).__name__)
         return forms.built[form]
 
