@@ -333,12 +333,14 @@ def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
         raise ConfigError("tracer='export' needs example_inputs= (a tuple of positional arguments or a dict of "
                           "keyword arguments, as the model's forward takes them)")
     note = ""
+    # fx: the program's skeleton; export: what other call forms are exported from (a failed fx capture
+    # leaves it untouched, so "auto" falling back to export does not copy the model twice)
+    model_copy, sources = weightless_copy(model)
     if tracer in ("auto", "fx"):
         form = CallForm(training=model.training)
-        skeleton, sources = weightless_copy(model)
         try:
-            gm = capture(model, form, into=TensorParallelModule.without_code, onto=skeleton)
-            return Captured(gm, skeleton, sources, "fx", form)
+            gm = capture(model, form, into=TensorParallelModule.without_code, onto=model_copy)
+            return Captured(gm, model_copy, sources, "fx", form)
         except CaptureError as error:
             if tracer == "fx":
                 raise
@@ -353,4 +355,4 @@ def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
     note += f"dynamic dims: {', '.join(exported.dynamic_dims) or 'none'}"
     skeleton, sources = weightless_copy(exported.gm)
     gm = ExportedTensorParallelModule.without_code(skeleton, skeleton.graph, type(model).__name__)
-    return Captured(gm, skeleton, sources, "export", form, exported, note, model_copy=weightless_copy(model)[0])
+    return Captured(gm, skeleton, sources, "export", form, exported, note, model_copy=model_copy)

@@ -96,7 +96,8 @@ class TensorParallelModule(fx.GraphModule):
         form = call_form_of(forms.signature, args, kwargs, training=self.training)
         if form == forms.primary:
             return self
-        return self._module_for(forms, form, device_of_call([*args, *kwargs.values()]))
+        built = forms.built.get(form)  # every call after the first: no device look-up on the step's path
+        return built if built is not None else self._module_for(forms, form, device_of_call([*args, *kwargs.values()]))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module_for_call(*args, **kwargs)
@@ -105,27 +106,27 @@ class TensorParallelModule(fx.GraphModule):
         return module(*args, **kwargs)
 
     def _module_for(self, forms: _Forms, form: CallForm, device: torch.device) -> fx.GraphModule:
-        if form not in forms.built:
-            # the skeleton's leaves are this program's modules: tracing sets their mode, so restore it
-            modes = [(module, module.training) for module in self.modules()]
-            try:
-                traced = capture(forms.skeleton, form)
-            finally:
-                for module, training in modes:
-                    module.training = training
-            forms.rewrite(traced, device)
-            # every module, parameter and buffer is this program's own, shared, not copied; the tensor
-            # constants are this trace's (another form's constant may have the same name)
-            constants = set(traced.meta.get(TRACED_CONSTANTS, ()))
-            attributes = graph_attributes(traced.graph, lambda node: traced if node.target in constants else self)
-            for name in constants & attributes.keys():
-                if isinstance(attributes[name], torch.Tensor) and attributes[name].device.type == "meta":
-                    raise ConfigError(
-                        f"cannot trace ({form.describe()}) for this {self._get_name()} program: its constant '{name}' "
-                        "was computed while tracing from a weight, which the weightless copy holds on meta; compute "
-                        "it in forward from tensors (or register it as a buffer), or build the program for this form"
-                    )
-            forms.built[form] = fx.GraphModule(attributes, traced.graph, type(self).__name__)
+        """Trace, rewrite and bind ``form`` (first call of that form); ``device``: where its tensors are."""
+        # the skeleton's leaves are this program's modules: tracing sets their mode, so restore it
+        modes = [(module, module.training) for module in self.modules()]
+        try:
+            traced = capture(forms.skeleton, form)
+        finally:
+            for module, training in modes:
+                module.training = training
+        forms.rewrite(traced, device)
+        # every module, parameter and buffer is this program's own, shared, not copied; the tensor
+        # constants are this trace's (another form's constant may have the same name)
+        constants = set(traced.meta.get(TRACED_CONSTANTS, ()))
+        attributes = graph_attributes(traced.graph, lambda node: traced if node.target in constants else self)
+        for name in constants & attributes.keys():
+            if isinstance(attributes[name], torch.Tensor) and attributes[name].device.type == "meta":
+                raise ConfigError(
+                    f"cannot trace ({form.describe()}) for this {self._get_name()} program: its constant '{name}' "
+                    "was computed while tracing from a weight, which the weightless copy holds on meta; compute "
+                    "it in forward from tensors (or register it as a buffer), or build the program for this form"
+                )
+        forms.built[form] = fx.GraphModule(attributes, traced.graph, type(self).__name__)
         return forms.built[form]
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
