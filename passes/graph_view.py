@@ -75,6 +75,15 @@ _ELEMENTWISE |= {aten.add, aten.mul, aten.sub, aten.div, aten.neg, aten.rsub, at
 _DROPOUT_FUNCTIONS |= {aten.dropout, aten.native_dropout}
 _META_FUNCTIONS = {aten.sym_size, aten._assert_tensor_metadata, aten.sym_numel, aten.sym_stride}
 
+# One look-up per node instead of a scan of every table. Method names are strings and function targets
+# are not, so one dict serves both ops; where a target is in two tables the first kind listed wins.
+_KIND_OF_TARGET: dict[object, str] = {}
+for _kind, _table in ((SHAPE, _SHAPE_METHODS | _SHAPE_FUNCTIONS), (MATMUL, _MATMULS), (SOFTMAX, _SOFTMAXES),
+                      (ATTENTION, _ATTENTIONS), (ACTIVATION, _ACTIVATION_FUNCTIONS), (ELEMENTWISE, _ELEMENTWISE),
+                      (DROPOUT, _DROPOUT_FUNCTIONS), (META, _META_METHODS | _META_FUNCTIONS)):
+    for _target in _table:
+        _KIND_OF_TARGET.setdefault(_target, _kind)
+
 
 @dataclass(frozen=True)
 class FunctionalLinear:
@@ -198,15 +207,9 @@ def op_kind(node: fx.Node, modules: dict[str, nn.Module], *,
     if node.op not in ("call_function", "call_method"):
         return OTHER
     target = _table_key(node.target)
-    for kind, table in ((SHAPE, _SHAPE_METHODS if node.op == "call_method" else _SHAPE_FUNCTIONS),
-                        (MATMUL, _MATMULS), (SOFTMAX, _SOFTMAXES), (ATTENTION, _ATTENTIONS),
-                        (ACTIVATION, _ACTIVATION_FUNCTIONS), (ELEMENTWISE, _ELEMENTWISE),
-                        (DROPOUT, _DROPOUT_FUNCTIONS), (META, _META_METHODS | _META_FUNCTIONS)):
-        if target in table:
-            return kind
     if node.op == "call_function" and target is getattr:
         return META
-    return OTHER
+    return _KIND_OF_TARGET.get(target, OTHER)
 
 
 def tensor_operands(node: fx.Node) -> list[tuple[int | str, fx.Node]]:
@@ -216,7 +219,10 @@ def tensor_operands(node: fx.Node) -> list[tuple[int | str, fx.Node]]:
     """
     pairs: list[tuple[int | str, fx.Node]] = []
     for position, value in [*enumerate(node.args), *node.kwargs.items()]:
-        fx.node.map_arg(value, lambda producer, position=position: pairs.append((position, producer)))
+        if isinstance(value, fx.Node):  # the common case, without map_arg's walk
+            pairs.append((position, value))
+        elif isinstance(value, (tuple, list, dict, slice)):
+            fx.node.map_arg(value, lambda producer, position=position: pairs.append((position, producer)))
     return pairs
 
 
@@ -227,19 +233,25 @@ def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
     """
     modules = dict(gm.named_modules())
     parameters = parameter_shapes(gm)
-    view = nx.DiGraph()
-    for node in gm.graph.nodes:
-        view.add_node(node.name, kind=op_kind(node, modules, parameters=parameters), op=node.op,
-                      target=str(node.target), fx=node, linear=functional_linear(node, parameters))
-    for node in gm.graph.nodes:
-        if view.nodes[node.name]["kind"] == META:
+    nodes = list(gm.graph.nodes)
+    kinds: dict[str, str] = {}
+    attributes = []
+    for node in nodes:
+        linear = functional_linear(node, parameters)
+        kind = kinds[node.name] = LINEAR if linear is not None else op_kind(node, modules)
+        attributes.append((node.name, {"kind": kind, "op": node.op, "target": str(node.target), "fx": node,
+                                       "linear": linear}))
+    edges: dict[tuple[str, str], tuple] = {}  # (producer, consumer) -> operand positions, in order
+    for node in nodes:
+        if kinds[node.name] == META:
             continue  # sizes and dims are bookkeeping, not dataflow
         for position, producer in tensor_operands(node):
-            if view.nodes[producer.name]["kind"] == META:
-                continue
-            edge = view.get_edge_data(producer.name, node.name)
-            operands = (edge["operands"] if edge else ()) + (position,)
-            view.add_edge(producer.name, node.name, operands=operands)
+            if kinds[producer.name] != META:
+                key = (producer.name, node.name)
+                edges[key] = edges.get(key, ()) + (position,)
+    view = nx.DiGraph()
+    view.add_nodes_from(attributes)
+    view.add_edges_from((producer, consumer, {"operands": operands}) for (producer, consumer), operands in edges.items())
     return view
 
 

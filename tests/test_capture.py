@@ -206,3 +206,54 @@ def test_a_constant_computed_from_a_placeholder_is_a_one_line_error_not_a_meta_t
     with pytest.raises(tpfx.ConfigError, match=r"cannot trace \(train, without mask\) .* constant '_tensor_constant") as error:
         gm(x)
     assert "\n" not in str(error.value)
+
+
+class _UnpacksPerLayer(nn.Module):
+    """Each layer unpacks a traced size (``b, t, c = x.size()``), as a GPT block does."""
+
+    def __init__(self, layers: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4, 4) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            b, t, c = x.size()
+            first, second = layer(x).chunk(2, dim=-1)  # unpacking a traced tuple of tensors
+            x = torch.cat([second, first], dim=-1).view(b, t, c)
+        return x
+
+
+def test_unpacking_reads_each_function_once_and_leaves_no_garbage_cycles():
+    """fx's proxy disassembles the caller on every unpacking and leaves a frame cycle each time; ours does not."""
+    import dis
+    import gc
+    from unittest import mock
+
+    torch.manual_seed(0)
+    model = _UnpacksPerLayer(layers=4)
+    reads = []
+    original = dis.get_instructions
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # unreachable objects are kept in gc.garbage instead of freed
+    try:
+        with mock.patch.object(dis, "get_instructions", lambda code, **kw: (reads.append(code), original(code, **kw))[1]):
+            gm = capture(model)
+        gc.collect()
+        frames = [o for o in gc.garbage if type(o).__name__ == "frame"]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert len(reads) <= 1  # the forward's code, once for 8 unpackings (0 when an earlier test read it)
+    assert frames == []
+    x = torch.randn(2, 3, 4)
+    torch.testing.assert_close(gm(x), model(x))
+
+
+def test_iterating_a_proxy_outside_unpacking_is_one_line_naming_the_module():
+    class _LoopsOverTensor(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return sum(row for row in x)
+
+    with pytest.raises(tpfx.CaptureError) as error:
+        capture(_LoopsOverTensor())
+    assert "\n" not in str(error.value) and "iterate" in str(error.value).lower()

@@ -9,8 +9,12 @@ is only valid for that form. tpfx therefore traces each form separately (see
 
 from __future__ import annotations
 
+import bisect
 import copy
+import dis
 import inspect
+import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -64,6 +68,41 @@ def call_form_of(signature: inspect.Signature, args: tuple, kwargs: dict, *, tra
 TRACED_CONSTANTS = "tpfx_traced_constants"
 
 
+# code object -> (instruction offsets, the number of values each instruction unpacks, or None)
+_UNPACKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _unpack_count(code: object, last_instruction: int) -> int | None:
+    """How many values the instruction running at ``last_instruction`` of ``code`` unpacks (None if it does not)."""
+    table = _UNPACKS.get(code)
+    if table is None:
+        instructions = list(dis.get_instructions(code))
+        table = _UNPACKS[code] = ([i.offset for i in instructions],
+                                  [i.argval if i.opname == "UNPACK_SEQUENCE" else None for i in instructions])
+    offsets, counts = table
+    if sys.version_info < (3, 11):
+        return counts[last_instruction // 2] if last_instruction // 2 < len(counts) else None
+    index = bisect.bisect_left(offsets, last_instruction)  # the first instruction at or after it
+    return counts[index] if index < len(counts) else None
+
+
+class _UnpackingProxy(fx.Proxy):
+    """A proxy that unpacks (``b, t, c = x.size()``) by reading its caller's bytecode once per function.
+
+    torch.fx's proxy disassembles the calling function on every unpacking, once per layer, and the
+    frame it keeps refers to itself, so each call leaves a cycle holding the whole disassembly for
+    the garbage collector. Here the instruction table is cached per code object and no frame is kept.
+    """
+
+    def __iter__(self):  # noqa: ANN204 - Proxy's signature
+        caller = sys._getframe(1)
+        count = _unpack_count(caller.f_code, caller.f_lasti)
+        del caller  # no reference cycle through this frame
+        if count is not None:
+            return (self[index] for index in range(count))
+        return self.tracer.iter(self)
+
+
 class _PathTracer(fx.Tracer):
     """An fx tracer that remembers which module it was inside when tracing failed.
 
@@ -108,6 +147,9 @@ class _PathTracer(fx.Tracer):
         for name, tensor in named:
             names.setdefault(id(tensor), name)
         return names
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return _UnpackingProxy(node, self)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, module_qualified_name)
