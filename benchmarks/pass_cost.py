@@ -10,6 +10,7 @@ beside ``torch.export.export`` of the same model as a yardstick for what capturi
 from __future__ import annotations
 
 import cProfile
+import gc
 import inspect
 import pstats
 import time
@@ -101,21 +102,46 @@ def _timing_code_generation(into: dict[str, float], *, outside: str) -> Iterator
         yield
 
 
+@contextmanager
+def _timing_garbage_collection(into: dict[str, float]) -> Iterator[None]:
+    """Accumulate into ``into["garbage_collection"]`` the seconds Python's cyclic collector runs in the block.
+
+    tpfx pauses the collector while it compiles, so its one collection comes when the pass ends and
+    is counted after capture, though it walks what capture made as well as what the rewrites made.
+    """
+    started: list[float] = []
+
+    def on_collection(phase: str, info: dict) -> None:  # gc.callbacks' signature
+        if phase == "start":
+            started.append(_clock())
+        elif started:
+            into["garbage_collection"] = into.get("garbage_collection", 0.0) + _clock() - started.pop()
+
+    gc.callbacks.append(on_collection)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(on_collection)
+
+
 def time_parallelize(model: torch.nn.Module, *, export_path: bool = False) -> dict[str, float]:
     """Seconds of one ``parallelize(model, tp=2, rank=0)``: total, capture, find_sites and the rest.
 
     ``code_generation_s`` is the part of the rest that torch.fx spends writing and compiling the
-    program's Python code (tpfx asks for it once, after every rewrite). Also, where this tpfx has
+    program's Python code (tpfx asks for it once, after every rewrite), and ``garbage_collection_s``
+    the part the cyclic garbage collector takes (see :func:`_timing_garbage_collection`). Also, where this tpfx has
     them, the totals of Megatron mode (``megatron_total_s``) and, with ``export_path``, of capturing
     through torch.export (``export_path_total_s``).
     """
     parts: dict[str, float] = {}
     capture_step = next(name for name in _CAPTURE_STEPS if hasattr(tpfx.api, name))
+    gc.collect()  # the previous run's garbage is not this run's cost
     with _timing_code_generation(parts, outside=capture_step), _timing(capture_step, parts), \
-            _timing("find_sites", parts):
+            _timing("find_sites", parts), _timing_garbage_collection(parts):
         total = _timed_total(model)
     row = {"total_s": total, "capture_s": parts[capture_step], "find_sites_s": parts["find_sites"],
-           "after_capture_s": total - parts[capture_step], "code_generation_s": parts.get("code_generation", 0.0)}
+           "after_capture_s": total - parts[capture_step], "code_generation_s": parts.get("code_generation", 0.0),
+           "garbage_collection_s": parts.get("garbage_collection", 0.0)}
     if "megatron" in _modes():
         row["megatron_total_s"] = _timed_total(model, mode="megatron")
     if export_path and _accepts("tracer"):

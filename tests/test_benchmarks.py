@@ -92,6 +92,8 @@ def test_pass_cost_and_result_files_at_toy_size(ranks, tmp_path):
     assert all(0 < row["capture_s"] < row["total_s"] and row["export_s"] > 0 for row in cost["rows"])
     # the program's code is generated after capture, and is part of the rest
     assert all(0 < row["code_generation_s"] < row["after_capture_s"] for row in cost["rows"])
+    assert all(0 <= row["garbage_collection_s"] < row["after_capture_s"] - row["code_generation_s"]
+               for row in cost["rows"])
     assert all(entry["function"] != "tpfx/api.py:_compile" for entry in cost["profile_at_most_layers"]["gather"])
     run = {"machine": results.machine(), "settings": {"label": "toy"}, "pass_cost": cost,
            "steps": step_time.summarize([r["steps"] for r in ranks], TOY_SPEC)}
@@ -100,3 +102,20 @@ def test_pass_cost_and_result_files_at_toy_size(ranks, tmp_path):
     table = paths[1].read_text()
     assert "| toy (L2 d32 B2×T8) | tpfx gather |" in table and "| 2 |" in table
     assert paths[2].read_bytes().startswith(b"\x89PNG")
+
+
+def test_garbage_collection_is_timed_inside_the_block_only():
+    import gc
+
+    parts: dict[str, float] = {}
+    callbacks = list(gc.callbacks)
+    gc.collect()  # outside the block: not counted
+    with pass_cost._timing_garbage_collection(parts):
+        cycles = [[] for _ in range(20000)]
+        for cycle in cycles:
+            cycle.append(cycle)
+        del cycles, cycle
+        gc.collect()
+    gc.collect()
+    assert parts["garbage_collection"] > 0
+    assert gc.callbacks == callbacks
