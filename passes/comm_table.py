@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from tpfx.collectives import COLLECTIVES
+from tpfx.collectives import COLLECTIVES, rank_part
 from tpfx.errors import TpfxError, one_line
 from tpfx.program import TensorParallelModule
 
@@ -167,8 +167,9 @@ def served_module(gm: fx.GraphModule, node: fx.Node, sites: frozenset[str] = fro
     """The sharded module next to a collective node (a :mod:`tpfx.layers` module or one of ``sites``), "" if none."""
     neighbours = [a for a in node.args if isinstance(a, fx.Node)] + list(node.users)
     for neighbour in neighbours:
-        if neighbour.op == "call_module" and is_sharded_module(gm.get_submodule(neighbour.target)):
-            return str(neighbour.target)
+        if neighbour.op == "call_module" and (str(neighbour.target) in sites
+                                              or is_sharded_module(gm.get_submodule(neighbour.target))):
+            return str(neighbour.target)  # a site kept whole (grouped-query k/v) is named too
         # an exported graph calls linear(x, weight) on a get_attr of the shard's weight instead
         for owner in (str(a.target).rpartition(".")[0] for a in neighbour.all_input_nodes if a.op == "get_attr"):
             if owner in sites or (owner and is_sharded_module(gm.get_submodule(owner))):
@@ -212,6 +213,9 @@ class _FakeRun(fx.Interpreter):
         return super().run_node(node)
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        if target is rank_part:  # a rank's part of whole keys/values: the same shape on every rank, no group needed
+            tensor, dim, _ = args
+            return tensor.narrow(dim, 0, tensor.shape[dim] // self.tp)
         if target not in COLLECTIVES:
             return super().call_function(target, args, kwargs)
         local = args[0]

@@ -323,6 +323,8 @@ class FeatureFlow:
     rows: dict[int, list[tuple[str, str, Dim]]] = field(default_factory=dict)  # group -> (node, key, input last dim)
     poisoned: dict[int, str] = field(default_factory=dict)  # group -> why no pair can be formed
     shape_uses: list[ShapeUse] = field(default_factory=list)
+    values: dict[str, Value] = field(default_factory=dict)  # node -> its abstract value, for the nodes that have one
+    region: set[str] = field(default_factory=set)  # every node downstream of a column linear that was followed
     _groups: dict[int, int] = field(default_factory=dict)
 
     def group_of(self, group: int) -> int:
@@ -419,6 +421,8 @@ class _Interpreter:
                 result = group
             if result is not None:
                 self.env[node.name] = result
+        self.flow.values = {name: value for name, value in self.env.items() if isinstance(value, Value)}
+        self.flow.region = set(self.env)
         return self.flow
 
     def _start(self, node: fx.Node) -> None:

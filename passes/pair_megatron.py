@@ -34,6 +34,17 @@ _FFN_ROLES = ("fc1", "up")
 
 
 @dataclass(frozen=True)
+class HeadNarrow:
+    """Where whole (replicated) grouped-query keys or values, repeated to every query head, meet the
+    queries' local heads: ``producer``'s dim ``dim`` (counted from the end) is narrowed to this
+    rank's heads before ``consumer`` reads it."""
+
+    consumer: str
+    producer: str
+    dim: int
+
+
+@dataclass(frozen=True)
 class Pair:
     """Column sites and the row-parallel linear they feed, with the layouts that keep heads whole."""
 
@@ -49,6 +60,7 @@ class Pair:
     row_weight_name: str = ""  # a functional row linear (export graphs): its weight parameter
     row_bias_name: str = ""  # ... and its bias, if the op adds one
     row_weight_layout: str = "out_in"  # ... stored (out, in) as nn.Linear, or (in, out) as GPT-2's Conv1D
+    narrows: tuple[HeadNarrow, ...] = ()  # grouped-query k/v with fewer heads than tp (see _narrows)
 
     def __post_init__(self) -> None:
         if self.kind not in ("attention", "ffn"):
@@ -154,6 +166,7 @@ class _GraphIndex:
     calls: dict[str, list[tuple[fx.Node, LinearCall]]]  # linear key -> its applications, in graph order
     weights: dict[str, object]  # linear key -> its weight parameter
     names_per_parameter: dict[int, int]  # id(parameter) -> how many qualified names reach it
+    nodes: dict[str, fx.Node]  # node name -> node
 
     @classmethod
     def of(cls, gm: fx.GraphModule, linear_of: LinearOf) -> _GraphIndex:
@@ -166,7 +179,7 @@ class _GraphIndex:
         names: dict[int, int] = {}
         for _, parameter in gm.named_parameters(remove_duplicate=False):
             names[id(parameter)] = names.get(id(parameter), 0) + 1
-        return cls(calls, weights, names)
+        return cls(calls, weights, names, {node.name: node for node in gm.graph.nodes})
 
 
 def _pair_group(flow: FeatureFlow, group: int, sites: list[Site], tp: int, index: _GraphIndex) -> Pair:
@@ -177,19 +190,20 @@ def _pair_group(flow: FeatureFlow, group: int, sites: list[Site], tp: int, index
     leaves = _leaf_factors(flow, row_dim, row.key)
     if _product(flow, leaves) != row.in_features:
         raise _NoPair(f"the input of '{row.key}' is not exactly the features of {_paths(sites)}")
-    chosen = _choose_factor(flow, leaves, row.key, tp)
+    chosen = _choose_heads(flow, leaves, row.key, tp)
     layouts = tuple(_layout(flow, flow.roots[site.node_name], chosen, site) for site in sites)
     if all(layout.shard_axis is None for layout in layouts):
         raise _NoPair(f"no factor of {_paths(sites)} lines up with the split input of '{row.key}'")
+    whole_only, narrows = _narrows(flow, chosen, sites, layouts, index) if len(chosen) > 1 else (set(), ())
     weight_shape = (row.out_features, row.in_features) if row.layout == "out_in" else (row.in_features, row.out_features)
     return Pair(
         kind="ffn" if all(site.role in _FFN_ROLES for site in sites) else "attention",
         columns=tuple(sites), column_layouts=layouts,
         row_module_path=row.key.rpartition(".")[0] if row.functional else row.key,
         row_node_name=row_node.name, row_weight_shape=weight_shape,
-        row_layout=_layout_of(flow, leaves, chosen), shape_edits=_shape_edits(flow, group, chosen),
-        shard_size=flow.factors.sizes[chosen], row_weight_name=row.key if row.functional else "",
-        row_bias_name=row.bias, row_weight_layout=row.layout)
+        row_layout=_layout_of(flow, leaves, chosen, row.key), shape_edits=_shape_edits(flow, group, chosen, whole_only),
+        shard_size=_product(flow, list(chosen)), row_weight_name=row.key if row.functional else "",
+        row_bias_name=row.bias, row_weight_layout=row.layout, narrows=narrows)
 
 
 def _partner(flow: FeatureFlow, group: int, sites: list[Site], index: _GraphIndex) -> tuple[fx.Node, LinearCall, Dim]:
@@ -221,8 +235,14 @@ def _product(flow: FeatureFlow, leaves: list[int]) -> int:
     return total
 
 
-def _choose_factor(flow: FeatureFlow, leaves: list[int], row: str, tp: int) -> int:
-    """The outermost factor of the row input that every op keeps local and that tp divides."""
+def _choose_heads(flow: FeatureFlow, leaves: list[int], row: str, tp: int) -> tuple[int, ...]:
+    """The factor of the row input to split across ranks: the outermost leaf that every op keeps local
+    and that tp divides, else the outermost run of such leaves whose product tp divides.
+
+    A run is grouped-query attention's heads when tp divides neither the key/value heads nor their
+    repeats (2 kv heads, each repeated to 2 query heads, at tp=4): the query heads are split as one
+    factor and the keys and values stay whole on every rank (see :func:`_narrows`).
+    """
     why = []
     for leaf in leaves:
         size, blocked = flow.factors.sizes[leaf], flow.factors.why_blocked(leaf)
@@ -231,41 +251,111 @@ def _choose_factor(flow: FeatureFlow, leaves: list[int], row: str, tp: int) -> i
         elif size % tp:
             why.append(f"{size}: not divisible by tp={tp}")
         else:
-            return leaf
+            return (leaf,)
+    for first in range(len(leaves)):
+        run: list[int] = []
+        for leaf in leaves[first:]:
+            if flow.factors.why_blocked(leaf):
+                break
+            run.append(leaf)
+            if len(run) > 1 and _product(flow, run) % tp == 0:
+                return tuple(run)
     free = sorted({flow.factors.sizes[leaf] for leaf in leaves if not flow.factors.why_blocked(leaf)})
     fix = f"; a tp that divides {' or '.join(map(str, free))} pairs it" if free else ""
     raise _NoPair(f"no factor of the input of '{row}' can be split across tp={tp} ({'; '.join(why)}){fix}")
 
 
-def _layout(flow: FeatureFlow, root: int, chosen: int, site: Site) -> FeatureLayout:
+def _run_positions(flow: FeatureFlow, leaves: list[int], chosen: tuple[int, ...]) -> list[int]:
+    """Where the classes of ``chosen`` appear in ``leaves``, in order and next to each other."""
+    classes = [flow.factors.find(leaf) for leaf in leaves]
+    targets = [flow.factors.find(leaf) for leaf in chosen]
+    return [i for i in range(len(classes) - len(targets) + 1) if classes[i:i + len(targets)] == targets]
+
+
+def _merged(flow: FeatureFlow, leaves: list[int], position: int, length: int) -> FeatureLayout:
+    sizes = [flow.factors.sizes[leaf] for leaf in leaves]
+    merged = sizes[:position] + [_product(flow, leaves[position:position + length])] + sizes[position + length:]
+    return FeatureLayout(tuple(merged), position)
+
+
+def _layout(flow: FeatureFlow, root: int, chosen: tuple[int, ...], site: Site) -> FeatureLayout:
     leaves = flow.factors.leaves(root)
-    hits = [i for i, leaf in enumerate(leaves) if flow.factors.find(leaf) == flow.factors.find(chosen)]
-    sizes = tuple(flow.factors.sizes[leaf] for leaf in leaves)
-    if len(hits) > 1:
-        raise _NoPair(f"'{site.module_path}' holds the sharded factor {len(hits)} times in its layout {list(sizes)}; "
+    positions = _run_positions(flow, leaves, chosen)
+    if len(positions) > 1:
+        sizes = [flow.factors.sizes[leaf] for leaf in leaves]
+        raise _NoPair(f"'{site.module_path}' holds the sharded factor {len(positions)} times in its layout {sizes}; "
                       "its heads do not line up with the next linear's input")
-    # no hit: the factor was made by an expand after this linear (grouped-query k/v with fewer heads than
-    # tp, repeated to the query heads); every rank keeps all of it and the repeats are what is split
-    return FeatureLayout(sizes, hits[0] if hits else None)
+    if positions:
+        return _merged(flow, leaves, positions[0], len(chosen))
+    # not held whole: the heads are made by an expand after this linear (grouped-query k/v repeated to
+    # the query heads). Every rank keeps all of it; what is split is the repeated heads (see _narrows)
+    return FeatureLayout(tuple(flow.factors.sizes[leaf] for leaf in leaves), None)
 
 
-def _layout_of(flow: FeatureFlow, leaves: list[int], chosen: int) -> FeatureLayout:
-    return FeatureLayout(tuple(flow.factors.sizes[leaf] for leaf in leaves), leaves.index(chosen))
+def _layout_of(flow: FeatureFlow, leaves: list[int], chosen: tuple[int, ...], row: str) -> FeatureLayout:
+    positions = _run_positions(flow, leaves, chosen)
+    if len(positions) != 1:
+        raise _NoPair(f"the heads split across ranks are not one block of the input of '{row}'")
+    return _merged(flow, leaves, positions[0], len(chosen))
 
 
-def _shape_edits(flow: FeatureFlow, group: int, chosen: int) -> tuple[ShapeEdit, ...]:
-    """Each shape argument whose dim holds the chosen factor, unless it is read at run time (already local)."""
+def _narrows(flow: FeatureFlow, chosen: tuple[int, ...], sites: list[Site], layouts: tuple[FeatureLayout, ...],
+             index: _GraphIndex) -> tuple[set[str], tuple[HeadNarrow, ...]]:
+    """Where the whole (replicated) columns' values meet the sharded ones, and the nodes only they reach.
+
+    With a run of factors split (query heads = kv heads x repeats), the keys and values hold only
+    part of it: every rank computes all their heads and repeats them to every query head, unchanged;
+    where they meet the queries' local heads (``q @ k^T``, ``probs @ v``, an SDPA) they are narrowed
+    to this rank's block of heads. Returns the nodes on the whole columns' side, whose shapes stay
+    full size, and the narrows.
+    """
+    def reached(columns: list[str]) -> set[str]:
+        seen, frontier = set(columns), list(columns)
+        while frontier:
+            for user in index.nodes[frontier.pop()].users:
+                if user.name not in seen and user.name in flow.region:
+                    seen.add(user.name)
+                    frontier.append(user.name)
+        return seen
+
+    sharded = reached([s.node_name for s, layout in zip(sites, layouts) if layout.shard_axis is not None])
+    whole_only = reached([s.node_name for s, layout in zip(sites, layouts) if layout.shard_axis is None]) - sharded
+    targets = [flow.factors.find(leaf) for leaf in chosen]
+    order = {name: position for position, name in enumerate(index.nodes)}
+    narrows = []
+    for consumer in sorted(sharded, key=order.__getitem__):
+        for producer in index.nodes[consumer].all_input_nodes:
+            if producer.name not in whole_only:
+                continue
+            value = flow.values.get(producer.name)
+            dims = [] if value is None else [[flow.factors.find(leaf) for part in dim if part.factor is not None
+                                              for leaf in flow.factors.leaves(part.factor)] for dim in value.dims]
+            at = [i for i, classes in enumerate(dims) if classes == targets]
+            if len(at) != 1:
+                raise _NoPair(f"the whole keys or values '{producer.name}' meet the local heads at '{consumer}' "
+                              "before they are repeated to the query heads")
+            narrows.append(HeadNarrow(consumer, producer.name, at[0] - len(dims)))
+    return whole_only, tuple(narrows)
+
+
+def _shape_edits(flow: FeatureFlow, group: int, chosen: tuple[int, ...],
+                 whole_only: set[str] = frozenset()) -> tuple[ShapeEdit, ...]:
+    """Each shape argument whose dim holds the chosen heads, unless it is read at run time (already local)
+    or shapes a value that stays whole on every rank (``whole_only``)."""
     factors = flow.factors
-    target = factors.find(chosen)
+    targets = {factors.find(leaf) for leaf in chosen}
 
-    def holds(factor_ids) -> bool:
-        return any(factors.find(leaf) == target for f in factor_ids for leaf in factors.leaves(f))
+    def held(factor_ids) -> set[int]:
+        return {factors.find(leaf) for f in factor_ids for leaf in factors.leaves(f)} & targets
 
     edits = []
-    for use in (u for u in flow.shape_uses if flow.group_of(u.group) == group):
+    for use in (u for u in flow.shape_uses if flow.group_of(u.group) == group and u.node_name not in whole_only):
         for dim, item in zip(use.dims, use.items):
-            if not holds(p.factor for p in dim if p.factor is not None) or item.size is None or holds(item.local):
+            holds = held(p.factor for p in dim if p.factor is not None)
+            if not holds or item.size is None or held(item.local):
                 continue
+            if holds != targets:
+                raise _NoPair(f"'{use.node_name}' splits the heads that are divided across ranks")
             if item.location is None:
                 raise _NoPair(f"the size of a head dim in '{use.node_name}' is computed where tpfx cannot change it")
             edits.append(ShapeEdit(item.location[0], item.location[1], item.literal))

@@ -40,8 +40,8 @@ from passes.column_shard import insert_collectives, shard_site_modules
 from passes.find_sites import Site, find_sites
 from passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
 from passes.local_heads import FeatureLayout, localize_shapes
-from passes.pair_megatron import Pairing, pair_sites
-from tpfx.collectives import copy_to_tp, reduce_from_tp
+from passes.pair_megatron import HeadNarrow, Pairing, pair_sites
+from tpfx.collectives import copy_to_tp, rank_part, reduce_from_tp
 from tpfx.errors import ShardingError
 from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, ShardSpec
 
@@ -148,10 +148,24 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
         inserted += _copy_outputs(gm, applications_of(index, {_key(s) for s in pair.columns} - sharded), group)
         inserted += _reduce_output(gm, applications_of(index, {pair.row_weight_name or pair.row_module_path}), group)
     localized = localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
+    localized += _narrow_to_rank_heads(gm, [n for p in pairing.pairs for n in p.narrows], group)
     gathered = insert_collectives(gm, pairing.fallback_sites, group=group)
     ordered = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     names = sorted(inserted + list(gathered.collective_nodes), key=ordered.__getitem__)
     return PairShardResult(gm, tuple(names), localized)
+
+
+def _narrow_to_rank_heads(gm: fx.GraphModule, narrows: list[HeadNarrow], group: str) -> tuple[str, ...]:
+    """Narrow whole, repeated keys and values to this rank's heads where the local queries read them."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    inserted = []
+    for narrow in narrows:
+        consumer, producer = nodes[narrow.consumer], nodes[narrow.producer]
+        with gm.graph.inserting_before(consumer):
+            part = gm.graph.call_function(rank_part, (producer, narrow.dim, group))
+        consumer.replace_input_with(producer, part)
+        inserted.append(part.name)
+    return tuple(inserted)
 
 
 def _copy_inputs(gm: fx.GraphModule, calls: list[LinearApplication], group: str) -> list[str]:

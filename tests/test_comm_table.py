@@ -151,3 +151,16 @@ def test_a_collective_without_a_rule_is_a_clear_error(monkeypatch):
     assert "scatter_to_tp" not in RULES
     with pytest.raises(CommTableError, match=r"collective\(s\) \['scatter_to_tp'\] have no rule"):
         comm_table(gm, {"x": torch.zeros(2, 4)}, tp=2)
+
+
+def test_whole_grouped_keys_and_values_narrowed_per_rank_need_no_process_group_to_count():
+    """2 key/value heads at tp=4 (megatron): k and v stay whole; their output gradients are all-reduced."""
+    from tests.test_local_heads import Grouped
+
+    program = tpfx.parallelize(Grouped(kv_heads=2), tp=4, rank=2, mode="megatron")
+    table = comm_table(program, {"x": torch.zeros(2, 5, 32)}, tp=4)
+    assert [(r.direction, r.op, r.module, r.shape) for r in table.rows] == [
+        ("forward", "all_reduce", "o_proj", (2, 5, 32)), ("forward", "all_reduce", "down", (2, 5, 32)),
+        ("backward", "all_reduce", "gate", (2, 5, 32)),  # the FFN's input (gate and up share it)
+        ("backward", "all_reduce", "v_proj", (2, 5, 16)), ("backward", "all_reduce", "k_proj", (2, 5, 16))]
+    # (q's input is the model input here: it needs no gradient, so its copy-to sends nothing)

@@ -70,20 +70,20 @@ class Interleaved(nn.Module):
 class Grouped(nn.Module):
     """LLaMA style: separate q/k/v, ``kv_heads`` key/value heads repeated to the query heads, SwiGLU after."""
 
-    def __init__(self, kv_heads: int) -> None:
+    def __init__(self, kv_heads: int, heads: int = HEADS) -> None:
         super().__init__()
-        self.kv_heads = kv_heads
-        self.q_proj = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.k_proj = nn.Linear(WIDTH, kv_heads * HEAD, bias=False)
-        self.v_proj = nn.Linear(WIDTH, kv_heads * HEAD, bias=False)
-        self.o_proj = nn.Linear(WIDTH, WIDTH, bias=False)
-        self.gate = nn.Linear(WIDTH, 2 * WIDTH, bias=False)
-        self.up = nn.Linear(WIDTH, 2 * WIDTH, bias=False)
-        self.down = nn.Linear(2 * WIDTH, WIDTH, bias=False)
+        self.kv_heads, self.heads, self.width = kv_heads, heads, heads * HEAD
+        self.q_proj = nn.Linear(self.width, self.width, bias=False)
+        self.k_proj = nn.Linear(self.width, kv_heads * HEAD, bias=False)
+        self.v_proj = nn.Linear(self.width, kv_heads * HEAD, bias=False)
+        self.o_proj = nn.Linear(self.width, self.width, bias=False)
+        self.gate = nn.Linear(self.width, 2 * self.width, bias=False)
+        self.up = nn.Linear(self.width, 2 * self.width, bias=False)
+        self.down = nn.Linear(2 * self.width, self.width, bias=False)
 
     def _repeat(self, t: torch.Tensor) -> torch.Tensor:
         bsz, kv, seq, dh = t.shape
-        repeats = HEADS // self.kv_heads
+        repeats = self.heads // self.kv_heads
         return t[:, :, None, :, :].expand(bsz, kv, repeats, seq, dh).reshape(bsz, kv * repeats, seq, dh)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

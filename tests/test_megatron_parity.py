@@ -3,8 +3,8 @@
 Two spawns: world 2 (tp=2) and world 4 (tp=4). Each rank checks the example GPT in every call form,
 the attentions of tests/test_local_heads.py (GPT-2 style [Q | K | V], GPT-NeoX style interleaved,
 LLaMA style grouped-query with a SwiGLU FFN, including fewer key/value heads than tp) and Hugging
-Face GPT-2, LLaMA and GPT-NeoX through torch.export (LLaMA with 2 key/value heads at tp=2, 1 at
-tp=4), counts what the collectives are handed in one training step, and measures the block
+Face GPT-2, LLaMA and GPT-NeoX through torch.export (LLaMA with 2 key/value heads at tp=2, 1 and 2
+at tp=4), counts what the collectives are handed in one training step, and measures the block
 linears' bytes.
 """
 
@@ -97,18 +97,28 @@ def _block_linear_bytes(gm: nn.Module, reference: nn.Module) -> dict[str, int]:
 
 def _layouts(tp: int) -> dict:
     """Each attention layout of tests/test_local_heads.py against its single-device module."""
-    x = torch.randn(BATCH, 5, WIDTH, generator=torch.Generator().manual_seed(3))
     kv_cases = {2: (2, 1), 4: (4, 1, 2)}[tp]  # 1 and 2 key/value heads are fewer than tp=4
     models = {"qkv-last-dim": FusedLastDim, "interleaved": Interleaved, "head-mixing": HeadMixing}
     models |= {f"grouped kv={kv}": (lambda kv=kv: Grouped(kv_heads=kv)) for kv in kv_cases}
+    # 12 query heads in 6 groups: a rank's 3 heads (at tp=4) span two key/value heads
+    models["grouped 12 heads kv=6"] = lambda: Grouped(kv_heads=6, heads=12)
     result = {}
     for label, make in models.items():
         torch.manual_seed(0)
         reference = make().eval()
+        x = torch.randn(BATCH, 5, getattr(reference, "width", WIDTH), generator=torch.Generator().manual_seed(3))
         gm = tpfx.parallelize(reference, tp=tp, mode="megatron")
-        result[label] = {"diffs": _compare(gm, reference, {"x": x}),
-                         "pairs": [p.describe() for p in gm.tpfx_pairing.pairs],
-                         "fallbacks": [f.reason for f in gm.tpfx_pairing.fallbacks]}
+        sent: list[int] = []
+        remove = add_observer(lambda name, tensor: sent.append(tensor.numel() * tensor.element_size()))
+        try:
+            diffs = _compare(gm, reference, {"x": x})
+        finally:
+            remove()
+        table = comm_table(gm, {"x": x}, tp=tp)
+        result[label] = {"diffs": diffs, "pairs": [p.describe() for p in gm.tpfx_pairing.pairs],
+                         "fallbacks": [f.reason for f in gm.tpfx_pairing.fallbacks],
+                         "bytes": (sum(sent), sum(row.tensor_bytes for row in table.rows)),
+                         "collectives": len(sent)}
     return result
 
 
@@ -119,8 +129,11 @@ def _hf(tp: int, rank: int) -> dict:
     kv_heads = {2: 2, 4: 1}[tp]
     result = {}
     one_layer = {"num_hidden_layers": 1}  # one block says all a pair can say; export time grows with depth
-    for name, overrides in (("gpt2", {"n_layer": 1}), ("llama", {"num_key_value_heads": kv_heads, **one_layer}),
-                            ("neox", one_layer)):
+    models = [("gpt2", {"n_layer": 1}), ("llama", {"num_key_value_heads": kv_heads, **one_layer}), ("neox", one_layer)]
+    if tp == 4:  # 2 key/value heads for 4 ranks: kept whole, narrowed to each rank's heads after the repeat
+        models.append(("llama", {"num_key_value_heads": 2, **one_layer}))
+    for name, overrides in models:
+        label = name if name not in result else f"{name} kv={overrides['num_key_value_heads']}"
         reference = hf_models.build(name, **overrides)
         inputs = hf_models.example_inputs()
         gm = tpfx.parallelize(reference, tp=tp, mode="megatron", example_inputs=inputs)
@@ -129,10 +142,11 @@ def _hf(tp: int, rank: int) -> dict:
         par.loss.backward()
         diffs = {"logits": max_diff(par.logits, ref.logits), "loss": max_diff(par.loss, ref.loss)}
         diffs.update({f"grad {key}": value for key, value in grad_diffs(gm, reference).items()})
-        result[name] = {"diffs": diffs, "pairs": len(gm.tpfx_pairing.pairs),
-                        "fallbacks": [f.reason for f in gm.tpfx_pairing.fallbacks]}
-        if name in ("gpt2", "llama"):  # a padding mask: a call form exported (and paired again) on first use
-            result[name]["other form diffs"] = _masked_call_diffs(gm, reference, hf_models.example_inputs(3, 6, seed=5))
+        result[label] = {"diffs": diffs, "pairs": len(gm.tpfx_pairing.pairs),
+                         "fallbacks": [f.reason for f in gm.tpfx_pairing.fallbacks],
+                         "narrows": sum(len(p.narrows) for p in gm.tpfx_pairing.pairs)}
+        if label in ("gpt2", "llama"):  # a padding mask: a call form exported (and paired again) on first use
+            result[label]["other form diffs"] = _masked_call_diffs(gm, reference, hf_models.example_inputs(3, 6, seed=5))
     return result
 
 
@@ -177,6 +191,10 @@ def test_every_layout_matches_single_device(world):
     for rank, result in enumerate(results):
         for label, checked in result["layouts"].items():
             _assert_close(checked["diffs"], f"{label} tp={tp} rank {rank}")
+            measured, table = checked["bytes"]
+            assert measured == table > 0, (label, tp, rank)  # the comm table is exact here too
+    if tp == 4:  # whole keys and values: their output gradients are all-reduced too (2 more per step)
+        assert results[0]["layouts"]["grouped kv=2"]["collectives"] == results[0]["layouts"]["grouped kv=4"]["collectives"] + 2
 
 
 @pytest.mark.skipif(not HAVE_HF, reason="needs the transformers package (the test extra)")
@@ -187,6 +205,7 @@ def test_hugging_face_models_match_single_device_with_every_linear_paired(world)
             assert len(checked["diffs"]) > 10  # logits, loss and every parameter's gradient
             _assert_close(checked["diffs"], f"{name} tp={tp} rank {rank}")
             assert checked["pairs"] == 2 and not checked["fallbacks"], (name, checked["fallbacks"])
+            assert checked["narrows"] == (2 if name == "llama kv=2" else 0)  # k and v, before the attention
             if name in ("gpt2", "llama"):
                 assert len(checked["other form diffs"]) == len(checked["diffs"])
                 _assert_close(checked["other form diffs"], f"{name} with a mask, tp={tp} rank {rank}")
@@ -199,9 +218,13 @@ def test_layouts_pair_or_fall_back_with_a_reason(world):
     assert layouts["interleaved"]["pairs"] == ["query_key_value [4*, 3, 8] -> dense [4*, 8]"]
     assert layouts["grouped kv=1"]["pairs"][0] == "q_proj [4*, 8], k_proj [8], v_proj [8] -> o_proj [4*, 8]"
     assert layouts["head-mixing"]["pairs"] == [] and "op 'mean'" in layouts["head-mixing"]["fallbacks"][0]
-    if tp == 4:  # 2 key/value heads for 4 ranks: neither the kv heads nor their repeats divide by 4
-        assert layouts["grouped kv=2"]["pairs"] == ["gate [64*], up [64*] -> down [64*]"]
-        assert "can be split across tp=4" in layouts["grouped kv=2"]["fallbacks"][0]
+    if tp == 4:  # 2 (or 6) key/value heads for 4 ranks: kept whole, the query heads are split
+        assert layouts["grouped kv=2"]["pairs"] == ["q_proj [4*, 8], k_proj [2, 8], v_proj [2, 8] -> o_proj [4*, 8]",
+                                                    "gate [64*], up [64*] -> down [64*]"]
+        assert layouts["grouped 12 heads kv=6"]["pairs"][0] == (
+            "q_proj [12*, 8], k_proj [6, 8], v_proj [6, 8] -> o_proj [12*, 8]")
+    for label, checked in layouts.items():
+        assert label == "head-mixing" or not checked["fallbacks"], (label, checked["fallbacks"])
 
 
 def test_two_all_reduces_per_block_forward_and_no_all_gather(world):

@@ -13,7 +13,7 @@ from passes.find_sites import find_sites
 from passes.pair_megatron import Pair, pair_sites
 from passes.row_shard import megatron_shard
 from tpfx.capture import CallForm, capture
-from tpfx.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
+from tpfx.collectives import copy_to_tp, gather_from_tp, rank_part, reduce_from_tp
 from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear
 
 from tests.test_local_heads import Grouped
@@ -48,6 +48,35 @@ def test_too_few_heads_for_tp_falls_back_with_the_reason():
     assert [s.module_path for s in fallback.sites] == ["blocks.0.attn.qkv_proj"]
     assert fallback.reason == ("no factor of the input of 'blocks.0.attn.out_proj' can be split across tp=8 "
                                "(4: not divisible by tp=8; 32: 'matmul' contracts it); a tp that divides 4 pairs it")
+
+
+def test_grouped_query_heads_fewer_than_tp_stay_whole_and_are_narrowed_after_the_repeat():
+    """2 kv heads at tp=4: neither the kv heads nor their 2 repeats divide by 4, their product (the query heads) does."""
+    model = Grouped(kv_heads=2)
+    gm, pairing = _pairing(model, tp=4)
+    attention = pairing.pairs[0]
+    assert attention.describe() == "q_proj [4*, 8], k_proj [2, 8], v_proj [2, 8] -> o_proj [4*, 8]"
+    assert not pairing.fallbacks and attention.shard_size == 4
+    # the keys' and values' repeats stay full size: only the queries' shapes could hold the heads (they say -1)
+    assert attention.shape_edits == ()
+    nodes = {n.name: n for n in gm.graph.nodes}
+    narrowed = [(nodes[n.consumer].format_node(), n.producer, n.dim) for n in attention.narrows]
+    assert [(producer, dim) for _, producer, dim in narrowed] == [("transpose_3", -3), ("reshape_1", -3)]
+    megatron_shard(gm, pairing, tp=4, rank=1, group="tp:0-3")
+    parts = [n for n in gm.graph.nodes if n.target is rank_part]
+    assert [(n.args[0].name, n.args[1], [u.name for u in n.users]) for n in parts] == [
+        ("transpose_3", -3, ["matmul"]), ("reshape_1", -3, ["matmul_1"])]
+    expands = [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "expand"]
+    assert [n.args[3] for n in expands] == [2, 2]  # 2 repeats of each kv head, as on one device
+    k_proj, q_proj = gm.get_submodule("k_proj"), gm.get_submodule("q_proj")
+    assert torch.equal(k_proj.weight, model.k_proj.weight) and q_proj.weight.shape == (8, 32)
+    assert torch.equal(q_proj.weight, model.q_proj.weight[8:16])  # rank 1's one query head
+
+
+def test_grouped_query_heads_that_no_tp_split_fits_fall_back_with_the_reason():
+    _, pairing = _pairing(Grouped(kv_heads=2), tp=8)  # 4 query heads for 8 ranks
+    assert [[s.module_path for s in f.sites] for f in pairing.fallbacks] == [["q_proj", "k_proj", "v_proj"]]
+    assert "can be split across tp=8" in pairing.fallbacks[0].reason
 
 
 class _TwoReaders(nn.Module):
