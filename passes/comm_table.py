@@ -31,7 +31,8 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from tpfx.collectives import COLLECTIVES, rank_part
+from tpfx.collectives import COLLECTIVES
+from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part
 from tpfx.errors import TpfxError, one_line
 from tpfx.program import TensorParallelModule
 
@@ -213,9 +214,16 @@ class _FakeRun(fx.Interpreter):
         return super().run_node(node)
 
     def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
-        if target is rank_part:  # a rank's part of whole keys/values: the same shape on every rank, no group needed
+        # ops on a rank's part (tpfx.rank_parts): their shapes are the same on every rank, no group needed
+        if target is rank_part:
             tensor, dim, _ = args
             return tensor.narrow(dim, 0, tensor.shape[dim] // self.tp)
+        if target in (dropout_rank_part, dropout_module_rank_part):
+            return args[0] * 1  # a new tensor of the input's shape, as a dropout returns
+        if target is attention_rank_part:
+            query, key, value, attn_mask, _, is_causal, scale = args
+            return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
+                                                                    is_causal=is_causal, scale=scale)
         if target not in COLLECTIVES:
             return super().call_function(target, args, kwargs)
         local = args[0]

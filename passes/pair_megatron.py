@@ -23,7 +23,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 
 from passes.find_sites import Site, SiteFinding
 from passes.graph_view import functional_linear, parameter_shapes
@@ -45,6 +48,16 @@ class HeadNarrow:
 
 
 @dataclass(frozen=True)
+class HeadDropout:
+    """A dropout on this rank's heads (or d_ff part): it draws the whole tensor's mask and keeps its part.
+
+    ``dim`` (counted from the end) is where the split factor is, outermost in that dim."""
+
+    node_name: str
+    dim: int
+
+
+@dataclass(frozen=True)
 class Pair:
     """Column sites and the row-parallel linear they feed, with the layouts that keep heads whole."""
 
@@ -61,6 +74,7 @@ class Pair:
     row_bias_name: str = ""  # ... and its bias, if the op adds one
     row_weight_layout: str = "out_in"  # ... stored (out, in) as nn.Linear, or (in, out) as GPT-2's Conv1D
     narrows: tuple[HeadNarrow, ...] = ()  # grouped-query k/v with fewer heads than tp (see _narrows)
+    dropouts: tuple[HeadDropout, ...] = ()  # dropouts between the pair (see _dropouts)
 
     def __post_init__(self) -> None:
         if self.kind not in ("attention", "ffn"):
@@ -166,7 +180,9 @@ class _GraphIndex:
     calls: dict[str, list[tuple[fx.Node, LinearCall]]]  # linear key -> its applications, in graph order
     weights: dict[str, object]  # linear key -> its weight parameter
     names_per_parameter: dict[int, int]  # id(parameter) -> how many qualified names reach it
-    nodes: dict[str, fx.Node]  # node name -> node
+    nodes: dict[str, fx.Node]  # node name -> node, in graph order
+    order: dict[str, int]  # node name -> its position in the graph
+    dropouts: set[str]  # the dropout nodes (an nn.Dropout module, F.dropout or aten.dropout)
 
     @classmethod
     def of(cls, gm: fx.GraphModule, linear_of: LinearOf) -> _GraphIndex:
@@ -179,7 +195,33 @@ class _GraphIndex:
         names: dict[int, int] = {}
         for _, parameter in gm.named_parameters(remove_duplicate=False):
             names[id(parameter)] = names.get(id(parameter), 0) + 1
-        return cls(calls, weights, names, {node.name: node for node in gm.graph.nodes})
+        modules = dict(gm.named_modules())
+        dropouts = {node.name for node in gm.graph.nodes if _is_dropout(node, modules)}
+        nodes = {node.name: node for node in gm.graph.nodes}
+        return cls(calls, weights, names, nodes, {name: i for i, name in enumerate(nodes)}, dropouts)
+
+
+def _is_dropout(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """A dropout (module, function or ATen op), or an attention that drops its probabilities (dropout_p > 0)."""
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), nn.Dropout)
+    if is_attention_op(node):
+        return attention_dropout_p(node) != 0
+    return node.op == "call_function" and getattr(node.target, "overloadpacket", node.target) in _DROPOUTS
+
+
+def is_attention_op(node: fx.Node) -> bool:
+    """Whether ``node`` calls ``scaled_dot_product_attention`` (the function or the ATen op)."""
+    return node.op == "call_function" and getattr(node.target, "overloadpacket", node.target) in _ATTENTIONS
+
+
+def attention_dropout_p(node: fx.Node) -> float:
+    """The dropout_p of a ``scaled_dot_product_attention`` node (0 when not given)."""
+    return node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+
+
+_DROPOUTS = {F.dropout, torch.dropout, torch.ops.aten.dropout}
+_ATTENTIONS = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention}
 
 
 def _pair_group(flow: FeatureFlow, group: int, sites: list[Site], tp: int, index: _GraphIndex) -> Pair:
@@ -203,7 +245,8 @@ def _pair_group(flow: FeatureFlow, group: int, sites: list[Site], tp: int, index
         row_node_name=row_node.name, row_weight_shape=weight_shape,
         row_layout=_layout_of(flow, leaves, chosen, row.key), shape_edits=_shape_edits(flow, group, chosen, whole_only),
         shard_size=_product(flow, list(chosen)), row_weight_name=row.key if row.functional else "",
-        row_bias_name=row.bias, row_weight_layout=row.layout, narrows=narrows)
+        row_bias_name=row.bias, row_weight_layout=row.layout, narrows=narrows,
+        dropouts=_dropouts(flow, group, chosen, index, whole_only))
 
 
 def _partner(flow: FeatureFlow, group: int, sites: list[Site], index: _GraphIndex) -> tuple[fx.Node, LinearCall, Dim]:
@@ -321,9 +364,8 @@ def _narrows(flow: FeatureFlow, chosen: tuple[int, ...], sites: list[Site], layo
     sharded = reached([s.node_name for s, layout in zip(sites, layouts) if layout.shard_axis is not None])
     whole_only = reached([s.node_name for s, layout in zip(sites, layouts) if layout.shard_axis is None]) - sharded
     targets = [flow.factors.find(leaf) for leaf in chosen]
-    order = {name: position for position, name in enumerate(index.nodes)}
     narrows = []
-    for consumer in sorted(sharded, key=order.__getitem__):
+    for consumer in sorted(sharded, key=index.order.__getitem__):
         for producer in index.nodes[consumer].all_input_nodes:
             if producer.name not in whole_only:
                 continue
@@ -336,6 +378,25 @@ def _narrows(flow: FeatureFlow, chosen: tuple[int, ...], sites: list[Site], layo
                               "before they are repeated to the query heads")
             narrows.append(HeadNarrow(consumer, producer.name, at[0] - len(dims)))
     return whole_only, tuple(narrows)
+
+
+def _dropouts(flow: FeatureFlow, group: int, chosen: tuple[int, ...], index: _GraphIndex,
+              whole_only: set[str]) -> tuple[HeadDropout, ...]:
+    """The dropouts on the split values of the group, and the dim of each where the split factor is outermost."""
+    targets = [flow.factors.find(leaf) for leaf in chosen]
+    found = []
+    for name in sorted(index.dropouts & flow.values.keys() - whole_only, key=index.order.__getitem__):
+        value = flow.values[name]
+        if flow.group_of(value.group) != group:
+            continue
+        dims = [[flow.factors.find(leaf) for part in dim if part.factor is not None
+                 for leaf in flow.factors.leaves(part.factor)] for dim in value.dims]
+        at = [i for i, classes in enumerate(dims) if classes[:len(targets)] == targets]
+        if len(at) != 1:
+            raise _NoPair(f"dropout '{name}' is applied where the split heads are not the outer part of one dim; "
+                          "each rank could not draw its part of the single-device mask")
+        found.append(HeadDropout(name, at[0] - len(dims)))
+    return tuple(found)
 
 
 def _shape_edits(flow: FeatureFlow, group: int, chosen: tuple[int, ...],

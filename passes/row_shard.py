@@ -40,8 +40,10 @@ from passes.column_shard import insert_collectives, shard_site_modules
 from passes.find_sites import Site, find_sites
 from passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
 from passes.local_heads import FeatureLayout, localize_shapes
-from passes.pair_megatron import HeadNarrow, Pairing, pair_sites
-from tpfx.collectives import copy_to_tp, rank_part, reduce_from_tp
+from passes.pair_megatron import (HeadDropout, HeadNarrow, Pairing, attention_dropout_p, is_attention_op,
+                                  pair_sites)
+from tpfx.collectives import copy_to_tp, reduce_from_tp
+from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part
 from tpfx.errors import ShardingError
 from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, ShardSpec
 
@@ -149,6 +151,7 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
         inserted += _reduce_output(gm, applications_of(index, {pair.row_weight_name or pair.row_module_path}), group)
     localized = localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
     localized += _narrow_to_rank_heads(gm, [n for p in pairing.pairs for n in p.narrows], group)
+    localized += _draw_dropouts_per_rank(gm, [d for p in pairing.pairs for d in p.dropouts], group)
     gathered = insert_collectives(gm, pairing.fallback_sites, group=group)
     ordered = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     names = sorted(inserted + list(gathered.collective_nodes), key=ordered.__getitem__)
@@ -165,6 +168,35 @@ def _narrow_to_rank_heads(gm: fx.GraphModule, narrows: list[HeadNarrow], group: 
             part = gm.graph.call_function(rank_part, (producer, narrow.dim, group))
         consumer.replace_input_with(producer, part)
         inserted.append(part.name)
+    return tuple(inserted)
+
+
+def _draw_dropouts_per_rank(gm: fx.GraphModule, dropouts: list[HeadDropout], group: str) -> tuple[str, ...]:
+    """Each dropout on local heads draws the whole tensor's mask and keeps this rank's part (tpfx.rank_parts)."""
+    nodes = {node.name: node for node in gm.graph.nodes}
+    inserted = []
+    for dropout in dropouts:
+        node = nodes[dropout.node_name]
+        with gm.graph.inserting_before(node):
+            if node.op == "call_module":  # nn.Dropout: its p and mode are read when the program runs
+                module = gm.graph.get_attr(str(node.target))
+                drawn = gm.graph.call_function(dropout_module_rank_part, (node.args[0], module, dropout.dim, group))
+            elif is_attention_op(node):  # an attention with dropout_p > 0
+                query, key, value, *rest = node.args
+                mask = rest[0] if rest else node.kwargs.get("attn_mask")
+                causal = rest[2] if len(rest) > 2 else node.kwargs.get("is_causal", False)
+                scale = rest[3] if len(rest) > 3 else node.kwargs.get("scale")
+                drawn = gm.graph.call_function(attention_rank_part,
+                                               (query, key, value, mask, attention_dropout_p(node), causal, scale),
+                                               {"dim": dropout.dim, "group": group})
+            else:  # F.dropout(x, p, training) / aten.dropout(x, p, train): decided when it was traced
+                p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+                training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training",
+                                                                                   node.kwargs.get("train", True))
+                drawn = gm.graph.call_function(dropout_rank_part, (node.args[0], p, training, dropout.dim, group))
+        node.replace_all_uses_with(drawn)
+        gm.graph.erase_node(node)
+        inserted.append(drawn.name)
     return tuple(inserted)
 
 

@@ -95,6 +95,25 @@ class Grouped(nn.Module):
         return h + self.down(F.silu(self.gate(h)) * self.up(h))
 
 
+class DropoutInside(nn.Module):
+    """Dropout between each pair: attention probabilities dropped by SDPA (dropout_p), and the FFN's
+    hidden units by F.dropout (T5 style). Train mode needs every rank to draw its part of one mask."""
+
+    def __init__(self, p: float = 0.3) -> None:
+        super().__init__()
+        self.p, self.width = p, WIDTH
+        self.qkv = nn.Linear(WIDTH, 3 * WIDTH)
+        self.out = nn.Linear(WIDTH, WIDTH)
+        self.fc1, self.fc2 = nn.Linear(WIDTH, 4 * WIDTH), nn.Linear(4 * WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq, width = x.size()
+        q, k, v = self.qkv(x).view(bsz, seq, 3, HEADS, HEAD).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, dropout_p=self.p if self.training else 0.0, is_causal=True)
+        h = x + self.out(attended.transpose(1, 2).reshape(bsz, seq, width))
+        return h + self.fc2(F.dropout(F.gelu(self.fc1(h)), self.p, self.training))
+
+
 class HeadMixing(nn.Module):
     """Mixes information across heads between the pair (a mean over heads): cannot run on local heads."""
 

@@ -1,11 +1,12 @@
-"""Megatron mode in real gloo processes (fp32, eval mode): numbers, collectives and memory.
+"""Megatron mode in real gloo processes (fp32): numbers, collectives and memory.
 
 Two spawns: world 2 (tp=2) and world 4 (tp=4). Each rank checks the example GPT in every call form,
 the attentions of tests/test_local_heads.py (GPT-2 style [Q | K | V], GPT-NeoX style interleaved,
 LLaMA style grouped-query with a SwiGLU FFN, including fewer key/value heads than tp) and Hugging
 Face GPT-2, LLaMA and GPT-NeoX through torch.export (LLaMA with 2 key/value heads at tp=2, 1 and 2
-at tp=4), counts what the collectives are handed in one training step, and measures the block
-linears' bytes.
+at tp=4), checks train mode with dropout between the pairs (the example GPT, and SDPA's dropout_p
+with an FFN's F.dropout), counts what the collectives are handed in one training step, and
+measures the block linears' bytes.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from examples.gpt import GPTModel, small_config
 from passes.comm_table import comm_table
 from tests.multiprocess import run_ranks
 from tests.parity import grad_diffs, max_diff
-from tests.test_local_heads import WIDTH, FusedLastDim, Grouped, HeadMixing, Interleaved
+from tests.test_local_heads import WIDTH, DropoutInside, FusedLastDim, Grouped, HeadMixing, Interleaved
 from tpfx.collectives import add_observer
 
 HAVE_HF = importlib.util.find_spec("transformers") is not None
@@ -48,8 +49,14 @@ def _step(model: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | 
     return logits, loss
 
 
-def _compare(gm: nn.Module, reference: nn.Module, kwargs: dict) -> dict[str, float]:
-    (ref_out, ref_loss), (tp_out, tp_loss) = _step(reference, kwargs), _step(gm, kwargs)
+def _compare(gm: nn.Module, reference: nn.Module, kwargs: dict, seed: int | None = None) -> dict[str, float]:
+    """Differences of one step; with ``seed`` both models start it from that random state (train mode)."""
+    steps = []
+    for model in (reference, gm):
+        if seed is not None:
+            torch.manual_seed(seed)
+        steps.append(_step(model, kwargs))
+    (ref_out, ref_loss), (tp_out, tp_loss) = steps
     diffs = {"output": max_diff(tp_out, ref_out), "loss": max_diff(tp_loss, ref_loss)}
     return diffs | {f"grad {k}": v for k, v in grad_diffs(gm, reference).items()}
 
@@ -162,9 +169,34 @@ def _masked_call_diffs(gm: torch.nn.Module, reference: torch.nn.Module, inputs: 
     return diffs | {f"grad {key}": value for key, value in grad_diffs(gm, reference).items()}
 
 
+def _two_steps(model: nn.Module, kwargs: dict, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    return _step(model, kwargs)[0], _step(model, kwargs)[0]
+
+
+def _train_mode(tp: int) -> dict[str, dict[str, float]]:
+    """Train mode with dropout between the pairs (nn.Dropout, F.dropout, SDPA's dropout_p): the same numbers
+    as one device, which holds only if each rank drops its heads with its part of the single-device mask."""
+    x = torch.randn(BATCH, 5, WIDTH, generator=torch.Generator().manual_seed(3))
+    torch.manual_seed(0)
+    gpt = GPTModel(small_config(dropout=0.1))
+    torch.manual_seed(0)
+    inside = DropoutInside()
+    cases = {"gpt": (gpt, _gpt_inputs(gpt.config)["ids+mask+labels"]), "dropout inside": (inside, {"x": x})}
+    result = {}
+    for label, (reference, kwargs) in cases.items():
+        gm = tpfx.parallelize(reference.train(), tp=tp, mode="megatron")  # built for the train form
+        diffs = _compare(gm, reference, kwargs, seed=11)
+        # two more steps from one random state each: the second agrees only if the first drew as one device does
+        (ref_first, ref_second), (tp_first, tp_second) = [_two_steps(model, kwargs, seed=12) for model in (reference, gm)]
+        diffs |= {"second step output": max_diff(tp_second, ref_second), "first step output": max_diff(tp_first, ref_first)}
+        result[label] = diffs | {"dropouts": sum(len(p.dropouts) for p in gm.tpfx_pairing.pairs)}
+    return result
+
+
 def _world(rank: int, world_size: int) -> dict:
     hf = _hf(world_size, rank) if HAVE_HF else {}
-    return {"gpt": _gpt(world_size), "layouts": _layouts(world_size), "hf": hf}
+    return {"gpt": _gpt(world_size), "layouts": _layouts(world_size), "hf": hf, "train": _train_mode(world_size)}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
@@ -252,3 +284,13 @@ def test_block_linear_bytes_per_rank_are_one_tp_th(world):
         measured = result["gpt"]["bytes"]
         assert measured["rank"] * tp == measured["single"]
         assert measured["row biases"] == 2 * 2 * 128 * 4  # out_proj and fc2 of 2 blocks, whole on every rank
+
+
+def test_train_mode_dropout_between_pairs_matches_single_device(world):
+    tp, results = world
+    for rank, result in enumerate(results):
+        for label, diffs in result["train"].items():
+            dropouts = diffs.pop("dropouts")
+            assert dropouts == {"gpt": 2, "dropout inside": 2}[label], (label, dropouts)  # 2 blocks / 2 pairs
+            assert len(diffs) > 10
+            _assert_close(diffs, f"train mode {label} tp={tp} rank {rank}")

@@ -10,13 +10,14 @@ import torch.nn.functional as F
 import tpfx
 from examples.gpt import GPTModel, small_config
 from passes.find_sites import find_sites
-from passes.pair_megatron import Pair, pair_sites
+from passes.pair_megatron import HeadDropout, Pair, pair_sites
 from passes.row_shard import megatron_shard
 from tpfx.capture import CallForm, capture
-from tpfx.collectives import copy_to_tp, gather_from_tp, rank_part, reduce_from_tp
+from tpfx.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
+from tpfx.rank_parts import rank_part
 from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear
 
-from tests.test_local_heads import Grouped
+from tests.test_local_heads import DropoutInside, Grouped
 
 
 def _pairing(model: nn.Module, tp: int = 2, form: CallForm | None = None):
@@ -137,7 +138,9 @@ def test_rewrite_inserts_one_copy_per_input_and_a_reduce_then_bias_per_row():
     targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert targets.count(copy_to_tp) == 2 and targets.count(reduce_from_tp) == 2
     assert gather_from_tp not in targets
-    assert len(result.collective_nodes) == 4 and result.localized_nodes == ("view", "view_1")
+    assert len(result.collective_nodes) == 4
+    # the head count and width become local; the attention dropout draws the whole mask, keeps its heads
+    assert result.localized_nodes == ("view", "view_1", "dropout_module_rank_part")
     reduce = next(n for n in gm.graph.nodes if n.target is reduce_from_tp)
     (add,) = reduce.users
     assert add.args[1].op == "get_attr" and add.args[1].target == "blocks.0.attn.out_proj.bias"
@@ -205,3 +208,31 @@ def test_export_graph_pairs_functional_linears_in_either_weight_layout():
     assert torch.equal(gm.get_parameter("out_bias"), model.out_bias)
     ops = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert torch.ops.aten.mm.default in ops and ops.count(reduce_from_tp) == 1 and gather_from_tp not in ops
+
+
+def test_dropouts_between_a_pair_are_recorded_with_their_head_dim():
+    gpt = _pairing(GPTModel(small_config(n_layers=1)))[1]
+    assert [p.dropouts for p in gpt.pairs] == [(HeadDropout("blocks_0_attn_dropout", -3),), ()]
+    model = DropoutInside().train()
+    trained = _pairing(model, form=CallForm(training=True))[1]
+    assert [[(d.node_name, d.dim) for d in p.dropouts] for p in trained.pairs] == [
+        [("scaled_dot_product_attention", -3)], [("dropout", -1)]]
+    evaluated = _pairing(model, form=CallForm(training=False))[1]  # dropout_p=0.0 traced: nothing to draw
+    assert [[d.node_name for d in p.dropouts] for p in evaluated.pairs] == [[], ["dropout"]]
+    assert trained.signature() == evaluated.signature()  # the forms pair alike
+
+
+def test_a_dropout_whose_heads_are_not_outermost_in_a_dim_falls_back_with_the_reason():
+    class _DropsFusedQkv(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv, self.out = nn.Linear(32, 96), nn.Linear(32, 32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            bsz, seq, width = x.size()
+            qkv = F.dropout(self.qkv(x), 0.1, self.training)  # [3, H, Dh] in one dim: heads are not outermost
+            q, k, v = qkv.view(bsz, seq, 3, 4, 8).permute(2, 0, 3, 1, 4)
+            return self.out(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(bsz, seq, width))
+
+    (fallback,) = _pairing(_DropsFusedQkv().train(), form=CallForm(training=True))[1].fallbacks
+    assert "dropout 'dropout'" in fallback.reason and "not the outer part of one dim" in fallback.reason

@@ -137,13 +137,8 @@ COLLECTIVES: dict[Callable[..., torch.Tensor], str] = {
 }
 
 
-def rank_part(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
-    """This rank's contiguous 1/tp of ``x`` along ``dim`` (a view; backward puts zeros elsewhere).
 
-    Megatron mode keeps grouped-query keys and values whole on every rank when tp does not divide
-    their heads; once they are repeated to the query heads, this narrows them to the rank's own.
-    """
+def rank_and_size(group: str) -> tuple[int, int]:
+    """This process's rank in the tensor-parallel group ``group`` and the group's size (tp)."""
     process_group = _group(group)
-    tp, rank = dist.get_world_size(process_group), dist.get_rank(process_group)
-    length = x.shape[dim] // tp
-    return x.narrow(dim, rank * length, length)
+    return dist.get_rank(process_group), dist.get_world_size(process_group)

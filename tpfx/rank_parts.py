@@ -1,0 +1,75 @@
+"""Ops on this rank's part of a tensor that is split across the tensor-parallel group (Megatron mode).
+
+Between a column- and a row-parallel linear each rank holds whole heads (or a block of d_ff). Two
+things there must see the split: grouped-query keys and values that every rank keeps whole, and
+randomness. A dropout mask drawn for the local part alone would be the same on every rank (they
+share one random state), so the heads of different ranks would drop the same elements, and the
+random stream would drift from the single-device model's. Here each rank draws the whole tensor's
+mask, as one device would, and keeps its part: train-mode numbers equal the single-device model's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from tpfx.collectives import rank_and_size
+
+
+def rank_part(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """This rank's contiguous 1/tp of ``x`` along ``dim`` (a view; backward puts zeros elsewhere).
+
+    Megatron mode keeps grouped-query keys and values whole on every rank when tp does not divide
+    their heads; once they are repeated to the query heads, this narrows them to the rank's own.
+    """
+    rank, tp = rank_and_size(group)
+    length = x.shape[dim] // tp
+    return x.narrow(dim, rank * length, length)
+
+
+def _mask_part(like: torch.Tensor, p: float, dim: int, group: str) -> torch.Tensor:
+    """This rank's part of the whole tensor's dropout mask, scaled by 1/(1-p) as dropout scales it."""
+    rank, tp = rank_and_size(group)
+    full_shape = list(like.shape)
+    full_shape[dim] *= tp
+    # dropout of ones is exactly the factor one device multiplies its input by (same shape, same draws)
+    scale = F.dropout(torch.ones(full_shape, dtype=like.dtype, device=like.device), p, True)
+    return scale.narrow(dim, rank * like.shape[dim], like.shape[dim])
+
+
+def dropout_rank_part(x: torch.Tensor, p: float, training: bool, dim: int, group: str) -> torch.Tensor:
+    """``F.dropout(x, p, training)`` for this rank's part (along ``dim``) of a split tensor, with the whole mask."""
+    if not training or p == 0:
+        return x
+    return x * _mask_part(x, p, dim, group)
+
+
+def dropout_module_rank_part(x: torch.Tensor, module: torch.nn.Module, dim: int, group: str) -> torch.Tensor:
+    """:func:`dropout_rank_part` with an ``nn.Dropout``'s probability and mode, read at call time."""
+    return dropout_rank_part(x, module.p, module.training, dim, group)
+
+
+def attention_rank_part(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
+                        scale: float | None = None, *, dim: int, group: str) -> torch.Tensor:
+    """``scaled_dot_product_attention`` on this rank's heads (dim ``dim`` of the output) with attention dropout.
+
+    The attention probabilities are dropped with this rank's part of the whole attention's mask; the
+    math is the reference one (scores, mask, softmax, dropout, values), as PyTorch computes attention
+    with dropout on the CPU.
+    """
+    if dropout_p == 0:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
+                                              scale=scale)
+    root_scale = math.sqrt(scale if scale is not None else 1 / math.sqrt(query.size(-1)))
+    scores = (query * root_scale) @ (key.transpose(-2, -1) * root_scale)
+    if is_causal:
+        causal = torch.ones(query.size(-2), key.size(-2), dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    probabilities = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with every key masked attends to none
+    probabilities = probabilities * _mask_part(probabilities, dropout_p, dim, group)
+    return probabilities @ value
