@@ -164,3 +164,16 @@ def test_whole_grouped_keys_and_values_narrowed_per_rank_need_no_process_group_t
         ("backward", "all_reduce", "gate", (2, 5, 32)),  # the FFN's input (gate and up share it)
         ("backward", "all_reduce", "v_proj", (2, 5, 16)), ("backward", "all_reduce", "k_proj", (2, 5, 16))]
     # (q's input is the model input here: it needs no gradient, so its copy-to sends nothing)
+
+
+def test_dropouts_that_draw_a_ranks_part_need_no_process_group_to_count():
+    """Train-mode megatron program with SDPA dropout_p and F.dropout between the pairs (tpfx.rank_parts ops)."""
+    from tests.test_local_heads import DropoutInside
+
+    program = tpfx.parallelize(DropoutInside().train(), tp=2, rank=1, mode="megatron")
+    targets = {n.target.__name__ for n in program.graph.nodes if n.op == "call_function"}
+    assert {"attention_rank_part", "dropout_rank_part"} <= targets
+    table = comm_table(program, {"x": torch.zeros(2, 5, 32)}, tp=2)
+    assert [(r.direction, r.op, r.module, r.shape) for r in table.rows] == [
+        ("forward", "all_reduce", "out", (2, 5, 32)), ("forward", "all_reduce", "fc2", (2, 5, 32)),
+        ("backward", "all_reduce", "fc1", (2, 5, 32))]  # the model input needs no gradient: qkv's copy sends nothing

@@ -44,6 +44,8 @@ def _step(model: nn.Module, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor | 
     """One forward and backward; the loss is the model's, or a square mean of its output."""
     model.zero_grad(set_to_none=True)
     out = model(**kwargs)
+    if hasattr(out, "logits"):  # a Hugging Face model output
+        out = (out.logits, out.loss)
     logits, loss = out if isinstance(out, tuple) else (out, None)
     (loss if loss is not None else logits.pow(2).mean()).backward()
     return logits, loss
@@ -183,9 +185,15 @@ def _train_mode(tp: int) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
     inside = DropoutInside()
     cases = {"gpt": (gpt, _gpt_inputs(gpt.config)["ids+mask+labels"]), "dropout inside": (inside, {"x": x})}
+    if HAVE_HF and tp == 2:  # exported: SDPA's dropout_p as an ATen argument, GPT-2's padding mask added to scores
+        from examples import hf_models
+
+        inputs = hf_models.example_inputs()
+        cases["hf gpt2"] = (hf_models.build("gpt2", n_layer=1, attn_pdrop=0.1, resid_pdrop=0.1), inputs)
     result = {}
     for label, (reference, kwargs) in cases.items():
-        gm = tpfx.parallelize(reference.train(), tp=tp, mode="megatron")  # built for the train form
+        example = kwargs if label.startswith("hf") else None
+        gm = tpfx.parallelize(reference.train(), tp=tp, mode="megatron", example_inputs=example)  # the train form
         diffs = _compare(gm, reference, kwargs, seed=11)
         # two more steps from one random state each: the second agrees only if the first drew as one device does
         (ref_first, ref_second), (tp_first, tp_second) = [_two_steps(model, kwargs, seed=12) for model in (reference, gm)]
@@ -291,6 +299,6 @@ def test_train_mode_dropout_between_pairs_matches_single_device(world):
     for rank, result in enumerate(results):
         for label, diffs in result["train"].items():
             dropouts = diffs.pop("dropouts")
-            assert dropouts == {"gpt": 2, "dropout inside": 2}[label], (label, dropouts)  # 2 blocks / 2 pairs
+            assert dropouts == {"gpt": 2, "dropout inside": 2, "hf gpt2": 1}[label], (label, dropouts)
             assert len(diffs) > 10
             _assert_close(diffs, f"train mode {label} tp={tp} rank {rank}")
