@@ -57,13 +57,40 @@ def test_parameters_on_meta_keeps_constructor_buffers_real():
     before = nn.Module.register_parameter
     with tpfx.parameters_on_meta(), tpfx.parameters_on_meta():  # nesting is harmless
         model = GPTModel(small_config())
-    assert nn.Module.register_parameter is before
+    assert nn.Module.register_parameter is before  # nothing of torch's is patched
     assert all(p.is_meta for p in model.parameters())
     assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in model.parameters())
     real = _reference()
     for (name, buffer), (_, expected) in zip(model.named_buffers(), real.named_buffers(), strict=True):
         assert not buffer.is_meta and torch.equal(buffer, expected), name
     assert not any(p.is_meta for p in nn.Linear(2, 2).parameters())  # only inside the block
+
+
+def test_parameters_on_meta_leaves_other_threads_modules_real():
+    import threading
+
+    from torch.nn.modules import module as module_hooks
+
+    hooks_before = dict(module_hooks._global_parameter_registration_hooks)
+    built: dict[str, nn.Module] = {}
+    started, finish = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        started.set()
+        finish.wait(timeout=30)  # builds while the main thread's block is open
+        built["other"] = nn.Linear(3, 3)
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    started.wait(timeout=30)
+    with tpfx.parameters_on_meta():
+        finish.set()
+        thread.join(timeout=30)
+        built["inside"] = nn.Linear(3, 3)
+    assert not thread.is_alive()
+    assert all(p.is_meta for p in built["inside"].parameters())
+    assert not any(p.is_meta for p in built["other"].parameters())
+    assert dict(module_hooks._global_parameter_registration_hooks) == hooks_before  # the hook is gone
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -28,8 +28,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch.nn as nn
-
-_lock = threading.RLock()  # re-entrant: a nested block is harmless
+from torch.nn.modules.module import register_module_parameter_registration_hook
 
 
 def _to_meta(parameter: nn.Parameter) -> nn.Parameter:
@@ -41,22 +40,24 @@ def _to_meta(parameter: nn.Parameter) -> nn.Parameter:
 
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
-    """Within this block, every parameter registered on any module is placed on the meta device.
+    """Within this block, every parameter this thread registers on a module is placed on the meta device.
 
-    Buffers, and all other tensors the constructors compute, stay real. The switch is process-wide
-    (it patches ``nn.Module.register_parameter``), so build one model at a time inside it.
+    Buffers, and all other tensors the constructors compute, stay real. It uses torch's global
+    parameter-registration hook, limited to the thread that opened the block: modules that other
+    threads build meanwhile keep real parameters. Blocks nest.
 
     Yields:
         Nothing; build the model inside the block.
     """
-    with _lock:
-        original = nn.Module.register_parameter
+    owner = threading.get_ident()
 
-        def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-            original(module, name, None if param is None else _to_meta(param))
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> nn.Parameter | None:
+        if param is None or threading.get_ident() != owner:
+            return None  # keep what was registered
+        return _to_meta(param)
 
-        nn.Module.register_parameter = register_on_meta
-        try:
-            yield
-        finally:
-            nn.Module.register_parameter = original
+    handle = register_module_parameter_registration_hook(on_meta)
+    try:
+        yield
+    finally:
+        handle.remove()
