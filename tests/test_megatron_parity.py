@@ -185,6 +185,9 @@ def _train_mode(tp: int) -> dict[str, dict[str, float]]:
     torch.manual_seed(0)
     inside = DropoutInside()
     cases = {"gpt": (gpt, _gpt_inputs(gpt.config)["ids+mask+labels"]), "dropout inside": (inside, {"x": x})}
+    if tp == 2:  # captured by torch.export: aten.dropout and aten.scaled_dot_product_attention(dropout_p=...)
+        torch.manual_seed(0)
+        cases["dropout inside, exported"] = (DropoutInside(), {"x": x})
     if HAVE_HF and tp == 2:  # exported: SDPA's dropout_p as an ATen argument, GPT-2's padding mask added to scores
         from examples import hf_models
 
@@ -192,13 +195,15 @@ def _train_mode(tp: int) -> dict[str, dict[str, float]]:
         cases["hf gpt2"] = (hf_models.build("gpt2", n_layer=1, attn_pdrop=0.1, resid_pdrop=0.1), inputs)
     result = {}
     for label, (reference, kwargs) in cases.items():
-        example = kwargs if label.startswith("hf") else None
-        gm = tpfx.parallelize(reference.train(), tp=tp, mode="megatron", example_inputs=example)  # the train form
+        exported = label.startswith("hf") or label.endswith("exported")
+        gm = tpfx.parallelize(reference.train(), tp=tp, mode="megatron", tracer="export" if exported else "auto",
+                              example_inputs=kwargs if exported else None)  # built for the train form
+        result[label] = {"tracer": gm.tpfx_report.tracer}
         diffs = _compare(gm, reference, kwargs, seed=11)
         # two more steps from one random state each: the second agrees only if the first drew as one device does
         (ref_first, ref_second), (tp_first, tp_second) = [_two_steps(model, kwargs, seed=12) for model in (reference, gm)]
         diffs |= {"second step output": max_diff(tp_second, ref_second), "first step output": max_diff(tp_first, ref_first)}
-        result[label] = diffs | {"dropouts": sum(len(p.dropouts) for p in gm.tpfx_pairing.pairs)}
+        result[label] |= diffs | {"dropouts": sum(len(p.dropouts) for p in gm.tpfx_pairing.pairs)}
     return result
 
 
@@ -298,7 +303,8 @@ def test_train_mode_dropout_between_pairs_matches_single_device(world):
     tp, results = world
     for rank, result in enumerate(results):
         for label, diffs in result["train"].items():
-            dropouts = diffs.pop("dropouts")
-            assert dropouts == {"gpt": 2, "dropout inside": 2, "hf gpt2": 1}[label], (label, dropouts)
+            dropouts, tracer = diffs.pop("dropouts"), diffs.pop("tracer")
+            assert dropouts == {"gpt": 2, "dropout inside": 2, "dropout inside, exported": 2, "hf gpt2": 1}[label]
+            assert tracer == ("export" if label.startswith("hf") or label.endswith("exported") else "fx")
             assert len(diffs) > 10
             _assert_close(diffs, f"train mode {label} tp={tp} rank {rank}")
