@@ -236,3 +236,13 @@ def test_a_dropout_whose_heads_are_not_outermost_in_a_dim_falls_back_with_the_re
 
     (fallback,) = _pairing(_DropsFusedQkv().train(), form=CallForm(training=True))[1].fallbacks
     assert "dropout 'dropout'" in fallback.reason and "not the outer part of one dim" in fallback.reason
+
+
+def test_report_says_grouped_keys_and_values_are_kept_whole_not_split():
+    gm = tpfx.parallelize(Grouped(kv_heads=2), tp=4, rank=0, mode="megatron")
+    shards = {row["module"]: row["shard"] for row in gm.tpfx_report.sites_table()}
+    assert shards["q_proj"] == [8, 32] and shards["k_proj"] == shards["v_proj"] == [16, 32]
+    assert all(list(gm.get_submodule(path).weight.shape) == shard for path, shard in shards.items())
+    decisions = {row["module"]: row for row in gm.tpfx_report.linear_decisions()}
+    assert not decisions["k_proj"]["sharded"] and decisions["q_proj"]["sharded"]
+    assert "kept whole on every rank" in decisions["k_proj"]["reason"] and "tp=4" in decisions["k_proj"]["reason"]

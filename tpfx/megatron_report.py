@@ -33,7 +33,14 @@ class MegatronReport(Report):
         rows = [{"module": p.row_module_path, "role": "row", "weight": list(p.row_weight_shape),
                  "shard": [p.row_weight_shape[0], p.row_weight_shape[1] // self.tp],
                  "collectives": list(around.get(p.row_module_path, ()))} for p in self.pairs]
-        return super().sites_table() + rows
+        whole = self._whole_columns()
+        columns = [row | {"shard": row["weight"]} if row["module"] in whole else row for row in super().sites_table()]
+        return columns + rows
+
+    def _whole_columns(self) -> dict[str, Pair]:
+        """Column sites every rank keeps whole (grouped-query k/v with fewer heads than tp), with their pair."""
+        return {site.module_path: pair for pair in self.pairs
+                for site, layout in zip(pair.columns, pair.column_layouts) if layout.shard_axis is None}
 
     def linear_decisions(self) -> list[dict[str, object]]:
         """Every linear with its reason; paired sites name their partner, fallbacks say why not paired."""
@@ -42,10 +49,16 @@ class MegatronReport(Report):
             for site, layout in zip(pair.columns, pair.column_layouts):
                 why[site.module_path] = (f"{role_reason(site.role)}; column-parallel without a gather, rows "
                                          f"{layout.describe()} (* split), paired with '{pair.row_module_path}'")
+                if layout.shard_axis is None:
+                    why[site.module_path] = (
+                        f"{role_reason(site.role)}; kept whole on every rank: its {layout.describe()} rows hold fewer "
+                        f"heads than tp={self.tp}, so each rank repeats them to the query heads and keeps its own "
+                        f"(gradient all-reduced), paired with '{pair.row_module_path}'")
         for fallback in self.fallbacks:
             for site in fallback.sites:
                 why[site.module_path] = f"{role_reason(site.role)}; not paired, column + all-gather: {fallback.reason}"
         rows = {p.row_module_path: p for p in self.pairs}
+        whole = self._whole_columns()
         decisions = []
         for row in super().linear_decisions():
             pair = rows.get(row["module"])
@@ -56,7 +69,7 @@ class MegatronReport(Report):
                     f"row-parallel partner of {columns}: input columns {pair.row_layout.describe()} (* split), "
                     f"all-reduce after{bias}")}
             elif row["module"] in why:
-                row = row | {"reason": why[row["module"]]}
+                row = row | {"reason": why[row["module"]], "sharded": row["module"] not in whole}
             decisions.append(row)
         return decisions
 
