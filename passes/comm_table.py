@@ -32,9 +32,9 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tpfx.collectives import COLLECTIVES
-from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part
 from tpfx.errors import TpfxError, one_line
 from tpfx.program import TensorParallelModule
+from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part
 
 
 class CommTableError(TpfxError):

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from passes.find_sites import Site, SiteFinding
 from passes.graph_view import functional_linear, parameter_shapes
-from passes.local_heads import (Dim, FeatureFlow, FeatureLayout, LinearCall, LinearOf, ShapeEdit, analyze_feature_flow,
-                                module_linears)
+from passes.local_heads import (Dim, FeatureFlow, FeatureLayout, LinearCall, LinearOf, ShapeEdit, Value,
+                                analyze_feature_flow, module_linears)
 
 _FFN_ROLES = ("fc1", "up")
 
@@ -308,6 +308,12 @@ def _choose_heads(flow: FeatureFlow, leaves: list[int], row: str, tp: int) -> tu
     raise _NoPair(f"no factor of the input of '{row}' can be split across tp={tp} ({'; '.join(why)}){fix}")
 
 
+def _dim_classes(flow: FeatureFlow, value: Value) -> list[list[int]]:
+    """Per dim of ``value``: the classes of its feature leaves, outermost first (batch parts left out)."""
+    return [[flow.factors.find(leaf) for part in dim if part.factor is not None for leaf in flow.factors.leaves(part.factor)]
+            for dim in value.dims]
+
+
 def _run_positions(flow: FeatureFlow, leaves: list[int], chosen: tuple[int, ...]) -> list[int]:
     """Where the classes of ``chosen`` appear in ``leaves``, in order and next to each other."""
     classes = [flow.factors.find(leaf) for leaf in leaves]
@@ -370,8 +376,7 @@ def _narrows(flow: FeatureFlow, chosen: tuple[int, ...], sites: list[Site], layo
             if producer.name not in whole_only:
                 continue
             value = flow.values.get(producer.name)
-            dims = [] if value is None else [[flow.factors.find(leaf) for part in dim if part.factor is not None
-                                              for leaf in flow.factors.leaves(part.factor)] for dim in value.dims]
+            dims = [] if value is None else _dim_classes(flow, value)
             at = [i for i, classes in enumerate(dims) if classes == targets]
             if len(at) != 1:
                 raise _NoPair(f"the whole keys or values '{producer.name}' meet the local heads at '{consumer}' "
@@ -389,8 +394,7 @@ def _dropouts(flow: FeatureFlow, group: int, chosen: tuple[int, ...], index: _Gr
         value = flow.values[name]
         if flow.group_of(value.group) != group:
             continue
-        dims = [[flow.factors.find(leaf) for part in dim if part.factor is not None
-                 for leaf in flow.factors.leaves(part.factor)] for dim in value.dims]
+        dims = _dim_classes(flow, value)
         at = [i for i, classes in enumerate(dims) if classes[:len(targets)] == targets]
         if len(at) != 1:
             raise _NoPair(f"dropout '{name}' is applied where the split heads are not the outer part of one dim; "

@@ -43,9 +43,9 @@ from passes.local_heads import FeatureLayout, localize_shapes
 from passes.pair_megatron import (HeadDropout, HeadNarrow, Pairing, attention_dropout_p, is_attention_op,
                                   pair_sites)
 from tpfx.collectives import copy_to_tp, reduce_from_tp
-from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part
 from tpfx.errors import ShardingError
 from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, ShardSpec
+from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part
 
 
 @dataclass(frozen=True)
@@ -150,17 +150,18 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
         inserted += _copy_outputs(gm, applications_of(index, {_key(s) for s in pair.columns} - sharded), group)
         inserted += _reduce_output(gm, applications_of(index, {pair.row_weight_name or pair.row_module_path}), group)
     localized = localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
-    localized += _narrow_to_rank_heads(gm, [n for p in pairing.pairs for n in p.narrows], group)
-    localized += _draw_dropouts_per_rank(gm, [d for p in pairing.pairs for d in p.dropouts], group)
+    nodes = {node.name: node for node in gm.graph.nodes}
+    localized += _narrow_to_rank_heads(gm, nodes, [n for p in pairing.pairs for n in p.narrows], group)
+    localized += _draw_dropouts_per_rank(gm, nodes, [d for p in pairing.pairs for d in p.dropouts], group)
     gathered = insert_collectives(gm, pairing.fallback_sites, group=group)
     ordered = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     names = sorted(inserted + list(gathered.collective_nodes), key=ordered.__getitem__)
     return PairShardResult(gm, tuple(names), localized)
 
 
-def _narrow_to_rank_heads(gm: fx.GraphModule, narrows: list[HeadNarrow], group: str) -> tuple[str, ...]:
+def _narrow_to_rank_heads(gm: fx.GraphModule, nodes: dict[str, fx.Node], narrows: list[HeadNarrow],
+                          group: str) -> tuple[str, ...]:
     """Narrow whole, repeated keys and values to this rank's heads where the local queries read them."""
-    nodes = {node.name: node for node in gm.graph.nodes}
     inserted = []
     for narrow in narrows:
         consumer, producer = nodes[narrow.consumer], nodes[narrow.producer]
@@ -171,9 +172,9 @@ def _narrow_to_rank_heads(gm: fx.GraphModule, narrows: list[HeadNarrow], group: 
     return tuple(inserted)
 
 
-def _draw_dropouts_per_rank(gm: fx.GraphModule, dropouts: list[HeadDropout], group: str) -> tuple[str, ...]:
+def _draw_dropouts_per_rank(gm: fx.GraphModule, nodes: dict[str, fx.Node], dropouts: list[HeadDropout],
+                            group: str) -> tuple[str, ...]:
     """Each dropout on local heads draws the whole tensor's mask and keeps this rank's part (tpfx.rank_parts)."""
-    nodes = {node.name: node for node in gm.graph.nodes}
     inserted = []
     for dropout in dropouts:
         node = nodes[dropout.node_name]

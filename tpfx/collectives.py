@@ -137,7 +137,6 @@ COLLECTIVES: dict[Callable[..., torch.Tensor], str] = {
 }
 
 
-
 def rank_and_size(group: str) -> tuple[int, int]:
     """This process's rank in the tensor-parallel group ``group`` and the group's size (tp)."""
     process_group = _group(group)
