@@ -21,7 +21,8 @@ falls back to column-plus-gather, and the record says why.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 from passes.find_sites import Site, SiteFinding
 from passes.graph_view import functional_linear, parameter_shapes
-from passes.local_heads import (Dim, FeatureFlow, FeatureLayout, LinearCall, LinearOf, ShapeEdit, Value,
+from passes.local_heads import (Dim, FeatureFlow, FeatureLayout, LinearCall, LinearOf, ShapeEdit, ShapeUse, Value,
                                 analyze_feature_flow, module_linears)
 
 _FFN_ROLES = ("fc1", "up")
@@ -161,13 +162,14 @@ def pair_sites(gm: fx.GraphModule, finding: SiteFinding, *, tp: int) -> Pairing:
     linear_of = graph_linears(gm)
     flow = analyze_feature_flow(gm, [site.node_name for site in finding.sites], linear_of=linear_of)
     index = _GraphIndex.of(gm, linear_of)
+    records = _records_by_group(flow, index)
     groups: dict[int, list[Site]] = {}
     for site in finding.sites:
         groups.setdefault(flow.group_of(flow.root_groups[site.node_name]), []).append(site)
     pairs, fallbacks = [], []
     for group, sites in groups.items():
         try:
-            pairs.append(_pair_group(flow, group, sites, tp, index))
+            pairs.append(_pair_group(flow, records[group], sites, tp, index))
         except _NoPair as why:
             fallbacks.append(Fallback(tuple(sites), str(why)))
     return Pairing(tuple(pairs), tuple(fallbacks))
@@ -201,6 +203,30 @@ class _GraphIndex:
         return cls(calls, weights, names, nodes, {name: i for i, name in enumerate(nodes)}, dropouts)
 
 
+@dataclass
+class _GroupRecords:
+    """What the feature flow recorded for one group: sorted out once, since a scan of every group's
+    records for each group is quadratic in depth."""
+
+    poisoned: list[str] = field(default_factory=list)  # why no pair can be formed, first first
+    rows: list[tuple[str, str, Dim]] = field(default_factory=list)  # the linears the group's values reach
+    shape_uses: list[ShapeUse] = field(default_factory=list)
+    dropouts: list[str] = field(default_factory=list)  # the dropout nodes on the group's values, in graph order
+
+
+def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int, _GroupRecords]:
+    records: defaultdict[int, _GroupRecords] = defaultdict(_GroupRecords)
+    for group, why in flow.poisoned.items():
+        records[flow.group_of(group)].poisoned.append(why)
+    for group, rows in flow.rows.items():
+        records[flow.group_of(group)].rows.extend(rows)
+    for use in flow.shape_uses:
+        records[flow.group_of(use.group)].shape_uses.append(use)
+    for name in sorted(index.dropouts & flow.values.keys(), key=index.order.__getitem__):
+        records[flow.group_of(flow.values[name].group)].dropouts.append(name)
+    return records
+
+
 def _is_dropout(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """A dropout (module, function or ATen op), or an attention that drops its probabilities (dropout_p > 0)."""
     if node.op == "call_module":
@@ -224,11 +250,10 @@ _DROPOUTS = {F.dropout, torch.dropout, torch.ops.aten.dropout}
 _ATTENTIONS = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention}
 
 
-def _pair_group(flow: FeatureFlow, group: int, sites: list[Site], tp: int, index: _GraphIndex) -> Pair:
-    poisoned = [why for g, why in flow.poisoned.items() if flow.group_of(g) == group]
-    if poisoned:
-        raise _NoPair(poisoned[0])
-    row_node, row, row_dim = _partner(flow, group, sites, index)
+def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp: int, index: _GraphIndex) -> Pair:
+    if records.poisoned:
+        raise _NoPair(records.poisoned[0])
+    row_node, row, row_dim = _partner(records, sites, index)
     leaves = _leaf_factors(flow, row_dim, row.key)
     if _product(flow, leaves) != row.in_features:
         raise _NoPair(f"the input of '{row.key}' is not exactly the features of {_paths(sites)}")
@@ -243,15 +268,15 @@ def _pair_group(flow: FeatureFlow, group: int, sites: list[Site], tp: int, index
         columns=tuple(sites), column_layouts=layouts,
         row_module_path=row.key.rpartition(".")[0] if row.functional else row.key,
         row_node_name=row_node.name, row_weight_shape=weight_shape,
-        row_layout=_layout_of(flow, leaves, chosen, row.key), shape_edits=_shape_edits(flow, group, chosen, whole_only),
+        row_layout=_layout_of(flow, leaves, chosen, row.key), shape_edits=_shape_edits(flow, records.shape_uses, chosen, whole_only),
         shard_size=_product(flow, list(chosen)), row_weight_name=row.key if row.functional else "",
         row_bias_name=row.bias, row_weight_layout=row.layout, narrows=narrows,
-        dropouts=_dropouts(flow, group, chosen, index, whole_only))
+        dropouts=_dropouts(flow, records.dropouts, chosen, whole_only))
 
 
-def _partner(flow: FeatureFlow, group: int, sites: list[Site], index: _GraphIndex) -> tuple[fx.Node, LinearCall, Dim]:
+def _partner(records: _GroupRecords, sites: list[Site], index: _GraphIndex) -> tuple[fx.Node, LinearCall, Dim]:
     """The one linear the group's values reach, and the parts of its input's feature dim."""
-    reached = [(key, dim) for g, rows in flow.rows.items() if flow.group_of(g) == group for _, key, dim in rows]
+    reached = [(key, dim) for _, key, dim in records.rows]
     keys = sorted({key for key, _ in reached})
     if not keys:
         raise _NoPair(f"the output of {_paths(sites)} reaches no other linear as its input")
@@ -385,16 +410,13 @@ def _narrows(flow: FeatureFlow, chosen: tuple[int, ...], sites: list[Site], layo
     return whole_only, tuple(narrows)
 
 
-def _dropouts(flow: FeatureFlow, group: int, chosen: tuple[int, ...], index: _GraphIndex,
+def _dropouts(flow: FeatureFlow, names: list[str], chosen: tuple[int, ...],
               whole_only: set[str]) -> tuple[HeadDropout, ...]:
-    """The dropouts on the split values of the group, and the dim of each where the split factor is outermost."""
+    """The group's dropouts (``names``) on split values, and the dim of each where the split factor is outermost."""
     targets = [flow.factors.find(leaf) for leaf in chosen]
     found = []
-    for name in sorted(index.dropouts & flow.values.keys() - whole_only, key=index.order.__getitem__):
-        value = flow.values[name]
-        if flow.group_of(value.group) != group:
-            continue
-        dims = _dim_classes(flow, value)
+    for name in (name for name in names if name not in whole_only):
+        dims = _dim_classes(flow, flow.values[name])
         at = [i for i, classes in enumerate(dims) if classes[:len(targets)] == targets]
         if len(at) != 1:
             raise _NoPair(f"dropout '{name}' is applied where the split heads are not the outer part of one dim; "
@@ -403,10 +425,10 @@ def _dropouts(flow: FeatureFlow, group: int, chosen: tuple[int, ...], index: _Gr
     return tuple(found)
 
 
-def _shape_edits(flow: FeatureFlow, group: int, chosen: tuple[int, ...],
+def _shape_edits(flow: FeatureFlow, uses: list[ShapeUse], chosen: tuple[int, ...],
                  whole_only: set[str] = frozenset()) -> tuple[ShapeEdit, ...]:
-    """Each shape argument whose dim holds the chosen heads, unless it is read at run time (already local)
-    or shapes a value that stays whole on every rank (``whole_only``)."""
+    """Each argument of the group's shape ``uses`` whose dim holds the chosen heads, unless it is read at run
+    time (already local) or shapes a value that stays whole on every rank (``whole_only``)."""
     factors = flow.factors
     targets = {factors.find(leaf) for leaf in chosen}
 
@@ -414,7 +436,7 @@ def _shape_edits(flow: FeatureFlow, group: int, chosen: tuple[int, ...],
         return {factors.find(leaf) for f in factor_ids for leaf in factors.leaves(f)} & targets
 
     edits = []
-    for use in (u for u in flow.shape_uses if flow.group_of(u.group) == group and u.node_name not in whole_only):
+    for use in (u for u in uses if u.node_name not in whole_only):
         for dim, item in zip(use.dims, use.items):
             holds = held(p.factor for p in dim if p.factor is not None)
             if not holds or item.size is None or held(item.local):
