@@ -2,9 +2,9 @@
 
 Three figures that must agree exactly: what the collectives were handed in a real step (through
 :func:`tpfx.collectives.add_observer`), the communication table tpfx derives from the rewritten graph
-(:func:`passes.comm_table.comm_table`), and the closed form below. A ring all-gather of a full
+(:func:`tpfx.passes.comm_table.comm_table`), and the closed form below. A ring all-gather of a full
 tensor of n bytes moves n·(tp-1)/tp bytes out of every rank; a ring all-reduce of n bytes moves
-2·n·(tp-1)/tp (:func:`passes.comm_table.ring_traffic`). Per block and step (T tokens, width h, FFN width f):
+2·n·(tp-1)/tp (:func:`tpfx.passes.comm_table.ring_traffic`). Per block and step (T tokens, width h, FFN width f):
 
 ==========  ==========================================  =================================
 mode        collectives (forward; backward)              ring elements per rank
@@ -25,7 +25,7 @@ from fractions import Fraction
 import torch
 
 from examples.gpt import GPTConfig
-from passes.comm_table import ring_traffic
+from tpfx.passes.comm_table import ring_traffic
 from tpfx.collectives import add_observer
 
 

@@ -25,7 +25,7 @@ from benchmarks.communication import analytic_calls, analytic_ring_bytes, counti
 from benchmarks.dtensor_baseline import dtensor_gpt
 from benchmarks.handwritten import handwritten_gpt
 from examples.gpt import GPTConfig, GPTModel
-from passes.comm_table import comm_table
+from tpfx.passes.comm_table import comm_table
 from tpfx.launch import launch
 
 MODES = ("gather", "megatron")

@@ -1,7 +1,6 @@
 """Graph passes of tpfx: each file holds one analysis or rewrite, a function of a GraphModule.
 
-The passes use tpfx's runtime layers and collectives, and tpfx's API uses the passes; importing
-the runtime package first makes either entry point (``import tpfx`` or ``import passes.x``) work.
+This folder is installed as the subpackage ``tpfx.passes`` (``package-dir`` in pyproject.toml), so
+nothing named ``passes`` lands at the top level of site-packages. Imports run one way: the passes
+import tpfx's runtime (layers, collectives, errors), never its API.
 """
-
-import tpfx  # noqa: F401

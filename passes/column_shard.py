@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 import torch.nn as nn
 
-from passes.find_sites import Site, require_divisible
-from passes.graph_view import applications_of, linear_applications
+from tpfx.passes.find_sites import Site, require_divisible
+from tpfx.passes.graph_view import applications_of, linear_applications
 from tpfx.collectives import copy_to_tp, gather_from_tp
 from tpfx.errors import ShardingError
 from tpfx.layers import ColumnParallelLinear, shard_range

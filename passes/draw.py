@@ -22,8 +22,8 @@ import subprocess
 
 import torch.fx as fx
 
-from passes.comm_table import is_sharded_module
-from passes.graph_view import META, op_kind
+from tpfx.passes.comm_table import is_sharded_module
+from tpfx.passes.graph_view import META, op_kind
 from tpfx.collectives import COLLECTIVES
 from tpfx.errors import TpfxError
 

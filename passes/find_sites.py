@@ -13,11 +13,11 @@ after (records)::
 
 A linear is an ``nn.Linear`` module (fx graphs) or an op on a parameter weight (ATen graphs from
 torch.export: ``aten.linear``, or ``aten.addmm``/``aten.mm`` with an (in, out) weight as in GPT-2's
-Conv1D); see :func:`passes.graph_view.functional_linear`. A functional site records its weight
+Conv1D); see :func:`tpfx.passes.graph_view.functional_linear`. A functional site records its weight
 ``layout`` and parameter names, so the rewrite slices rows of an (out, in) weight and columns of an
 (in, out) one.
 
-Rules (each walk is along tensor dataflow in :func:`passes.graph_view.to_networkx`):
+Rules (each walk is along tensor dataflow in :func:`tpfx.passes.graph_view.to_networkx`):
 
 * attention projection: the linear's output reaches the query and/or key operand of a score matmul
   and/or the value operand of the probability-times-value matmul (or the q/k/v of
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import networkx as nx
 import torch.fx as fx
 
-from passes.graph_view import (ACTIVATION, ATTENTION, DROPOUT, ELEMENTWISE, LINEAR, MATMUL, SHAPE, SOFTMAX,
+from tpfx.passes.graph_view import (ACTIVATION, ATTENTION, DROPOUT, ELEMENTWISE, LINEAR, MATMUL, SHAPE, SOFTMAX,
                                feeds_linear_input, flow_region, leading_to, reach_through, to_networkx)
 from tpfx.errors import ShardingError
 
@@ -238,7 +238,7 @@ def _other_uses(view: nx.DiGraph, linear: _Linear, reads: dict[str, list[fx.Node
 
 @dataclass(frozen=True)
 class _Walks:
-    """Where a walk from a linear can find what it looks for (see :func:`passes.graph_view.leading_to`)."""
+    """Where a walk from a linear can find what it looks for (see :func:`tpfx.passes.graph_view.leading_to`)."""
 
     operands: dict[str, set[str]]  # "q", "k", "v" -> the attentions' operand nodes of that letter
     to_attention: set[str]  # nodes of _TO_ATTENTION kinds that lead to a q, k or v operand

@@ -1,6 +1,6 @@
 """Analysis: pair each column site with the row-parallel linear after it (Megatron's pairing).
 
-before (records from :mod:`passes.find_sites`)::
+before (records from :mod:`tpfx.passes.find_sites`)::
 
     Site(role="qkv", module_path="attn.qkv_proj", ...)        # column + all-gather
     Site(role="fc1", module_path="ffn.fc1", ...)
@@ -14,7 +14,7 @@ after (records)::
 
 The sites whose outputs meet (q, k and v at the attention; gate and up at the product) form one
 group; the group's pair partner is the one linear its values reach, found by walking the dataflow
-with :func:`passes.local_heads.analyze_feature_flow`. Every op on the way must be elementwise or
+with :func:`tpfx.passes.local_heads.analyze_feature_flow`. Every op on the way must be elementwise or
 head-local; otherwise, or when no factor of the partner's input can be split across tp, the group
 falls back to column-plus-gather, and the record says why.
 """
@@ -29,9 +29,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.find_sites import Site, SiteFinding
-from passes.graph_view import functional_linear, parameter_shapes
-from passes.local_heads import (Dim, FeatureFlow, FeatureLayout, LinearCall, LinearOf, ShapeEdit, ShapeUse, Value,
+from tpfx.passes.find_sites import Site, SiteFinding
+from tpfx.passes.graph_view import functional_linear, parameter_shapes
+from tpfx.passes.local_heads import (Dim, FeatureFlow, FeatureLayout, LinearCall, LinearOf, ShapeEdit, ShapeUse, Value,
                                 analyze_feature_flow, module_linears)
 
 _FFN_ROLES = ("fc1", "up")

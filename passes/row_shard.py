@@ -20,7 +20,7 @@ In an exported (ATen) graph a linear is an op on a parameter: the op stays and i
 replaced by this rank's parts (rows or columns as the weight is stored), and a row linear's bias is
 taken out of its op (``addmm(b, x, w)`` becomes ``mm(x, w)``) and added after the reduce.
 
-Sites that could not be paired keep the column-plus-gather rewrite of :mod:`passes.column_shard`.
+Sites that could not be paired keep the column-plus-gather rewrite of :mod:`tpfx.passes.column_shard`.
 As there, modules and graphs are separate steps, so that further call forms reuse the shards:
 :func:`shard_pair_modules` replaces the modules, :func:`rewrite_pair_graph` rewrites one graph.
 """
@@ -36,11 +36,11 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.column_shard import insert_collectives, shard_site_modules
-from passes.find_sites import Site, find_sites
-from passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
-from passes.local_heads import FeatureLayout, localize_shapes
-from passes.pair_megatron import (HeadDropout, HeadNarrow, Pairing, attention_dropout_p, is_attention_op,
+from tpfx.passes.column_shard import insert_collectives, shard_site_modules
+from tpfx.passes.find_sites import Site, find_sites
+from tpfx.passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
+from tpfx.passes.local_heads import FeatureLayout, localize_shapes
+from tpfx.passes.pair_megatron import (HeadDropout, HeadNarrow, Pairing, attention_dropout_p, is_attention_op,
                                   pair_sites)
 from tpfx.collectives import copy_to_tp, reduce_from_tp
 from tpfx.errors import ShardingError

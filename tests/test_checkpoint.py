@@ -422,7 +422,7 @@ def test_hugging_face_gpt2_meta_build_loads_and_round_trips_to_tp4(world4):
 
 
 def test_meta_device_constants_are_retargeted_to_the_inputs_device():
-    from passes.meta_device import device_of_inputs, find_meta_device_constants, retarget_meta_device
+    from tpfx.passes.meta_device import device_of_inputs, find_meta_device_constants, retarget_meta_device
 
     graph = torch.fx.Graph()
     size = graph.placeholder("size")
@@ -440,7 +440,7 @@ def test_meta_device_constants_are_retargeted_to_the_inputs_device():
 
 def test_meta_device_constants_in_nested_graphs_are_retargeted_and_recompiled():
     """torch.export puts the ops under autocast or no_grad in submodule graphs: those are fixed too."""
-    from passes.meta_device import retarget_meta_device
+    from tpfx.passes.meta_device import retarget_meta_device
 
     inner = torch.fx.Graph()
     size = inner.placeholder("size")

@@ -8,8 +8,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from examples.gpt import GPTModel, small_config
-from passes.column_shard import column_shard
-from passes.find_sites import find_sites
+from tpfx.passes.column_shard import column_shard
+from tpfx.passes.find_sites import find_sites
 from tpfx.capture import capture
 from tpfx.collectives import copy_to_tp, gather_from_tp
 from tpfx.errors import ShardingError

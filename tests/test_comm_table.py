@@ -4,7 +4,7 @@ One spawn of 2 gloo ranks runs several programs (the example GPT, a user model i
 separate q/k/v and a gated FFN, the Megatron mode and the torch.export capture when
 ``parallelize`` offers them), counts the bytes at every collective with
 :func:`tpfx.collectives.add_observer`, forward and backward apart, and compares them with
-:func:`passes.comm_table.comm_table` and with ``tpfx dump --format json``.
+:func:`tpfx.passes.comm_table.comm_table` and with ``tpfx dump --format json``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import tpfx
-from passes.comm_table import RULES, CommTableError, comm_table, ring_traffic
+from tpfx.passes.comm_table import RULES, CommTableError, comm_table, ring_traffic
 from tests.multiprocess import run_ranks
 from tests.test_cli import GPT, tpfx_command, write_models
 from tpfx import collectives

@@ -9,7 +9,7 @@ import pytest
 
 import tpfx
 from examples.gpt import GPTModel, small_config
-from passes.draw import COLLECTIVE_COLOUR, SHARD_COLOUR, DrawError, to_dot, to_svg
+from tpfx.passes.draw import COLLECTIVE_COLOUR, SHARD_COLOUR, DrawError, to_dot, to_svg
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from examples.gpt import GPTModel, small_config
-from passes.find_sites import Site, find_sites
+from tpfx.passes.find_sites import Site, find_sites
 from tpfx.capture import capture
 
 

@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from passes.column_shard import column_shard
-from passes.find_sites import Site, find_sites
-from passes.graph_view import LINEAR, MATMUL, to_networkx
+from tpfx.passes.column_shard import column_shard
+from tpfx.passes.find_sites import Site, find_sites
+from tpfx.passes.graph_view import LINEAR, MATMUL, to_networkx
 from tpfx.collectives import copy_to_tp, gather_from_tp
 from tpfx.export_capture import export_capture
 

@@ -19,10 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from examples.gpt import GPTModel, small_config
-from passes.find_sites import find_sites
-from passes.local_heads import FeatureLayout, ShapeEdit, localize_shapes
-from passes.pair_megatron import Pairing, pair_sites
-from passes.row_shard import shard_pair_modules
+from tpfx.passes.find_sites import find_sites
+from tpfx.passes.local_heads import FeatureLayout, ShapeEdit, localize_shapes
+from tpfx.passes.pair_megatron import Pairing, pair_sites
+from tpfx.passes.row_shard import shard_pair_modules
 from tpfx.capture import capture
 from tpfx.errors import ShardingError
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 import tpfx
 from examples.gpt import GPTModel, small_config
-from passes.comm_table import comm_table
+from tpfx.passes.comm_table import comm_table
 from tests.multiprocess import run_ranks
 from tests.parity import grad_diffs, max_diff
 from tests.test_local_heads import WIDTH, DropoutInside, FusedLastDim, Grouped, HeadMixing, Interleaved

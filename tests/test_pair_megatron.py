@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 import tpfx
 from examples.gpt import GPTModel, small_config
-from passes.find_sites import find_sites
-from passes.pair_megatron import HeadDropout, Pair, pair_sites
-from passes.row_shard import megatron_shard
+from tpfx.passes.find_sites import find_sites
+from tpfx.passes.pair_megatron import HeadDropout, Pair, pair_sites
+from tpfx.passes.row_shard import megatron_shard
 from tpfx.capture import CallForm, capture
 from tpfx.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
 from tpfx.rank_parts import rank_part

@@ -11,11 +11,11 @@ from typing import Literal
 import torch.distributed as dist
 import torch.nn as nn
 
-from passes.column_shard import insert_collectives, shard_site_modules
-from passes.find_sites import find_sites, require_divisible
-from passes.meta_device import device_of_inputs, retarget_meta_device
-from passes.pair_megatron import pair_sites
-from passes.row_shard import rewrite_other_form, rewrite_pair_graph, shard_pair_modules
+from tpfx.passes.column_shard import insert_collectives, shard_site_modules
+from tpfx.passes.find_sites import find_sites, require_divisible
+from tpfx.passes.meta_device import device_of_inputs, retarget_meta_device
+from tpfx.passes.pair_megatron import pair_sites
+from tpfx.passes.row_shard import rewrite_other_form, rewrite_pair_graph, shard_pair_modules
 from tpfx.capture import forward_signature
 from tpfx.collectives import bind_group, group_key
 from tpfx.errors import ConfigError

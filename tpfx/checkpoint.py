@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from passes.row_shard import pair_parameter_specs
+from tpfx.passes.row_shard import pair_parameter_specs
 from tpfx.collectives import _group as bound_group  # the process group behind a program's group key
 from tpfx.errors import ConfigError, LoadError, first_line
 from tpfx.layers import ShardSpec, shard_range

@@ -21,8 +21,8 @@ import typing
 from collections.abc import Callable, Sequence
 
 import tpfx
-from passes.comm_table import comm_table
-from passes.draw import to_dot, to_svg
+from tpfx.passes.comm_table import comm_table
+from tpfx.passes.draw import to_dot, to_svg
 from tpfx.errors import TpfxError, one_line
 from tpfx.launch import RankFailure
 from tpfx.targets import Target, load_target, parallelize_target

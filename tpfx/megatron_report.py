@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 import torch.nn as nn
 
-from passes.pair_megatron import Fallback, Pair, Pairing
+from tpfx.passes.pair_megatron import Fallback, Pair, Pairing
 from tpfx.report import Report, _collectives_by_module, parameter_bytes, role_reason
 
 

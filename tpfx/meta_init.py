@@ -14,7 +14,7 @@ runs normally and only parameters are moved to meta as they are registered::
 
 The same holds for models captured with torch.export (Hugging Face models): build them inside the
 block, then ``tpfx.parallelize(model, tp=2, example_inputs=...)``; the device constants that export
-records from meta weights are turned into the example inputs' device (:mod:`passes.meta_device`).
+records from meta weights are turned into the example inputs' device (:mod:`tpfx.passes.meta_device`).
 
 Each parameter is still created on the CPU first (``nn.Parameter(torch.empty(...))``) and moved at
 once, so at most one parameter exists for real at a time, and ``torch.empty`` touches no pages.

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch.fx as fx
 import torch.nn as nn
 
-from passes.find_sites import Replicated, Site
-from passes.graph_view import functional_linear, parameter_shapes
+from tpfx.passes.find_sites import Replicated, Site
+from tpfx.passes.graph_view import functional_linear, parameter_shapes
 from tpfx.capture import CallForm
 from tpfx.collectives import COLLECTIVES
 
