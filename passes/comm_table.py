@@ -32,8 +32,8 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tpfx.collectives import COLLECTIVES
+from tpfx.passes.ops import CollectiveRule, collective_rules
 from tpfx.errors import TpfxError, one_line
-from tpfx.program import TensorParallelModule
 from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part
 
 
@@ -41,22 +41,8 @@ class CommTableError(TpfxError):
     """The communication of a graph cannot be worked out (unknown collective, shapes that cannot propagate)."""
 
 
-@dataclass(frozen=True)
-class CollectiveRule:
-    """What one collective function communicates: the op in each direction, and its output width."""
-
-    forward: str | None  # "all_gather", "all_reduce", "reduce_scatter" or None (no communication)
-    backward: str | None
-    gathers_last_dim: bool = False  # the forward output is tp times wider on the last dim
-
-
-# one line per collective of tpfx.collectives.COLLECTIVES: copy_to_tp (identity / all-reduce),
-# gather_from_tp (all-gather / own slice), reduce_from_tp (all-reduce / identity)
-RULES: dict[str, CollectiveRule] = {
-    "copy_to_tp": CollectiveRule(forward=None, backward="all_reduce"),
-    "gather_from_tp": CollectiveRule(forward="all_gather", backward=None, gathers_last_dim=True),
-    "reduce_from_tp": CollectiveRule(forward="all_reduce", backward=None),
-}
+# what each tpfx collective sends, by its name in the graph: read from the op registry (tpfx.passes.ops)
+RULES: dict[str, CollectiveRule] = {rule.name: rule.collective for rule in collective_rules().values()}
 
 
 def ring_traffic(op: str, tensor_bytes: int, tp: int) -> Fraction:
@@ -115,8 +101,9 @@ def _row_dict(row: CommRow) -> dict[str, Any]:
 
 def graph_module_for_call(program: fx.GraphModule, inputs: dict[str, object]) -> fx.GraphModule:
     """The GraphModule that ``program(**inputs)`` runs: for a TensorParallelModule, the graph of that call form."""
-    # TensorParallelModule traces and rewrites each call form on first use; ask it for that graph
-    return program.module_for_call(**inputs) if isinstance(program, TensorParallelModule) else program
+    # a TensorParallelModule traces and rewrites each call form on first use; ask it for that graph
+    module_for_call = getattr(program, "module_for_call", None)
+    return module_for_call(**inputs) if module_for_call is not None else program
 
 
 def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -> CommTable:
@@ -136,8 +123,8 @@ def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -
     gm = graph_module_for_call(program, inputs)
     unknown = {COLLECTIVES[n.target] for n in _collective_nodes(gm)} - RULES.keys()
     if unknown:
-        raise CommTableError(f"collective(s) {sorted(unknown)} have no rule in passes/comm_table.py RULES; "
-                             "add one line per collective saying what it sends forward and backward")
+        raise CommTableError(f"collective(s) {sorted(unknown)} have no rule in the op registry (passes/ops.py); "
+                             "register each with a CollectiveRule saying what it sends forward and backward")
     seen = _FakeRun(gm, tp).seen(inputs)
     report = getattr(program, "tpfx_report", None)
     sites = frozenset(s.module_path for s in report.sites) if report is not None else frozenset()

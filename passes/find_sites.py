@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import networkx as nx
 import torch.fx as fx
 
-from tpfx.passes.graph_view import (ACTIVATION, ATTENTION, DROPOUT, ELEMENTWISE, LINEAR, MATMUL, SHAPE, SOFTMAX,
+from tpfx.passes.graph_view import (ACTIVATION, ATTENTION, DROPOUT, ELEMENTWISE, LINEAR, MATMUL, OTHER, SHAPE, SOFTMAX,
                                feeds_linear_input, flow_region, leading_to, reach_through, to_networkx)
 from tpfx.errors import ShardingError
 
@@ -328,7 +328,7 @@ def _describe(view: nx.DiGraph, name: str) -> str:
         return "dropout -> " + ", ".join(sorted(_describe(view, c) for c in view.successors(name))) or "dropout"
     target = data["fx"].target
     label = getattr(target, "__name__", str(target))
-    return f"{data['kind'] if data['kind'] != 'other' else 'op'} '{label}'"
+    return f"{data['kind'] if data['kind'] is not OTHER else 'op'} '{label}'"
 
 
 def _tied_parameters(gm: fx.GraphModule) -> dict[str, str]:

@@ -24,65 +24,19 @@ through a transpose::
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import networkx as nx
-import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
-from tpfx.layers import ColumnParallelLinear
+from tpfx.passes.ops import Kind, rule_of
 
-LINEAR, SHAPE, MATMUL, SOFTMAX, ATTENTION, ACTIVATION, ELEMENTWISE, DROPOUT, META, OTHER = (
-    "linear", "shape", "matmul", "softmax", "attention", "activation", "elementwise", "dropout", "meta", "other")
-
-# ops that move or index data without computing on it: q, k and v reach attention through these
-_SHAPE_METHODS = {"view", "reshape", "permute", "transpose", "t", "contiguous", "split", "chunk", "unbind",
-                  "squeeze", "unsqueeze", "flatten", "unflatten", "expand", "narrow", "select", "movedim",
-                  "swapaxes", "view_as", "reshape_as"}
-_SHAPE_FUNCTIONS = {operator.getitem, torch.reshape, torch.permute, torch.transpose, torch.flatten, torch.split,
-                    torch.chunk, torch.unbind, torch.squeeze, torch.unsqueeze, torch.narrow, torch.select,
-                    torch.movedim, torch.swapaxes, torch.t}
-_MATMULS = {operator.matmul, torch.matmul, torch.bmm, "matmul", "bmm", "__matmul__"}
-_SOFTMAXES = {F.softmax, torch.softmax, "softmax"}
-_ATTENTIONS = {F.scaled_dot_product_attention}
-_ACTIVATION_FUNCTIONS = {F.gelu, F.relu, F.silu, F.mish, torch.relu, torch.tanh, "relu", "gelu", "tanh"}
-_ACTIVATION_MODULES = (nn.GELU, nn.ReLU, nn.SiLU, nn.Mish, nn.Tanh)
-_ELEMENTWISE = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul,
-                "add", "mul", "sub", "div", "__add__", "__mul__"}
-_DROPOUT_FUNCTIONS = {F.dropout}
-_META_METHODS = {"size", "dim"}  # return Python values, not tensors
-
-# The ATen spelling of the same kinds (export graphs), keyed by overload packet: aten.view, not aten.view.default.
-aten = torch.ops.aten
-_SHAPE_FUNCTIONS |= {aten.view, aten.reshape, aten._unsafe_view, aten.permute, aten.transpose, aten.t,
-                     aten.contiguous, aten.clone, aten.alias, aten.split, aten.split_with_sizes, aten.chunk,
-                     aten.unbind, aten.squeeze, aten.unsqueeze, aten.flatten, aten.unflatten, aten.expand,
-                     aten.narrow, aten.select, aten.slice, aten.movedim, aten.cat, aten.to, aten._to_copy,
-                     aten.type_as, torch.cat}  # casts keep values; cat joins pieces of one tensor (rotary halves)
-_MATMULS |= {aten.matmul, aten.bmm, aten.mm}
-_SOFTMAXES |= {aten.softmax, aten._softmax, aten._safe_softmax}
-_ATTENTIONS |= {aten.scaled_dot_product_attention, aten._scaled_dot_product_flash_attention_for_cpu,
-                aten._scaled_dot_product_efficient_attention, aten._scaled_dot_product_flash_attention}
-# pow, tanh and erf let the written-out GELUs (0.5*x*(1+tanh(c*(x+0.044715*x**3))), x*(1+erf(x/√2))/2) count
-_ACTIVATION_FUNCTIONS |= {aten.gelu, aten.relu, aten.silu, aten.mish, aten.tanh, aten.sigmoid, aten.erf,
-                          aten.pow, torch.sigmoid, F.sigmoid, torch.erf, torch.pow, "sigmoid", "pow"}
-_ELEMENTWISE |= {aten.add, aten.mul, aten.sub, aten.div, aten.neg, aten.rsub, aten.where, aten.masked_fill,
-                 torch.neg, torch.where, torch.masked_fill, operator.neg, "neg", "masked_fill", "__truediv__"}
-_DROPOUT_FUNCTIONS |= {aten.dropout, aten.native_dropout}
-_META_FUNCTIONS = {aten.sym_size, aten._assert_tensor_metadata, aten.sym_numel, aten.sym_stride}
-
-# One look-up per node instead of a scan of every table. Method names are strings and function targets
-# are not, so one dict serves both ops; where a target is in two tables the first kind listed wins.
-_KIND_OF_TARGET: dict[object, str] = {}
-for _kind, _table in ((SHAPE, _SHAPE_METHODS | _SHAPE_FUNCTIONS), (MATMUL, _MATMULS), (SOFTMAX, _SOFTMAXES),
-                      (ATTENTION, _ATTENTIONS), (ACTIVATION, _ACTIVATION_FUNCTIONS), (ELEMENTWISE, _ELEMENTWISE),
-                      (DROPOUT, _DROPOUT_FUNCTIONS), (META, _META_METHODS | _META_FUNCTIONS)):
-    for _target in _table:
-        _KIND_OF_TARGET.setdefault(_target, _kind)
+# the kinds, as the finder names them (see tpfx.passes.ops.Kind)
+LINEAR, SHAPE, MATMUL, SOFTMAX, ATTENTION, ACTIVATION, ELEMENTWISE, DROPOUT, NORM, REDUCTION, META, OTHER = (
+    Kind.LINEAR, Kind.SHAPE, Kind.MATMUL, Kind.SOFTMAX, Kind.ATTENTION, Kind.ACTIVATION, Kind.ELEMENTWISE,
+    Kind.DROPOUT, Kind.NORM, Kind.REDUCTION, Kind.META, Kind.OTHER)
 
 
 @dataclass(frozen=True)
@@ -104,19 +58,15 @@ class FunctionalLinear:
         return 0 if self.layout == "out_in" else 1
 
 
-# op -> (data operand, weight operand, bias operand or None, layout of the weight as the op uses it)
-_LINEAR_OPERANDS: dict[object, tuple[int, int, int | None, str]] = {
-    F.linear: (0, 1, 2, "out_in"), aten.linear: (0, 1, 2, "out_in"),
-    torch.addmm: (1, 2, 0, "in_out"), aten.addmm: (1, 2, 0, "in_out"),
-    torch.mm: (0, 1, None, "in_out"), aten.mm: (0, 1, None, "in_out"),
-    torch.matmul: (0, 1, None, "in_out"), aten.matmul: (0, 1, None, "in_out"), operator.matmul: (0, 1, None, "in_out"),
-}
-_TRANSPOSES = {aten.t, aten.transpose, aten.permute, torch.t, torch.transpose, "t", "transpose", "permute"}
-
-
-def _table_key(target: object) -> object:
-    """ATen overloads are looked up by their packet (``aten.view.default`` -> ``aten.view``)."""
-    return getattr(target, "overloadpacket", target)
+def _is_transpose(node: fx.Node) -> bool:
+    """Whether ``node`` swaps the two dims of a 2-D tensor: ``t``, ``transpose``, ``.T``, ``permute(1, 0)``."""
+    rule = rule_of(node, {})
+    if rule is None or rule.kind is not Kind.SHAPE:
+        return False
+    if rule.name == "permute":
+        order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        return [d % 2 for d in order] == [1, 0]
+    return rule.name in ("transpose", "numpy_T", "mT")
 
 
 def _parameter_of(node: object, parameters: dict[str, tuple[int, ...]]) -> tuple[str, bool] | None:
@@ -125,7 +75,7 @@ def _parameter_of(node: object, parameters: dict[str, tuple[int, ...]]) -> tuple
         return None
     if node.op == "get_attr" and node.target in parameters:
         return str(node.target), False
-    if node.op in ("call_function", "call_method") and _table_key(node.target) in _TRANSPOSES and node.args:
+    if node.op in ("call_function", "call_method") and node.args and _is_transpose(node):
         inner = node.args[0]
         if isinstance(inner, fx.Node) and inner.op == "get_attr" and len(parameters.get(inner.target, ())) == 2:
             return str(inner.target), True
@@ -139,10 +89,11 @@ def functional_linear(node: fx.Node, parameters: dict[str, tuple[int, ...]]) -> 
         node: any graph node.
         parameters: qualified name -> shape of the module's parameters (see :func:`parameter_shapes`).
     """
-    operands = _LINEAR_OPERANDS.get(_table_key(node.target)) if node.op == "call_function" else None
-    if operands is None:
+    rule = rule_of(node, {}) if node.op in ("call_function", "call_method") else None
+    if rule is None or rule.linear is None:
         return None
-    data_index, weight_index, bias_index, layout = operands
+    data_index, weight_index, bias_index, layout = (rule.linear.data, rule.linear.weight, rule.linear.bias,
+                                                    rule.linear.layout)
     weight = _parameter_of(node.args[weight_index] if len(node.args) > weight_index else None, parameters)
     if weight is None or len(parameters[weight[0]]) != 2:
         return None
@@ -185,8 +136,12 @@ def parameter_shapes(gm: nn.Module) -> dict[str, tuple[int, ...]]:
 
 
 def op_kind(node: fx.Node, modules: dict[str, nn.Module], *,
-            parameters: dict[str, tuple[int, ...]] | None = None) -> str:
-    """The kind of ``node``: one of the module-level constants (LINEAR, SHAPE, ...).
+            parameters: dict[str, tuple[int, ...]] | None = None) -> Kind:
+    """The :class:`~tpfx.passes.ops.Kind` of ``node``, from the op registry.
+
+    An op that applies a weight is LINEAR only when it is a module linear or its weight is a parameter
+    (given ``parameters``); ``x @ y`` on two activations is a MATMUL, ``F.linear`` on a computed
+    weight is OTHER (tpfx cannot shard a computed weight).
 
     Args:
         node: the node to classify.
@@ -195,21 +150,12 @@ def op_kind(node: fx.Node, modules: dict[str, nn.Module], *,
     """
     if parameters is not None and functional_linear(node, parameters) is not None:
         return LINEAR
-    if node.op == "call_module":
-        module = modules[node.target]
-        if isinstance(module, (nn.Linear, ColumnParallelLinear)):
-            return LINEAR
-        if isinstance(module, _ACTIVATION_MODULES):
-            return ACTIVATION
-        if isinstance(module, nn.Dropout):
-            return DROPOUT
+    rule = rule_of(node, modules)
+    if rule is None:
         return OTHER
-    if node.op not in ("call_function", "call_method"):
-        return OTHER
-    target = _table_key(node.target)
-    if node.op == "call_function" and target is getattr:
-        return META
-    return _KIND_OF_TARGET.get(target, OTHER)
+    if rule.kind is LINEAR and node.op != "call_module":
+        return OTHER  # a linear op on a weight that is not a parameter
+    return rule.kind
 
 
 def tensor_operands(node: fx.Node) -> list[tuple[int | str, fx.Node]]:

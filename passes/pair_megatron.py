@@ -10,11 +10,11 @@ after (records)::
     Pair(kind="attention", columns=(qkv site,), column_layouts=([3, 4*, 32],),
          row_module_path="attn.out_proj", row_layout=([4*, 32]), shape_edits=(view arg 4, view_1 arg 3))
     Pair(kind="ffn", columns=(fc1 site,), column_layouts=([512*],), row_module_path="ffn.fc2", ...)
-    Fallback(sites=(...), reason="op 'foo' is neither elementwise nor head-local (at node ...)")
+    Fallback(sites=(...), reason="op 'foo' has no rule in the op registry; ... (at node ...)")
 
 The sites whose outputs meet (q, k and v at the attention; gate and up at the product) form one
 group; the group's pair partner is the one linear its values reach, found by walking the dataflow
-with :func:`tpfx.passes.local_heads.analyze_feature_flow`. Every op on the way must be elementwise or
+with :func:`tpfx.passes.feature_flow.analyze_feature_flow`. Every op on the way must be elementwise or
 head-local; otherwise, or when no factor of the partner's input can be split across tp, the group
 falls back to column-plus-gather, and the record says why.
 """
@@ -24,15 +24,15 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tpfx.passes.find_sites import Site, SiteFinding
 from tpfx.passes.graph_view import functional_linear, parameter_shapes
-from tpfx.passes.local_heads import (Dim, FeatureFlow, FeatureLayout, LinearCall, LinearOf, ShapeEdit, ShapeUse, Value,
-                                analyze_feature_flow, module_linears)
+from tpfx.passes.factors import Dim, FeatureLayout, ShapeUse, Value
+from tpfx.passes.feature_flow import FeatureFlow, LinearCall, LinearOf, analyze_feature_flow, module_linears
+from tpfx.passes.localize_shapes import ShapeEdit
+from tpfx.passes.ops import Kind, dropout_probability, rule_of
 
 _FFN_ROLES = ("fc1", "up")
 
@@ -229,25 +229,13 @@ def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int,
 
 def _is_dropout(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """A dropout (module, function or ATen op), or an attention that drops its probabilities (dropout_p > 0)."""
-    if node.op == "call_module":
-        return isinstance(modules.get(str(node.target)), nn.Dropout)
-    if is_attention_op(node):
-        return attention_dropout_p(node) != 0
-    return node.op == "call_function" and getattr(node.target, "overloadpacket", node.target) in _DROPOUTS
+    return dropout_probability(node, modules) is not None
 
 
 def is_attention_op(node: fx.Node) -> bool:
-    """Whether ``node`` calls ``scaled_dot_product_attention`` (the function or the ATen op)."""
-    return node.op == "call_function" and getattr(node.target, "overloadpacket", node.target) in _ATTENTIONS
-
-
-def attention_dropout_p(node: fx.Node) -> float:
-    """The dropout_p of a ``scaled_dot_product_attention`` node (0 when not given)."""
-    return node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
-
-
-_DROPOUTS = {F.dropout, torch.dropout, torch.ops.aten.dropout}
-_ATTENTIONS = {F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention}
+    """Whether ``node`` is an attention op the rewrite can draw a rank's dropout for (the op registry's SDPA)."""
+    rule = rule_of(node, {}) if node.op == "call_function" else None
+    return rule is not None and rule.kind is Kind.ATTENTION and rule.dropout is not None
 
 
 def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp: int, index: _GraphIndex) -> Pair:

@@ -10,7 +10,7 @@ after (rank r of tp)::
 
     copy_to_tp = tpfx.collectives.copy_to_tp(x, 'tp:0-1')      # identity fwd / all-reduce bwd
     qkv = self.qkv_proj(copy_to_tp)                            # whole heads of q, k and v: 3d/tp rows
-    ...                                                        # attention over H/tp heads (passes/local_heads.py)
+    ...                                                        # attention over H/tp heads (passes/feature_flow.py, passes/localize_shapes.py)
     out_proj = self.out_proj(out)                              # RowParallelLinear: d/tp input columns, no bias
     reduce_from_tp = tpfx.collectives.reduce_from_tp(out_proj, 'tp:0-1')   # all-reduce fwd / identity bwd
     out_proj_bias = self.out_proj.bias
@@ -34,14 +34,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from tpfx.passes.column_shard import insert_collectives, shard_site_modules
 from tpfx.passes.find_sites import Site, find_sites
 from tpfx.passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
-from tpfx.passes.local_heads import FeatureLayout, localize_shapes
-from tpfx.passes.pair_megatron import (HeadDropout, HeadNarrow, Pairing, attention_dropout_p, is_attention_op,
-                                  pair_sites)
+from tpfx.passes.factors import FeatureLayout
+from tpfx.passes.localize_shapes import localize_shapes
+from tpfx.passes.ops import function_rule, rule_of
+from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, Pairing, is_attention_op, pair_sites
 from tpfx.collectives import copy_to_tp, reduce_from_tp
 from tpfx.errors import ShardingError
 from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, ShardSpec
@@ -187,14 +187,13 @@ def _draw_dropouts_per_rank(gm: fx.GraphModule, nodes: dict[str, fx.Node], dropo
                 mask = rest[0] if rest else node.kwargs.get("attn_mask")
                 causal = rest[2] if len(rest) > 2 else node.kwargs.get("is_causal", False)
                 scale = rest[3] if len(rest) > 3 else node.kwargs.get("scale")
-                drawn = gm.graph.call_function(attention_rank_part,
-                                               (query, key, value, mask, attention_dropout_p(node), causal, scale),
+                p = rule_of(node, {}).dropout.p.read(node)
+                drawn = gm.graph.call_function(attention_rank_part, (query, key, value, mask, p, causal, scale),
                                                {"dim": dropout.dim, "group": group})
             else:  # F.dropout(x, p, training) / aten.dropout(x, p, train): decided when it was traced
-                p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
-                training = node.args[2] if len(node.args) > 2 else node.kwargs.get("training",
-                                                                                   node.kwargs.get("train", True))
-                drawn = gm.graph.call_function(dropout_rank_part, (node.args[0], p, training, dropout.dim, group))
+                arguments = rule_of(node, {}).dropout
+                drawn = gm.graph.call_function(dropout_rank_part, (node.args[0], arguments.p.read(node),
+                                                                   arguments.training.read(node), dropout.dim, group))
         node.replace_all_uses_with(drawn)
         gm.graph.erase_node(node)
         inserted.append(drawn.name)
@@ -252,7 +251,8 @@ def _take_bias(gm: fx.GraphModule, node: fx.Node, functional: FunctionalLinear |
             return gm.graph.get_attr(f"{node.target}.bias")
     if functional.bias is None:
         return None
-    position = _BIAS_POSITION.get(getattr(node.target, "overloadpacket", node.target))
+    rule = function_rule(node.target)
+    position = rule.linear.bias if rule is not None and rule.linear is not None else None
     if position is None or node.kwargs:
         raise ShardingError(f"cannot take the bias out of row-parallel node '{node.name}' ({node.format_node()}); "
                             "only linear and addmm without keyword options are supported")
@@ -262,9 +262,6 @@ def _take_bias(gm: fx.GraphModule, node: fx.Node, functional: FunctionalLinear |
     else:  # linear(x, w, bias) -> linear(x, w)
         node.args = node.args[:position]
     return bias
-
-
-_BIAS_POSITION = {torch.ops.aten.linear: 2, torch.ops.aten.addmm: 0, F.linear: 2, torch.addmm: 0}
 
 
 def megatron_shard(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: int, group: str,

@@ -155,7 +155,7 @@ def test_a_collective_without_a_rule_is_a_clear_error(monkeypatch):
 
 def test_whole_grouped_keys_and_values_narrowed_per_rank_need_no_process_group_to_count():
     """2 key/value heads at tp=4 (megatron): k and v stay whole; their output gradients are all-reduced."""
-    from tests.test_local_heads import Grouped
+    from tests.models import Grouped
 
     program = tpfx.parallelize(Grouped(kv_heads=2), tp=4, rank=2, mode="megatron")
     table = comm_table(program, {"x": torch.zeros(2, 5, 32)}, tp=4)
@@ -168,7 +168,7 @@ def test_whole_grouped_keys_and_values_narrowed_per_rank_need_no_process_group_t
 
 def test_dropouts_that_draw_a_ranks_part_need_no_process_group_to_count():
     """Train-mode megatron program with SDPA dropout_p and F.dropout between the pairs (tpfx.rank_parts ops)."""
-    from tests.test_local_heads import DropoutInside
+    from tests.models import DropoutInside
 
     program = tpfx.parallelize(DropoutInside().train(), tp=2, rank=1, mode="megatron")
     targets = {n.target.__name__ for n in program.graph.nodes if n.op == "call_function"}

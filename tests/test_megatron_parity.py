@@ -1,7 +1,7 @@
 """Megatron mode in real gloo processes (fp32): numbers, collectives and memory.
 
 Two spawns: world 2 (tp=2) and world 4 (tp=4). Each rank checks the example GPT in every call form,
-the attentions of tests/test_local_heads.py (GPT-2 style [Q | K | V], GPT-NeoX style interleaved,
+the attentions of tests/models.py (GPT-2 style [Q | K | V], GPT-NeoX style interleaved,
 LLaMA style grouped-query with a SwiGLU FFN, including fewer key/value heads than tp) and Hugging
 Face GPT-2, LLaMA and GPT-NeoX through torch.export (LLaMA with 2 key/value heads at tp=2, 1 and 2
 at tp=4), checks train mode with dropout between the pairs (the example GPT, and SDPA's dropout_p
@@ -22,7 +22,7 @@ from examples.gpt import GPTModel, small_config
 from tpfx.passes.comm_table import comm_table
 from tests.multiprocess import run_ranks
 from tests.parity import grad_diffs, max_diff
-from tests.test_local_heads import WIDTH, DropoutInside, FusedLastDim, Grouped, HeadMixing, Interleaved
+from tests.models import WIDTH, DropoutInside, FusedLastDim, Grouped, HeadMixing, Interleaved
 from tpfx.collectives import add_observer
 
 HAVE_HF = importlib.util.find_spec("transformers") is not None
@@ -105,7 +105,7 @@ def _block_linear_bytes(gm: nn.Module, reference: nn.Module) -> dict[str, int]:
 
 
 def _layouts(tp: int) -> dict:
-    """Each attention layout of tests/test_local_heads.py against its single-device module."""
+    """Each attention layout of tests/models.py against its single-device module."""
     kv_cases = {2: (2, 1), 4: (4, 1, 2)}[tp]  # 1 and 2 key/value heads are fewer than tp=4
     models = {"qkv-last-dim": FusedLastDim, "interleaved": Interleaved, "head-mixing": HeadMixing}
     models |= {f"grouped kv={kv}": (lambda kv=kv: Grouped(kv_heads=kv)) for kv in kv_cases}

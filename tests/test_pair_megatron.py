@@ -17,7 +17,7 @@ from tpfx.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
 from tpfx.rank_parts import rank_part
 from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear
 
-from tests.test_local_heads import DropoutInside, Grouped
+from tests.models import DropoutInside, Grouped
 
 
 def _pairing(model: nn.Module, tp: int = 2, form: CallForm | None = None):
@@ -118,7 +118,7 @@ class _ScaledFFN(nn.Module):
 
 @pytest.mark.parametrize(("model", "reason"), [
     (_TwoReaders(), "the output of 'fc1' reaches several linears (fc2, fc3), not one"),
-    (_Escapes(), "op 'output' is neither elementwise nor head-local (at node 'output'"),
+    (_Escapes(), "the value leaves the model as an output before it reaches a row-parallel linear"),
     (_ScaledFFN(), "no factor of the input of 'fc2' can be split across tp=2 "
                    "(16: 'mul' combines it with the full-size tensor 'gamma')"),
 ], ids=["two-readers", "escapes", "full-size-operand"])

@@ -1,0 +1,344 @@
+"""Analysis: the feature-flow rule of each op family (see :class:`tpfx.passes.ops.Flow`).
+
+before (an op of the region, its input's dims)::
+
+    scores = q @ k.transpose(-2, -1)        # q: (B, [H], T, [Dh]); k^T: (B, [H], [Dh], T)
+
+after (the rule for Flow.MATMUL)::
+
+    Value(dims=(B, [H], T, T))               # H lined up across q and k; Dh contracted: blocked
+
+Each rule takes the interpreter (:class:`tpfx.passes.feature_flow.FlowInterpreter`, for the values of
+the node's inputs and the shared factor algebra) and the node, and returns the abstract value of the
+node's result, or raises :class:`~tpfx.passes.factors.Unsupported` with the reason. Which rule an op
+gets is the op registry's business (:mod:`tpfx.passes.ops`): a rule here is keyed by the rule
+family, never by an op's name.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch.fx as fx
+
+from tpfx.passes.factors import ONE, Dim, Part, Pieces, ShapeUse, Size, SizeItem, Unsupported, Value
+from tpfx.passes.ops import Flow, rule_of
+
+if TYPE_CHECKING:
+    from tpfx.passes.feature_flow import FlowInterpreter
+
+
+def _unary(interp: FlowInterpreter, node: fx.Node) -> Value:
+    value = interp.value(node.args[0])
+    if value is None:
+        raise Unsupported("only a side operand of this op comes from the region")
+    return value
+
+
+def _broadcast(interp: FlowInterpreter, node: fx.Node) -> Value:
+    operands = [a for a in [*node.args, *node.kwargs.values()] if isinstance(a, fx.Node)]
+    values = [interp.value(a) for a in operands if interp.value(a) is not None]
+    dims, prefix = interp.broadcast(values)
+    for outside in (a for a in operands if interp.value(a) is None):
+        shape = interp.outside_shape(outside)
+        for offset in range(1, min(len(shape or []), len(dims)) + 1):
+            if shape[-offset] != ONE:
+                interp.block(dims[-offset], f"'{node.name}' combines it with the full-size tensor '{outside.name}'")
+    return Value(dims, interp.flow.join(*(v.group for v in values)), prefix)
+
+
+def _view(interp: FlowInterpreter, node: fx.Node) -> Value:
+    value = interp.value(node.args[0])
+    items = interp.size_items(node, 1)
+    dims = _reshape(interp, value, items)
+    interp.flow.shape_uses.append(ShapeUse(node.name, value.group, list(dims), items))
+    return Value(tuple(dims), value.group)
+
+
+def _reshape(interp: FlowInterpreter, value: Value, items: list[SizeItem]) -> list[Dim]:
+    """Match the output sizes against the input's parts (splitting factors where needed)."""
+    parts = [p for dim in value.dims for p in interp.expand(dim) if interp.size_of(p) != ONE]
+    if value.prefix:
+        tail = _take_from_right(interp, parts, [i.size for i in items])
+        leading = items[:len(items) - len(tail)]
+        interp.learn_rank(value, leading)
+        return [(Part(size=item.size or Size(1, (f"-1 of {item.location}",))),) if item.size != ONE else ()
+                for item in leading] + tail
+    total = math.prod((interp.size_of(p) for p in parts), start=ONE)
+    known = math.prod((i.size for i in items if i.size is not None), start=ONE)
+    sizes = [i.size if i.size is not None else total.divide(known) for i in items]
+    if any(size is None for size in sizes):
+        raise Unsupported("-1 in a view does not divide the element count")
+    dims = _take_from_left(interp, parts, sizes)
+    if parts:
+        raise Unsupported("a view does not cover its input")
+    return dims
+
+
+def _take_from_left(interp: FlowInterpreter, parts: list[Part], sizes: list[Size]) -> list[Dim]:
+    dims = []
+    for size in sizes:
+        dim: list[Part] = []
+        need = size
+        while need != ONE:
+            if not parts:
+                raise Unsupported("a view's sizes do not match its input")
+            part = parts.pop(0)
+            rest = need.divide(interp.size_of(part))
+            if rest is not None:
+                dim.append(part)
+                need = rest
+                continue
+            head, tail = _split_part(interp, part, need, outer=True)
+            dim.append(head)
+            parts.insert(0, tail)
+            need = ONE
+        dims.append(tuple(dim))
+    return dims
+
+
+def _split_part(interp: FlowInterpreter, part: Part, need: Size, *, outer: bool) -> tuple[Part, Part]:
+    """Split ``part`` so that one piece has size ``need``: (that piece, the rest); outer or inner piece."""
+    whole = interp.size_of(part)
+    rest = whole.divide(need)
+    if rest is None:
+        raise Unsupported(f"a view splits a dim of size {whole} by {need}")
+    if part.factor is None:  # batch sizes, e.g. the B*T rows of a flattened input: split the product
+        return Part(size=need), Part(size=rest)
+    if not need.is_int:
+        raise Unsupported(f"a view splits a feature dim of size {whole} by {need}")
+    sizes = (need.coeff, rest.coeff) if outer else (rest.coeff, need.coeff)
+    first, second = interp.flow.factors.split(part.factor, sizes)
+    return (Part(first), Part(second)) if outer else (Part(second), Part(first))
+
+
+def _take_from_right(interp: FlowInterpreter, parts: list[Part], sizes: list[Size | None]) -> list[Dim]:
+    """Match trailing output sizes against the feature parts; stop at the first batch-like size."""
+    dims: list[Dim] = []
+    for position in range(len(sizes) - 1, -1, -1):
+        size = sizes[position]
+        if size is None and position > 0:  # -1 between spelled-out sizes: the features that are left
+            dims.insert(0, tuple(parts))
+            parts.clear()
+            continue
+        if not parts or size is None:
+            break
+        dim: list[Part] = []
+        need = size
+        while need != ONE:
+            if not parts:
+                raise Unsupported("a view's sizes do not match its input")
+            part = parts.pop()
+            whole = interp.size_of(part)
+            rest = need.divide(whole)
+            if rest is not None:
+                dim.insert(0, part)
+                need = rest
+                continue
+            inner, outer = _split_part(interp, part, need, outer=False)
+            dim.insert(0, inner)
+            parts.append(outer)
+            need = ONE
+        dims.insert(0, tuple(dim))
+    if parts:
+        raise Unsupported("a view of a tensor of unknown rank does not cover its feature dim")
+    return dims
+
+
+def _permute(interp: FlowInterpreter, node: fx.Node) -> Value:
+    value = interp.value(node.args[0])
+    order = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+    order = [interp.axis(value, i) for i in order]
+    if value.prefix or sorted(order) != list(range(len(value.dims))):
+        raise Unsupported("a permute of a tensor of unknown rank")
+    return Value(tuple(value.dims[i] for i in order), value.group)
+
+
+def _transpose(interp: FlowInterpreter, node: fx.Node) -> Value:
+    value = interp.value(node.args[0])
+    a, b = (interp.axis(value, i) for i in (node.args[1:3] if len(node.args) >= 3 else (-2, -1)))
+    dims = list(value.dims)
+    dims[a], dims[b] = dims[b], dims[a]
+    return Value(tuple(dims), value.group, value.prefix, value.source)
+
+
+def _matmul(interp: FlowInterpreter, node: fx.Node) -> Value:
+    a, b = (interp.value(arg) for arg in node.args[:2])
+    if a is None or b is None or len(a.dims) < 2 or len(b.dims) < 2:
+        raise Unsupported("a matmul with a tensor from outside the region or of rank < 2")
+    interp.align(a.dims[-1], b.dims[-2], reason=f"'{node.name}' contracts it")
+    # heads are batch dims of both operands; a factor of the rows or columns alone is not a head
+    interp.block(a.dims[-2], f"'{node.name}' keeps it out of its batch dims")
+    interp.block(b.dims[-1], f"'{node.name}' keeps it out of its batch dims")
+    batch, prefix = interp.broadcast([Value(a.dims[:-2], a.group, a.prefix), Value(b.dims[:-2], b.group, b.prefix)])
+    return Value(batch + (a.dims[-2], b.dims[-1]), interp.flow.join(a.group, b.group), prefix)
+
+
+def _softmax(interp: FlowInterpreter, node: fx.Node) -> Value:
+    value = interp.value(node.args[0])
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    if not isinstance(dim, int):
+        raise Unsupported("a softmax without an int dim")
+    interp.block(value.dims[interp.axis(value, dim)], f"'{node.name}' normalizes along it")
+    return value
+
+
+def _getitem(interp: FlowInterpreter, node: fx.Node) -> Value:
+    source, index = node.args
+    found = interp.env.get(source.name)
+    if isinstance(found, Pieces):
+        return found.items[index]
+    value = interp.value(source)
+    index = index if isinstance(index, tuple) else (index,)
+    if value.prefix and (Ellipsis not in index or index[0] is not Ellipsis):
+        raise Unsupported("indexing a tensor of unknown rank from the front")
+    dims, out = list(value.dims), []
+    position = len(dims) - sum(1 for i in index if i is not None and i is not Ellipsis) if index[0] is Ellipsis else 0
+    out = dims[:position]
+    for item in (i for i in index if i is not Ellipsis):
+        if item is None:
+            out.append(())
+            continue
+        dim = dims[position]
+        position += 1
+        if isinstance(item, slice) and item == slice(None):
+            out.append(dim)
+        elif isinstance(item, slice):
+            out.append(interp.sliced(dim, item, node))
+        elif isinstance(item, int):
+            interp.block(dim, f"'{node.name}' indexes it")
+        else:
+            raise Unsupported("indexing by a tensor")
+    return Value(tuple(out + dims[position:]), value.group, value.prefix)
+
+
+def _pieces(interp: FlowInterpreter, node: fx.Node) -> Pieces:
+    """split / chunk / unbind along one dim: the outer factor picks the piece, the rest is kept."""
+    name = rule_of(node, interp.modules).name
+    value = interp.value(node.args[0])
+    dim_position = 1 if name == "unbind" else 2
+    dim_arg = node.kwargs.get("dim", node.args[dim_position] if len(node.args) > dim_position else 0)
+    axis = interp.axis(value, dim_arg)
+    dim = value.dims[axis]
+    total = interp.dim_size(dim)
+    if not total.is_int:
+        raise Unsupported(f"'{name}' along a dim of unknown size")
+    if name == "unbind":
+        count, piece_dim = total.coeff, None
+    else:
+        spec = node.kwargs.get("split_size", node.kwargs.get("chunks", node.args[1]))
+        if isinstance(spec, (list, tuple)):
+            if len(set(spec)) != 1:
+                raise Unsupported("a split into unequal pieces")
+            spec = spec[0]
+        if not isinstance(spec, int) or total.coeff % spec:
+            raise Unsupported(f"'{name}' by {spec!r} along a dim of size {total.coeff}")
+        count = spec if name == "chunk" else total.coeff // spec
+    outer, *inner = _take_from_left(interp, list(interp.expand(dim)), [Size(count), Size(total.coeff // count)])
+    interp.block(outer, f"'{node.name}' picks pieces along it")
+    piece_dim = inner[0] if name != "unbind" else None
+    if name == "split":
+        key = 1 if len(node.args) > 1 else "split_size"
+        spec = node.args[1] if key == 1 else node.kwargs[key]
+        listed = isinstance(spec, (list, tuple))
+        items = [interp.size_item(a, (node.name, (key, i) if listed else (key,)))
+                 for i, a in enumerate(spec if listed else [spec])]
+        interp.flow.shape_uses.append(ShapeUse(node.name, value.group, [piece_dim] * len(items), items))
+    dims = [d for i, d in enumerate(value.dims) if i != axis or piece_dim is not None]
+    if piece_dim is not None:
+        dims[axis] = piece_dim
+    item = Value(tuple(dims), value.group, value.prefix, value.source)
+    return Pieces(tuple(item for _ in range(count)), value.group)
+
+
+def _sdpa(interp: FlowInterpreter, node: fx.Node) -> Value:
+    q, k, v = (interp.value(arg) for arg in node.args[:3])
+    if q is None or k is None or v is None or node.kwargs.get("enable_gqa"):
+        raise Unsupported("attention whose q, k or v is not from the region, or grouped by enable_gqa")
+    interp.align(q.dims[-1], k.dims[-1], reason=f"'{node.name}' contracts it")
+    interp.align(k.dims[-2], v.dims[-2])
+    interp.block(v.dims[-1], f"'{node.name}' keeps it out of its batch dims")
+    parts = [Value(x.dims[:-2], x.group, x.prefix) for x in (q, k, v)]
+    batch, prefix = interp.broadcast(parts)
+    mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+    if interp.value(mask) is not None:
+        raise Unsupported("an attention mask computed from the region")
+    shape = interp.outside_shape(mask) if isinstance(mask, fx.Node) else None
+    for offset in range(3, min(len(shape or []), len(batch) + 2) + 1):
+        if shape[-offset] != ONE:
+            interp.block(batch[-(offset - 2)], f"'{node.name}' uses the full-size mask '{mask.name}'")
+    return Value(batch + (q.dims[-2], v.dims[-1]), interp.flow.join(q.group, k.group, v.group), prefix)
+
+
+def _cat(interp: FlowInterpreter, node: fx.Node) -> Value:
+    tensors = node.args[0]
+    values = [interp.value(t) for t in tensors]
+    if any(v is None for v in values):
+        raise Unsupported("a cat with a tensor from outside the region")
+    axis = interp.axis(values[0], node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0))
+    sizes = [interp.dim_size(v.dims[axis]) for v in values]
+    for v in values:
+        interp.block(v.dims[axis], f"'{node.name}' concatenates along it")
+    others = [Value(v.dims[:axis] + ((),) + v.dims[axis + 1:], v.group, v.prefix) for v in values]
+    dims, prefix = interp.broadcast(others)
+    total = Size(sum(s.coeff for s in sizes)) if all(s.is_int for s in sizes) else None
+    dims = dims[:axis] + (interp.fresh(total, node, "concatenates along it"),) + dims[axis + 1:]
+    return Value(dims, interp.flow.join(*(v.group for v in values)), prefix)
+
+
+def _expand(interp: FlowInterpreter, node: fx.Node) -> Value:
+    """``k[:, :, None].expand(b, kv, n_rep, t, d)``: a size-1 dim grows into a new (broadcast) factor."""
+    value = interp.value(node.args[0])
+    items = interp.size_items(node, 1)
+    if value.prefix or len(items) != len(value.dims):
+        raise Unsupported("an expand that adds dims or of unknown rank")
+    dims = []
+    for dim, item in zip(value.dims, items):
+        if item.size is None or interp.dim_size(dim) == item.size:
+            dims.append(dim)
+        elif not dim and item.size.is_int:
+            dims.append((Part(interp.flow.factors.new(item.size.coeff)),))
+        else:
+            raise Unsupported(f"an expand of a dim to {item.size}")
+    interp.flow.shape_uses.append(ShapeUse(node.name, value.group, dims, items))
+    return Value(tuple(dims), value.group)
+
+
+def _slice(interp: FlowInterpreter, node: fx.Node) -> Value:
+    """``aten.slice(x, dim, start, end)``: the whole range is a no-op; a part of a dim keeps it whole."""
+    value = interp.value(node.args[0])
+    dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
+    axis = interp.axis(value, dim)
+    if start in (None, 0) and (end is None or (isinstance(end, int) and end >= 2**62)) and step == 1:
+        return value
+    dims = list(value.dims)
+    dims[axis] = interp.sliced(dims[axis], slice(start, end, step), node)
+    return Value(tuple(dims), value.group, value.prefix, value.source)
+
+
+def _select(interp: FlowInterpreter, node: fx.Node) -> Value:
+    """``aten.select(x, dim, index)``: one index of a dim, which goes away."""
+    value = interp.value(node.args[0])
+    axis = interp.axis(value, node.args[1])
+    interp.block(value.dims[axis], f"'{node.name}' indexes it")
+    return Value(value.dims[:axis] + value.dims[axis + 1:], value.group, value.prefix, value.source)
+
+
+def _unsqueeze(interp: FlowInterpreter, node: fx.Node) -> Value:
+    value = interp.value(node.args[0])
+    index = node.args[1] if len(node.args) > 1 else node.kwargs["dim"]
+    position = len(value.dims) + index + 1 if index < 0 else interp.axis(Value(value.dims + ((),), 0), index)
+    return Value(value.dims[:position] + ((),) + value.dims[position:], value.group, value.prefix, value.source)
+
+
+Rule = Callable[["FlowInterpreter", fx.Node], "Value | Pieces"]
+
+# one rule per flow family of tpfx.passes.ops.Flow (SIZE and IGNORE are the interpreter's own business)
+RULES: dict[Flow, Rule] = {
+    Flow.UNARY: _unary, Flow.BROADCAST: _broadcast, Flow.VIEW: _view, Flow.PERMUTE: _permute,
+    Flow.TRANSPOSE: _transpose, Flow.MATMUL: _matmul, Flow.SOFTMAX: _softmax, Flow.GETITEM: _getitem,
+    Flow.PIECES: _pieces, Flow.SDPA: _sdpa, Flow.CAT: _cat, Flow.EXPAND: _expand, Flow.SLICE: _slice,
+    Flow.SELECT: _select, Flow.UNSQUEEZE: _unsqueeze,
+}
