@@ -45,6 +45,7 @@ import torch.fx as fx
 from tpfx.passes.graph_view import (ACTIVATION, ATTENTION, DROPOUT, ELEMENTWISE, LINEAR, MATMUL, OTHER, SHAPE, SOFTMAX,
                                feeds_linear_input, flow_region, leading_to, reach_through, to_networkx)
 from tpfx.errors import ShardingError
+from tpfx.passes.ops import rule_of
 
 ROLES = ("qkv", "q", "k", "v", "qk", "qv", "kv", "fc1", "up")
 LAYOUTS = ("out_in", "in_out")
@@ -290,7 +291,7 @@ def _backward_within(view: nx.DiGraph, starts: set[str], region: set[str]) -> se
 
 def _multiplies_activation(view: nx.DiGraph, product: str, own_region: set[str]) -> bool:
     """Whether ``product`` multiplies this linear's value by an activation of another linear (a gated FFN)."""
-    if view.nodes[product]["kind"] != ELEMENTWISE or "mul" not in view.nodes[product]["target"]:
+    if view.nodes[product]["kind"] != ELEMENTWISE or _rule_name(view, product) != "mul":
         return False
     frontier = [p for p in view.predecessors(product) if p not in own_region]
     seen = set(frontier)
@@ -304,6 +305,12 @@ def _multiplies_activation(view: nx.DiGraph, product: str, own_region: set[str])
             seen.update(fresh)
             frontier.extend(fresh)
     return False
+
+
+def _rule_name(view: nx.DiGraph, name: str) -> str:
+    """The op registry's name of an elementwise node's op ("add", "mul", ...)."""
+    rule = rule_of(view.nodes[name]["fx"], {})
+    return rule.name if rule is not None else ""
 
 
 def _why_not(view: nx.DiGraph, reached: set[str]) -> str:
@@ -320,7 +327,7 @@ def _describe(view: nx.DiGraph, name: str) -> str:
     data = view.nodes[name]
     if data["op"] == "output":
         return "the model output"
-    if data["kind"] == ELEMENTWISE and "add" in data["target"]:
+    if data["kind"] == ELEMENTWISE and _rule_name(view, name) == "add":
         return "the residual add"
     if data["kind"] == LINEAR:
         return "another linear directly"
