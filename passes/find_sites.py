@@ -45,6 +45,7 @@ import torch.fx as fx
 
 from tpfx.passes.graph_view import (ACTIVATION, ATTENTION, DROPOUT, ELEMENTWISE, LINEAR, MATMUL, SHAPE, SOFTMAX,
                                     feeds_linear_input, flow_region, leading_to, reach_through, to_networkx)
+from tpfx.passes.module_hooks import Placement, hooks_keep_whole
 from tpfx.errors import ShardingError
 
 ROLES = ("qkv", "q", "k", "v", "qk", "qv", "kv", "fc1", "up")
@@ -199,6 +200,7 @@ def find_sites(gm: fx.GraphModule, *, tp: int) -> SiteFinding:
         elif role and (elsewhere := _other_uses(view, linear, reads)):
             role, reason = None, (f"its weight or bias is also read by node {elsewhere}, which is not a linear; "
                                   "sharding would change what that node sees")
+        role, reason = _hook_decision(gm, linear, role, reason)
         if role:
             sites.append(linear.site(role, node.name, tp))
         else:
@@ -214,6 +216,22 @@ def _describe_linear(gm: fx.GraphModule, view: nx.DiGraph, node: fx.Node) -> _Li
     owner = functional.weight.rpartition(".")[0]
     weight = tuple(gm.get_parameter(functional.weight).shape)
     return _Linear(functional.weight, owner, weight, functional.layout, functional.weight, functional.bias or "")
+
+
+def _hook_decision(gm: fx.GraphModule, linear: _Linear, role: str | None, reason: str) -> tuple[str | None, str]:
+    """A site whose module hooks a column shard cannot keep stays whole; a whole linear's reason says
+    when its hooks would also keep it from being a row-parallel partner (megatron mode).
+
+    Export graphs have no module hooks to check: torch.export traces them into the graph.
+    """
+    if linear.weight_name:
+        return role, reason
+    module = gm.get_submodule(linear.module_path)
+    if role and (why := hooks_keep_whole(module, linear.module_path, Placement.COLUMN)):
+        return None, f"kept whole: {why}"
+    if not role and (why := hooks_keep_whole(module, linear.module_path, Placement.ROW)):
+        return None, f"{reason}; nor a row-parallel partner in megatron mode: {why}"
+    return role, reason
 
 
 def _parameter_reads(view: nx.DiGraph) -> dict[str, list[fx.Node]]:
