@@ -23,6 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.errors import CaptureError, ConfigError, one_line
+from tpfx.passes.module_hooks import hooks_lost_in_capture
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,8 @@ def capture(model: nn.Module, form: CallForm | None = None, *, leaf_types: tuple
     """
     form = form or CallForm(training=model.training)
     tracer = _PathTracer(leaf_types)
+    if lost := hooks_lost_in_capture(model, is_leaf=tracer.is_leaf_module):
+        raise CaptureError(f"cannot capture {type(model).__name__} with torch.fx ({form.describe()}): {lost}")
     was_training = model.training
     attributes_before = set(vars(model))
     model.train(form.training)
