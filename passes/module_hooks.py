@@ -250,3 +250,23 @@ def hooks_lost_in_capture(model: nn.Module, *, is_leaf: Callable[[nn.Module, str
                     f"{'torch.export' if is_leaf is None else 'torch.fx'} drops (the captured graph records no "
                     f"module backward hook); remove the hook ({kept})")
     return ""
+
+
+def shared_hook_objects(model: nn.Module) -> dict[int, object]:
+    """A ``copy.deepcopy`` memo under which a copy of ``model`` keeps calling the user's own hook objects.
+
+    A deep copy would copy a hook that holds state (a bound method of a recorder object, a
+    ``functools.partial`` over a list, a callable object), and the program's calls would then go to
+    the copy, never seen by the user. A bound method of one of the model's own modules is left out:
+    the copy's hook is bound to the module's copy, as the copied module tree expects.
+
+    Args:
+        model: the model about to be copied.
+
+    Returns:
+        ``{id(hook): hook}`` for every hook of every module of ``model`` that is not bound to one of them.
+    """
+    own = {id(module) for module in model.modules()}
+    return {id(hook.function): hook.function for module in model.modules()
+            for hook in module_hooks(module, include_global=False)
+            if id(getattr(hook.function, "__self__", None)) not in own}

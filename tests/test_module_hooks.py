@@ -7,6 +7,7 @@ One spawn (tp=2, gloo, fp32) checks the numbers of every hooked model, both mode
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -158,7 +159,8 @@ def test_carry_refuses_a_hook_the_shard_cannot_keep():
 
 
 def test_gather_keeps_a_forward_hooked_linear_whole_and_explains_it():
-    gm = tpfx.parallelize(hooked("forward hook on fc1"), tp=2, rank=0)
+    with pytest.warns(NoSitesWarning, match=r"'block.fc1' \[32, 16\]: kept whole: 'block.fc1' has a forward hook"):
+        gm = tpfx.parallelize(hooked("forward hook on fc1"), tp=2, rank=0)  # its only site
     assert type(gm.block.fc1) is nn.Linear and gm.block.fc1._forward_hooks  # whole, the hook still on it
     reason = _decisions(gm)["block.fc1"]["reason"]
     assert reason.startswith("kept whole: 'block.fc1' has a forward hook 'center', which on a column-parallel "
@@ -204,6 +206,27 @@ def test_megatron_falls_back_when_a_module_between_the_pair_has_a_hook():
     (fallback,) = gm.tpfx_pairing.fallbacks
     assert fallback.reason.startswith("'block.act' (GELU) has a forward hook 'center', which megatron mode would "
                                       "run on this rank's heads or features only")
+
+
+class Recorder:
+    """A hook with state: the output shapes it saw."""
+
+    def __init__(self) -> None:
+        self.shapes: list[tuple[int, ...]] = []
+
+    def record(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        self.shapes.append(tuple(output.shape))
+
+
+def test_a_whole_linear_calls_the_users_own_hook_object():
+    net, recorder, partial_store = Net(), Recorder(), []
+    net.block.fc2.register_forward_hook(recorder.record)
+    net.head.register_forward_hook(functools.partial(lambda store, m, args, out: store.append(out.shape), partial_store))
+    gm = tpfx.parallelize(net, tp=2, rank=0)
+    assert type(gm.block.fc2) is nn.Linear and type(gm.head) is nn.Linear  # the row and the head stay whole
+    gm.block.fc2(torch.randn(3, HIDDEN))  # a whole module runs without a process group
+    gm.head(torch.randn(3, D))
+    assert recorder.shapes == [(3, D)] and partial_store == [torch.Size([3, 4])]  # not a copy of the recorder
 
 
 # ---------------------------------------------------------------- captures that would lose a hook
@@ -253,6 +276,7 @@ def _compare(gm: nn.Module, reference: nn.Module, x: torch.Tensor) -> dict[str, 
 
 
 def _hooked_programs(rank: int, world: int) -> dict:
+    warnings.simplefilter("ignore", NoSitesWarning)  # models whose only site is kept whole (tested above)
     x = torch.randn(2, 5, D, generator=torch.Generator().manual_seed(3))
     results = {}
     for label in HOOKED:
