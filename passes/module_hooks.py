@@ -118,9 +118,14 @@ def module_hooks(module: nn.Module, *, include_global: bool = True) -> list[Modu
     return hooks + _registered(None, vars(torch_module), is_global=True) if include_global else hooks
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
 def _registered(module: nn.Module | None, registry: dict[str, object], *, is_global: bool) -> list[ModuleHook]:
     """The hooks of one registry: a module's ``__dict__``, or torch.nn.modules.module's globals."""
     prefix = "_global" if is_global else ""
+    if not any(registry.get(f"{prefix}{name}") for name in _HOOK_DICTS):
+        return []  # the common case, once per linear and module of a large model: no table built
     table = {name: registry.get(f"{prefix}{name}") or {} for name in (
         "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
         "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")}
