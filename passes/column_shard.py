@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from tpfx.passes.find_sites import Site, require_divisible
 from tpfx.passes.graph_view import applications_of, linear_applications
+from tpfx.passes.module_hooks import Placement, carry_hooks
 from tpfx.collectives import copy_to_tp, gather_from_tp
 from tpfx.errors import ShardingError
 from tpfx.layers import ColumnParallelLinear, shard_range
@@ -69,7 +70,8 @@ def shard_site_modules(gm: fx.GraphModule, sites: tuple[Site, ...], *, tp: int, 
     slices = {name: tensor for site in sites if site.functional
               for name, tensor in _parameter_slices(site, source, tp=tp, rank=rank).items()}
     for path, linear in linears.items():
-        gm.set_submodule(path, ColumnParallelLinear(linear, tp=tp, rank=rank))
+        gm.set_submodule(path, carry_hooks(linear, ColumnParallelLinear(linear, tp=tp, rank=rank), Placement.COLUMN,
+                                           path=path))
     for name, tensor in slices.items():
         owner, _, leaf = name.rpartition(".")
         setattr(gm.get_submodule(owner), leaf, tensor)

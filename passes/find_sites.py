@@ -37,13 +37,15 @@ Rules (each walk is along tensor dataflow in :func:`tpfx.passes.graph_view.to_ne
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import networkx as nx
 import torch.fx as fx
 
 from tpfx.passes.graph_view import (ACTIVATION, ATTENTION, DROPOUT, ELEMENTWISE, LINEAR, MATMUL, OTHER, SHAPE, SOFTMAX,
-                               feeds_linear_input, flow_region, leading_to, reach_through, to_networkx)
+                                    feeds_linear_input, flow_region, leading_to, reach_through, to_networkx)
+from tpfx.passes.module_hooks import Placement, hooks_keep_whole
 from tpfx.errors import ShardingError
 from tpfx.passes.ops import rule_of
 
@@ -178,7 +180,8 @@ def find_sites(gm: fx.GraphModule, *, tp: int) -> SiteFinding:
     operands = {letter: {getattr(a, field) for a in attentions} for letter, field in _OPERAND_FIELDS}
     every_operand = set().union(*operands.values())
     walks = _Walks(operands, leading_to(view, _TO_ATTENTION, every_operand.__contains__),
-                   leading_to(view, _TO_NEXT_LINEAR, lambda name: _feeds_a_linear(view, name)))
+                   leading_to(view, _TO_NEXT_LINEAR, lambda name: _feeds_a_linear(view, name)),
+                   {name: index for index, name in enumerate(view.nodes)})
     tied = _tied_parameters(gm)
     reads = _parameter_reads(view)
     sites: list[Site] = []
@@ -198,6 +201,7 @@ def find_sites(gm: fx.GraphModule, *, tp: int) -> SiteFinding:
         elif role and (elsewhere := _other_uses(view, linear, reads)):
             role, reason = None, (f"its weight or bias is also read by node {elsewhere}, which is not a linear; "
                                   "sharding would change what that node sees")
+        role, reason = _hook_decision(gm, linear, role, reason)
         if role:
             sites.append(linear.site(role, node.name, tp))
         else:
@@ -213,6 +217,22 @@ def _describe_linear(gm: fx.GraphModule, view: nx.DiGraph, node: fx.Node) -> _Li
     owner = functional.weight.rpartition(".")[0]
     weight = tuple(gm.get_parameter(functional.weight).shape)
     return _Linear(functional.weight, owner, weight, functional.layout, functional.weight, functional.bias or "")
+
+
+def _hook_decision(gm: fx.GraphModule, linear: _Linear, role: str | None, reason: str) -> tuple[str | None, str]:
+    """A site whose module hooks a column shard cannot keep stays whole; a whole linear's reason says
+    when its hooks would also keep it from being a row-parallel partner (megatron mode).
+
+    Export graphs have no module hooks to check: torch.export traces them into the graph.
+    """
+    if linear.weight_name:
+        return role, reason
+    module = gm.get_submodule(linear.module_path)
+    if role and (why := hooks_keep_whole(module, linear.module_path, Placement.COLUMN)):
+        return None, f"kept whole: {why}"
+    if not role and (why := hooks_keep_whole(module, linear.module_path, Placement.ROW)):
+        return None, f"{reason}; nor a row-parallel partner in megatron mode: {why}"
+    return role, reason
 
 
 def _parameter_reads(view: nx.DiGraph) -> dict[str, list[fx.Node]]:
@@ -244,6 +264,7 @@ class _Walks:
     operands: dict[str, set[str]]  # "q", "k", "v" -> the attentions' operand nodes of that letter
     to_attention: set[str]  # nodes of _TO_ATTENTION kinds that lead to a q, k or v operand
     to_next_linear: set[str]  # nodes of _TO_NEXT_LINEAR kinds that lead to a linear's data input
+    order: dict[str, int]  # node name -> its position in the graph (for the walk that explains a stop)
 
 
 def _feeds_a_linear(view: nx.DiGraph, name: str) -> bool:
@@ -261,7 +282,7 @@ def _classify_linear(view: nx.DiGraph, name: str, walks: _Walks) -> tuple[str | 
     role = _ffn_role(view, name, walks)
     if role:
         return role, ""
-    return None, _why_not(view, reach_through(view, name, {SHAPE}))
+    return None, _why_not(view, reach_through(view, name, {SHAPE}), _walk_stops(view, name, walks.order))
 
 
 def _ffn_role(view: nx.DiGraph, name: str, walks: _Walks) -> str | None:
@@ -313,14 +334,74 @@ def _rule_name(view: nx.DiGraph, name: str) -> str:
     return rule.name if rule is not None else ""
 
 
-def _why_not(view: nx.DiGraph, reached: set[str]) -> str:
-    stops = sorted({c for p in reached for c in view.successors(p) if c not in reached})
-    uses = sorted({_describe(view, c) for c in stops})
+def _why_not(view: nx.DiGraph, reached: set[str], stops: list[str]) -> str:
+    """The reason of a linear that is no site: what its value feeds (``reached``: it and the shape ops
+    after it) and the ops where the walks stopped (``stops``, from :func:`_walk_stops`)."""
+    uses = sorted({_describe(view, c) for p in reached for c in view.successors(p) if c not in reached})
     feeds = ", ".join(uses) if uses else "nothing"
     only = " only" if len(uses) == 1 else ""
-    where = f"; matching stopped at node{'s' if len(stops) > 1 else ''} {', '.join(stops)}" if stops else ""
+    shown = ", ".join(_op_label(view, name) for name in stops[:_STOPS_SHOWN])
+    more = f" and {len(stops) - _STOPS_SHOWN} more" if len(stops) > _STOPS_SHOWN else ""
+    where = f"; matching stopped at {shown}{more}" if stops else ""
     return (f"feeds {feeds}{only}, not an attention q/k/v operand (through head-local ops) nor an activation "
             f"that reaches another linear{where}")
+
+
+_STOPS_SHOWN = 4
+_WALKED = _TO_ATTENTION | _TO_NEXT_LINEAR
+
+
+def _walk_stops(view: nx.DiGraph, start: str, order: dict[str, int]) -> list[str]:
+    """Where the site walks from ``start`` end, in graph order: the first node on each path of a kind
+    neither walk passes (a norm, ``cumsum``, a matmul, another linear, the output), and each add that
+    joins the value to one not computed from it (a residual add: past it, every op is the stream's).
+
+    Nodes are visited in graph order, so all of a node's operands from the walk are known when it is.
+    """
+    region, stops, seen = {start}, set(), {start}
+    heap = [(order[name], name) for name in view.successors(start)]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        if name in seen:
+            continue
+        seen.add(name)
+        if not _walk_passes(view, name, region):
+            stops.add(name)
+            continue
+        region.add(name)
+        for successor in view.successors(name):
+            if successor not in seen:
+                heapq.heappush(heap, (order[successor], successor))
+    return sorted(stops, key=order.__getitem__)
+
+
+def _walk_passes(view: nx.DiGraph, name: str, region: set[str]) -> bool:
+    """Whether the value of ``region`` flows on through ``name`` (see :func:`_walk_stops`)."""
+    data = view.nodes[name]
+    if data["kind"] not in _WALKED:
+        return False
+    if data["kind"] == SHAPE and not any(0 in view.edges[p, name]["operands"] for p in view.predecessors(name)
+                                         if p in region):
+        return False  # the value is an index or a size argument here, not the data moved
+    joins = [p for p in view.predecessors(name) if p not in region and view.nodes[p]["op"] != "get_attr"]
+    return not (data["kind"] == ELEMENTWISE and "add" in data["target"] and joins)
+
+
+def _op_label(view: nx.DiGraph, name: str) -> str:
+    """``op 'cumsum' (node cumsum_1)``: the op a node runs, by its function, method or module class."""
+    node: fx.Node = view.nodes[name]["fx"]
+    return f"the model output (node {name})" if node.op == "output" else f"op '{_op_name(node)}' (node {name})"
+
+
+def _op_name(node: fx.Node) -> str:
+    """The function's name (an ATen op's without its overload), the method's, or the module's class name."""
+    if node.op == "call_module":
+        return type(node.graph.owning_module.get_submodule(str(node.target))).__name__
+    if node.op == "call_method":
+        return str(node.target)
+    target = getattr(node.target, "overloadpacket", node.target)
+    return getattr(target, "__name__", str(target))
 
 
 def _describe(view: nx.DiGraph, name: str) -> str:
@@ -333,9 +414,7 @@ def _describe(view: nx.DiGraph, name: str) -> str:
         return "another linear directly"
     if data["kind"] == DROPOUT:
         return "dropout -> " + ", ".join(sorted(_describe(view, c) for c in view.successors(name))) or "dropout"
-    target = data["fx"].target
-    label = getattr(target, "__name__", str(target))
-    return f"{data['kind'] if data['kind'] is not OTHER else 'op'} '{label}'"
+    return f"{data['kind'] if data['kind'] is not OTHER else 'op'} '{_op_name(data['fx'])}'"
 
 
 def _tied_parameters(gm: fx.GraphModule) -> dict[str, str]:

@@ -33,6 +33,7 @@ from tpfx.passes.factors import Dim, FeatureLayout, ShapeUse, Value
 from tpfx.passes.feature_flow import FeatureFlow, LinearCall, LinearOf, analyze_feature_flow, module_linears
 from tpfx.passes.localize_shapes import ShapeEdit
 from tpfx.passes.ops import Kind, dropout_probability, rule_of
+from tpfx.passes.module_hooks import hooks_keep_pair_whole
 
 _FFN_ROLES = ("fc1", "up")
 
@@ -185,6 +186,7 @@ class _GraphIndex:
     nodes: dict[str, fx.Node]  # node name -> node, in graph order
     order: dict[str, int]  # node name -> its position in the graph
     dropouts: set[str]  # the dropout nodes (an nn.Dropout module, F.dropout or aten.dropout)
+    modules: dict[str, nn.Module]  # the graph module's named_modules(), for their hooks
 
     @classmethod
     def of(cls, gm: fx.GraphModule, linear_of: LinearOf) -> _GraphIndex:
@@ -200,7 +202,7 @@ class _GraphIndex:
         modules = dict(gm.named_modules())
         dropouts = {node.name for node in gm.graph.nodes if _is_dropout(node, modules)}
         nodes = {node.name: node for node in gm.graph.nodes}
-        return cls(calls, weights, names, nodes, {name: i for i, name in enumerate(nodes)}, dropouts)
+        return cls(calls, weights, names, nodes, {name: i for i, name in enumerate(nodes)}, dropouts, modules)
 
 
 @dataclass
@@ -212,6 +214,7 @@ class _GroupRecords:
     rows: list[tuple[str, str, Dim]] = field(default_factory=list)  # the linears the group's values reach
     shape_uses: list[ShapeUse] = field(default_factory=list)
     dropouts: list[str] = field(default_factory=list)  # the dropout nodes on the group's values, in graph order
+    modules: list[str] = field(default_factory=list)  # the modules called on the group's values (their hooks matter)
 
 
 def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int, _GroupRecords]:
@@ -224,6 +227,9 @@ def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int,
         records[flow.group_of(use.group)].shape_uses.append(use)
     for name in sorted(index.dropouts & flow.values.keys(), key=index.order.__getitem__):
         records[flow.group_of(flow.values[name].group)].dropouts.append(name)
+    for name, value in flow.values.items():
+        if index.nodes[name].op == "call_module":
+            records[flow.group_of(value.group)].modules.append(str(index.nodes[name].target))
     return records
 
 
@@ -242,6 +248,8 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
     if records.poisoned:
         raise _NoPair(records.poisoned[0])
     row_node, row, row_dim = _partner(records, sites, index)
+    if why := hooks_keep_pair_whole(index.modules, "" if row.functional else row.key, records.modules):
+        raise _NoPair(why)
     leaves = _leaf_factors(flow, row_dim, row.key)
     if _product(flow, leaves) != row.in_features:
         raise _NoPair(f"the input of '{row.key}' is not exactly the features of {_paths(sites)}")

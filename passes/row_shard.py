@@ -42,6 +42,7 @@ from tpfx.passes.factors import FeatureLayout
 from tpfx.passes.localize_shapes import localize_shapes
 from tpfx.passes.ops import function_rule, rule_of
 from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, Pairing, is_attention_op, pair_sites
+from tpfx.passes.module_hooks import Placement, carry_hooks
 from tpfx.collectives import copy_to_tp, reduce_from_tp
 from tpfx.errors import ShardingError
 from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, ShardSpec
@@ -57,13 +58,15 @@ class PairShardResult:
     localized_nodes: tuple[str, ...]
 
 
-def _column_module(linear: nn.Linear, layout: FeatureLayout, *, tp: int, rank: int) -> nn.Module:
+def _column_module(linear: nn.Linear, layout: FeatureLayout, *, tp: int, rank: int, path: str) -> nn.Module:
     if layout.shard_axis is None:
-        return copy.deepcopy(linear)  # whole on every rank (grouped-query k/v with fewer heads than tp)
+        return copy.deepcopy(linear)  # whole on every rank (grouped-query k/v with fewer heads than tp), hooks and all
     ranges = layout.ranges(tp, rank)
     if len(ranges) == 1 and layout.shard_axis == 0:
-        return ColumnParallelLinear(linear, tp=tp, rank=rank)
-    return BlockColumnParallelLinear(linear, spec=ShardSpec(0, layout.size, ranges), tp=tp, rank=rank)
+        shard = ColumnParallelLinear(linear, tp=tp, rank=rank)
+    else:
+        shard = BlockColumnParallelLinear(linear, spec=ShardSpec(0, layout.size, ranges), tp=tp, rank=rank)
+    return carry_hooks(linear, shard, Placement.COLUMN, path=path)
 
 
 def pair_parameter_specs(pairing: Pairing, *, tp: int, rank: int) -> dict[str, ShardSpec | None]:
@@ -117,11 +120,12 @@ def shard_pair_modules(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: i
         for site, layout in zip(pair.columns, pair.column_layouts):
             if not site.functional:
                 replacements[site.module_path] = _column_module(source.get_submodule(site.module_path), layout,
-                                                                tp=tp, rank=rank)
+                                                                tp=tp, rank=rank, path=site.module_path)
         if not pair.row_weight_name:
             row = source.get_submodule(pair.row_module_path)
             spec = ShardSpec(1, pair.row_layout.size, pair.row_layout.ranges(tp, rank))
-            replacements[pair.row_module_path] = RowParallelLinear(row, spec=spec, tp=tp, rank=rank)
+            replacements[pair.row_module_path] = carry_hooks(row, RowParallelLinear(row, spec=spec, tp=tp, rank=rank),
+                                                             Placement.ROW, path=pair.row_module_path)
     shard_site_modules(gm, pairing.fallback_sites, tp=tp, rank=rank, source=source)
     for path, module in replacements.items():
         gm.set_submodule(path, module)

@@ -21,6 +21,7 @@ from tpfx.collectives import bind_group, group_key
 from tpfx.errors import ConfigError
 from tpfx.export_capture import ExampleInputs, capture_for_parallelize
 from tpfx.megatron_report import megatron_report
+from tpfx.no_sites import warn_if_no_sites
 from tpfx.program import TensorParallelModule, adopt_missing, take_weights
 from tpfx.report import build_report
 
@@ -155,6 +156,7 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     # a model built with parameters on meta was traced on meta: its device constants must say the inputs' device
     retarget_meta_device(gm, device=device_of_inputs(example_inputs))
     finding = find_sites(gm, tp=layout.tp)
+    warn_if_no_sites(type(model).__name__, finding, tp=layout.tp, stacklevel=3)  # 3: parallelize's caller
     pairing = pair_sites(gm, finding, tp=layout.tp) if mode == "megatron" else None
     require_divisible(finding.sites if pairing is None else pairing.fallback_sites, layout.tp)
     if pairing is None:

@@ -31,6 +31,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from tpfx.capture import CallForm, call_form_of, capture, forward_signature, weightless_copy
 from tpfx.errors import CaptureError, ConfigError, one_line
+from tpfx.passes.module_hooks import hooks_lost_in_capture
 from tpfx.program import TensorParallelModule, device_of_call, graph_attributes
 
 TRACERS = ("auto", "fx", "export")
@@ -130,6 +131,8 @@ def export_capture(model: nn.Module, example_inputs: ExampleInputs) -> Exported:
     # into one graph input, and the program would then ignore the second one
     example = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in call.items()}
     form = export_form(call, training=model.training)
+    if lost := hooks_lost_in_capture(model, is_leaf=None):
+        raise CaptureError(f"cannot capture {type(model).__name__} with torch.export ({form.describe()}): {lost}")
     try:
         program = torch.export.export(model, (), example, dynamic_shapes=_dynamic_shapes(example), strict=False)
     except Exception as error:  # export raises many types; each becomes one line naming the model
