@@ -31,7 +31,7 @@ import torch.fx as fx
 from tpfx.errors import ShardingError
 from tpfx.layers import ShardSpec, shard_range
 from tpfx.passes.find_sites import ROLES, Replicated, Site, SiteFinding, require_divisible
-from tpfx.passes.graph_view import functional_linear, parameter_shapes
+from tpfx.passes.graph_view import functional_linear
 from tpfx.passes.pair_megatron import Pair, Pairing
 
 ROW = "row"  # the role of a row-parallel partner's parameters (megatron mode)
@@ -211,9 +211,10 @@ def gather_plan(gm: fx.GraphModule, finding: SiteFinding, *, tp: int, rank: int)
         ShardingError: tp does not divide a site's out_features.
     """
     require_divisible(finding.sites, tp)
-    shapes = parameter_shapes(gm)
-    decided = {name: entry for site in finding.sites for name, entry in _column_entries(site, shapes, tp, rank).items()}
-    return _complete(gm, Mode.GATHER, decided, finding, None, tp=tp, rank=rank)
+    parameters = _Parameters.of(gm)
+    decided = {name: entry for site in finding.sites
+               for name, entry in _column_entries(site, parameters.shapes, tp, rank).items()}
+    return _complete(gm, parameters, Mode.GATHER, decided, finding, None, tp=tp, rank=rank)
 
 
 def megatron_plan(gm: fx.GraphModule, finding: SiteFinding, pairing: Pairing, *, tp: int, rank: int) -> Plan:
@@ -232,13 +233,13 @@ def megatron_plan(gm: fx.GraphModule, finding: SiteFinding, pairing: Pairing, *,
         ShardingError: tp does not divide the out_features of a site that falls back to column + gather.
     """
     require_divisible(pairing.fallback_sites, tp)
-    shapes = parameter_shapes(gm)
+    parameters = _Parameters.of(gm)
     decided: dict[str, ParameterPlan] = {}
     for site in pairing.fallback_sites:
-        decided |= _column_entries(site, shapes, tp, rank)
+        decided |= _column_entries(site, parameters.shapes, tp, rank)
     for pair in pairing.pairs:
-        decided |= _pair_entries(pair, shapes, tp, rank)
-    return _complete(gm, Mode.MEGATRON, decided, finding, pairing, tp=tp, rank=rank)
+        decided |= _pair_entries(pair, parameters.shapes, tp, rank)
+    return _complete(gm, parameters, Mode.MEGATRON, decided, finding, pairing, tp=tp, rank=rank)
 
 
 def _linear_entries(names: tuple[str, str], shapes: dict[str, tuple[int, ...]], *, role: str, layer: bool,
@@ -300,23 +301,36 @@ def _pair_entries(pair: Pair, shapes: dict[str, tuple[int, ...]], tp: int, rank:
 
 # ------------------------------------------------------------------------------- every other parameter
 
-def _complete(gm: fx.GraphModule, mode: Mode, decided: dict[str, ParameterPlan], finding: SiteFinding,
-              pairing: Pairing | None, *, tp: int, rank: int) -> Plan:
+@dataclass(frozen=True)
+class _Parameters:
+    """The program's parameters, read once: every qualified name's shape, and each tensor's names."""
+
+    shapes: dict[str, tuple[int, ...]]  # every name, a tied tensor under each, in the program's order
+    names_of: dict[int, list[str]]  # id(tensor) -> its names
+    ident: dict[str, int]  # name -> id(tensor)
+
+    @classmethod
+    def of(cls, gm: fx.GraphModule) -> _Parameters:
+        shapes, names_of, ident = {}, {}, {}
+        for name, parameter in gm.named_parameters(remove_duplicate=False):
+            shapes[name] = tuple(parameter.shape)
+            names_of.setdefault(id(parameter), []).append(name)
+            ident[name] = id(parameter)
+        return cls(shapes, names_of, ident)
+
+
+def _complete(gm: fx.GraphModule, parameters: _Parameters, mode: Mode, decided: dict[str, ParameterPlan],
+              finding: SiteFinding, pairing: Pairing | None, *, tp: int, rank: int) -> Plan:
     """The plan of every parameter of ``gm``: ``decided`` ones as they are, the others replicated with
     the fact that decided it (the finder's reason for a linear left whole, else what reads it)."""
-    names_of: dict[int, list[str]] = {}
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name, parameter in gm.named_parameters(remove_duplicate=False):
-        names_of.setdefault(id(parameter), []).append(name)
-        shapes[name] = tuple(parameter.shape)
-    whole = _replicated_linear_reasons(gm, finding.replicated, shapes)
-    readers = _first_readers(gm, shapes)
+    whole = _replicated_linear_reasons(gm, finding.replicated, parameters.shapes)
+    readers = _first_readers(gm, parameters)
     entries: dict[str, ParameterPlan] = {}
-    for ident, names in names_of.items():
-        entries |= _tensor_entries(names, shapes, decided, whole, readers.get(ident, ""))
-    tied = tuple(tuple(names) for names in names_of.values() if len(names) > 1)
-    return Plan(mode, tp, rank, {name: entries[name] for name in shapes}, finding.sites, finding.replicated,
-                pairing, tied)
+    for ident, names in parameters.names_of.items():
+        entries |= _tensor_entries(names, parameters.shapes, decided, whole, readers.get(ident, ""))
+    tied = tuple(tuple(names) for names in parameters.names_of.values() if len(names) > 1)
+    return Plan(mode, tp, rank, {name: entries[name] for name in parameters.shapes}, finding.sites,
+                finding.replicated, pairing, tied)
 
 
 def _tensor_entries(names: list[str], shapes: dict[str, tuple[int, ...]], decided: dict[str, ParameterPlan],
@@ -367,17 +381,17 @@ def _replicated_linear_reasons(gm: fx.GraphModule, replicated: tuple[Replicated,
     return reasons
 
 
-def _first_readers(gm: fx.GraphModule, shapes: dict[str, tuple[int, ...]]) -> dict[int, str]:
+def _first_readers(gm: fx.GraphModule, parameters: _Parameters) -> dict[int, str]:
     """id(parameter) -> what reads it first in graph order: a module call, or the op using a get_attr."""
-    modules = dict(gm.named_modules())
     readers: dict[int, str] = {}
+    modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         if node.op == "call_module":
             module = modules[str(node.target)]
             for parameter in module.parameters():
                 readers.setdefault(id(parameter), f"module '{node.target}' ({type(module).__name__})")
-        elif node.op == "get_attr" and node.target in shapes and node.users:  # export may leave an unused read
+        elif node.op == "get_attr" and node.target in parameters.ident and node.users:  # export may leave an unused read
             user = next(iter(node.users))
             op = getattr(user.target, "__name__", str(user.target))
-            readers.setdefault(id(gm.get_parameter(str(node.target))), f"node '{user.name}' ({op})")
+            readers.setdefault(parameters.ident[str(node.target)], f"node '{user.name}' ({op})")
     return readers

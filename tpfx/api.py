@@ -140,7 +140,8 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
 
     The attention QKV projections and FFN first linears are found by graph structure and
     column-sharded (each rank holds out_features / tp rows), with an all-gather after each. The
-    caller's model is not changed. ``gm.tpfx_report`` describes what was done.
+    caller's model is not changed. ``gm.tpfx_plan`` says what every parameter holds (its shard spec,
+    or why it stays whole); ``gm.tpfx_report`` describes what was done.
 
     Args:
         model: the unmodified single-device model, with the same weights on every rank.

@@ -104,8 +104,9 @@ def build_report(gm: fx.GraphModule, model: nn.Module, *, plan: Plan, group: str
     """
     collectives = tuple((n.name, COLLECTIVES[n.target]) for n in gm.graph.nodes
                         if n.op == "call_function" and n.target in COLLECTIVES)
-    parameters = parameter_shapes(gm)
-    sizes = {name: p.element_size() for name, p in gm.named_parameters(remove_duplicate=False)}
+    parameters, sizes = {}, {}  # one walk of the module tree: it is long at 96 layers
+    for name, parameter in gm.named_parameters(remove_duplicate=False):
+        parameters[name], sizes[name] = tuple(parameter.shape), parameter.element_size()
     linears_single, linears_rank = plan.linear_bytes(sizes)
     return Report(
         model_name=type(model).__name__, tp=plan.tp, rank=plan.rank, group=group, call_form=call_form,
