@@ -138,6 +138,11 @@ class Plan:
                 raise ValueError(f"tied parameters {list(names)} are one tensor but have different specs")
         object.__setattr__(self, "parameters", MappingProxyType(dict(self.parameters)))
 
+    def __reduce__(self) -> tuple:
+        # a mappingproxy neither pickles nor deep-copies: rebuild the plan from a plain dict
+        return type(self), (self.mode, self.tp, self.rank, dict(self.parameters), self.sites, self.replicated,
+                            self.pairing, self.tied)
+
     @property
     def gathered(self) -> tuple[Site, ...]:
         """The column sites followed by an all-gather: every site (gather), the fallbacks (megatron)."""

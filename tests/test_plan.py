@@ -8,6 +8,7 @@ the report's shard shape of every site and row linear is the shape the rank hold
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -93,6 +94,7 @@ def test_megatron_plan_of_the_gpt_pairs_whole_heads_with_row_linears():
     assert type(gm.get_submodule("blocks.0.ffn.fc1")) is ColumnParallelLinear
     assert isinstance(gm.get_submodule("blocks.0.attn.out_proj"), RowParallelLinear)
     assert tpfx.parameter_shard_specs(gm) == plan.shard_specs()
+    assert pickle.loads(pickle.dumps(plan)) == plan == copy.deepcopy(plan)  # data: it travels and copies
     assert set(plan.shard_specs()) == {f"blocks.{i}.{name}" for i in (0, 1) for name in (
         "attn.qkv_proj.weight", "attn.qkv_proj.bias", "attn.out_proj.weight", "ffn.fc1.weight", "ffn.fc1.bias",
         "ffn.fc2.weight")}
