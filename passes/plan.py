@@ -75,7 +75,7 @@ class ParameterPlan:
 
     def __post_init__(self) -> None:
         if not isinstance(self.placement, Placement):
-            raise ValueError(f"parameter '{self.name}': placement {self.placement!r} is not a Placement")
+            raise TypeError(f"parameter '{self.name}': placement {self.placement!r} is not a Placement")
         if self.name != ".".join(filter(None, (self.module_path, self.name.rpartition(".")[2]))):
             raise ValueError(f"parameter '{self.name}' is not a parameter of module '{self.module_path}'")
         if (self.spec is None) != (self.placement is Placement.REPLICATED):
@@ -124,7 +124,7 @@ class Plan:
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, Mode):
-            raise ValueError(f"plan mode {self.mode!r} is not a Mode")
+            raise TypeError(f"plan mode {self.mode!r} is not a Mode")
         if self.tp < 1 or not 0 <= self.rank < self.tp:
             raise ValueError(f"plan for rank {self.rank} of tp={self.tp}: need tp >= 1 and 0 <= rank < tp")
         if (self.pairing is None) != (self.mode is Mode.GATHER):
@@ -346,10 +346,10 @@ def _tensor_entries(names: list[str], shapes: dict[str, tuple[int, ...]], decide
         other = next(name for name in names if name != sharded[0])
         raise ShardingError(f"cannot shard '{sharded[0]}': it is one tensor with '{other}' (tied), and a shard "
                             "would untie them; give each name its own parameter, or keep the linear whole")
-    others = lambda name: ", ".join(f"'{other}'" for other in names if other != name)  # noqa: E731
     entries = {}
     for name in names:
-        tied = f"it is one tensor with {others(name)} (tied); " if len(names) > 1 else ""
+        others = ", ".join(f"'{other}'" for other in names if other != name)
+        tied = f"it is one tensor with {others} (tied); " if others else ""
         if name in decided:
             entry = decided[name]
             entries[name] = ParameterPlan(name, entry.full_shape, entry.placement, entry.spec, entry.role,

@@ -40,7 +40,7 @@ def _summary(entry: ParameterPlan) -> tuple:
     return entry.placement, entry.spec, entry.role, entry.held_by_layer, entry.local_shape
 
 
-def _hf_models():  # noqa: ANN202 - the module examples.hf_models
+def _hf_models():  # the module examples.hf_models, when transformers is installed
     pytest.importorskip("transformers")
     from examples import hf_models
 
@@ -192,12 +192,12 @@ def test_export_captured_gpt2_megatron_plan_shards_conv1d_weights_by_their_in_ou
 def test_records_refuse_what_does_not_fit_in_one_line():
     spec = ShardSpec.contiguous(0, 0, 2, 4)
     cases = [
-        (dict(placement=REPLICATED), "replicated parameter 'a.w' needs the reason it stays whole"),
-        (dict(placement=COLUMN), "a column placement needs a shard spec and only a replicated one has none"),
-        (dict(placement=REPLICATED, spec=spec, reason="x"), "a replicated placement needs a shard spec"),
-        (dict(placement=COLUMN, spec=ShardSpec.contiguous(1, 0, 1, 4)), r"does not fit its shape \(4, 2\)"),
-        (dict(placement=COLUMN, spec=spec, role="ffn"), "unknown role 'ffn'"),
-        (dict(placement=COLUMN, spec=spec, module_path="b"), "parameter 'a.w' is not a parameter of module 'b'"),
+        ({"placement": REPLICATED}, "replicated parameter 'a.w' needs the reason it stays whole"),
+        ({"placement": COLUMN}, "a column placement needs a shard spec and only a replicated one has none"),
+        ({"placement": REPLICATED, "spec": spec, "reason": "x"}, "a replicated placement needs a shard spec"),
+        ({"placement": COLUMN, "spec": ShardSpec.contiguous(1, 0, 1, 4)}, r"does not fit its shape \(4, 2\)"),
+        ({"placement": COLUMN, "spec": spec, "role": "ffn"}, "unknown role 'ffn'"),
+        ({"placement": COLUMN, "spec": spec, "module_path": "b"}, "parameter 'a.w' is not a parameter of module 'b'"),
     ]
     for fields, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -215,6 +215,8 @@ def test_records_refuse_what_does_not_fit_in_one_line():
         plan.parameters["b.w"] = split  # the plan is data: read-only
     with pytest.raises(KeyError, match="the plan has no parameter 'c.w'"):
         plan.entry("c.w")
+    with pytest.raises(TypeError, match="placement 'column' is not a Placement"):
+        ParameterPlan("a.w", (4, 2), "column", spec, module_path="a")
 
 
 class _FFN(nn.Module):
