@@ -126,8 +126,8 @@ def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -
         raise CommTableError(f"collective(s) {sorted(unknown)} have no rule in the op registry (passes/ops.py); "
                              "register each with a CollectiveRule saying what it sends forward and backward")
     seen = _FakeRun(gm, tp).seen(inputs)
-    report = getattr(program, "tpfx_report", None)
-    sites = frozenset(s.module_path for s in report.sites) if report is not None else frozenset()
+    plan = getattr(program, "tpfx_plan", None)  # the linears tpfx shards or pairs, kept whole or not, by module
+    sites = frozenset(e.module_path for e in plan.parameters.values() if e.role) if plan is not None else frozenset()
     forward, backward = [], []
     for node in _collective_nodes(gm):
         rule, local, needs_grad = RULES[COLLECTIVES[node.target]], *seen[node.name]

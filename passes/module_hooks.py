@@ -52,6 +52,7 @@ import torch.nn as nn
 import torch.nn.modules.module as torch_module
 
 from tpfx.errors import ShardingError
+from tpfx.layers import Placement
 
 
 class HookKind(Enum):
@@ -61,13 +62,6 @@ class HookKind(Enum):
     FORWARD = "forward hook"
     BACKWARD_PRE = "backward pre-hook"
     BACKWARD = "backward hook"
-
-
-class Placement(Enum):
-    """How a linear is split across the ranks."""
-
-    COLUMN = "column-parallel"
-    ROW = "row-parallel"
 
 
 # what a hook of each kind would see on a shard; None: the same as on one device, so it is carried
@@ -155,7 +149,7 @@ def hooks_keep_whole(module: nn.Module, path: str, placement: Placement) -> str:
         if placement is Placement.ROW and hook.kind is HookKind.BACKWARD_PRE and module.bias is not None:
             sees = "the gradient of the output without the bias, which tpfx adds after the all-reduce, outside it"
         if sees is not None:
-            return (f"'{path}' has a {hook.describe()}, which on a {placement.value} shard would see {sees}; "
+            return (f"'{path}' has a {hook.describe()}, which on a {placement.value}-parallel shard would see {sees}; "
                     f"{_fix(path, hook)}")
     return ""
 

@@ -21,13 +21,13 @@ replaced by this rank's parts (rows or columns as the weight is stored), and a r
 taken out of its op (``addmm(b, x, w)`` becomes ``mm(x, w)``) and added after the reduce.
 
 Sites that could not be paired keep the column-plus-gather rewrite of :mod:`tpfx.passes.column_shard`.
-As there, modules and graphs are separate steps, so that further call forms reuse the shards:
-:func:`shard_pair_modules` replaces the modules, :func:`rewrite_pair_graph` rewrites one graph.
+As there, parameters and graphs are separate steps, so that further call forms reuse the shards: the
+parameters are sharded once from the plan (:func:`tpfx.passes.plan.megatron_plan`,
+:func:`tpfx.passes.shard_parameters.shard_parameters`), :func:`rewrite_pair_graph` rewrites one graph.
 """
 
 from __future__ import annotations
 
-import copy
 import operator
 from dataclasses import dataclass
 
@@ -35,17 +35,16 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tpfx.passes.column_shard import insert_collectives, shard_site_modules
-from tpfx.passes.find_sites import Site, find_sites
+from tpfx.passes.column_shard import insert_collectives
+from tpfx.passes.find_sites import Site, SiteFinding, find_sites
 from tpfx.passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
-from tpfx.passes.factors import FeatureLayout
 from tpfx.passes.localize_shapes import localize_shapes
 from tpfx.passes.ops import function_rule, rule_of
 from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, Pairing, is_attention_op, pair_sites
-from tpfx.passes.module_hooks import Placement, carry_hooks
+from tpfx.passes.plan import megatron_plan
+from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.collectives import copy_to_tp, reduce_from_tp
 from tpfx.errors import ShardingError
-from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, ShardSpec
 from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part
 
 
@@ -56,85 +55,6 @@ class PairShardResult:
     gm: fx.GraphModule
     collective_nodes: tuple[str, ...]
     localized_nodes: tuple[str, ...]
-
-
-def _column_module(linear: nn.Linear, layout: FeatureLayout, *, tp: int, rank: int, path: str) -> nn.Module:
-    if layout.shard_axis is None:
-        return copy.deepcopy(linear)  # whole on every rank (grouped-query k/v with fewer heads than tp), hooks and all
-    ranges = layout.ranges(tp, rank)
-    if len(ranges) == 1 and layout.shard_axis == 0:
-        shard = ColumnParallelLinear(linear, tp=tp, rank=rank)
-    else:
-        shard = BlockColumnParallelLinear(linear, spec=ShardSpec(0, layout.size, ranges), tp=tp, rank=rank)
-    return carry_hooks(linear, shard, Placement.COLUMN, path=path)
-
-
-def pair_parameter_specs(pairing: Pairing, *, tp: int, rank: int) -> dict[str, ShardSpec | None]:
-    """Where this rank's functional pair parameters (export graphs) lie in the full tensors; None: whole.
-
-    The same contract as a sharded layer's ``shard_spec``, for parameters that belong to no tpfx layer.
-    """
-    specs: dict[str, ShardSpec | None] = {}
-    for pair in pairing.pairs:
-        for site, layout in zip(pair.columns, pair.column_layouts):
-            if site.functional:
-                ranges = layout.ranges(tp, rank)
-                specs[site.weight_name] = ShardSpec(site.shard_dim, layout.size, ranges)
-                if site.bias_name:
-                    specs[site.bias_name] = ShardSpec(0, layout.size, ranges)
-        if pair.row_weight_name:
-            dim = 1 if pair.row_weight_layout == "out_in" else 0
-            specs[pair.row_weight_name] = ShardSpec(dim, pair.row_layout.size, pair.row_layout.ranges(tp, rank))
-            if pair.row_bias_name:
-                specs[pair.row_bias_name] = None
-    return specs
-
-
-def _set_parameter(gm: nn.Module, name: str, full: nn.Parameter, spec: ShardSpec | None) -> None:
-    owner, _, leaf = name.rpartition(".")
-    part = full.detach() if spec is None else spec.take(full.detach())
-    # clone so the shard owns compact storage and the caller's tensor is never aliased
-    setattr(gm.get_submodule(owner), leaf, nn.Parameter(part.clone(), requires_grad=full.requires_grad))
-
-
-def shard_pair_modules(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: int,
-                       source: nn.Module | None = None) -> None:
-    """Replace each pair's linears in ``gm`` by this rank's column- and row-parallel shards.
-
-    Module linears become :class:`ColumnParallelLinear` / :class:`BlockColumnParallelLinear` and
-    :class:`RowParallelLinear`; a functional linear's parameters (export graphs) are replaced by
-    this rank's parts, as :func:`pair_parameter_specs` says.
-
-    Args:
-        gm: the module tree to change in place.
-        pairing: the pairs (and fallbacks, which get column shards with a gather later).
-        tp, rank: the tensor-parallel degree and this rank's index in its group.
-        source: where the full weights are read (default ``gm``).
-
-    Raises:
-        ShardingError: a fallback site's out_features is not divisible by tp (nothing is replaced then).
-    """
-    source = source if source is not None else gm
-    replacements: dict[str, nn.Module] = {}
-    for pair in pairing.pairs:
-        for site, layout in zip(pair.columns, pair.column_layouts):
-            if not site.functional:
-                replacements[site.module_path] = _column_module(source.get_submodule(site.module_path), layout,
-                                                                tp=tp, rank=rank, path=site.module_path)
-        if not pair.row_weight_name:
-            row = source.get_submodule(pair.row_module_path)
-            spec = ShardSpec(1, pair.row_layout.size, pair.row_layout.ranges(tp, rank))
-            replacements[pair.row_module_path] = carry_hooks(row, RowParallelLinear(row, spec=spec, tp=tp, rank=rank),
-                                                             Placement.ROW, path=pair.row_module_path)
-    shard_site_modules(gm, pairing.fallback_sites, tp=tp, rank=rank, source=source)
-    for path, module in replacements.items():
-        gm.set_submodule(path, module)
-    replicated = {site.weight_name: None for pair in pairing.pairs for site, layout in zip(pair.columns, pair.column_layouts)
-                  if site.functional and layout.shard_axis is None}
-    replicated |= {site.bias_name: None for pair in pairing.pairs for site, layout in zip(pair.columns, pair.column_layouts)
-                   if site.functional and layout.shard_axis is None and site.bias_name}
-    for name, spec in (pair_parameter_specs(pairing, tp=tp, rank=rank) | replicated).items():
-        _set_parameter(gm, name, source.get_parameter(name), spec)
 
 
 def _key(site: Site) -> str:
@@ -270,8 +190,14 @@ def _take_bias(gm: fx.GraphModule, node: fx.Node, functional: FunctionalLinear |
 
 def megatron_shard(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: int, group: str,
                    source: nn.Module | None = None) -> PairShardResult:
-    """The whole pass: shard the pair and fallback modules, then rewrite the graph around them."""
-    shard_pair_modules(gm, pairing, tp=tp, rank=rank, source=source)
+    """The whole pass: plan the pairs' and fallbacks' shards, shard the parameters, then rewrite the graph.
+
+    Raises:
+        ShardingError: tp does not divide a fallback site's out_features (nothing is changed then).
+    """
+    sites = tuple(site for pair in pairing.pairs for site in pair.columns) + pairing.fallback_sites
+    plan = megatron_plan(gm, SiteFinding(sites, ()), pairing, tp=tp, rank=rank)
+    shard_parameters(gm, plan, source=source)
     result = rewrite_pair_graph(gm, pairing, tp=tp, group=group)
     gm.graph.lint()
     gm.recompile()

@@ -133,7 +133,7 @@ def test_what_each_hook_kind_allows(register, hook, column, row):
         assert (why == "") == carried
         if not carried:
             kind = module_hooks(net.block.fc1)[0].kind.value
-            assert why.startswith(f"'block.fc1' has a {kind} '{hook.__name__}', which on a {placement.value} shard")
+            assert why.startswith(f"'block.fc1' has a {kind} '{hook.__name__}', which on a {placement.value}-parallel shard")
             assert "remove the hook" in why and "\n" not in why
 
 

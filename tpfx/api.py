@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
 import torch.distributed as dist
+import torch.fx as fx
 import torch.nn as nn
 
-from tpfx.passes.column_shard import insert_collectives, shard_site_modules
-from tpfx.passes.find_sites import find_sites, require_divisible
+from tpfx.passes.column_shard import insert_collectives
+from tpfx.passes.find_sites import SiteFinding, find_sites
 from tpfx.passes.meta_device import device_of_inputs, retarget_meta_device
 from tpfx.passes.pair_megatron import pair_sites
-from tpfx.passes.row_shard import rewrite_other_form, rewrite_pair_graph, shard_pair_modules
+from tpfx.passes.plan import Mode, Plan, gather_plan, megatron_plan
+from tpfx.passes.row_shard import rewrite_other_form, rewrite_pair_graph
+from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.capture import forward_signature
 from tpfx.collectives import bind_group, group_key
 from tpfx.errors import ConfigError
@@ -23,7 +26,7 @@ from tpfx.export_capture import ExampleInputs, capture_for_parallelize
 from tpfx.megatron_report import megatron_report
 from tpfx.no_sites import warn_if_no_sites
 from tpfx.program import TensorParallelModule, adopt_missing, take_weights
-from tpfx.report import build_report
+from tpfx.report import Report, build_report
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,39 @@ def _bind_process_group(layout: Layout, group: dist.ProcessGroup | None) -> None
     bind_group(layout.key, group)
 
 
-MODES = ("gather", "megatron")
+@dataclass(frozen=True)
+class Strategy:
+    """What one mode does: make the plan from the analysis, rewrite the program's graph and another call
+    form's graph for it, and extend the report."""
+
+    plan: Callable[[fx.GraphModule, SiteFinding, int, int], Plan]  # (gm, finding, tp, rank)
+    rewrite: Callable[[fx.GraphModule, Plan, str], object]  # (gm, plan, group key): the graph only
+    rewrite_other_form: Callable[[fx.GraphModule, Plan, str], object]
+    report: Callable[[Report, fx.GraphModule, Plan], Report]
+
+
+def _gather_collectives(gm: fx.GraphModule, plan: Plan, group: str) -> object:
+    # any call form: the plan's column sites are found in its trace by module or parameter name
+    return insert_collectives(gm, plan.gathered, group=group)
+
+
+def _megatron(gm: fx.GraphModule, finding: SiteFinding, tp: int, rank: int) -> Plan:
+    return megatron_plan(gm, finding, pair_sites(gm, finding, tp=tp), tp=tp, rank=rank)
+
+
+STRATEGIES: dict[Mode, Strategy] = {
+    Mode.GATHER: Strategy(
+        plan=lambda gm, finding, tp, rank: gather_plan(gm, finding, tp=tp, rank=rank),
+        rewrite=_gather_collectives, rewrite_other_form=_gather_collectives,
+        report=lambda report, gm, plan: report),
+    Mode.MEGATRON: Strategy(
+        plan=_megatron,
+        rewrite=lambda gm, plan, group: rewrite_pair_graph(gm, plan.pairing, tp=plan.tp, group=group),
+        rewrite_other_form=lambda traced, plan, group: rewrite_other_form(traced, plan.pairing, tp=plan.tp,
+                                                                          group=group),
+        report=megatron_report),
+}
+MODES = tuple(mode.value for mode in STRATEGIES)
 
 
 def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessGroup | None = None,
@@ -106,7 +141,8 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
 
     The attention QKV projections and FFN first linears are found by graph structure and
     column-sharded (each rank holds out_features / tp rows), with an all-gather after each. The
-    caller's model is not changed. ``gm.tpfx_report`` describes what was done.
+    caller's model is not changed. ``gm.tpfx_plan`` says what every parameter holds (its shard spec,
+    or why it stays whole); ``gm.tpfx_report`` describes what was done.
 
     Args:
         model: the unmodified single-device model, with the same weights on every rank.
@@ -146,7 +182,7 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
 
 def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
              example_inputs: ExampleInputs | None) -> TensorParallelModule:
-    """capture -> find sites (-> pair) -> rewrite the graph and the modules -> take the weights -> report.
+    """capture -> find sites -> plan (the mode's strategy) -> rewrite the graph, shard the parameters -> report.
 
     The captured program is compiled in place: it is built over a weightless copy of the model, the
     passes change its graph and its modules, and its Python code is generated once, at the end.
@@ -155,31 +191,26 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     gm = captured.gm
     # a model built with parameters on meta was traced on meta: its device constants must say the inputs' device
     retarget_meta_device(gm, device=device_of_inputs(example_inputs))
+    # every parameter of the model, also those this graph does not read: the plan lists them all
+    adopt_missing(gm, captured.skeleton)
+    strategy = STRATEGIES[Mode(mode)]
     finding = find_sites(gm, tp=layout.tp)
     warn_if_no_sites(type(model).__name__, finding, tp=layout.tp, stacklevel=3)  # 3: parallelize's caller
-    pairing = pair_sites(gm, finding, tp=layout.tp) if mode == "megatron" else None
-    require_divisible(finding.sites if pairing is None else pairing.fallback_sites, layout.tp)
-    if pairing is None:
-        insert_collectives(gm, finding.sites, group=layout.key)
-        shard_site_modules(gm, finding.sites, tp=layout.tp, rank=layout.rank, source=model)
-        rewrite = lambda traced: insert_collectives(traced, finding.sites, group=layout.key)  # noqa: E731
-    else:
-        rewrite_pair_graph(gm, pairing, tp=layout.tp, group=layout.key)
-        shard_pair_modules(gm, pairing, tp=layout.tp, rank=layout.rank, source=model)
-        rewrite = lambda traced: rewrite_other_form(traced, pairing, tp=layout.tp, group=layout.key)  # noqa: E731
-    gm.tpfx_pairing = pairing  # megatron mode: the pairs and the fallbacks with their reasons
-    adopt_missing(gm, captured.skeleton)
+    plan = strategy.plan(gm, finding, layout.tp, layout.rank)  # raises before any change
+    strategy.rewrite(gm, plan, layout.key)
+    shard_parameters(gm, plan, source=model)
+    gm.tpfx_plan = plan  # what every parameter holds and why; reports and checkpoints read it
+    gm.tpfx_pairing = plan.pairing  # megatron mode: the pairs and the fallbacks with their reasons
     take_weights(gm, captured.sources)
     gm.graph.lint()
     gm.recompile()
     gm.train(model.training)
-    captured.serve_call_forms(forward_signature(model), rewrite,
+    captured.serve_call_forms(forward_signature(model),
+                              lambda traced: strategy.rewrite_other_form(traced, plan, layout.key),
                               lambda traced, device: retarget_meta_device(traced, device=device))
-    gm.tpfx_report = build_report(gm, model, tp=layout.tp, rank=layout.rank, group=layout.key, call_form=captured.form,
-                                  sites=finding.sites, replicated=finding.replicated,
-                                  tracer=captured.tracer, tracer_note=captured.note)
-    if pairing is not None:
-        gm.tpfx_report = megatron_report(gm.tpfx_report, gm, model, pairing)
+    report = build_report(gm, model, plan=plan, group=layout.key, call_form=captured.form,
+                          tracer=captured.tracer, tracer_note=captured.note)
+    gm.tpfx_report = strategy.report(report, gm, plan)
     return gm
 
 
