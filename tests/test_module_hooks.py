@@ -137,6 +137,14 @@ def test_what_each_hook_kind_allows(register, hook, column, row):
             assert "remove the hook" in why and "\n" not in why
 
 
+def test_a_carried_pre_hook_with_kwargs_runs_on_the_shard():
+    linear = nn.Linear(D, HIDDEN)
+    linear.register_forward_pre_hook(lambda module, args, kwargs: ((torch.tanh(args[0]),), kwargs), with_kwargs=True)
+    shard = carry_hooks(linear, ColumnParallelLinear(linear, tp=2, rank=1), Placement.COLUMN, path="fc")
+    x = torch.randn(3, D)
+    torch.testing.assert_close(shard(x), linear(x)[:, HIDDEN // 2:])  # rank 1's columns, the hook applied on both
+
+
 def test_a_global_hook_counts_as_a_hook_of_every_linear():
     handle = register_module_forward_hook(center)
     try:
