@@ -40,7 +40,7 @@ from tpfx.passes.column_shard import insert_collectives, shard_site_modules
 from tpfx.passes.find_sites import Site, find_sites
 from tpfx.passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
 from tpfx.passes.local_heads import FeatureLayout, localize_shapes
-from tpfx.passes.module_hooks import Placement, carry_hooks
+from tpfx.passes.module_hooks import Placement, carry_hooks, shared_hook_objects
 from tpfx.passes.pair_megatron import (HeadDropout, HeadNarrow, Pairing, attention_dropout_p, is_attention_op,
                                   pair_sites)
 from tpfx.collectives import copy_to_tp, reduce_from_tp
@@ -60,7 +60,8 @@ class PairShardResult:
 
 def _column_module(linear: nn.Linear, layout: FeatureLayout, *, tp: int, rank: int, path: str) -> nn.Module:
     if layout.shard_axis is None:
-        return copy.deepcopy(linear)  # whole on every rank (grouped-query k/v with fewer heads than tp), hooks and all
+        # whole on every rank (grouped-query k/v with fewer heads than tp), with the user's own hook objects
+        return copy.deepcopy(linear, shared_hook_objects(linear))
     ranges = layout.ranges(tp, rank)
     if len(ranges) == 1 and layout.shard_axis == 0:
         shard = ColumnParallelLinear(linear, tp=tp, rank=rank)
