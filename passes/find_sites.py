@@ -33,6 +33,10 @@ Rules (each walk is along tensor dataflow in :func:`tpfx.passes.graph_view.to_ne
   gate is ``fc1`` and the up projection, multiplied by an activation of another linear, is ``up``.
   A norm on the way (``mean``, ``layer_norm``) stops the walk, so a residual stream into the next
   block's projections never counts.
+* hooks: a linear module whose hooks a column-parallel shard could not keep (a forward hook, a
+  backward hook; see :mod:`tpfx.passes.module_hooks`) stays whole, and its reason names the hook.
+
+A replicated linear's reason names the ops where the walks stopped (``op 'cumsum' (node cumsum)``).
 """
 
 from __future__ import annotations

@@ -83,8 +83,7 @@ class ModuleHook:
 
     kind: HookKind
     function: Callable[..., object]
-    with_kwargs: bool = False
-    always_call: bool = False
+    with_kwargs: bool = False  # a forward pre-hook that takes (module, args, kwargs)
     is_global: bool = False  # registered for every module (torch.nn.modules.module.register_module_*)
 
     @property
@@ -108,28 +107,24 @@ def module_hooks(module: nn.Module, *, include_global: bool = True) -> list[Modu
     Returns:
         The hooks in the order torch runs each kind, own before global.
     """
-    hooks = _registered(module, vars(module), is_global=False)
-    return hooks + _registered(None, vars(torch_module), is_global=True) if include_global else hooks
+    hooks = _registered(vars(module), is_global=False)
+    return hooks + _registered(vars(torch_module), is_global=True) if include_global else hooks
 
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
 
 
-def _registered(module: nn.Module | None, registry: dict[str, object], *, is_global: bool) -> list[ModuleHook]:
+def _registered(registry: dict[str, object], *, is_global: bool) -> list[ModuleHook]:
     """The hooks of one registry: a module's ``__dict__``, or torch.nn.modules.module's globals."""
     prefix = "_global" if is_global else ""
-    if not any(registry.get(f"{prefix}{name}") for name in _HOOK_DICTS):
-        return []  # the common case, once per linear and module of a large model: no table built
-    table = {name: registry.get(f"{prefix}{name}") or {} for name in (
-        "_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks",
-        "_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")}
-    hooks = [ModuleHook(HookKind.FORWARD_PRE, f, key in table["_forward_pre_hooks_with_kwargs"], is_global=is_global)
-             for key, f in table["_forward_pre_hooks"].items()]
-    hooks += [ModuleHook(HookKind.FORWARD, f, key in table["_forward_hooks_with_kwargs"],
-                         key in table["_forward_hooks_always_called"], is_global) for key, f in table["_forward_hooks"].items()]
-    hooks += [ModuleHook(HookKind.BACKWARD_PRE, f, is_global=is_global) for f in table["_backward_pre_hooks"].values()]
-    hooks += [ModuleHook(HookKind.BACKWARD, f, is_global=is_global) for f in table["_backward_hooks"].values()]
-    return hooks
+    pre, forward, backward_pre, backward = (registry.get(f"{prefix}{name}") or {} for name in _HOOK_DICTS)
+    if not (pre or forward or backward_pre or backward):
+        return []  # the common case, once per linear and module of a large model
+    with_kwargs = registry.get(f"{prefix}_forward_pre_hooks_with_kwargs") or {}
+    return ([ModuleHook(HookKind.FORWARD_PRE, f, key in with_kwargs, is_global) for key, f in pre.items()]
+            + [ModuleHook(HookKind.FORWARD, f, is_global=is_global) for f in forward.values()]
+            + [ModuleHook(HookKind.BACKWARD_PRE, f, is_global=is_global) for f in backward_pre.values()]
+            + [ModuleHook(HookKind.BACKWARD, f, is_global=is_global) for f in backward.values()])
 
 
 def hooks_keep_whole(module: nn.Module, path: str, placement: Placement) -> str:

@@ -137,6 +137,14 @@ def test_what_each_hook_kind_allows(register, hook, column, row):
             assert "remove the hook" in why and "\n" not in why
 
 
+def test_a_carried_pre_hook_with_kwargs_runs_on_the_shard():
+    linear = nn.Linear(D, HIDDEN)
+    linear.register_forward_pre_hook(lambda module, args, kwargs: ((torch.tanh(args[0]),), kwargs), with_kwargs=True)
+    shard = carry_hooks(linear, ColumnParallelLinear(linear, tp=2, rank=1), Placement.COLUMN, path="fc")
+    x = torch.randn(3, D)
+    torch.testing.assert_close(shard(x), linear(x)[:, HIDDEN // 2:])  # rank 1's columns, the hook applied on both
+
+
 def test_a_global_hook_counts_as_a_hook_of_every_linear():
     handle = register_module_forward_hook(center)
     try:
@@ -217,6 +225,9 @@ class Recorder:
     def record(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         self.shapes.append(tuple(output.shape))
 
+    def __call__(self, module: nn.Module, args: tuple) -> None:  # as a forward pre-hook
+        self.shapes.append(tuple(args[0].shape))
+
 
 def test_a_whole_linear_calls_the_users_own_hook_object():
     net, recorder, partial_store = Net(), Recorder(), []
@@ -227,6 +238,33 @@ def test_a_whole_linear_calls_the_users_own_hook_object():
     gm.block.fc2(torch.randn(3, HIDDEN))  # a whole module runs without a process group
     gm.head(torch.randn(3, D))
     assert recorder.shapes == [(3, D)] and partial_store == [torch.Size([3, 4])]  # not a copy of the recorder
+
+
+class OneKeyValueHead(nn.Module):
+    """Grouped-query attention with one key/value head: at tp=2 megatron keeps k and v whole on every rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.o_proj = nn.Linear(D, D), nn.Linear(D, D)
+        self.k_proj, self.v_proj = nn.Linear(D, D // HEADS), nn.Linear(D, D // HEADS)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.size()
+        q = self.q_proj(x).view(b, t, HEADS, D // HEADS).transpose(1, 2)
+        k, v = (w(x).view(b, t, 1, D // HEADS).transpose(1, 2).expand(b, HEADS, t, D // HEADS)
+                for w in (self.k_proj, self.v_proj))
+        return x + self.o_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, D))
+
+
+def test_a_linear_megatron_keeps_whole_calls_the_users_own_hook_object():
+    model, recorder = OneKeyValueHead(), Recorder()
+    model.k_proj.register_forward_pre_hook(lambda module, args: recorder.shapes.append(tuple(args[0].shape)))
+    model.v_proj.register_forward_pre_hook(recorder)  # a callable object: deep-copied before
+    gm = tpfx.parallelize(model, tp=2, rank=0, mode="megatron")
+    assert [p.row_module_path for p in gm.tpfx_pairing.pairs] == ["o_proj"]
+    assert type(gm.k_proj) is nn.Linear and module_hooks(gm.v_proj)[0].function is recorder
+    gm.k_proj(torch.randn(3, D))
+    assert recorder.shapes == [(3, D)]
 
 
 # ---------------------------------------------------------------- captures that would lose a hook
