@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 import torch.distributed as dist
+import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.passes.column_shard import insert_collectives, shard_site_modules
+from tpfx.passes.fake_shapes import FakeShapes, propagate_fake_shapes
 from tpfx.passes.find_sites import find_sites, require_divisible
 from tpfx.passes.meta_device import device_of_inputs, retarget_meta_device
 from tpfx.passes.pair_megatron import pair_sites
@@ -19,7 +23,7 @@ from tpfx.passes.row_shard import rewrite_other_form, rewrite_pair_graph, shard_
 from tpfx.capture import forward_signature
 from tpfx.collectives import bind_group, group_key
 from tpfx.errors import ConfigError
-from tpfx.export_capture import ExampleInputs, capture_for_parallelize
+from tpfx.export_capture import Captured, ExampleInputs, capture_for_parallelize, example_arguments
 from tpfx.megatron_report import megatron_report
 from tpfx.program import TensorParallelModule, adopt_missing, take_weights
 from tpfx.report import build_report
@@ -154,6 +158,7 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     gm = captured.gm
     # a model built with parameters on meta was traced on meta: its device constants must say the inputs' device
     retarget_meta_device(gm, device=device_of_inputs(example_inputs))
+    shapes = _fake_shapes(captured, forward_signature(model), example_inputs)
     finding = find_sites(gm, tp=layout.tp)
     pairing = pair_sites(gm, finding, tp=layout.tp) if mode == "megatron" else None
     require_divisible(finding.sites if pairing is None else pairing.fallback_sites, layout.tp)
@@ -171,14 +176,40 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     gm.graph.lint()
     gm.recompile()
     gm.train(model.training)
-    captured.serve_call_forms(forward_signature(model), rewrite,
-                              lambda traced, device: retarget_meta_device(traced, device=device))
+    captured.serve_call_forms(forward_signature(model), rewrite, _preparation(shapes, forward_signature(model)))
+    note = "; ".join(filter(None, [captured.note, shapes.note if shapes is not None else ""]))
     gm.tpfx_report = build_report(gm, model, tp=layout.tp, rank=layout.rank, group=layout.key, call_form=captured.form,
                                   sites=finding.sites, replicated=finding.replicated,
-                                  tracer=captured.tracer, tracer_note=captured.note)
+                                  tracer=captured.tracer, tracer_note=note)
     if pairing is not None:
         gm.tpfx_report = megatron_report(gm.tpfx_report, gm, model, pairing)
     return gm
+
+
+def _fake_shapes(captured: Captured, signature: inspect.Signature,
+                 example_inputs: ExampleInputs | None) -> FakeShapes | None:
+    """Symbolic shapes on an fx capture (export graphs have them), from the example inputs where given."""
+    if captured.tracer != "fx":
+        return None
+    given = {}
+    if example_inputs is not None:
+        try:
+            given = example_arguments(signature, example_inputs)
+        except ConfigError:  # fx never needed them: inputs that do not fit are assumed instead
+            given = {}
+    return propagate_fake_shapes(captured.gm, list(signature.parameters), given=given)
+
+
+def _preparation(shapes: FakeShapes | None, signature: inspect.Signature
+                 ) -> Callable[[fx.GraphModule, torch.device], None]:
+    """What another call form's graph needs before the passes: its device constants, and (fx) the
+    symbolic shapes of the program's own form, from the same inputs, so that it pairs alike."""
+    def prepare(traced: fx.GraphModule, device: torch.device) -> None:
+        retarget_meta_device(traced, device=device)
+        if shapes is not None and shapes.propagated:
+            propagate_fake_shapes(traced, list(signature.parameters), given=shapes.inputs)
+
+    return prepare
 
 
 @contextmanager
