@@ -9,15 +9,17 @@ after (``propagate_fake_shapes``)::
 
     size = x.size()             # meta["val"]: torch.Size([s0, s1, 32])
     getitem_2 = size[2]         # meta["val"]: 32
-    c_attn = self.c_attn(x)     # meta["val"]: FakeTensor(size=(s0, s1, 96), device=meta)
+    c_attn = self.c_attn(x)     # meta["val"]: FakeTensor(size=(s0, s1, 96))
     floordiv = getitem_2 // 4   # meta["val"]: 8
 
 The graph runs once on fake tensors (torch's ``FakeTensorMode`` with a ``ShapeEnv``): no data, and
 the batch and sequence sizes (dims 0 and 1 of every tensor input) are symbols, so a size read from a
 tensor is a number where the model fixes it (``C``, ``C // n_head``) and a symbol where it does not.
-The program is built over a weightless copy of the model, so everything runs on the meta device:
-parameters and buffers are faked from their meta placeholders and device constants read ``meta``.
-Only shapes and dtypes are meant; a value's device and aliasing are not.
+Everything runs as on the CPU, whatever device the graph's tensors are on: tpfx's program is built over
+a weightless copy of the model, whose parameters and buffers are meta placeholders; each is faked from
+its sizes and dtype, device constants read ``cpu``, and torch picks its CPU kernels (on the meta device
+an attention op would be decomposed into a dozen symbolic ops). Only shapes and dtypes are meant; a
+value's device and aliasing are not.
 
 Where the inputs come from:
 
@@ -50,7 +52,7 @@ from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, Stateles
 from tpfx.errors import one_line
 
 BATCH_HINT, SEQ_HINT = 5, 7  # example values of the batch and sequence symbols when inputs are assumed
-_META = torch.device("meta")
+_CPU = torch.device("cpu")
 _MISSING = object()
 
 
@@ -175,13 +177,13 @@ def _run(gm: fx.GraphModule, inputs: list[InputSpec | object]) -> None:
     # add its (symbolic, costly) bookkeeping on every distinct op: off, the pass takes about half the time
     mode.cache_enabled = False
     values = [_fake_input(mode, spec) if isinstance(spec, InputSpec) else spec for spec in inputs]
-    with mode, torch.no_grad():
+    with mode, torch.no_grad(), torch.device(_CPU):  # tensors made without a device: on the CPU too
         _FakeInterpreter(gm, mode).run(*values)
 
 
 def _fake_input(mode: FakeTensorMode, spec: InputSpec) -> FakeTensor:
     dynamic = [DimDynamic.DYNAMIC if dim in spec.dynamic else DimDynamic.STATIC for dim in range(len(spec.shape))]
-    placeholder = torch.empty(spec.shape, dtype=spec.dtype, device=_META)
+    placeholder = torch.empty(spec.shape, dtype=spec.dtype, device=_CPU)  # uninitialized: sizes and dtype only
     return mode.from_tensor(placeholder, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dynamic))
 
 
@@ -196,15 +198,18 @@ class _FakeInterpreter(fx.Interpreter):
         super().__init__(gm, garbage_collect_values=False)
         self.mode = mode
         self.memo: dict[tuple, object] = {}
+        self.held: dict[tuple, FakeTensor] = {}  # a parameter's or buffer's metadata -> its fake
         self.shared: dict[tuple, FakeTensor] = {}  # metadata -> the one fake tensor of those shapes
         self.module_keys: dict[str, tuple] = {}
 
     def run_node(self, node: fx.Node) -> object:
-        with self._set_current_node(node):
+        try:
             if node.op in ("call_function", "call_method", "call_module"):
                 value = self._call(node)
             else:
                 value = self._shared(super().run_node(node))
+        except Exception as error:  # say where: the caller reports the first line
+            raise RuntimeError(f"at node '{node.name}' ({node.format_node()}): {one_line(error)}") from error
         node.meta["val"] = value
         return value
 
@@ -214,7 +219,7 @@ class _FakeInterpreter(fx.Interpreter):
             (args, kwargs), key = _prepared((args, kwargs))
             key = (node.op, self._target_key(node), key)
         except _Unkeyable:
-            (args, kwargs), key = _on_meta((args, kwargs)), None
+            (args, kwargs), key = _on_cpu((args, kwargs)), None
         if _in_place(node):
             return self._in_place(node, args, kwargs)
         found = self.memo.get(key, _MISSING) if key is not None else _MISSING
@@ -234,11 +239,19 @@ class _FakeInterpreter(fx.Interpreter):
 
     def get_attr(self, target: str, args: tuple, kwargs: dict) -> object:
         value = super().get_attr(target, args, kwargs)
-        if isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
-            on_meta = value if value.is_meta else torch.empty_strided(value.shape, value.stride(), dtype=value.dtype,
-                                                                      device=_META)
-            return self.mode.from_tensor(on_meta, static_shapes=True)
-        return value
+        return self._fake(value) if isinstance(value, torch.Tensor) else value
+
+    def call_module(self, target: str, args: tuple, kwargs: dict) -> object:
+        module = self.fetch_attr(target)
+        held = {name: self._fake(t) for name, t in (*module.named_parameters(), *module.named_buffers())}
+        return torch.func.functional_call(module, held, args, kwargs)
+
+    def _fake(self, tensor: torch.Tensor) -> FakeTensor:
+        """A parameter, buffer or constant as a fake CPU tensor of its sizes (one per distinct metadata)."""
+        key = (tuple(tensor.shape), tensor.stride(), tensor.dtype)
+        if key not in self.held:  # made under the fake mode: allocates nothing
+            self.held[key] = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device=_CPU)
+        return self.held[key]
 
     def _target_key(self, node: fx.Node) -> object:
         if node.op != "call_module":
@@ -267,7 +280,7 @@ def _module_key(module: nn.Module) -> tuple:
     settings = tuple((name, value) for name, value in vars(module).items()
                      if isinstance(value, (bool, int, float, str, type(None))) or
                      (isinstance(value, tuple) and all(isinstance(v, (int, bool)) for v in value)))
-    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in module.state_dict(keep_vars=True).items())
+    tensors = tuple((name, tuple(t.shape), t.dtype) for name, t in (*module.named_parameters(), *module.named_buffers()))
     return (type(module), settings, tensors)
 
 
@@ -281,18 +294,18 @@ def _expr(size: object) -> object:
 
 
 def _prepared(value: object) -> tuple[object, object]:
-    """``value`` with device constants on meta, and a hashable key of it (tensors by identity)."""
+    """``value`` with device constants on the CPU, and a hashable key of it (tensors by identity)."""
     if isinstance(value, torch.Tensor):
         return value, ("tensor", id(value))
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return value, ("symbol", value.node.expr)
     if isinstance(value, torch.device):
-        return _META, _META
+        return _CPU, _CPU
     if isinstance(value, (tuple, list)):
         pairs = [_prepared(item) for item in value]
         return type(value)(p[0] for p in pairs), (type(value), *(p[1] for p in pairs))
     if isinstance(value, dict):
-        pairs = {name: _prepared(_META if name == "device" and isinstance(item, str) else item)
+        pairs = {name: _prepared(_CPU if name == "device" and isinstance(item, str) else item)
                  for name, item in value.items()}
         return {n: p[0] for n, p in pairs.items()}, (dict, *((n, p[1]) for n, p in pairs.items()))
     if isinstance(value, slice):
@@ -305,9 +318,9 @@ def _prepared(value: object) -> tuple[object, object]:
     return value, (type(value), value)
 
 
-def _on_meta(value: object) -> object:
-    """``value`` with every device constant on meta (for arguments that cannot be keyed)."""
-    return fx.node.map_aggregate(value, lambda item: _META if isinstance(item, torch.device) else item)
+def _on_cpu(value: object) -> object:
+    """``value`` with every device constant on the CPU (for arguments that cannot be keyed)."""
+    return fx.node.map_aggregate(value, lambda item: _CPU if isinstance(item, torch.device) else item)
 
 
 _IN_PLACE_FUNCTIONS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,

@@ -175,10 +175,10 @@ class FlowInterpreter:
         else:
             try:
                 position = self.axis(value, index)
+                inside = factors[position + 1:] if stride else factors[position:position + 1]  # a stride: inner dims
+                elements = (tuple(f for dim in inside for f in dim),)
             except Unsupported:  # a dim counted from the front of a tensor of unknown rank
-                position = None
-            inside = factors[position + 1:] if stride else factors[position:position + 1]  # a stride: inner dims
-            elements = None if position is None else (tuple(f for dim in inside for f in dim),)
+                elements = None
         self.flow.size_reads.append(SizeRead(node.name, value.group, elements, index is None and "numel" not in label,
                                              stride))
 
