@@ -88,37 +88,49 @@ def restore_full_sizes(gm: fx.GraphModule, fixes: tuple[FullSize, ...], *, tp: i
     order = {name: position for position, name in enumerate(nodes)}
     inserted: list[str] = []
     for fix in fixes:
-        full: dict[str, object] = {}
+        full = _FullValues(gm.graph, fix, tp)
         for producer, user in sorted(fix.uses, key=lambda use: order[use[1]]):
             consumer = nodes[user]
             with gm.graph.inserting_before(consumer):  # the first user: every later one comes after it
-                replacement = _full_of(gm.graph, nodes[producer], fix, nodes, full, tp, inserted)
+                replacement = full.of(nodes[producer])
             consumer.args = fx.node.map_arg(consumer.args, lambda n: replacement if n.name == producer else n)
             consumer.kwargs = fx.node.map_arg(consumer.kwargs, lambda n: replacement if n.name == producer else n)
+        inserted += full.inserted
     return tuple(inserted)
 
 
-def _full_of(graph: fx.Graph, node: fx.Node, fix: FullSize, nodes: dict[str, fx.Node], full: dict[str, object],
-             tp: int, inserted: list[str]) -> object:
-    """The single-device value of ``node`` (the read or a node of its chain): a new node, or a tuple of them."""
-    if node.name in full:
-        return full[node.name]
-    item_of_shape = (node.target is operator.getitem and isinstance(node.args[1], int)
-                     and isinstance(node.args[0], fx.Node) and node.args[0].name == fix.read)
-    if node.name == fix.read and not fix.rank or item_of_shape:  # a split size (the chain holds split items only)
-        value: object = graph.call_function(operator.mul, (node, tp))
-        inserted.append(value.name)
-    elif node.name == fix.read:  # a whole shape: its split items times tp
-        items = [graph.call_function(operator.getitem, (node, i)) for i in range(fix.rank)]
-        value = tuple(graph.call_function(operator.mul, (item, tp)) if i in fix.elements else item
-                      for i, item in enumerate(items))
-        inserted += [item.name for item in items] + [v.name for v in value if v not in items]
-    else:
-        value = graph.node_copy(node, lambda arg: _full_of(graph, arg, fix, nodes, full, tp, inserted)
-                                if arg.name == fix.read or arg.name in fix.chain else arg)
-        inserted.append(value.name)
-    full[node.name] = value
-    return value
+class _FullValues:
+    """The single-device values of one read and of its chain of size arithmetic, made once each."""
+
+    def __init__(self, graph: fx.Graph, fix: FullSize, tp: int) -> None:
+        self.graph, self.fix, self.tp = graph, fix, tp
+        self.values: dict[str, object] = {}
+        self.inserted: list[str] = []
+
+    def of(self, node: fx.Node) -> object:
+        """The full value of ``node`` (the read or a node of its chain): a new node, or a tuple of them."""
+        if node.name not in self.values:
+            self.values[node.name] = self._make(node)
+        return self.values[node.name]
+
+    def _make(self, node: fx.Node) -> object:
+        fix, graph = self.fix, self.graph
+        item_of_shape = (node.target is operator.getitem and isinstance(node.args[1], int)
+                         and isinstance(node.args[0], fx.Node) and node.args[0].name == fix.read)
+        if node.name == fix.read and not fix.rank or item_of_shape:  # a split size (a chain holds split items only)
+            return self._new(operator.mul, (node, self.tp))
+        if node.name == fix.read:  # a whole shape: its split items times tp
+            items = [self._new(operator.getitem, (node, i)) for i in range(fix.rank)]
+            return tuple(self._new(operator.mul, (item, self.tp)) if i in fix.elements else item
+                         for i, item in enumerate(items))
+        copy = graph.node_copy(node, lambda arg: self.of(arg) if arg.name == fix.read or arg.name in fix.chain else arg)
+        self.inserted.append(copy.name)
+        return copy
+
+    def _new(self, target: object, args: tuple) -> fx.Node:
+        created = self.graph.call_function(target, args)
+        self.inserted.append(created.name)
+        return created
 
 
 def localize_shapes(gm: fx.GraphModule, edits: tuple[ShapeEdit, ...], *, tp: int) -> tuple[str, ...]:

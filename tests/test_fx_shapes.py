@@ -71,6 +71,18 @@ class SizeRead(nn.Module):
         return self.fc2(y)
 
 
+class WholeShapeRead(nn.Module):
+    """Makes a tensor of the hidden tensor's whole shape: ``torch.ones(h.shape)`` must be d_ff wide on every rank."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        return self.fc2(F.gelu(h)) + torch.ones(h.shape).sum(-1, keepdim=True)
+
+
 class TinyLM(nn.Module):
     """Token ids in, logits and an optional loss out: nanoGPT's attention, then the size-reading FFN."""
 
@@ -231,6 +243,20 @@ def test_a_size_read_of_the_split_width_gets_the_full_size_where_it_leaves_the_s
     assert [u.target for u in scale[0].users] == [operator.mul]  # ... is what multiplies gelu(h)
 
 
+def test_a_whole_shape_read_of_the_split_width_is_rebuilt_with_the_full_width():
+    gm, pairing = _pairing(WholeShapeRead(), 2)
+    (full,) = pairing.pairs[0].full_sizes
+    nodes = {node.name: node for node in gm.graph.nodes}
+    assert nodes[full.read].args[1:] == ("shape",) and (full.rank, full.elements, full.chain) == (3, (2,), ())
+    ((producer, user),) = full.uses
+    assert producer == full.read and nodes[user].target is torch.ones
+    program = tpfx.parallelize(WholeShapeRead(), tp=2, rank=0, mode="megatron", tracer="fx")
+    (ones,) = [n for n in program.graph.nodes if n.target is torch.ones]
+    (shape,) = ones.args
+    assert [item.target for item in shape] == [operator.getitem, operator.getitem, operator.mul]
+    assert shape[2].args == (shape[2].args[0], 2) and shape[2].args[0].args[1] == 2  # h.shape[2] * tp
+
+
 def test_a_read_whose_place_is_unknown_falls_back_in_one_line_and_example_inputs_make_it_right():
     torch.manual_seed(0)
     model = UnplacedRead()
@@ -298,6 +324,7 @@ def _cases() -> dict[str, tuple]:
         "grouped head read fx": (GroupedHeadRead, {"x": x}, {"tracer": "fx"}),
         "size read fx": (SizeRead, {"x": small}, {"tracer": "fx"}),
         "size read export": (SizeRead, {"x": small}, {"tracer": "export", "example_inputs": (small,)}),
+        "whole shape read fx": (WholeShapeRead, {"x": small}, {"tracer": "fx"}),
         "unplaced read fx + example": (UnplacedRead, {"x": unplaced}, {"tracer": "fx", "example_inputs": (unplaced,)}),
         "tiny lm fx ids+labels": (TinyLM, {"ids": ids, "labels": ids}, {"tracer": "fx"}),
         "tiny lm fx ids": (TinyLM, {"ids": ids}, {"tracer": "fx"}),  # another call form: traced on first use
@@ -337,8 +364,9 @@ def test_logits_loss_and_every_gradient_match_one_device_at_tp_2_and_4(world):
 
 def test_in_megatron_mode_every_model_pairs_and_size_reads_are_restored(world):
     expected_pairs = {"nano attention fx": 1, "grouped head read fx": 1, "size read fx": 1, "size read export": 1,
+                      "whole shape read fx": 1,
                       "unplaced read fx + example": 1, "tiny lm fx ids+labels": 2, "tiny lm fx ids": 2}
-    expected_full = {"grouped head read fx": 1, "size read fx": 1, "unplaced read fx + example": 1,
+    expected_full = {"grouped head read fx": 1, "size read fx": 1, "whole shape read fx": 1, "unplaced read fx + example": 1,
                      "tiny lm fx ids+labels": 1, "tiny lm fx ids": 1}
     for results in world:
         for (tp, label, mode), checked in results.items():

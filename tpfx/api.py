@@ -127,7 +127,10 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
             or the other train/eval mode) is exported from a weightless copy of the model on its
             first call. ``gm.tpfx_report.tracer`` says which was used.
         example_inputs: the arguments of one call of ``model``: a tuple of positional
-            arguments, a dict of keyword arguments, or one tensor. Used by torch.export only.
+            arguments, a dict of keyword arguments, or one tensor. torch.export traces this call;
+            torch.fx graphs take their symbolic shapes from it (dims 0 and 1 symbolic). Without it,
+            fx assumes token ids or, for an input a linear or norm reads first, (batch, seq, width);
+            ``gm.tpfx_report.tracer_note`` says which (see :mod:`tpfx.passes.fake_shapes`).
 
     Returns:
         A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts.
