@@ -234,3 +234,20 @@ class ShapeUse:
     group: int
     dims: list[Dim]
     items: list[SizeItem]
+
+
+@dataclass(frozen=True)
+class SizeRead:
+    """A size read off a tensor of the region (``h.shape[-1]``, ``t.size()``, ``sym_size(x, 0)``, ``numel``).
+
+    At run time it reads this rank's tensor: a dim that holds the split factor reads its local size.
+    ``elements`` holds, per number the read returns, the feature factors it covers: one entry for a
+    single size, one per dim for a whole shape (``tuple_read``); None when the dim cannot be placed
+    (a tensor of unknown rank). ``stride``: the read is a stride, which depends on the inner dims.
+    """
+
+    node_name: str
+    group: int
+    elements: tuple[tuple[int, ...], ...] | None
+    tuple_read: bool = False
+    stride: bool = False

@@ -228,7 +228,7 @@ def _pieces(interp: FlowInterpreter, node: fx.Node) -> Pieces:
     if name == "unbind":
         count, piece_dim = total.coeff, None
     else:
-        spec = node.kwargs.get("split_size", node.kwargs.get("chunks", node.args[1]))
+        spec = _known_ints(interp, node.kwargs.get("split_size", node.kwargs.get("chunks", node.args[1])))
         if isinstance(spec, (list, tuple)):
             if len(set(spec)) != 1:
                 raise Unsupported("a split into unequal pieces")
@@ -251,6 +251,16 @@ def _pieces(interp: FlowInterpreter, node: fx.Node) -> Pieces:
         dims[axis] = piece_dim
     item = Value(tuple(dims), value.group, value.prefix, value.source)
     return Pieces(tuple(item for _ in range(count)), value.group)
+
+
+def _known_ints(interp: FlowInterpreter, spec: object) -> object:
+    """A split size (or list of them) read at run time, ``x.split(C, dim=-1)``, as the number it is, where known."""
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(_known_ints(interp, item) for item in spec)
+    if isinstance(spec, fx.Node):
+        size = interp.size_item(spec, None).size
+        return size.coeff if size is not None and size.is_int else spec
+    return spec
 
 
 def _sdpa(interp: FlowInterpreter, node: fx.Node) -> Value:

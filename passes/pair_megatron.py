@@ -21,17 +21,20 @@ falls back to column-plus-gather, and the record says why.
 
 from __future__ import annotations
 
+import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.passes.find_sites import Site, SiteFinding
 from tpfx.passes.graph_view import functional_linear, parameter_shapes
-from tpfx.passes.factors import Dim, FeatureLayout, ShapeUse, Value
+from tpfx.passes.factors import Dim, FeatureLayout, ShapeUse, SizeRead, Value
 from tpfx.passes.feature_flow import FeatureFlow, LinearCall, LinearOf, analyze_feature_flow, module_linears
-from tpfx.passes.localize_shapes import ShapeEdit
+from tpfx.passes.localize_shapes import FullSize, ShapeEdit
 from tpfx.passes.ops import Kind, dropout_probability, rule_of
 from tpfx.passes.module_hooks import hooks_keep_pair_whole
 
@@ -77,6 +80,7 @@ class Pair:
     row_weight_layout: str = "out_in"  # ... stored (out, in) as nn.Linear, or (in, out) as GPT-2's Conv1D
     narrows: tuple[HeadNarrow, ...] = ()  # grouped-query k/v with fewer heads than tp (see _narrows)
     dropouts: tuple[HeadDropout, ...] = ()  # dropouts between the pair (see _dropouts)
+    full_sizes: tuple[FullSize, ...] = ()  # size reads of the split dims used where the full size is meant
 
     def __post_init__(self) -> None:
         if self.kind not in ("attention", "ffn"):
@@ -215,6 +219,7 @@ class _GroupRecords:
     shape_uses: list[ShapeUse] = field(default_factory=list)
     dropouts: list[str] = field(default_factory=list)  # the dropout nodes on the group's values, in graph order
     modules: list[str] = field(default_factory=list)  # the modules called on the group's values (their hooks matter)
+    size_reads: list[SizeRead] = field(default_factory=list)
 
 
 def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int, _GroupRecords]:
@@ -225,6 +230,8 @@ def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int,
         records[flow.group_of(group)].rows.extend(rows)
     for use in flow.shape_uses:
         records[flow.group_of(use.group)].shape_uses.append(use)
+    for read in flow.size_reads:
+        records[flow.group_of(read.group)].size_reads.append(read)
     for name in sorted(index.dropouts & flow.values.keys(), key=index.order.__getitem__):
         records[flow.group_of(flow.values[name].group)].dropouts.append(name)
     for name, value in flow.values.items():
@@ -267,7 +274,8 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
         row_layout=_layout_of(flow, leaves, chosen, row.key), shape_edits=_shape_edits(flow, records.shape_uses, chosen, whole_only),
         shard_size=_product(flow, list(chosen)), row_weight_name=row.key if row.functional else "",
         row_bias_name=row.bias, row_weight_layout=row.layout, narrows=narrows,
-        dropouts=_dropouts(flow, records.dropouts, chosen, whole_only))
+        dropouts=_dropouts(flow, records.dropouts, chosen, whole_only),
+        full_sizes=_full_sizes(flow, records, chosen, whole_only, index))
 
 
 def _partner(records: _GroupRecords, sites: list[Site], index: _GraphIndex) -> tuple[fx.Node, LinearCall, Dim]:
@@ -443,6 +451,100 @@ def _shape_edits(flow: FeatureFlow, uses: list[ShapeUse], chosen: tuple[int, ...
                 raise _NoPair(f"the size of a head dim in '{use.node_name}' is computed where tpfx cannot change it")
             edits.append(ShapeEdit(item.location[0], item.location[1], item.literal))
     return tuple(edits)
+
+
+def _full_sizes(flow: FeatureFlow, records: _GroupRecords, chosen: tuple[int, ...], whole_only: set[str],
+                index: _GraphIndex) -> tuple[FullSize, ...]:
+    """The group's size reads of a split dim, and the uses of each that need the single-device size.
+
+    A rank reads its local size of a split dim. A shape argument of this pair's region (a view of a
+    local tensor) needs exactly that; every other use (arithmetic with a tensor, a tensor made to that
+    size, an output, a shape argument outside the region) needs the single-device size.
+
+    Raises:
+        _NoPair: a read covers part of the split factors, is a stride, or is of a dim tpfx cannot place.
+    """
+    targets = {flow.factors.find(leaf) for leaf in chosen}
+    local_consumers = {use.node_name for use in records.shape_uses if use.node_name not in whole_only}
+    found = []
+    for read in records.size_reads:
+        node = index.nodes[read.node_name]
+        if node.args[0].name in whole_only:  # whole (replicated) keys or values: full size on every rank
+            continue
+        split = _split_items(flow, read, targets, node)
+        if split is None or split:
+            rank = len(read.elements) if read.tuple_read and read.elements is not None else 0
+            chain, uses = _size_uses(flow, node, split, rank, local_consumers)
+            if uses and split is None:
+                raise _NoPair(f"size read '{node.name}' ({node.format_node()}) is of a dim of '{node.args[0].name}' "
+                              "that tpfx cannot place (unknown rank); pass example_inputs= so that it has shapes")
+            if uses:
+                found.append(FullSize(node.name, tuple(split) if rank else (), rank, chain, uses))
+    return tuple(found)
+
+
+def _split_items(flow: FeatureFlow, read: SizeRead, targets: set[int], node: fx.Node) -> list[int] | None:
+    """Which numbers of a size read cover the split factors (all of them); None when the read is not placed."""
+    if read.elements is None:
+        return None
+    split = []
+    for position, factors in enumerate(read.elements):
+        held = {flow.factors.find(leaf) for f in factors for leaf in flow.factors.leaves(f)} & targets
+        if held and (held != targets or read.stride):
+            what = "a stride across" if read.stride else "part of"
+            raise _NoPair(f"size read '{node.name}' ({node.format_node()}) is {what} the split heads of "
+                          f"'{node.args[0].name}'; its rank-local value cannot stand for the single-device one")
+        if held:
+            split.append(position)
+    return split
+
+
+def _size_uses(flow: FeatureFlow, read: fx.Node, split: list[int] | None, rank: int,
+               local_consumers: set[str]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """Follow a read (of a whole shape of ``rank`` items) through size arithmetic: (the chain of
+    arithmetic, the uses that need the full size)."""
+    chain: list[str] = []
+    uses: list[tuple[str, str]] = []
+    frontier = [read]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if node is read and rank and _item_of(user, rank) not in (None, *split):
+                continue  # an item of the shape that is not split: the same on every rank
+            if user.name in local_consumers:
+                continue
+            if _is_size_arithmetic(user, flow):
+                if user.name not in chain:
+                    chain.append(user.name)
+                    frontier.append(user)
+            else:
+                uses.append((node.name, user.name))
+    return tuple(chain), tuple(uses)
+
+
+def _item_of(node: fx.Node, rank: int) -> int | None:
+    """The item (counted from the front) that a ``shape[i]`` node picks from a shape of ``rank`` items, else None."""
+    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int)):
+        return None
+    return node.args[1] % rank
+
+
+_SIZE_ARITHMETIC = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+                    operator.mod, operator.neg, operator.pow}
+
+
+def _is_size_arithmetic(node: fx.Node, flow: FeatureFlow) -> bool:
+    """Whether ``node`` computes a Python number or shape (from its fake value; without shapes, from its op)."""
+    if "val" in node.meta:
+        return _is_size_value(node.meta["val"])
+    return (node.op == "call_function" and node.name not in flow.values and
+            (node.target in _SIZE_ARITHMETIC or getattr(node.target, "__module__", None) == math.__name__))
+
+
+def _is_size_value(value: object) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_is_size_value(item) for item in value)
+    return isinstance(value, (int, float, torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
 def _paths(sites: list[Site]) -> str:

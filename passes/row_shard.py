@@ -38,7 +38,7 @@ import torch.nn as nn
 from tpfx.passes.column_shard import insert_collectives
 from tpfx.passes.find_sites import Site, SiteFinding, find_sites
 from tpfx.passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
-from tpfx.passes.localize_shapes import localize_shapes
+from tpfx.passes.localize_shapes import localize_shapes, restore_full_sizes
 from tpfx.passes.ops import function_rule, rule_of
 from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, Pairing, is_attention_op, pair_sites
 from tpfx.passes.plan import megatron_plan
@@ -73,7 +73,9 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
         inserted += _copy_inputs(gm, applications_of(index, sharded), group)
         inserted += _copy_outputs(gm, applications_of(index, {_key(s) for s in pair.columns} - sharded), group)
         inserted += _reduce_output(gm, applications_of(index, {pair.row_weight_name or pair.row_module_path}), group)
-    localized = localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
+    # full sizes first: a use that is another pair's shape argument is then divided from the full size
+    localized = restore_full_sizes(gm, tuple(f for p in pairing.pairs for f in p.full_sizes), tp=tp)
+    localized += localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
     nodes = {node.name: node for node in gm.graph.nodes}
     localized += _narrow_to_rank_heads(gm, nodes, [n for p in pairing.pairs for n in p.narrows], group)
     localized += _draw_dropouts_per_rank(gm, nodes, [d for p in pairing.pairs for d in p.dropouts], group)

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import gc
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.passes.column_shard import insert_collectives
+from tpfx.passes.fake_shapes import FakeShapes, propagate_fake_shapes
 from tpfx.passes.find_sites import SiteFinding, find_sites
 from tpfx.passes.meta_device import device_of_inputs, retarget_meta_device
 from tpfx.passes.pair_megatron import pair_sites
@@ -22,7 +25,7 @@ from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.capture import forward_signature
 from tpfx.collectives import bind_group, group_key
 from tpfx.errors import ConfigError
-from tpfx.export_capture import ExampleInputs, capture_for_parallelize
+from tpfx.export_capture import Captured, ExampleInputs, capture_for_parallelize, example_arguments
 from tpfx.megatron_report import megatron_report
 from tpfx.no_sites import warn_if_no_sites
 from tpfx.program import TensorParallelModule, adopt_missing, take_weights
@@ -160,7 +163,10 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
             or the other train/eval mode) is exported from a weightless copy of the model on its
             first call. ``gm.tpfx_report.tracer`` says which was used.
         example_inputs: the arguments of one call of ``model``: a tuple of positional
-            arguments, a dict of keyword arguments, or one tensor. Used by torch.export only.
+            arguments, a dict of keyword arguments, or one tensor. torch.export traces this call;
+            torch.fx graphs take their symbolic shapes from it (dims 0 and 1 symbolic). Without it,
+            fx assumes token ids or, for an input a linear or norm reads first, (batch, seq, width);
+            ``gm.tpfx_report.tracer_note`` says which (see :mod:`tpfx.passes.fake_shapes`).
 
     Returns:
         A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts.
@@ -191,6 +197,7 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     gm = captured.gm
     # a model built with parameters on meta was traced on meta: its device constants must say the inputs' device
     retarget_meta_device(gm, device=device_of_inputs(example_inputs))
+    shapes = _fake_shapes(captured, forward_signature(model), example_inputs)
     # every parameter of the model, also those this graph does not read: the plan lists them all
     adopt_missing(gm, captured.skeleton)
     strategy = STRATEGIES[Mode(mode)]
@@ -207,11 +214,38 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     gm.train(model.training)
     captured.serve_call_forms(forward_signature(model),
                               lambda traced: strategy.rewrite_other_form(traced, plan, layout.key),
-                              lambda traced, device: retarget_meta_device(traced, device=device))
+                              _preparation(shapes, forward_signature(model)))
+    note = "; ".join(filter(None, [captured.note, shapes.note if shapes is not None else ""]))
     report = build_report(gm, model, plan=plan, group=layout.key, call_form=captured.form,
-                          tracer=captured.tracer, tracer_note=captured.note)
+                          tracer=captured.tracer, tracer_note=note)
     gm.tpfx_report = strategy.report(report, gm, plan)
     return gm
+
+
+def _fake_shapes(captured: Captured, signature: inspect.Signature,
+                 example_inputs: ExampleInputs | None) -> FakeShapes | None:
+    """Symbolic shapes on an fx capture (export graphs have them), from the example inputs where given."""
+    if captured.tracer != "fx":
+        return None
+    given = {}
+    if example_inputs is not None:
+        try:
+            given = example_arguments(signature, example_inputs)
+        except ConfigError:  # fx never needed them: inputs that do not fit are assumed instead
+            given = {}
+    return propagate_fake_shapes(captured.gm, list(signature.parameters), given=given)
+
+
+def _preparation(shapes: FakeShapes | None, signature: inspect.Signature
+                 ) -> Callable[[fx.GraphModule, torch.device], None]:
+    """What another call form's graph needs before the passes: its device constants, and (fx) the
+    symbolic shapes of the program's own form, from the same inputs, so that it pairs alike."""
+    def prepare(traced: fx.GraphModule, device: torch.device) -> None:
+        retarget_meta_device(traced, device=device)
+        if shapes is not None and shapes.propagated:
+            propagate_fake_shapes(traced, list(signature.parameters), given=shapes.inputs)
+
+    return prepare
 
 
 @contextmanager

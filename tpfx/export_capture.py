@@ -74,6 +74,16 @@ def bind_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[s
     return call
 
 
+def example_arguments(signature: inspect.Signature, example_inputs: ExampleInputs) -> dict[str, Any]:
+    """The arguments of the example call by name, None ones left out (see :func:`bind_call`).
+
+    Raises:
+        ConfigError: the example inputs are not a tuple, dict or tensor, or do not fit the signature.
+    """
+    args, kwargs = _as_args_kwargs(example_inputs)
+    return bind_call(signature, args, kwargs)
+
+
 def export_form(call: dict[str, Any], *, training: bool) -> ExportForm:
     """The :class:`ExportForm` of a call (from :func:`bind_call`)."""
     def kind(value: Any) -> str:

@@ -34,7 +34,7 @@ class Report:
     linear_order: tuple[str, ...] = ()  # module paths of the graph's call_module nodes, in graph order
     collectives_by_module: tuple[tuple[str, tuple[str, ...]], ...] = ()  # sharded module -> collectives next to it
     tracer: str = "fx"  # how the model was captured: "fx" or "export"
-    tracer_note: str = ""  # why tracer="auto" chose export, and which dims stayed dynamic
+    tracer_note: str = ""  # why tracer="auto" chose export, which dims stayed dynamic; fx: where shapes came from
     mode: str = "gather"  # the parallelization mode; MegatronReport says "megatron"
 
     def sites_table(self) -> list[dict[str, object]]:
