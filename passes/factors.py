@@ -234,3 +234,20 @@ class ShapeUse:
     group: int
     dims: list[Dim]
     items: list[SizeItem]
+
+
+@dataclass(frozen=True)
+class OutsideOperand:
+    """A tensor from outside the region that an op combines element by element with a region value.
+
+    ``dims`` is the region value's dim it meets (``dim``, counted from the end, in both: operands line
+    up from the right), holding feature factors. The tensor is either broadcast along it (size 1) or
+    full size; in the latter case, once pairing splits a factor of that dim across ranks, each rank
+    must read only its part of the tensor (an ALiBi bias holding every head, added to a rank's heads).
+    """
+
+    consumer: str
+    producer: str
+    dim: int
+    dims: Dim
+    group: int

@@ -44,7 +44,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tpfx.passes.factors import ONE, Dim, Factors, Part, Pieces, ShapeUse, Size, SizeItem, Unsupported, Value
+from tpfx.passes.factors import (ONE, Dim, Factors, OutsideOperand, Part, Pieces, ShapeUse, Size, SizeItem,
+                                  Unsupported, Value)
 from tpfx.passes.flow_rules import RULES
 from tpfx.passes.ops import Flow, op_label, rule_of
 
@@ -90,6 +91,7 @@ class FeatureFlow:
     shape_uses: list[ShapeUse] = field(default_factory=list)
     values: dict[str, Value] = field(default_factory=dict)  # node -> its abstract value, for the nodes that have one
     region: set[str] = field(default_factory=set)  # every node downstream of a column linear that was followed
+    outside: list[OutsideOperand] = field(default_factory=list)  # full-size tensors met (see flow_rules)
     _groups: dict[int, int] = field(default_factory=dict)
 
     def group_of(self, group: int) -> int:

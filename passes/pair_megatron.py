@@ -21,6 +21,7 @@ falls back to column-plus-gather, and the record says why.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -29,7 +30,7 @@ import torch.nn as nn
 
 from tpfx.passes.find_sites import Site, SiteFinding
 from tpfx.passes.graph_view import functional_linear, parameter_shapes
-from tpfx.passes.factors import Dim, FeatureLayout, ShapeUse, Value
+from tpfx.passes.factors import Dim, FeatureLayout, OutsideOperand, ShapeUse, Size, Value
 from tpfx.passes.feature_flow import FeatureFlow, LinearCall, LinearOf, analyze_feature_flow, module_linears
 from tpfx.passes.localize_shapes import ShapeEdit
 from tpfx.passes.ops import Kind, dropout_probability, rule_of
@@ -41,11 +42,23 @@ _FFN_ROLES = ("fc1", "up")
 class HeadNarrow:
     """Where whole (replicated) grouped-query keys or values, repeated to every query head, meet the
     queries' local heads: ``producer``'s dim ``dim`` (counted from the end) is narrowed to this
-    rank's heads before ``consumer`` reads it."""
+    rank's heads before ``consumer`` reads it.
+
+    With ``block``, ``producer`` is a full-size tensor from outside the pair (an ALiBi bias holding
+    every head, a learned scale over all of d_ff) that ``consumer`` combines element by element with
+    the rank's part: every block of ``block`` elements along ``dim`` (the split factor and what is
+    inner to it in that dim) is narrowed to the rank's part, a broadcast dim is kept whole, and the
+    tensor's gradient is summed over the group (each rank's part of it is zero elsewhere)."""
 
     consumer: str
     producer: str
     dim: int
+    block: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dim >= 0 or (self.block is not None and self.block < 1):
+            raise ValueError(f"narrow of {self.producer} for {self.consumer}: dim {self.dim} must count from the "
+                             f"end (< 0) and block {self.block} be positive")
 
 
 @dataclass(frozen=True)
@@ -98,8 +111,9 @@ class Pair:
 
     def describe(self) -> str:
         """One line, e.g. ``attn.qkv_proj [3, 4*, 32] -> attn.out_proj [4*, 32]``."""
-        columns = ", ".join(f"{s.module_path} {l.describe()}" for s, l in zip(self.columns, self.column_layouts))
-        return f"{columns} -> {self.row_module_path} {self.row_layout.describe()}"
+        # a parameter of the model itself has no owner path: its own name says which it is
+        columns = ", ".join(f"{s.module_path or s.weight_name} {l.describe()}" for s, l in zip(self.columns, self.column_layouts))
+        return f"{columns} -> {self.row_module_path or self.row_weight_name} {self.row_layout.describe()}"
 
 
 @dataclass(frozen=True)
@@ -212,6 +226,7 @@ class _GroupRecords:
     rows: list[tuple[str, str, Dim]] = field(default_factory=list)  # the linears the group's values reach
     shape_uses: list[ShapeUse] = field(default_factory=list)
     dropouts: list[str] = field(default_factory=list)  # the dropout nodes on the group's values, in graph order
+    outside: list[OutsideOperand] = field(default_factory=list)  # full-size tensors the group's values meet
 
 
 def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int, _GroupRecords]:
@@ -224,6 +239,8 @@ def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int,
         records[flow.group_of(use.group)].shape_uses.append(use)
     for name in sorted(index.dropouts & flow.values.keys(), key=index.order.__getitem__):
         records[flow.group_of(flow.values[name].group)].dropouts.append(name)
+    for met in flow.outside:
+        records[flow.group_of(met.group)].outside.append(met)
     return records
 
 
@@ -250,6 +267,7 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
     if all(layout.shard_axis is None for layout in layouts):
         raise _NoPair(f"no factor of {_paths(sites)} lines up with the split input of '{row.key}'")
     whole_only, narrows = _narrows(flow, chosen, sites, layouts, index) if len(chosen) > 1 else (set(), ())
+    narrows += _outside_narrows(flow, records.outside, chosen, whole_only)
     weight_shape = (row.out_features, row.in_features) if row.layout == "out_in" else (row.in_features, row.out_features)
     return Pair(
         kind="ffn" if all(site.role in _FFN_ROLES for site in sites) else "attention",
@@ -396,6 +414,45 @@ def _narrows(flow: FeatureFlow, chosen: tuple[int, ...], sites: list[Site], layo
                               "before they are repeated to the query heads")
             narrows.append(HeadNarrow(consumer, producer.name, at[0] - len(dims)))
     return whole_only, tuple(narrows)
+
+
+def _outside_narrows(flow: FeatureFlow, met: list[OutsideOperand], chosen: tuple[int, ...],
+                     whole_only: set[str]) -> tuple[HeadNarrow, ...]:
+    """The full-size tensors from outside the pair that meet the split factor, each narrowed to the rank's part.
+
+    Where the dim an outside tensor meets holds the split factor (a run of leaves), each rank reads
+    its part of every block of that factor and what is inner to it in the dim; the sizes inner to it
+    must be known while tracing. A dim without the split factor is the same on every rank, and so
+    is every value on the whole keys' and values' side (``whole_only``).
+    """
+    targets = [flow.factors.find(leaf) for leaf in chosen]
+    narrows: dict[tuple[str, str], HeadNarrow] = {}
+    for use in (m for m in met if m.consumer not in whole_only):
+        parts = _leaf_parts(flow, use.dims)  # (class or None for a batch size, size), outermost first
+        classes = [cls for cls, _ in parts]
+        at = [i for i in range(len(classes) - len(targets) + 1) if classes[i:i + len(targets)] == targets]
+        if not at and set(targets).isdisjoint(classes):
+            continue  # the split factor is not in this dim: the tensor is the same on every rank there
+        inner = [size for _, size in parts[at[0]:]] if len(at) == 1 else []
+        if not inner or not all(size.is_int for size in inner):
+            raise _NoPair(f"'{use.consumer}' combines the full-size tensor '{use.producer}' with the split factor along "
+                          f"dim {use.dim}, where a rank's part is not one run of each block of a size known while "
+                          "tracing; give the heads a dim of their own there")
+        narrow = HeadNarrow(use.consumer, use.producer, use.dim, math.prod(size.coeff for size in inner))
+        if narrows.setdefault((use.consumer, use.producer), narrow) != narrow:
+            raise _NoPair(f"'{use.consumer}' meets the split factor in two dims of the full-size tensor '{use.producer}'")
+    return tuple(narrows.values())
+
+
+def _leaf_parts(flow: FeatureFlow, dim: Dim) -> list[tuple[int | None, Size]]:
+    """A dim's parts with its feature factors expanded to their leaves: (leaf class, size), (None, size) for a batch part."""
+    parts: list[tuple[int | None, Size]] = []
+    for part in dim:
+        if part.factor is None:
+            parts.append((None, part.size))
+        else:
+            parts += [(flow.factors.find(leaf), Size(flow.factors.sizes[leaf])) for leaf in flow.factors.leaves(part.factor)]
+    return parts
 
 
 def _dropouts(flow: FeatureFlow, names: list[str], chosen: tuple[int, ...],

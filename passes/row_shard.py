@@ -151,7 +151,11 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
         inserted += _reduce_output(gm, applications_of(index, {pair.row_weight_name or pair.row_module_path}), group)
     localized = localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
     nodes = {node.name: node for node in gm.graph.nodes}
-    localized += _narrow_to_rank_heads(gm, nodes, [n for p in pairing.pairs for n in p.narrows], group)
+    narrows = [n for p in pairing.pairs for n in p.narrows]
+    localized += _narrow_to_rank_heads(gm, nodes, [n for n in narrows if n.block is None], group)
+    copies, parts = _narrow_outside_tensors(gm, nodes, [n for n in narrows if n.block is not None], group)
+    inserted += copies
+    localized += parts
     localized += _draw_dropouts_per_rank(gm, nodes, [d for p in pairing.pairs for d in p.dropouts], group)
     gathered = insert_collectives(gm, pairing.fallback_sites, group=group)
     ordered = {n.name: i for i, n in enumerate(gm.graph.nodes)}
@@ -170,6 +174,45 @@ def _narrow_to_rank_heads(gm: fx.GraphModule, nodes: dict[str, fx.Node], narrows
         consumer.replace_input_with(producer, part)
         inserted.append(part.name)
     return tuple(inserted)
+
+
+def _narrow_outside_tensors(gm: fx.GraphModule, nodes: dict[str, fx.Node], narrows: list[HeadNarrow],
+                            group: str) -> tuple[list[str], tuple[str, ...]]:
+    """Narrow full-size tensors from outside a pair (an ALiBi bias of every head) to this rank's part.
+
+    A tensor computed from a learned parameter passes one copy-to first: forward it is the same
+    tensor, backward each rank's part of its gradient (zero elsewhere) is summed over the group, so
+    the parameter gets the single-device gradient on every rank. Returns the copies and the parts.
+    """
+    learned = _computed_from_learned_parameters(gm)
+    copies: dict[str, fx.Node] = {}
+    parts = []
+    for narrow in narrows:
+        consumer, producer = nodes[narrow.consumer], nodes[narrow.producer]
+        source = producer
+        if producer in learned:
+            if narrow.producer not in copies:
+                with gm.graph.inserting_after(producer):
+                    copies[narrow.producer] = gm.graph.call_function(copy_to_tp, (producer, group))
+            source = copies[narrow.producer]
+        with gm.graph.inserting_before(consumer):
+            part = gm.graph.call_function(rank_part, (source, narrow.dim, group), {"block": narrow.block})
+        consumer.replace_input_with(producer, part)
+        parts.append(part.name)
+    return [copy.name for copy in copies.values()], tuple(parts)
+
+
+def _computed_from_learned_parameters(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes whose value depends on a parameter that requires a gradient (one pass in graph order).
+
+    Buffers, constants and the inputs do not count: the inputs of a model do not ask for gradients.
+    """
+    learned = {name for name, parameter in gm.named_parameters(remove_duplicate=False) if parameter.requires_grad}
+    found: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if (node.op == "get_attr" and node.target in learned) or any(p in found for p in node.all_input_nodes):
+            found.add(node)
+    return found
 
 
 def _draw_dropouts_per_rank(gm: fx.GraphModule, nodes: dict[str, fx.Node], dropouts: list[HeadDropout],
