@@ -240,14 +240,14 @@ class ShapeUse:
 class OutsideOperand:
     """A tensor from outside the region that an op combines element by element with a region value.
 
-    ``dims`` is the region value's dim it meets (``dim``, counted from the end, in both: operands line
-    up from the right), holding feature factors. The tensor is either broadcast along it (size 1) or
-    full size; in the latter case, once pairing splits a factor of that dim across ranks, each rank
-    must read only its part of the tensor (an ALiBi bias holding every head, added to a rank's heads).
+    ``meets`` lists the region value's dims (each as ``(dim counted from the end, its parts)``; the
+    operands line up from the right) that hold feature factors and along which the tensor is not
+    known to be broadcast: where pairing splits a factor of one of them, the tensor is full size
+    there (an ALiBi bias holding every head) and each rank must read only its part. Along any dim,
+    each rank's use of the tensor is its part of the single-device use: its gradient is a partial sum.
     """
 
     consumer: str
     producer: str
-    dim: int
-    dims: Dim
     group: int
+    meets: tuple[tuple[int, Dim], ...] = ()

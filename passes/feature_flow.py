@@ -91,7 +91,7 @@ class FeatureFlow:
     shape_uses: list[ShapeUse] = field(default_factory=list)
     values: dict[str, Value] = field(default_factory=dict)  # node -> its abstract value, for the nodes that have one
     region: set[str] = field(default_factory=set)  # every node downstream of a column linear that was followed
-    outside: list[OutsideOperand] = field(default_factory=list)  # full-size tensors met (see flow_rules)
+    outside: list[OutsideOperand] = field(default_factory=list)  # tensors from outside the region that ops read
     _groups: dict[int, int] = field(default_factory=dict)
 
     def group_of(self, group: int) -> int:

@@ -340,21 +340,23 @@ def _meet_outside(interp: FlowInterpreter, node: fx.Node, outside: fx.Node, dims
     """``node`` combines ``outside`` (a tensor from outside the region) element by element with a value of ``dims``.
 
     Along a dim of feature factors, ``outside`` is broadcast (size 1, or a dim it lacks) or full size
-    (a bias holding every head); which of them is split across ranks is decided by pairing, so each
-    such meeting is recorded (:class:`~tpfx.passes.factors.OutsideOperand`), not blocked: pairing
-    narrows the tensor to the rank's part or falls back with the reason. A shape unknown while
-    tracing is recorded for every dim: the rank's part is then taken at run time, where a broadcast
-    dim stays whole.
+    (a bias holding every head); which factor is split across ranks is decided by pairing, so the
+    meeting is recorded (:class:`~tpfx.passes.factors.OutsideOperand`), not blocked: pairing narrows
+    the tensor to the rank's part or falls back with the reason. A shape unknown while tracing
+    counts as full size along every such dim: the rank's part is then taken at run time, where a
+    broadcast dim stays whole.
     """
     if _is_python_value(interp, outside):
         return  # a number (math.sqrt(q.size(-1))): the same for every element
     shape = interp.outside_shape(outside)
+    meets = []
     for offset in range(1, len(dims) + 1):
         if not any(part.factor is not None for part in dims[-offset]):
             continue  # batch sizes only: the same on every rank
         if shape is not None and (offset > len(shape) or shape[-offset] == ONE):
             continue  # broadcast along it
-        interp.flow.outside.append(OutsideOperand(node.name, outside.name, -offset, dims[-offset], group))
+        meets.append((-offset, dims[-offset]))
+    interp.flow.outside.append(OutsideOperand(node.name, outside.name, group, tuple(meets)))
 
 
 def _is_python_value(interp: FlowInterpreter, node: fx.Node) -> bool:

@@ -47,8 +47,7 @@ class HeadNarrow:
     With ``block``, ``producer`` is a full-size tensor from outside the pair (an ALiBi bias holding
     every head, a learned scale over all of d_ff) that ``consumer`` combines element by element with
     the rank's part: every block of ``block`` elements along ``dim`` (the split factor and what is
-    inner to it in that dim) is narrowed to the rank's part, a broadcast dim is kept whole, and the
-    tensor's gradient is summed over the group (each rank's part of it is zero elsewhere)."""
+    inner to it in that dim) is narrowed to the rank's part, and a broadcast dim is kept whole."""
 
     consumer: str
     producer: str
@@ -59,6 +58,17 @@ class HeadNarrow:
         if self.dim >= 0 or (self.block is not None and self.block < 1):
             raise ValueError(f"narrow of {self.producer} for {self.consumer}: dim {self.dim} must count from the "
                              f"end (< 0) and block {self.block} be positive")
+
+
+@dataclass(frozen=True)
+class OutsideRead:
+    """An op between the pair (``consumer``) reads a tensor from outside it (``producer``: a bias, a mask, a table).
+
+    Each rank uses it for its heads only, so the gradient it gets is its part of the single-device
+    one: where the tensor is computed from learned parameters, the rewrite sums it over the group."""
+
+    consumer: str
+    producer: str
 
 
 @dataclass(frozen=True)
@@ -89,6 +99,7 @@ class Pair:
     row_weight_layout: str = "out_in"  # ... stored (out, in) as nn.Linear, or (in, out) as GPT-2's Conv1D
     narrows: tuple[HeadNarrow, ...] = ()  # grouped-query k/v with fewer heads than tp (see _narrows)
     dropouts: tuple[HeadDropout, ...] = ()  # dropouts between the pair (see _dropouts)
+    outside_reads: tuple[OutsideRead, ...] = ()  # tensors from outside the pair read between it
 
     def __post_init__(self) -> None:
         if self.kind not in ("attention", "ffn"):
@@ -226,7 +237,7 @@ class _GroupRecords:
     rows: list[tuple[str, str, Dim]] = field(default_factory=list)  # the linears the group's values reach
     shape_uses: list[ShapeUse] = field(default_factory=list)
     dropouts: list[str] = field(default_factory=list)  # the dropout nodes on the group's values, in graph order
-    outside: list[OutsideOperand] = field(default_factory=list)  # full-size tensors the group's values meet
+    outside: list[OutsideOperand] = field(default_factory=list)  # tensors from outside the group's values meet
 
 
 def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int, _GroupRecords]:
@@ -277,7 +288,8 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
         row_layout=_layout_of(flow, leaves, chosen, row.key), shape_edits=_shape_edits(flow, records.shape_uses, chosen, whole_only),
         shard_size=_product(flow, list(chosen)), row_weight_name=row.key if row.functional else "",
         row_bias_name=row.bias, row_weight_layout=row.layout, narrows=narrows,
-        dropouts=_dropouts(flow, records.dropouts, chosen, whole_only))
+        dropouts=_dropouts(flow, records.dropouts, chosen, whole_only),
+        outside_reads=tuple(dict.fromkeys(OutsideRead(met.consumer, met.producer) for met in records.outside)))
 
 
 def _partner(records: _GroupRecords, sites: list[Site], index: _GraphIndex) -> tuple[fx.Node, LinearCall, Dim]:
@@ -420,25 +432,25 @@ def _outside_narrows(flow: FeatureFlow, met: list[OutsideOperand], chosen: tuple
                      whole_only: set[str]) -> tuple[HeadNarrow, ...]:
     """The full-size tensors from outside the pair that meet the split factor, each narrowed to the rank's part.
 
-    Where the dim an outside tensor meets holds the split factor (a run of leaves), each rank reads
+    Where a dim an outside tensor meets holds the split factor (a run of leaves), each rank reads
     its part of every block of that factor and what is inner to it in the dim; the sizes inner to it
     must be known while tracing. A dim without the split factor is the same on every rank, and so
     is every value on the whole keys' and values' side (``whole_only``).
     """
     targets = [flow.factors.find(leaf) for leaf in chosen]
     narrows: dict[tuple[str, str], HeadNarrow] = {}
-    for use in (m for m in met if m.consumer not in whole_only):
-        parts = _leaf_parts(flow, use.dims)  # (class or None for a batch size, size), outermost first
-        classes = [cls for cls, _ in parts]
+    for use, dim, parts in ((m, d, p) for m in met if m.consumer not in whole_only for d, p in m.meets):
+        leaves = _leaf_parts(flow, parts)  # (class or None for a batch size, size), outermost first
+        classes = [cls for cls, _ in leaves]
         at = [i for i in range(len(classes) - len(targets) + 1) if classes[i:i + len(targets)] == targets]
         if not at and set(targets).isdisjoint(classes):
             continue  # the split factor is not in this dim: the tensor is the same on every rank there
-        inner = [size for _, size in parts[at[0]:]] if len(at) == 1 else []
+        inner = [size for _, size in leaves[at[0]:]] if len(at) == 1 else []
         if not inner or not all(size.is_int for size in inner):
             raise _NoPair(f"'{use.consumer}' combines the full-size tensor '{use.producer}' with the split factor along "
-                          f"dim {use.dim}, where a rank's part is not one run of each block of a size known while "
+                          f"dim {dim}, where a rank's part is not one run of each block of a size known while "
                           "tracing; give the heads a dim of their own there")
-        narrow = HeadNarrow(use.consumer, use.producer, use.dim, math.prod(size.coeff for size in inner))
+        narrow = HeadNarrow(use.consumer, use.producer, dim, math.prod(size.coeff for size in inner))
         if narrows.setdefault((use.consumer, use.producer), narrow) != narrow:
             raise _NoPair(f"'{use.consumer}' meets the split factor in two dims of the full-size tensor '{use.producer}'")
     return tuple(narrows.values())

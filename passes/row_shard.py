@@ -41,7 +41,7 @@ from tpfx.passes.graph_view import FunctionalLinear, LinearApplication, applicat
 from tpfx.passes.factors import FeatureLayout
 from tpfx.passes.localize_shapes import localize_shapes
 from tpfx.passes.ops import function_rule, rule_of
-from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, Pairing, is_attention_op, pair_sites
+from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, OutsideRead, Pairing, is_attention_op, pair_sites
 from tpfx.collectives import copy_to_tp, reduce_from_tp
 from tpfx.errors import ShardingError
 from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, ShardSpec
@@ -153,9 +153,9 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
     nodes = {node.name: node for node in gm.graph.nodes}
     narrows = [n for p in pairing.pairs for n in p.narrows]
     localized += _narrow_to_rank_heads(gm, nodes, [n for n in narrows if n.block is None], group)
-    copies, parts = _narrow_outside_tensors(gm, nodes, [n for n in narrows if n.block is not None], group)
-    inserted += copies
-    localized += parts
+    copies = _sum_outside_gradients(gm, nodes, [r for p in pairing.pairs for r in p.outside_reads], group)
+    inserted += [copy.name for copy in copies.values()]
+    localized += _narrow_outside_tensors(gm, nodes, [n for n in narrows if n.block is not None], copies, group)
     localized += _draw_dropouts_per_rank(gm, nodes, [d for p in pairing.pairs for d in p.dropouts], group)
     gathered = insert_collectives(gm, pairing.fallback_sites, group=group)
     ordered = {n.name: i for i, n in enumerate(gm.graph.nodes)}
@@ -176,30 +176,40 @@ def _narrow_to_rank_heads(gm: fx.GraphModule, nodes: dict[str, fx.Node], narrows
     return tuple(inserted)
 
 
-def _narrow_outside_tensors(gm: fx.GraphModule, nodes: dict[str, fx.Node], narrows: list[HeadNarrow],
-                            group: str) -> tuple[list[str], tuple[str, ...]]:
-    """Narrow full-size tensors from outside a pair (an ALiBi bias of every head) to this rank's part.
+def _sum_outside_gradients(gm: fx.GraphModule, nodes: dict[str, fx.Node], reads: list[OutsideRead],
+                           group: str) -> dict[str, fx.Node]:
+    """A copy-to for each tensor from outside a pair that is computed from learned parameters, read between it.
 
-    A tensor computed from a learned parameter passes one copy-to first: forward it is the same
-    tensor, backward each rank's part of its gradient (zero elsewhere) is summed over the group, so
-    the parameter gets the single-device gradient on every rank. Returns the copies and the parts.
+    Each rank uses such a tensor (a learned per-head bias, a learned scale) for its own heads only,
+    so its gradient there is a partial sum; forward the copy is the same tensor, backward it sums
+    the gradient over the group. Only the pair's ops read the copy: uses outside the pair are whole
+    on every rank, their gradients are not partial. Returns producer name -> its copy.
     """
     learned = _computed_from_learned_parameters(gm)
     copies: dict[str, fx.Node] = {}
+    for read in reads:
+        producer = nodes[read.producer]
+        if producer not in learned:
+            continue  # a buffer, a mask, an input: no gradient to sum
+        if read.producer not in copies:
+            with gm.graph.inserting_after(producer):
+                copies[read.producer] = gm.graph.call_function(copy_to_tp, (producer, group))
+        nodes[read.consumer].replace_input_with(producer, copies[read.producer])
+    return copies
+
+
+def _narrow_outside_tensors(gm: fx.GraphModule, nodes: dict[str, fx.Node], narrows: list[HeadNarrow],
+                            copies: dict[str, fx.Node], group: str) -> tuple[str, ...]:
+    """Narrow full-size tensors from outside a pair (an ALiBi bias of every head) to this rank's part of them."""
     parts = []
     for narrow in narrows:
-        consumer, producer = nodes[narrow.consumer], nodes[narrow.producer]
-        source = producer
-        if producer in learned:
-            if narrow.producer not in copies:
-                with gm.graph.inserting_after(producer):
-                    copies[narrow.producer] = gm.graph.call_function(copy_to_tp, (producer, group))
-            source = copies[narrow.producer]
+        consumer = nodes[narrow.consumer]
+        source = copies.get(narrow.producer, nodes[narrow.producer])  # what the consumer reads now
         with gm.graph.inserting_before(consumer):
             part = gm.graph.call_function(rank_part, (source, narrow.dim, group), {"block": narrow.block})
-        consumer.replace_input_with(producer, part)
+        consumer.replace_input_with(source, part)
         parts.append(part.name)
-    return [copy.name for copy in copies.values()], tuple(parts)
+    return tuple(parts)
 
 
 def _computed_from_learned_parameters(gm: fx.GraphModule) -> set[fx.Node]:

@@ -10,6 +10,7 @@ and every gradient with the single-device model (fp32, 1e-5).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 
 import pytest
@@ -171,13 +172,15 @@ class AlibiBuffer(nn.Module):
 
 
 class LearnedHeadBias(nn.Module):
-    """A learned bias per head (H, 1, T_max) added to the scores, and a learned scale over d_ff in the FFN:
-    full-size parameters from outside the pairs, whose gradients every rank must get whole."""
+    """A learned bias per head (H, 1, T_max) added to the scores, a learned temperature (a scalar, broadcast
+    over every head) and a learned scale over d_ff in the FFN: parameters from outside the pairs, read by
+    every rank for its own heads only, whose gradients every rank must get whole."""
 
     def __init__(self) -> None:
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(WIDTH, WIDTH) for _ in range(4))
         self.head_bias = nn.Parameter(torch.randn(HEADS, 1, MAX_SEQ) * 0.3)
+        self.temperature = nn.Parameter(torch.tensor(1.3))
         self.fc1, self.fc2 = nn.Linear(WIDTH, FF), nn.Linear(FF, WIDTH)
         self.gamma = nn.Parameter(1 + torch.randn(FF) * 0.1)
         self.register_buffer("future", _future(), persistent=False)
@@ -185,7 +188,7 @@ class LearnedHeadBias(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seq, width = x.shape
         q, k, v = (p(x).view(bsz, seq, HEADS, HEAD).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
-        scores = q @ k.transpose(-2, -1) / math.sqrt(HEAD) + self.head_bias[:, :, :seq]
+        scores = q @ k.transpose(-2, -1) * self.temperature / math.sqrt(HEAD) + self.head_bias[:, :, :seq]
         scores = scores.masked_fill(self.future[:seq, :seq], float("-inf"))
         x = x + self.o_proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(bsz, seq, width))
         return x + self.fc2(F.gelu(self.fc1(x)) * self.gamma)
@@ -326,6 +329,33 @@ def test_per_head_bias_is_narrowed_to_the_ranks_heads(tracer, make, expected):
     assert not pairing.fallbacks and len(pairing.pairs) == len({dim for _, dim, _ in expected})
     narrowed = [n for n in _narrowed(pairing, gm) if n[0] != "future"]  # fx: the mask of unknown shape too
     assert narrowed == expected
+
+
+@pytest.mark.parametrize("tracer", TRACERS)
+def test_learned_tensors_read_between_a_pair_have_their_gradient_summed_over_the_group(tracer):
+    """head_bias and gamma are narrowed, the temperature is broadcast: all three get a copy-to (all-reduce
+    backward) that only the pair's ops read; the buffers and masks get none."""
+    model = LearnedHeadBias().eval()
+    program = tpfx.parallelize(model, tp=2, rank=0, mode="megatron", tracer=tracer, example_inputs=(_example(),))
+    copies = {name: _copies_of(program.graph, name) for name in ("head_bias", "temperature", "gamma", "future")}
+    assert {name: len(found) for name, found in copies.items()} == {
+        "head_bias": 1, "temperature": 1, "gamma": 1, "future": 0}
+    (temperature,) = copies["temperature"]  # broadcast over the heads: summed, not narrowed
+    assert [u.target for u in temperature.users] in ([operator.mul], [torch.ops.aten.mul.Tensor])
+    for name in ("head_bias", "gamma"):  # full size: summed, then narrowed to the rank's part
+        assert [u.target for u in copies[name][0].users] == [rank_part]
+
+
+def _copies_of(graph: fx.Graph, attribute: str) -> list[fx.Node]:
+    """The copy-to nodes of a model attribute, or of a slice of it (``head_bias[:, :, :seq]``)."""
+    found = []
+    for copy in (n for n in graph.nodes if n.target is copy_to_tp):
+        source = copy.args[0]
+        while source.op == "call_function" and source.target in (operator.getitem, torch.ops.aten.slice.Tensor):
+            source = source.args[0]
+        if source.op == "get_attr" and source.target == attribute:
+            found.append(copy)
+    return found
 
 
 class _HeadsMergedWithPositions(nn.Module):
