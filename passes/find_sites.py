@@ -26,7 +26,9 @@ Rules (each walk is along tensor dataflow in :func:`tpfx.passes.graph_view.to_ne
   repeats key/value heads for grouped-query attention) and elementwise ops (the scale, rotary
   embeddings ``q * cos + rotate_half(q) * sin``). Reductions, norms, softmax and matmuls stop the
   walk: they mix positions of the feature dimension. Role ``qkv`` when it reaches all three,
-  otherwise the letters it reaches (``q``, ``kv``, ...).
+  otherwise the letters it reaches (``q``, ``kv``, ...). A matmul's factors are where the op
+  registry says (``baddbmm(bias, q, k^T)``: arguments 1 and 2), and between the scores and the
+  softmax any pointwise op may stand, activations included (a soft cap ``tanh(s / c) * c``).
 * FFN first linear: on the way from the linear's output to another linear's input (through shape,
   elementwise, activation and dropout ops) there is an activation: ``gelu``, ``relu``, ``silu``, or
   the written-out tanh/erf GELU (role ``fc1``). In a gated FFN ``act(gate(x)) * up(x) -> down`` the

@@ -16,7 +16,10 @@ The sites whose outputs meet (q, k and v at the attention; gate and up at the pr
 group; the group's pair partner is the one linear its values reach, found by walking the dataflow
 with :func:`tpfx.passes.feature_flow.analyze_feature_flow`. Every op on the way must be elementwise or
 head-local; otherwise, or when no factor of the partner's input can be split across tp, the group
-falls back to column-plus-gather, and the record says why.
+falls back to column-plus-gather, and the record says why. A tensor from outside the pair that holds
+the split factor in full (an ALiBi bias of every head added to the scores) is narrowed to the
+rank's part where the pair reads it (:class:`HeadNarrow` with a ``block``), and one computed from
+learned parameters has its gradient summed over the group (:class:`OutsideRead`).
 """
 
 from __future__ import annotations
@@ -123,7 +126,8 @@ class Pair:
     def describe(self) -> str:
         """One line, e.g. ``attn.qkv_proj [3, 4*, 32] -> attn.out_proj [4*, 32]``."""
         # a parameter of the model itself has no owner path: its own name says which it is
-        columns = ", ".join(f"{s.module_path or s.weight_name} {l.describe()}" for s, l in zip(self.columns, self.column_layouts))
+        columns = ", ".join(f"{s.module_path or s.weight_name} {layout.describe()}"
+                            for s, layout in zip(self.columns, self.column_layouts))
         return f"{columns} -> {self.row_module_path or self.row_weight_name} {self.row_layout.describe()}"
 
 
@@ -447,23 +451,26 @@ def _outside_narrows(flow: FeatureFlow, met: list[OutsideOperand], chosen: tuple
             continue  # the split factor is not in this dim: the tensor is the same on every rank there
         inner = [size for _, size in leaves[at[0]:]] if len(at) == 1 else []
         if not inner or not all(size.is_int for size in inner):
-            raise _NoPair(f"'{use.consumer}' combines the full-size tensor '{use.producer}' with the split factor along "
-                          f"dim {dim}, where a rank's part is not one run of each block of a size known while "
-                          "tracing; give the heads a dim of their own there")
+            raise _NoPair(f"'{use.consumer}' combines the tensor '{use.producer}' from outside the pair (full size, or "
+                          f"of a shape not known while tracing) with the split factor along dim {dim}, where a rank's "
+                          "part is not one run of each block of a size known while tracing; give the heads a dim "
+                          "of their own there")
         narrow = HeadNarrow(use.consumer, use.producer, dim, math.prod(size.coeff for size in inner))
         if narrows.setdefault((use.consumer, use.producer), narrow) != narrow:
-            raise _NoPair(f"'{use.consumer}' meets the split factor in two dims of the full-size tensor '{use.producer}'")
+            raise _NoPair(f"'{use.consumer}' meets the split factor in two dims of the tensor '{use.producer}' "
+                          "from outside the pair; give the heads a dim of their own there")
     return tuple(narrows.values())
 
 
 def _leaf_parts(flow: FeatureFlow, dim: Dim) -> list[tuple[int | None, Size]]:
-    """A dim's parts with its feature factors expanded to their leaves: (leaf class, size), (None, size) for a batch part."""
+    """A dim's parts, feature factors expanded to their leaves: (leaf class, size), or (None, size) for a batch part."""
     parts: list[tuple[int | None, Size]] = []
     for part in dim:
         if part.factor is None:
             parts.append((None, part.size))
         else:
-            parts += [(flow.factors.find(leaf), Size(flow.factors.sizes[leaf])) for leaf in flow.factors.leaves(part.factor)]
+            leaves = flow.factors.leaves(part.factor)
+            parts += [(flow.factors.find(leaf), Size(flow.factors.sizes[leaf])) for leaf in leaves]
     return parts
 
 

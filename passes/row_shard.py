@@ -20,6 +20,14 @@ In an exported (ATen) graph a linear is an op on a parameter: the op stays and i
 replaced by this rank's parts (rows or columns as the weight is stored), and a row linear's bias is
 taken out of its op (``addmm(b, x, w)`` becomes ``mm(x, w)``) and added after the reduce.
 
+A tensor from outside the pair that holds every head (an ALiBi bias added to the scores) is narrowed
+to the rank's heads where the pair reads it; a learned one first passes a copy-to, so that its
+gradient, each rank's part of it, is summed over the group::
+
+    scores = matmul + head_bias                                # (B, H, T, T) + (H, 1, T)
+    # after: copy_to_tp = copy_to_tp(head_bias, 'tp:0-1')
+    #        rank_part = rank_part(copy_to_tp, -3, 'tp:0-1', block=4); scores = matmul + rank_part
+
 Sites that could not be paired keep the column-plus-gather rewrite of :mod:`tpfx.passes.column_shard`.
 As there, modules and graphs are separate steps, so that further call forms reuse the shards:
 :func:`shard_pair_modules` replaces the modules, :func:`rewrite_pair_graph` rewrites one graph.
