@@ -251,3 +251,20 @@ class SizeRead:
     elements: tuple[tuple[int, ...], ...] | None
     tuple_read: bool = False
     stride: bool = False
+
+
+@dataclass(frozen=True)
+class OutsideOperand:
+    """A tensor from outside the region that an op combines element by element with a region value.
+
+    ``meets`` lists the region value's dims (each as ``(dim counted from the end, its parts)``; the
+    operands line up from the right) that hold feature factors and along which the tensor is not
+    known to be broadcast: where pairing splits a factor of one of them, the tensor is full size
+    there (an ALiBi bias holding every head) and each rank must read only its part. Along any dim,
+    each rank's use of the tensor is its part of the single-device use: its gradient is a partial sum.
+    """
+
+    consumer: str
+    producer: str
+    group: int
+    meets: tuple[tuple[int, Dim], ...] = ()

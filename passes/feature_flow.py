@@ -22,7 +22,10 @@ starts as one *factor*. Walking the graph in order, each tensor downstream carri
 factors it is made of; a view that splits ``384`` into ``(3, 4, 32)`` splits the factor into three,
 and ops that combine tensors (``q @ k^T``, ``a * b``) unify the factors they line up. A factor is
 *blocked* when an op is not local along it: it is contracted by a matmul (``Dh``), indexed or split
-(the ``3`` that picks q, k or v), reduced by a softmax, or spans a full-size tensor from outside.
+(the ``3`` that picks q, k or v) or reduced by a softmax. A tensor from outside the region that an
+op combines element by element with a region value (an ALiBi bias, a mask, a learned scale) blocks
+nothing: it is recorded (:class:`~tpfx.passes.factors.OutsideOperand`) with the feature dims where it
+is not known to be broadcast, and pairing narrows it to the rank's part of the factor it splits.
 What remains, the factor that reaches the next linear's input and is batch-like everywhere between,
 is the head count (or ``d_ff`` in an FFN): it is what each rank holds 1/tp of. So the QKV layout is
 read from the graph: fused ``[3, H, Dh]``, ``[Q | K | V]`` split on the last dim, per-head
@@ -44,8 +47,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tpfx.passes.factors import (ONE, Dim, Factors, Part, Pieces, ShapeUse, Size, SizeItem, SizeRead, Unsupported,
-                                 Value)
+from tpfx.passes.factors import (ONE, Dim, Factors, OutsideOperand, Part, Pieces, ShapeUse, Size, SizeItem,
+                                 SizeRead, Unsupported, Value)
 from tpfx.passes.flow_rules import RULES
 from tpfx.passes.ops import Flow, op_label, rule_of
 
@@ -92,6 +95,7 @@ class FeatureFlow:
     size_reads: list[SizeRead] = field(default_factory=list)  # sizes read off the region's tensors
     values: dict[str, Value] = field(default_factory=dict)  # node -> its abstract value, for the nodes that have one
     region: set[str] = field(default_factory=set)  # every node downstream of a column linear that was followed
+    outside: list[OutsideOperand] = field(default_factory=list)  # tensors from outside the region that ops read
     _groups: dict[int, int] = field(default_factory=dict)
 
     def group_of(self, group: int) -> int:

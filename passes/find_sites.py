@@ -26,7 +26,9 @@ Rules (each walk is along tensor dataflow in :func:`tpfx.passes.graph_view.to_ne
   repeats key/value heads for grouped-query attention) and elementwise ops (the scale, rotary
   embeddings ``q * cos + rotate_half(q) * sin``). Reductions, norms, softmax and matmuls stop the
   walk: they mix positions of the feature dimension. Role ``qkv`` when it reaches all three,
-  otherwise the letters it reaches (``q``, ``kv``, ...).
+  otherwise the letters it reaches (``q``, ``kv``, ...). A matmul's factors are where the op
+  registry says (``baddbmm(bias, q, k^T)``: arguments 1 and 2), and between the scores and the
+  softmax any pointwise op may stand, activations included (a soft cap ``tanh(s / c) * c``).
 * FFN first linear: on the way from the linear's output to another linear's input (through shape,
   elementwise, activation and dropout ops) there is an activation: ``gelu``, ``relu``, ``silu``, or
   the written-out tanh/erf GELU (role ``fc1``). In a gated FFN ``act(gate(x)) * up(x) -> down`` the
@@ -59,6 +61,8 @@ LAYOUTS = ("out_in", "in_out")
 _TO_ATTENTION = {SHAPE, ELEMENTWISE, DROPOUT}
 # ops between an FFN's first linear and the linear after its activation
 _TO_NEXT_LINEAR = {SHAPE, ELEMENTWISE, ACTIVATION, DROPOUT}
+# ops between attention scores and their softmax: pointwise ones (a scale, a mask, a soft cap's tanh)
+_TO_SOFTMAX = {SHAPE, ELEMENTWISE, ACTIVATION}
 
 
 @dataclass(frozen=True)
@@ -153,18 +157,34 @@ def find_attentions(view: nx.DiGraph) -> list[_Attention]:
 
 
 def _matmul_softmax_matmul(view: nx.DiGraph, scores: str) -> list[_Attention]:
-    """scores = q @ k^T -> (scale, mask) -> softmax -> (dropout) -> probs @ v: the attentions starting at ``scores``."""
-    node: fx.Node = view.nodes[scores]["fx"]
-    before_softmax = flow_region(view, scores, {SHAPE, ELEMENTWISE})
+    """scores = q @ k^T -> (scale, mask, soft cap) -> softmax -> (dropout) -> probs @ v: the attentions at ``scores``.
+
+    The matmuls' factors are the registry's operands (``baddbmm(bias, q, k^T)`` has them at 1 and 2).
+    Between the scores and the softmax any pointwise op may stand, activations included (Gemma-2's
+    soft cap ``tanh(s / c) * c``): they act on each score alone.
+    """
+    query, key = _matmul_operands(view, scores)
+    before_softmax = flow_region(view, scores, _TO_SOFTMAX)
     softmaxes = {c for p in before_softmax for c in view.successors(p) if view.nodes[c]["kind"] == SOFTMAX}
     probabilities = set().union(*(flow_region(view, s, _TO_ATTENTION) for s in softmaxes))
     found = []
     for producer in probabilities:
         for candidate in view.successors(producer):
-            if view.nodes[candidate]["kind"] == MATMUL and 0 in view.edges[producer, candidate]["operands"]:
-                value = view.nodes[candidate]["fx"].args[1]
-                found.append(_Attention(node.args[0].name, node.args[1].name, value.name))
-    return found
+            if view.nodes[candidate]["kind"] != MATMUL:
+                continue
+            probs, value = _matmul_operands(view, candidate)
+            if probs is not None and probs.name == producer and value is not None:
+                found.append(_Attention(query.name, key.name, value.name))
+    return found if query is not None and key is not None else []
+
+
+def _matmul_operands(view: nx.DiGraph, name: str) -> tuple[fx.Node | None, fx.Node | None]:
+    """The two factors of a matmul node, where the op registry says they are (None where one is not a node)."""
+    node: fx.Node = view.nodes[name]["fx"]
+    rule = rule_of(node, {})
+    positions = rule.operands if rule is not None and len(rule.operands) == 2 else (0, 1)
+    factors = [node.args[i] if len(node.args) > i else None for i in positions]
+    return tuple(f if isinstance(f, fx.Node) else None for f in factors)  # type: ignore[return-value]
 
 
 def find_sites(gm: fx.GraphModule, *, tp: int) -> SiteFinding:

@@ -21,10 +21,11 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
 import torch.fx as fx
 
-from tpfx.passes.factors import ONE, Dim, Part, Pieces, ShapeUse, Size, SizeItem, Unsupported, Value
-from tpfx.passes.ops import Flow, rule_of
+from tpfx.passes.factors import ONE, Dim, OutsideOperand, Part, Pieces, ShapeUse, Size, SizeItem, Unsupported, Value
+from tpfx.passes.ops import Flow, Kind, rule_of
 
 if TYPE_CHECKING:
     from tpfx.passes.feature_flow import FlowInterpreter
@@ -41,12 +42,10 @@ def _broadcast(interp: FlowInterpreter, node: fx.Node) -> Value:
     operands = [a for a in [*node.args, *node.kwargs.values()] if isinstance(a, fx.Node)]
     values = [interp.value(a) for a in operands if interp.value(a) is not None]
     dims, prefix = interp.broadcast(values)
+    group = interp.flow.join(*(v.group for v in values))
     for outside in (a for a in operands if interp.value(a) is None):
-        shape = interp.outside_shape(outside)
-        for offset in range(1, min(len(shape or []), len(dims)) + 1):
-            if shape[-offset] != ONE:
-                interp.block(dims[-offset], f"'{node.name}' combines it with the full-size tensor '{outside.name}'")
-    return Value(dims, interp.flow.join(*(v.group for v in values)), prefix)
+        _meet_outside(interp, node, outside, dims, group)
+    return Value(dims, group, prefix)
 
 
 def _view(interp: FlowInterpreter, node: fx.Node) -> Value:
@@ -166,6 +165,11 @@ def _transpose(interp: FlowInterpreter, node: fx.Node) -> Value:
 
 def _matmul(interp: FlowInterpreter, node: fx.Node) -> Value:
     a, b = (interp.value(arg) for arg in node.args[:2])
+    return _contract(interp, node, a, b)
+
+
+def _contract(interp: FlowInterpreter, node: fx.Node, a: Value | None, b: Value | None) -> Value:
+    """``a @ b``: a's last dim contracted with b's second to last, the dims before them broadcast."""
     if a is None or b is None or len(a.dims) < 2 or len(b.dims) < 2:
         raise Unsupported("a matmul with a tensor from outside the region or of rank < 2")
     interp.align(a.dims[-1], b.dims[-2], reason=f"'{node.name}' contracts it")
@@ -275,11 +279,10 @@ def _sdpa(interp: FlowInterpreter, node: fx.Node) -> Value:
     mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
     if interp.value(mask) is not None:
         raise Unsupported("an attention mask computed from the region")
-    shape = interp.outside_shape(mask) if isinstance(mask, fx.Node) else None
-    for offset in range(3, min(len(shape or []), len(batch) + 2) + 1):
-        if shape[-offset] != ONE:
-            interp.block(batch[-(offset - 2)], f"'{node.name}' uses the full-size mask '{mask.name}'")
-    return Value(batch + (q.dims[-2], v.dims[-1]), interp.flow.join(q.group, k.group, v.group), prefix)
+    group = interp.flow.join(q.group, k.group, v.group)
+    if isinstance(mask, fx.Node):  # the mask lines up with the scores: (..., heads, queries, keys)
+        _meet_outside(interp, node, mask, batch + (q.dims[-2], k.dims[-2]), group)
+    return Value(batch + (q.dims[-2], v.dims[-1]), group, prefix)
 
 
 def _cat(interp: FlowInterpreter, node: fx.Node) -> Value:
@@ -343,6 +346,61 @@ def _unsqueeze(interp: FlowInterpreter, node: fx.Node) -> Value:
     return Value(value.dims[:position] + ((),) + value.dims[position:], value.group, value.prefix, value.source)
 
 
+def _meet_outside(interp: FlowInterpreter, node: fx.Node, outside: fx.Node, dims: tuple[Dim, ...], group: int) -> None:
+    """``node`` combines ``outside`` (a tensor from outside the region) element by element with a value of ``dims``.
+
+    Along a dim of feature factors, ``outside`` is broadcast (size 1, or a dim it lacks) or full size
+    (a bias holding every head); which factor is split across ranks is decided by pairing, so the
+    meeting is recorded (:class:`~tpfx.passes.factors.OutsideOperand`), not blocked: pairing narrows
+    the tensor to the rank's part or falls back with the reason. A shape unknown while tracing
+    counts as full size along every such dim: the rank's part is then taken at run time, where a
+    broadcast dim stays whole.
+    """
+    if _is_python_value(interp, outside):
+        return  # a number (math.sqrt(q.size(-1))): the same for every element
+    shape = interp.outside_shape(outside)
+    meets = []
+    for offset in range(1, len(dims) + 1):
+        if not any(part.factor is not None for part in dims[-offset]):
+            continue  # batch sizes only: the same on every rank
+        if shape is not None and (offset > len(shape) or shape[-offset] == ONE):
+            continue  # broadcast along it
+        meets.append((-offset, dims[-offset]))
+    interp.flow.outside.append(OutsideOperand(node.name, outside.name, group, tuple(meets)))
+
+
+def _is_python_value(interp: FlowInterpreter, node: fx.Node) -> bool:
+    """Whether ``node`` yields a Python number, not a tensor: a size read, or ``math``/``operator`` arithmetic on them.
+
+    Export records the value (``meta["val"]``); an fx graph says it only by what computes it.
+    """
+    if "val" in node.meta:
+        return not isinstance(node.meta["val"], torch.Tensor)
+    rule = rule_of(node, interp.modules)
+    if rule is not None and rule.kind is Kind.META:
+        return True
+    if node.op != "call_function" or getattr(node.target, "__module__", None) not in ("_operator", "math"):
+        return False
+    return bool(node.all_input_nodes) and all(_is_python_value(interp, n) for n in node.all_input_nodes)
+
+
+def _baddbmm(interp: FlowInterpreter, node: fx.Node) -> Value:
+    """``baddbmm(input, batch1, batch2, beta=, alpha=)``: the product of the registry's operands (1 and 2),
+    plus ``input`` broadcast to it (ALiBi scores: a bias added to ``q @ k^T``)."""
+    first, second = rule_of(node, interp.modules).operands
+    if len(node.args) <= max(first, second):
+        raise Unsupported("a baddbmm whose matrices are keyword arguments")
+    product = _contract(interp, node, interp.value(node.args[first]), interp.value(node.args[second]))
+    added = node.args[0] if node.args else node.kwargs.get("input")
+    value = interp.value(added)
+    if value is not None:
+        dims, prefix = interp.broadcast([product, value])
+        return Value(dims, interp.flow.join(product.group, value.group), prefix or product.prefix)
+    if isinstance(added, fx.Node):
+        _meet_outside(interp, node, added, product.dims, product.group)
+    return product
+
+
 Rule = Callable[["FlowInterpreter", fx.Node], "Value | Pieces"]
 
 # one rule per flow family of tpfx.passes.ops.Flow (SIZE and IGNORE are the interpreter's own business)
@@ -350,5 +408,5 @@ RULES: dict[Flow, Rule] = {
     Flow.UNARY: _unary, Flow.BROADCAST: _broadcast, Flow.VIEW: _view, Flow.PERMUTE: _permute,
     Flow.TRANSPOSE: _transpose, Flow.MATMUL: _matmul, Flow.SOFTMAX: _softmax, Flow.GETITEM: _getitem,
     Flow.PIECES: _pieces, Flow.SDPA: _sdpa, Flow.CAT: _cat, Flow.EXPAND: _expand, Flow.SLICE: _slice,
-    Flow.SELECT: _select, Flow.UNSQUEEZE: _unsqueeze,
+    Flow.SELECT: _select, Flow.UNSQUEEZE: _unsqueeze, Flow.BADDBMM: _baddbmm,
 }

@@ -16,7 +16,10 @@ The sites whose outputs meet (q, k and v at the attention; gate and up at the pr
 group; the group's pair partner is the one linear its values reach, found by walking the dataflow
 with :func:`tpfx.passes.feature_flow.analyze_feature_flow`. Every op on the way must be elementwise or
 head-local; otherwise, or when no factor of the partner's input can be split across tp, the group
-falls back to column-plus-gather, and the record says why.
+falls back to column-plus-gather, and the record says why. A tensor from outside the pair that holds
+the split factor in full (an ALiBi bias of every head added to the scores) is narrowed to the
+rank's part where the pair reads it (:class:`HeadNarrow` with a ``block``), and one computed from
+learned parameters has its gradient summed over the group (:class:`OutsideRead`).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import torch.nn as nn
 
 from tpfx.passes.find_sites import Site, SiteFinding
 from tpfx.passes.graph_view import functional_linear, parameter_shapes
-from tpfx.passes.factors import Dim, FeatureLayout, ShapeUse, SizeRead, Value
+from tpfx.passes.factors import Dim, FeatureLayout, OutsideOperand, ShapeUse, Size, SizeRead, Value
 from tpfx.passes.feature_flow import FeatureFlow, LinearCall, LinearOf, analyze_feature_flow, module_linears
 from tpfx.passes.localize_shapes import FullSize, ShapeEdit
 from tpfx.passes.ops import Kind, dropout_probability, rule_of
@@ -45,11 +48,33 @@ _FFN_ROLES = ("fc1", "up")
 class HeadNarrow:
     """Where whole (replicated) grouped-query keys or values, repeated to every query head, meet the
     queries' local heads: ``producer``'s dim ``dim`` (counted from the end) is narrowed to this
-    rank's heads before ``consumer`` reads it."""
+    rank's heads before ``consumer`` reads it.
+
+    With ``block``, ``producer`` is a full-size tensor from outside the pair (an ALiBi bias holding
+    every head, a learned scale over all of d_ff) that ``consumer`` combines element by element with
+    the rank's part: every block of ``block`` elements along ``dim`` (the split factor and what is
+    inner to it in that dim) is narrowed to the rank's part, and a broadcast dim is kept whole."""
 
     consumer: str
     producer: str
     dim: int
+    block: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dim >= 0 or (self.block is not None and self.block < 1):
+            raise ValueError(f"narrow of {self.producer} for {self.consumer}: dim {self.dim} must count from the "
+                             f"end (< 0) and block {self.block} be positive")
+
+
+@dataclass(frozen=True)
+class OutsideRead:
+    """An op between the pair (``consumer``) reads a tensor from outside it (``producer``: a bias, a mask, a table).
+
+    Each rank uses it for its heads only, so the gradient it gets is its part of the single-device
+    one: where the tensor is computed from learned parameters, the rewrite sums it over the group."""
+
+    consumer: str
+    producer: str
 
 
 @dataclass(frozen=True)
@@ -81,6 +106,7 @@ class Pair:
     narrows: tuple[HeadNarrow, ...] = ()  # grouped-query k/v with fewer heads than tp (see _narrows)
     dropouts: tuple[HeadDropout, ...] = ()  # dropouts between the pair (see _dropouts)
     full_sizes: tuple[FullSize, ...] = ()  # size reads of the split dims used where the full size is meant
+    outside_reads: tuple[OutsideRead, ...] = ()  # tensors from outside the pair read between it
 
     def __post_init__(self) -> None:
         if self.kind not in ("attention", "ffn"):
@@ -103,8 +129,10 @@ class Pair:
 
     def describe(self) -> str:
         """One line, e.g. ``attn.qkv_proj [3, 4*, 32] -> attn.out_proj [4*, 32]``."""
-        columns = ", ".join(f"{s.module_path} {l.describe()}" for s, l in zip(self.columns, self.column_layouts))
-        return f"{columns} -> {self.row_module_path} {self.row_layout.describe()}"
+        # a parameter of the model itself has no owner path: its own name says which it is
+        columns = ", ".join(f"{s.module_path or s.weight_name} {layout.describe()}"
+                            for s, layout in zip(self.columns, self.column_layouts))
+        return f"{columns} -> {self.row_module_path or self.row_weight_name} {self.row_layout.describe()}"
 
 
 @dataclass(frozen=True)
@@ -220,6 +248,7 @@ class _GroupRecords:
     dropouts: list[str] = field(default_factory=list)  # the dropout nodes on the group's values, in graph order
     modules: list[str] = field(default_factory=list)  # the modules called on the group's values (their hooks matter)
     size_reads: list[SizeRead] = field(default_factory=list)
+    outside: list[OutsideOperand] = field(default_factory=list)  # tensors from outside the group's values meet
 
 
 def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int, _GroupRecords]:
@@ -237,6 +266,8 @@ def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int,
     for name, value in flow.values.items():
         if index.nodes[name].op == "call_module":
             records[flow.group_of(value.group)].modules.append(str(index.nodes[name].target))
+    for met in flow.outside:
+        records[flow.group_of(met.group)].outside.append(met)
     return records
 
 
@@ -265,6 +296,7 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
     if all(layout.shard_axis is None for layout in layouts):
         raise _NoPair(f"no factor of {_paths(sites)} lines up with the split input of '{row.key}'")
     whole_only, narrows = _narrows(flow, chosen, sites, layouts, index) if len(chosen) > 1 else (set(), ())
+    narrows += _outside_narrows(flow, records.outside, chosen, whole_only)
     weight_shape = (row.out_features, row.in_features) if row.layout == "out_in" else (row.in_features, row.out_features)
     return Pair(
         kind="ffn" if all(site.role in _FFN_ROLES for site in sites) else "attention",
@@ -275,7 +307,8 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
         shard_size=_product(flow, list(chosen)), row_weight_name=row.key if row.functional else "",
         row_bias_name=row.bias, row_weight_layout=row.layout, narrows=narrows,
         dropouts=_dropouts(flow, records.dropouts, chosen, whole_only),
-        full_sizes=_full_sizes(flow, records, chosen, whole_only, index))
+        full_sizes=_full_sizes(flow, records, chosen, whole_only, index),
+        outside_reads=tuple(dict.fromkeys(OutsideRead(met.consumer, met.producer) for met in records.outside)))
 
 
 def _partner(records: _GroupRecords, sites: list[Site], index: _GraphIndex) -> tuple[fx.Node, LinearCall, Dim]:
@@ -412,6 +445,48 @@ def _narrows(flow: FeatureFlow, chosen: tuple[int, ...], sites: list[Site], layo
                               "before they are repeated to the query heads")
             narrows.append(HeadNarrow(consumer, producer.name, at[0] - len(dims)))
     return whole_only, tuple(narrows)
+
+
+def _outside_narrows(flow: FeatureFlow, met: list[OutsideOperand], chosen: tuple[int, ...],
+                     whole_only: set[str]) -> tuple[HeadNarrow, ...]:
+    """The full-size tensors from outside the pair that meet the split factor, each narrowed to the rank's part.
+
+    Where a dim an outside tensor meets holds the split factor (a run of leaves), each rank reads
+    its part of every block of that factor and what is inner to it in the dim; the sizes inner to it
+    must be known while tracing. A dim without the split factor is the same on every rank, and so
+    is every value on the whole keys' and values' side (``whole_only``).
+    """
+    targets = [flow.factors.find(leaf) for leaf in chosen]
+    narrows: dict[tuple[str, str], HeadNarrow] = {}
+    for use, dim, parts in ((m, d, p) for m in met if m.consumer not in whole_only for d, p in m.meets):
+        leaves = _leaf_parts(flow, parts)  # (class or None for a batch size, size), outermost first
+        classes = [cls for cls, _ in leaves]
+        at = [i for i in range(len(classes) - len(targets) + 1) if classes[i:i + len(targets)] == targets]
+        if not at and set(targets).isdisjoint(classes):
+            continue  # the split factor is not in this dim: the tensor is the same on every rank there
+        inner = [size for _, size in leaves[at[0]:]] if len(at) == 1 else []
+        if not inner or not all(size.is_int for size in inner):
+            raise _NoPair(f"'{use.consumer}' combines the tensor '{use.producer}' from outside the pair (full size, or "
+                          f"of a shape not known while tracing) with the split factor along dim {dim}, where a rank's "
+                          "part is not one run of each block of a size known while tracing; give the heads a dim "
+                          "of their own there")
+        narrow = HeadNarrow(use.consumer, use.producer, dim, math.prod(size.coeff for size in inner))
+        if narrows.setdefault((use.consumer, use.producer), narrow) != narrow:
+            raise _NoPair(f"'{use.consumer}' meets the split factor in two dims of the tensor '{use.producer}' "
+                          "from outside the pair; give the heads a dim of their own there")
+    return tuple(narrows.values())
+
+
+def _leaf_parts(flow: FeatureFlow, dim: Dim) -> list[tuple[int | None, Size]]:
+    """A dim's parts, feature factors expanded to their leaves: (leaf class, size), or (None, size) for a batch part."""
+    parts: list[tuple[int | None, Size]] = []
+    for part in dim:
+        if part.factor is None:
+            parts.append((None, part.size))
+        else:
+            leaves = flow.factors.leaves(part.factor)
+            parts += [(flow.factors.find(leaf), Size(flow.factors.sizes[leaf])) for leaf in leaves]
+    return parts
 
 
 def _dropouts(flow: FeatureFlow, names: list[str], chosen: tuple[int, ...],

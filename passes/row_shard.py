@@ -20,6 +20,14 @@ In an exported (ATen) graph a linear is an op on a parameter: the op stays and i
 replaced by this rank's parts (rows or columns as the weight is stored), and a row linear's bias is
 taken out of its op (``addmm(b, x, w)`` becomes ``mm(x, w)``) and added after the reduce.
 
+A tensor from outside the pair that holds every head (an ALiBi bias added to the scores) is narrowed
+to the rank's heads where the pair reads it; a learned one first passes a copy-to, so that its
+gradient, each rank's part of it, is summed over the group::
+
+    scores = matmul + head_bias                                # (B, H, T, T) + (H, 1, T)
+    # after: copy_to_tp = copy_to_tp(head_bias, 'tp:0-1')
+    #        rank_part = rank_part(copy_to_tp, -3, 'tp:0-1', block=4); scores = matmul + rank_part
+
 Sites that could not be paired keep the column-plus-gather rewrite of :mod:`tpfx.passes.column_shard`.
 As there, parameters and graphs are separate steps, so that further call forms reuse the shards: the
 parameters are sharded once from the plan (:func:`tpfx.passes.plan.megatron_plan`,
@@ -40,7 +48,7 @@ from tpfx.passes.find_sites import Site, SiteFinding, find_sites
 from tpfx.passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
 from tpfx.passes.localize_shapes import localize_shapes, restore_full_sizes
 from tpfx.passes.ops import function_rule, rule_of
-from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, Pairing, is_attention_op, pair_sites
+from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, OutsideRead, Pairing, is_attention_op, pair_sites
 from tpfx.passes.plan import megatron_plan
 from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.collectives import copy_to_tp, reduce_from_tp
@@ -77,7 +85,11 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
     localized = restore_full_sizes(gm, tuple(f for p in pairing.pairs for f in p.full_sizes), tp=tp)
     localized += localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
     nodes = {node.name: node for node in gm.graph.nodes}
-    localized += _narrow_to_rank_heads(gm, nodes, [n for p in pairing.pairs for n in p.narrows], group)
+    narrows = [n for p in pairing.pairs for n in p.narrows]
+    localized += _narrow_to_rank_heads(gm, nodes, [n for n in narrows if n.block is None], group)
+    copies = _sum_outside_gradients(gm, nodes, [r for p in pairing.pairs for r in p.outside_reads], group)
+    inserted += [copy.name for copy in copies.values()]
+    localized += _narrow_outside_tensors(gm, nodes, [n for n in narrows if n.block is not None], copies, group)
     localized += _draw_dropouts_per_rank(gm, nodes, [d for p in pairing.pairs for d in p.dropouts], group)
     gathered = insert_collectives(gm, pairing.fallback_sites, group=group)
     ordered = {n.name: i for i, n in enumerate(gm.graph.nodes)}
@@ -96,6 +108,55 @@ def _narrow_to_rank_heads(gm: fx.GraphModule, nodes: dict[str, fx.Node], narrows
         consumer.replace_input_with(producer, part)
         inserted.append(part.name)
     return tuple(inserted)
+
+
+def _sum_outside_gradients(gm: fx.GraphModule, nodes: dict[str, fx.Node], reads: list[OutsideRead],
+                           group: str) -> dict[str, fx.Node]:
+    """A copy-to for each tensor from outside a pair that is computed from learned parameters, read between it.
+
+    Each rank uses such a tensor (a learned per-head bias, a learned scale) for its own heads only,
+    so its gradient there is a partial sum; forward the copy is the same tensor, backward it sums
+    the gradient over the group. Only the pair's ops read the copy: uses outside the pair are whole
+    on every rank, their gradients are not partial. Returns producer name -> its copy.
+    """
+    learned = _computed_from_learned_parameters(gm)
+    copies: dict[str, fx.Node] = {}
+    for read in reads:
+        producer = nodes[read.producer]
+        if producer not in learned:
+            continue  # a buffer, a mask, an input: no gradient to sum
+        if read.producer not in copies:
+            with gm.graph.inserting_after(producer):
+                copies[read.producer] = gm.graph.call_function(copy_to_tp, (producer, group))
+        nodes[read.consumer].replace_input_with(producer, copies[read.producer])
+    return copies
+
+
+def _narrow_outside_tensors(gm: fx.GraphModule, nodes: dict[str, fx.Node], narrows: list[HeadNarrow],
+                            copies: dict[str, fx.Node], group: str) -> tuple[str, ...]:
+    """Narrow full-size tensors from outside a pair (an ALiBi bias of every head) to this rank's part of them."""
+    parts = []
+    for narrow in narrows:
+        consumer = nodes[narrow.consumer]
+        source = copies.get(narrow.producer, nodes[narrow.producer])  # what the consumer reads now
+        with gm.graph.inserting_before(consumer):
+            part = gm.graph.call_function(rank_part, (source, narrow.dim, group), {"block": narrow.block})
+        consumer.replace_input_with(source, part)
+        parts.append(part.name)
+    return tuple(parts)
+
+
+def _computed_from_learned_parameters(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes whose value depends on a parameter that requires a gradient (one pass in graph order).
+
+    Buffers, constants and the inputs do not count: the inputs of a model do not ask for gradients.
+    """
+    learned = {name for name, parameter in gm.named_parameters(remove_duplicate=False) if parameter.requires_grad}
+    found: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if (node.op == "get_attr" and node.target in learned) or any(p in found for p in node.all_input_nodes):
+            found.add(node)
+    return found
 
 
 def _draw_dropouts_per_rank(gm: fx.GraphModule, nodes: dict[str, fx.Node], dropouts: list[HeadDropout],
