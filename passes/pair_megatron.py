@@ -32,7 +32,7 @@ from tpfx.passes.graph_view import functional_linear, parameter_shapes
 from tpfx.passes.factors import Dim, FeatureLayout, ShapeUse, Value
 from tpfx.passes.feature_flow import FeatureFlow, LinearCall, LinearOf, analyze_feature_flow, module_linears
 from tpfx.passes.localize_shapes import ShapeEdit
-from tpfx.passes.ops import Kind, dropout_probability, rule_of
+from tpfx.passes.ops import SDPA_GQA, Flow, Kind, dropout_probability, kind_of, rule_of
 
 _FFN_ROLES = ("fc1", "up")
 
@@ -46,6 +46,20 @@ class HeadNarrow:
     consumer: str
     producer: str
     dim: int
+    repeats: int = 1  # > 1: the consumer (SDPA with enable_gqa) repeats each head; repeat it first, then narrow
+
+
+@dataclass(frozen=True)
+class ReplicatedRead:
+    """A whole tensor that needs a gradient, read by an op on this rank's heads (a qk-norm's weight).
+
+    Each rank's gradient of it is the sum over its own heads only; a copy-to (identity forward,
+    all-reduce backward) where ``consumer`` reads ``producer`` sums the ranks' parts. ``producer`` ""
+    means the consumer is a module call (``nn.RMSNorm``) reading its own parameters.
+    """
+
+    consumer: str
+    producer: str
 
 
 @dataclass(frozen=True)
@@ -76,6 +90,7 @@ class Pair:
     row_weight_layout: str = "out_in"  # ... stored (out, in) as nn.Linear, or (in, out) as GPT-2's Conv1D
     narrows: tuple[HeadNarrow, ...] = ()  # grouped-query k/v with fewer heads than tp (see _narrows)
     dropouts: tuple[HeadDropout, ...] = ()  # dropouts between the pair (see _dropouts)
+    replicated_reads: tuple[ReplicatedRead, ...] = ()  # whole tensors with gradients read on local heads
 
     def __post_init__(self) -> None:
         if self.kind not in ("attention", "ffn"):
@@ -163,6 +178,8 @@ def pair_sites(gm: fx.GraphModule, finding: SiteFinding, *, tp: int) -> Pairing:
     flow = analyze_feature_flow(gm, [site.node_name for site in finding.sites], linear_of=linear_of)
     index = _GraphIndex.of(gm, linear_of)
     records = _records_by_group(flow, index)
+    for group, reads in _replicated_reads(gm, flow, index).items():
+        records[group].reads = reads
     groups: dict[int, list[Site]] = {}
     for site in finding.sites:
         groups.setdefault(flow.group_of(flow.root_groups[site.node_name]), []).append(site)
@@ -212,6 +229,7 @@ class _GroupRecords:
     rows: list[tuple[str, str, Dim]] = field(default_factory=list)  # the linears the group's values reach
     shape_uses: list[ShapeUse] = field(default_factory=list)
     dropouts: list[str] = field(default_factory=list)  # the dropout nodes on the group's values, in graph order
+    reads: list[ReplicatedRead] = field(default_factory=list)  # see _replicated_reads
 
 
 def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int, _GroupRecords]:
@@ -225,6 +243,38 @@ def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int,
     for name in sorted(index.dropouts & flow.values.keys(), key=index.order.__getitem__):
         records[flow.group_of(flow.values[name].group)].dropouts.append(name)
     return records
+
+
+def _replicated_reads(gm: fx.GraphModule, flow: FeatureFlow, index: _GraphIndex) -> dict[int, list[ReplicatedRead]]:
+    """Per group, where its ops read a whole tensor that needs a gradient (see :class:`ReplicatedRead`).
+
+    A tensor needs a gradient when it is computed from a trainable parameter (a get_attr, a module's
+    own); the column linears (sharded, their inputs copied already) and sizes are left out. One pass
+    over the graph in order.
+    """
+    modules = dict(gm.named_modules())
+    trainable = {name for name, p in gm.named_parameters(remove_duplicate=False) if p.requires_grad}
+    own = {name: any(p.requires_grad for p in module.parameters()) for name, module in modules.items()}
+    needs: dict[str, bool] = {}
+    found: defaultdict[int, list[ReplicatedRead]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.name not in flow.region:
+            if kind_of(node, modules) is Kind.META:
+                needs[node.name] = False  # a size: no gradient
+            elif node.op == "get_attr":
+                needs[node.name] = str(node.target) in trainable
+            else:
+                needs[node.name] = (node.op == "call_module" and own.get(str(node.target), False)
+                                    or any(needs.get(p.name, False) for p in node.all_input_nodes))
+            continue
+        inside = [p.name for p in node.all_input_nodes if p.name in flow.values]
+        if node.name in flow.roots or not inside:
+            continue
+        group = flow.group_of(flow.values[inside[0]].group)
+        if node.op == "call_module" and own.get(str(node.target), False):
+            found[group].append(ReplicatedRead(node.name, ""))
+        found[group] += [ReplicatedRead(node.name, p.name) for p in node.all_input_nodes if needs.get(p.name, False)]
+    return found
 
 
 def _is_dropout(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -259,7 +309,7 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
         row_layout=_layout_of(flow, leaves, chosen, row.key), shape_edits=_shape_edits(flow, records.shape_uses, chosen, whole_only),
         shard_size=_product(flow, list(chosen)), row_weight_name=row.key if row.functional else "",
         row_bias_name=row.bias, row_weight_layout=row.layout, narrows=narrows,
-        dropouts=_dropouts(flow, records.dropouts, chosen, whole_only))
+        dropouts=_dropouts(flow, records.dropouts, chosen, whole_only), replicated_reads=tuple(records.reads))
 
 
 def _partner(records: _GroupRecords, sites: list[Site], index: _GraphIndex) -> tuple[fx.Node, LinearCall, Dim]:
@@ -391,11 +441,21 @@ def _narrows(flow: FeatureFlow, chosen: tuple[int, ...], sites: list[Site], layo
             value = flow.values.get(producer.name)
             dims = [] if value is None else _dim_classes(flow, value)
             at = [i for i, classes in enumerate(dims) if classes == targets]
+            repeats = 1
+            if not at and _groups_heads(index.nodes[consumer]):  # SDPA(enable_gqa): it repeats k/v to the query heads
+                at = [i for i, classes in enumerate(dims) if classes and classes == targets[:len(classes)]]
+                repeats = _product(flow, list(chosen[len(dims[at[0]]):])) if len(at) == 1 else 1
             if len(at) != 1:
                 raise _NoPair(f"the whole keys or values '{producer.name}' meet the local heads at '{consumer}' "
                               "before they are repeated to the query heads")
-            narrows.append(HeadNarrow(consumer, producer.name, at[0] - len(dims)))
+            narrows.append(HeadNarrow(consumer, producer.name, at[0] - len(dims), repeats))
     return whole_only, tuple(narrows)
+
+
+def _groups_heads(node: fx.Node) -> bool:
+    """Whether ``node`` is an attention that shares each key/value head among a group of query heads (enable_gqa)."""
+    rule = rule_of(node, {}) if node.op == "call_function" else None
+    return rule is not None and rule.flow is Flow.SDPA and bool(SDPA_GQA.read(node))
 
 
 def _dropouts(flow: FeatureFlow, names: list[str], chosen: tuple[int, ...],

@@ -40,8 +40,8 @@ from tpfx.passes.find_sites import Site, find_sites
 from tpfx.passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
 from tpfx.passes.factors import FeatureLayout
 from tpfx.passes.localize_shapes import localize_shapes
-from tpfx.passes.ops import function_rule, rule_of
-from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, Pairing, is_attention_op, pair_sites
+from tpfx.passes.ops import SDPA_GQA, function_rule, rule_of
+from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, Pairing, ReplicatedRead, is_attention_op, pair_sites
 from tpfx.collectives import copy_to_tp, reduce_from_tp
 from tpfx.errors import ShardingError
 from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, ShardSpec
@@ -152,6 +152,8 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
     localized = localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
     nodes = {node.name: node for node in gm.graph.nodes}
     localized += _narrow_to_rank_heads(gm, nodes, [n for p in pairing.pairs for n in p.narrows], group)
+    # before the dropouts: an attention drawn per rank is rebuilt from its arguments, copies included
+    inserted += _sum_replicated_gradients(gm, nodes, [r for p in pairing.pairs for r in p.replicated_reads], group)
     localized += _draw_dropouts_per_rank(gm, nodes, [d for p in pairing.pairs for d in p.dropouts], group)
     gathered = insert_collectives(gm, pairing.fallback_sites, group=group)
     ordered = {n.name: i for i, n in enumerate(gm.graph.nodes)}
@@ -166,10 +168,42 @@ def _narrow_to_rank_heads(gm: fx.GraphModule, nodes: dict[str, fx.Node], narrows
     for narrow in narrows:
         consumer, producer = nodes[narrow.consumer], nodes[narrow.producer]
         with gm.graph.inserting_before(consumer):
-            part = gm.graph.call_function(rank_part, (producer, narrow.dim, group))
+            whole = producer
+            if narrow.repeats > 1:  # kv head h // repeats for query head h, as the grouped attention reads it
+                whole = gm.graph.call_function(torch.repeat_interleave, (producer, narrow.repeats), {"dim": narrow.dim})
+            part = gm.graph.call_function(rank_part, (whole, narrow.dim, group))
         consumer.replace_input_with(producer, part)
         inserted.append(part.name)
     return tuple(inserted)
+
+
+def _sum_replicated_gradients(gm: fx.GraphModule, nodes: dict[str, fx.Node], reads: list[ReplicatedRead],
+                              group: str) -> list[str]:
+    """A copy-to (all-reduce backward) where an op on local heads reads a whole tensor that needs a gradient.
+
+    One copy per tensor, before its first reader; a module call reading its own parameters (``nn.RMSNorm``
+    on q) becomes ``torch.func.functional_call`` of the module with copies of them.
+    """
+    copies: dict[str, fx.Node] = {}
+    for read in reads:
+        consumer = nodes[read.consumer]
+        if read.producer and read.producer not in copies:
+            with gm.graph.inserting_before(consumer):
+                copies[read.producer] = gm.graph.call_function(copy_to_tp, (nodes[read.producer], group))
+        if read.producer:
+            consumer.replace_input_with(nodes[read.producer], copies[read.producer])
+            continue
+        path = str(consumer.target)
+        with gm.graph.inserting_before(consumer):
+            own = {name: gm.graph.call_function(copy_to_tp, (gm.graph.get_attr(f"{path}.{name}"), group))
+                   for name, parameter in gm.get_submodule(path).named_parameters() if parameter.requires_grad}
+            call = gm.graph.call_function(torch.func.functional_call, (gm.graph.get_attr(path), own, consumer.args,
+                                                                       dict(consumer.kwargs)))
+        consumer.replace_all_uses_with(call)
+        gm.graph.erase_node(consumer)
+        nodes[read.consumer] = call  # a later read of another tensor by the same op finds it
+        copies.update({f"{path}.{name}": copy for name, copy in own.items()})
+    return [copy.name for copy in copies.values()]
 
 
 def _draw_dropouts_per_rank(gm: fx.GraphModule, nodes: dict[str, fx.Node], dropouts: list[HeadDropout],
@@ -189,7 +223,7 @@ def _draw_dropouts_per_rank(gm: fx.GraphModule, nodes: dict[str, fx.Node], dropo
                 scale = rest[3] if len(rest) > 3 else node.kwargs.get("scale")
                 p = rule_of(node, {}).dropout.p.read(node)
                 drawn = gm.graph.call_function(attention_rank_part, (query, key, value, mask, p, causal, scale),
-                                               {"dim": dropout.dim, "group": group})
+                                               {"dim": dropout.dim, "group": group, "enable_gqa": SDPA_GQA.read(node)})
             else:  # F.dropout(x, p, training) / aten.dropout(x, p, train): decided when it was traced
                 arguments = rule_of(node, {}).dropout
                 drawn = gm.graph.call_function(dropout_rank_part, (node.args[0], arguments.p.read(node),
