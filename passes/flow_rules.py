@@ -333,7 +333,8 @@ def _unsqueeze(interp: FlowInterpreter, node: fx.Node) -> Value:
     return Value(value.dims[:position] + ((),) + value.dims[position:], value.group, value.prefix, value.source)
 
 
-def _attention_batch(interp: FlowInterpreter, q: Value, k: Value, v: Value, node: fx.Node) -> tuple[tuple[Dim, ...], bool]:
+def _attention_batch(interp: FlowInterpreter, q: Value, k: Value, v: Value,
+                     node: fx.Node) -> tuple[tuple[Dim, ...], bool]:
     """The batch dims of an attention's output: q's, k's and v's lined up.
 
     With ``enable_gqa`` and fewer key/value heads than query heads, query head ``h`` reads key/value
@@ -454,7 +455,8 @@ def _norm(interp: FlowInterpreter, node: fx.Node) -> Value | Pieces:
     if any(interp.value(a) is not None for _, a in tensor_operands(node) if a is not node.args[0]):
         raise Unsupported(f"'{node.name}' normalizes with a weight or bias computed from the region")
     held = rule.reduction.normalized_shape
-    shape = held.read(node) if held is not None else getattr(interp.modules.get(str(node.target)), "normalized_shape", None)
+    module = interp.modules.get(str(node.target)) if node.op == "call_module" else None
+    shape = held.read(node) if held is not None else getattr(module, "normalized_shape", None)
     if not isinstance(shape, (list, tuple)):
         raise Unsupported(f"'{node.name}' ({rule.name}) has a normalized shape {shape!r} of unknown length")
     if len(shape) > len(value.dims) and not value.prefix:

@@ -45,7 +45,8 @@ from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, Pairing, Replicat
 from tpfx.collectives import copy_to_tp, reduce_from_tp
 from tpfx.errors import ShardingError
 from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, ShardSpec
-from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part
+from tpfx.rank_parts import (attention_rank_part, call_with_parameters, dropout_module_rank_part, dropout_rank_part,
+                              rank_part)
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def _sum_replicated_gradients(gm: fx.GraphModule, nodes: dict[str, fx.Node], rea
     """A copy-to (all-reduce backward) where an op on local heads reads a whole tensor that needs a gradient.
 
     One copy per tensor, before its first reader; a module call reading its own parameters (``nn.RMSNorm``
-    on q) becomes ``torch.func.functional_call`` of the module with copies of them.
+    on q) becomes :func:`tpfx.rank_parts.call_with_parameters` of the module with copies of them.
     """
     copies: dict[str, fx.Node] = {}
     for read in reads:
@@ -197,8 +198,8 @@ def _sum_replicated_gradients(gm: fx.GraphModule, nodes: dict[str, fx.Node], rea
         with gm.graph.inserting_before(consumer):
             own = {name: gm.graph.call_function(copy_to_tp, (gm.graph.get_attr(f"{path}.{name}"), group))
                    for name, parameter in gm.get_submodule(path).named_parameters() if parameter.requires_grad}
-            call = gm.graph.call_function(torch.func.functional_call, (gm.graph.get_attr(path), own, consumer.args,
-                                                                       dict(consumer.kwargs)))
+            call = gm.graph.call_function(call_with_parameters, (gm.graph.get_attr(path), own, consumer.args,
+                                                                 dict(consumer.kwargs)))
         consumer.replace_all_uses_with(call)
         gm.graph.erase_node(consumer)
         nodes[read.consumer] = call  # a later read of another tensor by the same op finds it

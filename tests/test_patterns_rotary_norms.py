@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 import tpfx
 from tpfx.capture import CallForm, capture
-from tpfx.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
+from tpfx.collectives import add_observer, copy_to_tp
+from tpfx.passes.comm_table import comm_table
 from tpfx.export_capture import export_capture
 from tpfx.passes.find_sites import find_sites
 from tpfx.passes.ops import rule_of
@@ -49,33 +50,51 @@ def _angles(dim: int) -> torch.Tensor:
     return torch.outer(torch.arange(MAX_SEQ).float(), inverse)
 
 
+def reshape_for_broadcast(freqs_cis: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(T, Dh/2) -> (1, T, 1, Dh/2) for a (B, T, H, Dh/2) ``x``: Meta's helper, reading x's rank and shape."""
+    ndim = x.ndim
+    assert freqs_cis.shape == (x.shape[1], x.shape[-1])
+    shape = [d if i == 1 or i == ndim - 1 else 1 for i, d in enumerate(x.shape)]
+    return freqs_cis.view(*shape)
+
+
 class ComplexRotary(nn.Module):
     """LLaMA-1 (Meta) rotary: q and k as complex numbers times ``freqs_cis``, then back to real.
 
-    ``meta_spelling`` reshapes with ``*x.shape[:-1]`` as Meta's code does (torch.fx cannot unpack a
-    traced shape of unknown length: export only); otherwise the sizes are spelled out.
+    ``spelling``: ``"meta"`` as Meta's code (``reshape(*x.shape[:-1], -1, 2)`` and
+    :func:`reshape_for_broadcast`: torch.fx cannot iterate a traced shape, so export only);
+    ``"sizes"`` spells the sizes out; ``"unflatten"`` makes heads and pairs with ``unflatten`` (and
+    flattens the last two dims back, counted from the end).
     """
 
-    def __init__(self, *, meta_spelling: bool = False) -> None:
+    def __init__(self, spelling: str = "sizes") -> None:
         super().__init__()
-        self.meta_spelling = meta_spelling
+        self.spelling = spelling
         self.wq, self.wk, self.wv, self.wo = (nn.Linear(WIDTH, WIDTH, bias=False) for _ in range(4))
         self.register_buffer("freqs_cis", torch.polar(torch.ones(MAX_SEQ, HEAD // 2), _angles(HEAD)))
 
     def _rotate(self, x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
-        if self.meta_spelling:
-            pairs = x.float().reshape(*x.shape[:-1], -1, 2)
+        if self.spelling == "meta":
+            x_ = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+            freqs_cis = reshape_for_broadcast(freqs_cis, x_)
+        elif self.spelling == "unflatten":
+            x_ = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+            freqs_cis = freqs_cis[:, None, :]
         else:
             bsz, seq, heads, _ = x.shape
-            pairs = x.float().reshape(bsz, seq, heads, -1, 2)  # (B, T, H, Dh/2, 2)
-        rotated = torch.view_as_complex(pairs) * freqs_cis  # (B, T, H, Dh/2) complex
-        return torch.view_as_real(rotated).flatten(3).type_as(x)  # (B, T, H, Dh)
+            x_ = torch.view_as_complex(x.float().reshape(bsz, seq, heads, -1, 2))  # (B, T, H, Dh/2) complex
+            freqs_cis = freqs_cis.view(1, seq, 1, HEAD // 2)
+        # (B, T, H, Dh); flatten(3) needs x's rank, which an fx graph knows only after a view spells it out
+        flat = (-2, -1) if self.spelling == "unflatten" else (3,)
+        return torch.view_as_real(x_ * freqs_cis).flatten(*flat).type_as(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seq, _ = x.shape
-        q, k, v = (proj(x).view(bsz, seq, HEADS, HEAD) for proj in (self.wq, self.wk, self.wv))
-        freqs_cis = self.freqs_cis[:seq].view(1, seq, 1, HEAD // 2)
-        q, k = self._rotate(q, freqs_cis), self._rotate(k, freqs_cis)
+        if self.spelling == "unflatten":
+            q, k, v = (proj(x).unflatten(-1, (HEADS, HEAD)) for proj in (self.wq, self.wk, self.wv))
+        else:
+            q, k, v = (proj(x).view(bsz, seq, HEADS, HEAD) for proj in (self.wq, self.wk, self.wv))
+        q, k = self._rotate(q, self.freqs_cis[:seq]), self._rotate(k, self.freqs_cis[:seq])
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.wo(out.transpose(1, 2).reshape(bsz, seq, WIDTH))
 
@@ -223,7 +242,7 @@ def test_complex_rotary_q_and_k_are_sites_and_pair_through_the_complex_view(trac
 
 
 def test_meta_spelling_of_complex_rotary_pairs_through_export():
-    gm, pairing = _pairing(ComplexRotary(meta_spelling=True), "export")
+    gm, pairing = _pairing(ComplexRotary("meta"), "export")
     (pair,) = pairing.pairs
     assert pair.describe() == "wq [4*, 4, 2], wk [4*, 4, 2], wv [4*, 8] -> wo [4*, 8]"
     ops = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
@@ -236,7 +255,20 @@ def test_meta_spelling_of_complex_rotary_pairs_through_export():
 
 def test_complex_rotary_cannot_be_captured_by_fx_in_meta_spelling():
     with pytest.raises(tpfx.CaptureError, match="cannot be iterated"):
-        capture(ComplexRotary(meta_spelling=True))
+        capture(ComplexRotary("meta"))
+
+
+def test_complex_rotary_spelled_with_unflatten_divides_the_head_count_it_names():
+    gm, pairing = _pairing(ComplexRotary("unflatten"), "export")
+    (pair,) = pairing.pairs
+    assert pair.describe() == "wq [4*, 4, 2], wk [4*, 4, 2], wv [4*, 8] -> wo [4*, 8]"
+    nodes = {n.name: n for n in gm.graph.nodes}
+    # unflatten(-1, (4, 8)) on q, k and v: the 4 heads are divided; unflatten(-1, (-1, 2)) splits Dh only
+    heads = [(rule_of(nodes[e.node_name], {}).name, e.path, e.value) for e in pair.shape_edits if e.value == HEADS]
+    assert heads == [("unflatten", (2, 0), HEADS)] * 3
+    # an fx graph has no shapes: after unflatten alone q's rank is unknown, and transpose(1, 2) counts from the front
+    (fallback,) = _pairing(ComplexRotary("unflatten"), "fx")[1].fallbacks
+    assert fallback.reason.startswith("dim 1 counted from the front needs the rank (pass example inputs)")
 
 
 @pytest.mark.parametrize("tracer", TRACERS)
@@ -373,7 +405,8 @@ def test_a_mean_over_head_dim_blocks_heads_but_over_head_size_does_not():
 # ------------------------------------------------------------------------------------------------
 
 MODELS: dict[str, Callable[[], nn.Module]] = {
-    "complex rotary": ComplexRotary, "complex rotary, Meta spelling": lambda: ComplexRotary(meta_spelling=True),
+    "complex rotary": ComplexRotary, "complex rotary, Meta spelling": lambda: ComplexRotary("meta"),
+    "complex rotary, unflatten": lambda: ComplexRotary("unflatten"),
     "stack rotary": StackRotary, "full-width norm": lambda: QKNorm("RMSNorm", full_width=True),
     "gqa 8/2": lambda: GroupedSdpa(8, 2), "gqa 4/2": lambda: GroupedSdpa(4, 2), "gqa 4/1": lambda: GroupedSdpa(4, 1),
     "gqa 4/2, dropout": lambda: GroupedSdpa(4, 2, dropout=0.3),
@@ -383,13 +416,14 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 def _cases() -> list[tuple[str, int, str, str]]:
     """(model, tp, tracer, mode) of the spawn: torch.export costs about a second a program per rank, so it
     checks every pattern in megatron mode at tp=2 and a few in gather mode and at tp=4; fx checks all."""
-    cases = [(label, tp, "fx", mode) for label in MODELS if label not in ("complex rotary, Meta spelling", "gqa 4/2, dropout")
+    export_only = ("complex rotary, Meta spelling", "complex rotary, unflatten")  # fx: no trace; no rank
+    cases = [(label, tp, "fx", mode) for label in MODELS if label not in (*export_only, "gqa 4/2, dropout")
              for tp in (2, 4) for mode in ("gather", "megatron")]
-    exported = ["complex rotary", "complex rotary, Meta spelling", "stack rotary", "full-width norm", "gqa 8/2",
-                "qk RMSNorm", "qk by hand"]
+    exported = ["complex rotary", *export_only, "stack rotary", "full-width norm", "gqa 8/2", "qk RMSNorm",
+                "qk by hand"]
     cases += [(label, 2, "export", "megatron") for label in exported]
     cases += [(label, 2, "export", "gather") for label in ("complex rotary, Meta spelling", "qk by hand")]
-    cases += [(label, 4, "export", "megatron") for label in ("complex rotary, Meta spelling", "gqa 4/2", "qk LayerNorm")]
+    cases += [(label, 4, "export", "megatron") for label in ("complex rotary, unflatten", "gqa 4/2", "qk LayerNorm")]
     return cases + [("gqa 4/2, dropout", tp, "fx", "megatron") for tp in (2, 4)]  # train mode
 
 
@@ -407,11 +441,19 @@ def _compare(reference: nn.Module, tp: int, mode: str, tracer: str, *, train: bo
     x = _input(reference)
     gm = tpfx.parallelize(reference.train(train), tp=tp, mode=mode, tracer=tracer, example_inputs=(x,))
     seed = 11 if train else None
-    (ref_out, ref_loss), (out, loss) = (_step(model, x, seed) for model in (reference, gm))
+    ref_out, ref_loss = _step(reference, x, seed)
+    sent: list[int] = []
+    remove = add_observer(lambda name, tensor: sent.append(tensor.numel() * tensor.element_size()))
+    try:
+        out, loss = _step(gm, x, seed)
+    finally:
+        remove()
     diffs = {"output": max_diff(out, ref_out), "loss": max_diff(loss, ref_loss)}
     diffs |= {f"grad {name}": diff for name, diff in grad_diffs(gm, reference).items()}
     pairing = gm.tpfx_pairing
+    table = comm_table(gm, {"x": x}, tp=tp)  # the copies of whole norm weights are collectives it counts too
     return {"diffs": diffs, "tracer": gm.tpfx_report.tracer, "sites": len(gm.tpfx_report.sites),
+            "bytes": (sum(sent), sum(row.tensor_bytes for row in table.rows)),
             "pairs": [p.describe() for p in pairing.pairs] if pairing else None,
             "fallbacks": [f.reason for f in pairing.fallbacks] if pairing else None}
 
@@ -437,6 +479,8 @@ def test_every_pattern_matches_single_device_in_both_modes_and_tracers(world):
             bad = {k: v for k, v in checked["diffs"].items() if not v <= TOL}
             assert not bad, f"{key} rank {rank}: {bad}"
             assert len(checked["diffs"]) >= 6 and checked["tracer"] == key[2], key
+            measured, table = checked["bytes"]
+            assert measured == table > 0, (key, measured, table)
 
 
 def test_every_pattern_pairs_in_megatron_mode_except_the_full_width_norm(world):

@@ -29,6 +29,16 @@ def rank_part(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
     return x.narrow(dim, rank * length, length)
 
 
+def call_with_parameters(module: torch.nn.Module, parameters: dict[str, torch.Tensor], args: tuple,
+                         kwargs: dict) -> object:
+    """``module(*args, **kwargs)`` with some of its parameters replaced by the given tensors.
+
+    Megatron mode calls a replicated module that runs on this rank's heads (a qk-norm) with copies of
+    its parameters whose backward sums the ranks' partial gradients (``copy_to_tp``).
+    """
+    return torch.func.functional_call(module, dict(parameters), tuple(args), dict(kwargs))
+
+
 def _mask_part(like: torch.Tensor, p: float, dim: int, group: str) -> torch.Tensor:
     """This rank's part of the whole tensor's dropout mask, scaled by 1/(1-p) as dropout scales it."""
     rank, tp = rank_and_size(group)
