@@ -22,7 +22,8 @@ A rule says what tpfx needs to know and nothing else:
 * ``linear``: for an op that applies a weight (or does when its weight operand is a 2-D parameter:
   ``x @ w``), where its input, weight and bias are and how the weight is laid out as the op uses it;
 * ``dropout``: where a dropout's probability and training flag are;
-* ``collective``: what a tpfx collective sends forward and backward.
+* ``collective``: what a tpfx collective sends forward and backward;
+* ``reduction``: where a reduction has its dims and keepdim flag, or a norm its normalized shape.
 
 Targets are looked up by what a graph node holds: a torch function or ``operator`` function, an
 ATen overload (by its packet: ``aten.view``, not ``aten.view.default``), a tensor method name, an
