@@ -28,8 +28,8 @@ import torch.nn.functional as F
 import tpfx
 from tpfx.capture import CallForm, capture
 from tpfx.collectives import add_observer, copy_to_tp
-from tpfx.passes.comm_table import comm_table
 from tpfx.export_capture import export_capture
+from tpfx.passes.comm_table import comm_table
 from tpfx.passes.find_sites import find_sites
 from tpfx.passes.ops import rule_of
 from tpfx.passes.pair_megatron import Pairing, pair_sites
@@ -105,13 +105,24 @@ def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:
     return torch.stack((-x2, x1), dim=-1).flatten(-2)
 
 
-class StackRotary(nn.Module):
-    """A fused [3, H, Dh] projection, interleaved rotary on q and k, attention written out."""
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Each feature pair rotated by its own angle (cos, sin of Dh/2 angles), stacked back and interleaved."""
+    x1, x2 = x[..., ::2], x[..., 1::2]
+    return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
 
-    def __init__(self) -> None:
+
+class StackRotary(nn.Module):
+    """A fused [3, H, Dh] projection, interleaved rotary on q and k, attention written out.
+
+    ``pairs``: rotate the strided halves by Dh/2 angles and stack them (:func:`rotate_pairs`) instead
+    of ``q * cos + rotate_interleaved(q) * sin`` with Dh angles.
+    """
+
+    def __init__(self, *, pairs: bool = False) -> None:
         super().__init__()
+        self.pairs = pairs
         self.qkv, self.proj = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
-        angles = _angles(HEAD).repeat_interleave(2, dim=-1)  # (MAX_SEQ, Dh): one angle per feature pair
+        angles = _angles(HEAD) if pairs else _angles(HEAD).repeat_interleave(2, dim=-1)  # one per pair or feature
         self.register_buffer("cos", angles.cos())
         self.register_buffer("sin", angles.sin())
         self.register_buffer("causal", torch.ones(MAX_SEQ, MAX_SEQ, dtype=torch.bool).tril())
@@ -120,8 +131,11 @@ class StackRotary(nn.Module):
         bsz, seq, _ = x.shape
         q, k, v = self.qkv(x).view(bsz, seq, 3, HEADS, HEAD).permute(2, 0, 3, 1, 4)  # each (B, H, T, Dh)
         cos, sin = self.cos[:seq], self.sin[:seq]
-        q = q * cos + rotate_interleaved(q) * sin
-        k = k * cos + rotate_interleaved(k) * sin
+        if self.pairs:
+            q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
+        else:
+            q = q * cos + rotate_interleaved(q) * sin
+            k = k * cos + rotate_interleaved(k) * sin
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(HEAD)
         probs = scores.masked_fill(~self.causal[:seq, :seq], float("-inf")).softmax(dim=-1)
         return self.proj((probs @ v).transpose(1, 2).reshape(bsz, seq, WIDTH))
@@ -272,33 +286,32 @@ def test_complex_rotary_spelled_with_unflatten_divides_the_head_count_it_names()
 
 
 @pytest.mark.parametrize("tracer", TRACERS)
-def test_interleaved_rotary_with_stack_pairs_and_blocks_only_head_dims_parts(tracer):
-    gm, pairing = _pairing(StackRotary(), tracer)
+@pytest.mark.parametrize("pairs", [False, True], ids=["rotate-interleaved", "rotate-pairs"])
+def test_interleaved_rotary_with_stack_pairs_and_blocks_only_head_dims_parts(pairs, tracer):
+    gm, pairing = _pairing(StackRotary(pairs=pairs), tracer)
     assert _roles(gm) == [("qkv", "qkv")]
     (pair,) = pairing.pairs
-    # the strided slices and the stack split Dh into (Dh/2, 2); the 4 heads are split, the q/k/v 3 is not
-    assert pair.describe() == "qkv [3, 4*, 4, 2] -> proj [4*, 4, 2]"
+    # the 4 heads are split, the q/k/v 3 is not; adding q to its rotated halves stacked back lines Dh up
+    # with (Dh/2 halves, 2 stacked), so Dh splits; rotating the halves alone leaves Dh whole
+    dh = "8" if pairs else "4, 2"
+    assert pair.describe() == f"qkv [3, 4*, {dh}] -> proj [4*, {dh}]"
     assert [e.value for e in pair.shape_edits] == [HEADS, WIDTH]  # the head view and the width after attention
 
 
-def test_stack_along_the_heads_blocks_them():
-    class _StacksHeads(nn.Module):
-        """Stacks q's halves of heads along a new dim and reads it back: the head dim is cut in two."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.qkv, self.out = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
+def test_q_and_k_stacked_into_one_tensor_keep_their_heads():
+    class _StacksQK(StackRotary):
+        """Rotates q and k at once: stacked along a new leading dim (blocked: it picks q or k), then unbound."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             bsz, seq, _ = x.shape
             q, k, v = self.qkv(x).view(bsz, seq, 3, HEADS, HEAD).permute(2, 0, 3, 1, 4)
-            q = torch.stack((q[:, :2], q[:, 2:]), dim=1).flatten(1, 2)  # the same heads, by another path
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            return self.out(out.transpose(1, 2).reshape(bsz, seq, WIDTH))
+            qk = torch.stack((q, k))  # (2, B, H, T, Dh)
+            q, k = (qk * self.cos[:seq] + rotate_interleaved(qk) * self.sin[:seq]).unbind(0)
+            return self.proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(
+                bsz, seq, WIDTH))
 
-    _, pairing = _pairing(_StacksHeads(), "fx")
-    (fallback,) = pairing.fallbacks
-    assert "slices it" in fallback.reason and "\n" not in fallback.reason
+    (pair,) = _pairing(_StacksQK(), "fx")[1].pairs
+    assert pair.describe() == "qkv [3, 4*, 4, 2] -> proj [4*, 4, 2]"
 
 
 @pytest.mark.parametrize("tracer", TRACERS)
@@ -407,7 +420,8 @@ def test_a_mean_over_head_dim_blocks_heads_but_over_head_size_does_not():
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "complex rotary": ComplexRotary, "complex rotary, Meta spelling": lambda: ComplexRotary("meta"),
     "complex rotary, unflatten": lambda: ComplexRotary("unflatten"),
-    "stack rotary": StackRotary, "full-width norm": lambda: QKNorm("RMSNorm", full_width=True),
+    "stack rotary": StackRotary, "stack rotary, pairs": lambda: StackRotary(pairs=True),
+    "full-width norm": lambda: QKNorm("RMSNorm", full_width=True),
     "gqa 8/2": lambda: GroupedSdpa(8, 2), "gqa 4/2": lambda: GroupedSdpa(4, 2), "gqa 4/1": lambda: GroupedSdpa(4, 1),
     "gqa 4/2, dropout": lambda: GroupedSdpa(4, 2, dropout=0.3),
     **{f"qk {norm}": (lambda norm=norm: QKNorm(norm)) for norm in NORMS}}
@@ -488,8 +502,8 @@ def test_every_pattern_pairs_in_megatron_mode_except_the_full_width_norm(world):
     assert list(result) == _cases()
     for (label, tp, tracer, mode), checked in result.items():
         if mode == "gather":
-            assert checked["pairs"] is None and checked["sites"] == (1 if label == "stack rotary" else 3 if "gqa" in label
-                                                                     or "complex" in label else 5), (label, tp, tracer)
+            sites = 1 if "stack" in label else 3 if "gqa" in label or "complex" in label else 5
+            assert checked["pairs"] is None and checked["sites"] == sites, (label, tp, tracer)
         elif label == "full-width norm":  # the FFN pairs; the attention stays column + gather
             (reason,) = checked["fallbacks"]
             assert "(rms_norm) normalizes over it" in reason and len(checked["pairs"]) == 1
