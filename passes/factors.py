@@ -206,6 +206,9 @@ class Value:
     group: int
     prefix: bool = False
     source: str = ""  # for a column linear's output: the node of its input (whose sizes may be read)
+    # a complex tensor (view_as_complex): the trailing dim of 2 it folded into its elements, the (real,
+    # imaginary) pair, which view_as_real gives back; None for a real tensor
+    complex_pair: Dim | None = None
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -213,7 +213,23 @@ class FlowInterpreter:
         if rule is None or rule.flow is None:
             what = "has no rule in the op registry" if rule is None else "has no flow rule in the op registry"
             raise Unsupported(f"op '{op_label(node, self.modules)}' {what}; tpfx cannot tell that it keeps heads apart")
-        return RULES[rule.flow](self, node)
+        return self._carry_complex(node, rule.flow, RULES[rule.flow](self, node))
+
+    def _carry_complex(self, node: fx.Node, flow: Flow, result: Value | Pieces | None) -> Value | Pieces | None:
+        """A complex input makes a complex result: the rules see the elements' dims only, so the hidden
+        (real, imaginary) pair of :class:`Value` is carried here (view_as_complex/view_as_real set it themselves)."""
+        if flow in (Flow.COMPLEX, Flow.REAL) or result is None:
+            return result
+        found = [self.env.get(p.name) for p in node.all_input_nodes]
+        pairs = [v.complex_pair for v in found if isinstance(v, Value) and v.complex_pair is not None]
+        if not pairs:
+            return result
+        pair = pairs[0]
+        for other in pairs[1:]:
+            pair = self.align(pair, other)
+        if isinstance(result, Pieces):
+            return Pieces(tuple(replace(item, complex_pair=pair) for item in result.items), result.group)
+        return replace(result, complex_pair=pair)
 
     def _row(self, node: fx.Node, linear: LinearCall) -> None:
         value = self.value(node.args[linear.data_index])

@@ -19,7 +19,7 @@ head-local; otherwise, or when no factor of the partner's input can be split acr
 falls back to column-plus-gather, and the record says why. A tensor from outside the pair that holds
 the split factor in full (an ALiBi bias of every head added to the scores) is narrowed to the
 rank's part where the pair reads it (:class:`HeadNarrow` with a ``block``), and one computed from
-learned parameters has its gradient summed over the group (:class:`OutsideRead`).
+learned parameters has its gradient summed over the group (:class:`ReplicatedRead`).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from tpfx.passes.graph_view import functional_linear, parameter_shapes
 from tpfx.passes.factors import Dim, FeatureLayout, OutsideOperand, ShapeUse, Size, SizeRead, Value
 from tpfx.passes.feature_flow import FeatureFlow, LinearCall, LinearOf, analyze_feature_flow, module_linears
 from tpfx.passes.localize_shapes import FullSize, ShapeEdit
-from tpfx.passes.ops import Kind, dropout_probability, rule_of
 from tpfx.passes.module_hooks import hooks_keep_pair_whole
+from tpfx.passes.ops import SDPA_GQA, Flow, Kind, dropout_probability, kind_of, rule_of
 
 _FFN_ROLES = ("fc1", "up")
 
@@ -58,7 +58,8 @@ class HeadNarrow:
     consumer: str
     producer: str
     dim: int
-    block: int | None = None
+    block: int | None = None  # narrow each block of this many elements (a full-size tensor from outside the pair)
+    repeats: int = 1  # > 1: the consumer (SDPA with enable_gqa) repeats each head; repeat it first, then narrow
 
     def __post_init__(self) -> None:
         if self.dim >= 0 or (self.block is not None and self.block < 1):
@@ -67,11 +68,13 @@ class HeadNarrow:
 
 
 @dataclass(frozen=True)
-class OutsideRead:
-    """An op between the pair (``consumer``) reads a tensor from outside it (``producer``: a bias, a mask, a table).
+class ReplicatedRead:
+    """A whole tensor that needs a gradient, read by an op on this rank's heads (a qk-norm's weight).
 
-    Each rank uses it for its heads only, so the gradient it gets is its part of the single-device
-    one: where the tensor is computed from learned parameters, the rewrite sums it over the group."""
+    Each rank's gradient of it is the sum over its own heads only; a copy-to (identity forward,
+    all-reduce backward) where ``consumer`` reads ``producer`` sums the ranks' parts. ``producer`` ""
+    means the consumer is a module call (``nn.RMSNorm``) reading its own parameters.
+    """
 
     consumer: str
     producer: str
@@ -106,7 +109,7 @@ class Pair:
     narrows: tuple[HeadNarrow, ...] = ()  # grouped-query k/v with fewer heads than tp (see _narrows)
     dropouts: tuple[HeadDropout, ...] = ()  # dropouts between the pair (see _dropouts)
     full_sizes: tuple[FullSize, ...] = ()  # size reads of the split dims used where the full size is meant
-    outside_reads: tuple[OutsideRead, ...] = ()  # tensors from outside the pair read between it
+    replicated_reads: tuple[ReplicatedRead, ...] = ()  # whole tensors with gradients read on local heads
 
     def __post_init__(self) -> None:
         if self.kind not in ("attention", "ffn"):
@@ -196,6 +199,8 @@ def pair_sites(gm: fx.GraphModule, finding: SiteFinding, *, tp: int) -> Pairing:
     flow = analyze_feature_flow(gm, [site.node_name for site in finding.sites], linear_of=linear_of)
     index = _GraphIndex.of(gm, linear_of)
     records = _records_by_group(flow, index)
+    for group, reads in _replicated_reads(gm, flow, index).items():
+        records[group].reads = reads
     groups: dict[int, list[Site]] = {}
     for site in finding.sites:
         groups.setdefault(flow.group_of(flow.root_groups[site.node_name]), []).append(site)
@@ -249,6 +254,7 @@ class _GroupRecords:
     modules: list[str] = field(default_factory=list)  # the modules called on the group's values (their hooks matter)
     size_reads: list[SizeRead] = field(default_factory=list)
     outside: list[OutsideOperand] = field(default_factory=list)  # tensors from outside the group's values meet
+    reads: list[ReplicatedRead] = field(default_factory=list)  # see _replicated_reads
 
 
 def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int, _GroupRecords]:
@@ -269,6 +275,38 @@ def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int,
     for met in flow.outside:
         records[flow.group_of(met.group)].outside.append(met)
     return records
+
+
+def _replicated_reads(gm: fx.GraphModule, flow: FeatureFlow, index: _GraphIndex) -> dict[int, list[ReplicatedRead]]:
+    """Per group, where its ops read a whole tensor that needs a gradient (see :class:`ReplicatedRead`).
+
+    A tensor needs a gradient when it is computed from a trainable parameter (a get_attr, a module's
+    own); the column linears (sharded, their inputs copied already) and sizes are left out. One pass
+    over the graph in order.
+    """
+    modules = dict(gm.named_modules())
+    trainable = {name for name, p in gm.named_parameters(remove_duplicate=False) if p.requires_grad}
+    own = {name: any(p.requires_grad for p in module.parameters()) for name, module in modules.items()}
+    needs: dict[str, bool] = {}
+    found: defaultdict[int, list[ReplicatedRead]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.name not in flow.region:
+            if kind_of(node, modules) is Kind.META:
+                needs[node.name] = False  # a size: no gradient
+            elif node.op == "get_attr":
+                needs[node.name] = str(node.target) in trainable
+            else:
+                needs[node.name] = (node.op == "call_module" and own.get(str(node.target), False)
+                                    or any(needs.get(p.name, False) for p in node.all_input_nodes))
+            continue
+        inside = [p.name for p in node.all_input_nodes if p.name in flow.values]
+        if node.name in flow.roots or not inside:
+            continue
+        group = flow.group_of(flow.values[inside[0]].group)
+        if node.op == "call_module" and own.get(str(node.target), False):
+            found[group].append(ReplicatedRead(node.name, ""))
+        found[group] += [ReplicatedRead(node.name, p.name) for p in node.all_input_nodes if needs.get(p.name, False)]
+    return found
 
 
 def _is_dropout(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -307,8 +345,7 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
         shard_size=_product(flow, list(chosen)), row_weight_name=row.key if row.functional else "",
         row_bias_name=row.bias, row_weight_layout=row.layout, narrows=narrows,
         dropouts=_dropouts(flow, records.dropouts, chosen, whole_only),
-        full_sizes=_full_sizes(flow, records, chosen, whole_only, index),
-        outside_reads=tuple(dict.fromkeys(OutsideRead(met.consumer, met.producer) for met in records.outside)))
+        full_sizes=_full_sizes(flow, records, chosen, whole_only, index), replicated_reads=tuple(records.reads))
 
 
 def _partner(records: _GroupRecords, sites: list[Site], index: _GraphIndex) -> tuple[fx.Node, LinearCall, Dim]:
@@ -440,10 +477,14 @@ def _narrows(flow: FeatureFlow, chosen: tuple[int, ...], sites: list[Site], layo
             value = flow.values.get(producer.name)
             dims = [] if value is None else _dim_classes(flow, value)
             at = [i for i, classes in enumerate(dims) if classes == targets]
+            repeats = 1
+            if not at and _groups_heads(index.nodes[consumer]):  # SDPA(enable_gqa): it repeats k/v to the query heads
+                at = [i for i, classes in enumerate(dims) if classes and classes == targets[:len(classes)]]
+                repeats = _product(flow, list(chosen[len(dims[at[0]]):])) if len(at) == 1 else 1
             if len(at) != 1:
                 raise _NoPair(f"the whole keys or values '{producer.name}' meet the local heads at '{consumer}' "
                               "before they are repeated to the query heads")
-            narrows.append(HeadNarrow(consumer, producer.name, at[0] - len(dims)))
+            narrows.append(HeadNarrow(consumer, producer.name, at[0] - len(dims), repeats=repeats))
     return whole_only, tuple(narrows)
 
 
@@ -470,7 +511,7 @@ def _outside_narrows(flow: FeatureFlow, met: list[OutsideOperand], chosen: tuple
                           f"of a shape not known while tracing) with the split factor along dim {dim}, where a rank's "
                           "part is not one run of each block of a size known while tracing; give the heads a dim "
                           "of their own there")
-        narrow = HeadNarrow(use.consumer, use.producer, dim, math.prod(size.coeff for size in inner))
+        narrow = HeadNarrow(use.consumer, use.producer, dim, block=math.prod(size.coeff for size in inner))
         if narrows.setdefault((use.consumer, use.producer), narrow) != narrow:
             raise _NoPair(f"'{use.consumer}' meets the split factor in two dims of the tensor '{use.producer}' "
                           "from outside the pair; give the heads a dim of their own there")
@@ -487,6 +528,12 @@ def _leaf_parts(flow: FeatureFlow, dim: Dim) -> list[tuple[int | None, Size]]:
             leaves = flow.factors.leaves(part.factor)
             parts += [(flow.factors.find(leaf), Size(flow.factors.sizes[leaf])) for leaf in leaves]
     return parts
+
+
+def _groups_heads(node: fx.Node) -> bool:
+    """Whether ``node`` is an attention that shares each key/value head among a group of query heads (enable_gqa)."""
+    rule = rule_of(node, {}) if node.op == "call_function" else None
+    return rule is not None and rule.flow is Flow.SDPA and bool(SDPA_GQA.read(node))
 
 
 def _dropouts(flow: FeatureFlow, names: list[str], chosen: tuple[int, ...],
