@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tpfx.passes.column_shard import insert_collectives, shard_site_modules
 from tpfx.passes.find_sites import Site, find_sites
@@ -58,7 +59,7 @@ class PairShardResult:
 
 
 def _column_module(linear: nn.Linear, layout: FeatureLayout, *, tp: int, rank: int) -> nn.Module:
-    if layout.shard_axis is None:
+    if layout.whole:
         return copy.deepcopy(linear)  # whole on every rank (grouped-query k/v with fewer heads than tp)
     ranges = layout.ranges(tp, rank)
     if len(ranges) == 1 and layout.shard_axis == 0:
@@ -126,9 +127,9 @@ def shard_pair_modules(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: i
     for path, module in replacements.items():
         gm.set_submodule(path, module)
     replicated = {site.weight_name: None for pair in pairing.pairs for site, layout in zip(pair.columns, pair.column_layouts)
-                  if site.functional and layout.shard_axis is None}
+                  if site.functional and layout.whole}
     replicated |= {site.bias_name: None for pair in pairing.pairs for site, layout in zip(pair.columns, pair.column_layouts)
-                   if site.functional and layout.shard_axis is None and site.bias_name}
+                   if site.functional and layout.whole and site.bias_name}
     for name, spec in (pair_parameter_specs(pairing, tp=tp, rank=rank) | replicated).items():
         _set_parameter(gm, name, source.get_parameter(name), spec)
 
@@ -145,10 +146,13 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
     inserted: list[str] = []
     index = linear_applications(gm)  # once: each key is rewritten once, and rewrites keep node identities
     for pair in pairing.pairs:
-        sharded = {_key(s) for s, layout in zip(pair.columns, pair.column_layouts) if layout.shard_axis is not None}
+        sharded = {_key(s) for s, layout in zip(pair.columns, pair.column_layouts) if not layout.whole}
         inserted += _copy_inputs(gm, applications_of(index, sharded), group)
         inserted += _copy_outputs(gm, applications_of(index, {_key(s) for s in pair.columns} - sharded), group)
         inserted += _reduce_output(gm, applications_of(index, {pair.row_weight_name or pair.row_module_path}), group)
+        for site, layout in zip(pair.columns, pair.column_layouts):
+            if layout.whole_local_ranges(tp):
+                inserted += _reduce_whole_rows(gm, applications_of(index, {_key(site)}), layout, tp, group)
     localized = localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
     nodes = {node.name: node for node in gm.graph.nodes}
     localized += _narrow_to_rank_heads(gm, nodes, [n for p in pairing.pairs for n in p.narrows], group)
@@ -223,6 +227,64 @@ def _copy_outputs(gm: fx.GraphModule, calls: list[LinearApplication], group: str
             copied = gm.graph.call_function(copy_to_tp, (node, group))
         node.replace_all_uses_with(copied, delete_user_cb=lambda user: user is not copied)
         inserted.append(copied.name)
+    return inserted
+
+
+def _reduce_whole_rows(gm: fx.GraphModule, calls: list[LinearApplication], layout: FeatureLayout, tp: int,
+                       group: str) -> list[str]:
+    """The rows of a fused projection's pieces that every rank keeps whole get their gradient all-reduced.
+
+    before / after (``[q | k | v]`` with k and v whole; ``qkv`` holds q's local rows, then k's and v's)::
+
+        qkv = self.qkv(copy_to_tp)
+        w = torch.cat([narrow(self.qkv.weight, 0, 0, 16), copy_to_tp(narrow(self.qkv.weight, 0, 16, 16))])
+        qkv = F.linear(copy_to_tp, w, <the bias alike>)
+
+    Each rank's keys serve only its query heads, so their output gradient is a rank's share: the input's
+    all-reduce (copy_to_tp before the linear) sums their part of the input gradient exactly once, and the
+    weight rows' gradient is summed here. (An all-reduce after the pieces' output, as for a separate whole
+    k/v linear, would count their part of the input gradient tp times: the input is all-reduced too.)
+    """
+    inserted: list[str] = []
+    for node, data_index, functional in calls:
+        if functional is None:  # a module: its weight and bias become operands of F.linear
+            with gm.graph.inserting_before(node):
+                weight = gm.graph.get_attr(f"{node.target}.weight")
+                bias = gm.graph.get_attr(f"{node.target}.bias") if gm.get_submodule(str(node.target)).bias is not None else None
+                linear = gm.graph.call_function(F.linear, (node.args[0], weight, bias))
+            node.replace_all_uses_with(linear)
+            gm.graph.erase_node(node)
+            node, operands = linear, ((1, 0), (2, 0))
+        else:
+            rule = function_rule(node.target).linear
+            operands = ((rule.weight, 0 if functional.layout == "out_in" else 1), (rule.bias, 0))
+        for position, dim in operands:
+            inserted += _reduce_rows_of(gm, node, position, dim, layout, tp, group)
+    return inserted
+
+
+def _reduce_rows_of(gm: fx.GraphModule, node: fx.Node, position: int | None, dim: int, layout: FeatureLayout, tp: int,
+                    group: str) -> list[str]:
+    """Replace the parameter that argument ``position`` of ``node`` reads (directly or through a transpose)
+    with itself, the whole pieces' rows (along ``dim`` of the stored parameter) passed through copy_to_tp."""
+    reader = node
+    parameter = node.args[position] if position is not None and len(node.args) > position else None
+    if isinstance(parameter, fx.Node) and parameter.op != "get_attr":  # a transposed weight: t(get_attr)
+        reader, parameter = parameter, parameter.args[0]
+    if not isinstance(parameter, fx.Node):
+        return []
+    blocks, start, inserted = [], 0, []
+    with gm.graph.inserting_before(reader):
+        for whole_start, whole_stop in (*layout.whole_local_ranges(tp), (layout.local_size(tp),) * 2):
+            if whole_start > start:
+                blocks.append(gm.graph.call_function(torch.narrow, (parameter, dim, start, whole_start - start)))
+            if whole_stop > whole_start:
+                part = gm.graph.call_function(torch.narrow, (parameter, dim, whole_start, whole_stop - whole_start))
+                blocks.append(gm.graph.call_function(copy_to_tp, (part, group)))
+                inserted.append(blocks[-1].name)
+            start = whole_stop
+        reduced = gm.graph.call_function(torch.cat, (blocks, dim))
+    reader.replace_input_with(parameter, reduced)
     return inserted
 
 

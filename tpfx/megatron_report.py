@@ -34,13 +34,19 @@ class MegatronReport(Report):
                  "shard": [p.row_weight_shape[0], p.row_weight_shape[1] // self.tp],
                  "collectives": list(around.get(p.row_module_path, ()))} for p in self.pairs]
         whole = self._whole_columns()
+        local = {site.module_path: (layout.local_size(self.tp), site.shard_dim) for pair in self.pairs
+                 for site, layout in zip(pair.columns, pair.column_layouts) if layout.segments}
         columns = [row | {"shard": row["weight"]} if row["module"] in whole else row for row in super().sites_table()]
+        for row in columns:  # a fused projection cut into pieces: each piece split or kept whole
+            if row["module"] in local:
+                size, dim = local[row["module"]]
+                row["shard"] = [size if axis == dim else n for axis, n in enumerate(row["weight"])]
         return columns + rows
 
     def _whole_columns(self) -> dict[str, Pair]:
         """Column sites every rank keeps whole (grouped-query k/v with fewer heads than tp), with their pair."""
         return {site.module_path: pair for pair in self.pairs
-                for site, layout in zip(pair.columns, pair.column_layouts) if layout.shard_axis is None}
+                for site, layout in zip(pair.columns, pair.column_layouts) if layout.whole}
 
     def linear_decisions(self) -> list[dict[str, object]]:
         """Every linear with its reason; paired sites name their partner, fallbacks say why not paired."""
@@ -49,7 +55,10 @@ class MegatronReport(Report):
             for site, layout in zip(pair.columns, pair.column_layouts):
                 why[site.module_path] = (f"{role_reason(site.role)}; column-parallel without a gather, rows "
                                          f"{layout.describe()} (* split), paired with '{pair.row_module_path}'")
-                if layout.shard_axis is None:
+                if layout.whole_local_ranges(self.tp):
+                    why[site.module_path] += ("; its pieces kept whole (fewer key/value heads than tp) are on every "
+                                              "rank, their weight gradient all-reduced")
+                if layout.whole:
                     why[site.module_path] = (
                         f"{role_reason(site.role)}; kept whole on every rank: its {layout.describe()} rows hold fewer "
                         f"heads than tp={self.tp}, so each rank repeats them to the query heads and keeps its own "
