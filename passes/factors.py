@@ -274,7 +274,7 @@ class FeatureLayout:
             if piece.whole:
                 blocks.append((offset, offset + piece.size))
             offset += piece.local_size(tp)
-        return tuple(blocks)
+        return _merged_blocks(blocks)
 
     def ranges(self, tp: int, rank: int) -> tuple[tuple[int, int], ...]:
         """This rank's ``[start, stop)`` blocks of the feature dim, merged where they touch."""

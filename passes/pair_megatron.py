@@ -253,7 +253,7 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
     if all(layout.whole for layout in layouts):
         raise _NoPair(f"no factor of {_paths(sites)} lines up with the split input of '{row.key}'")
     whole_only, narrows = _narrows(flow, chosen, sites, layouts, index) if len(chosen) > 1 else (set(), ())
-    edits = _shape_edits(flow, records.shape_uses, chosen, whole_only) + _cut_edits(flow, records.cut_uses, chosen, tp)
+    edits = _shape_edits(flow, records.shape_uses, chosen, whole_only, tp=tp) + _cut_edits(flow, records.cut_uses, chosen, tp)
     weight_shape = (row.out_features, row.in_features) if row.layout == "out_in" else (row.in_features, row.out_features)
     return Pair(
         kind="ffn" if all(site.role in _FFN_ROLES for site in sites) else "attention",
@@ -449,9 +449,10 @@ def _dropouts(flow: FeatureFlow, names: list[str], chosen: tuple[int, ...],
 
 
 def _shape_edits(flow: FeatureFlow, uses: list[ShapeUse], chosen: tuple[int, ...],
-                 whole_only: set[str] = frozenset()) -> tuple[ShapeEdit, ...]:
+                 whole_only: set[str] = frozenset(), *, tp: int = 1) -> tuple[ShapeEdit, ...]:
     """Each argument of the group's shape ``uses`` whose dim holds the chosen heads, unless it is read at run
-    time (already local) or shapes a value that stays whole on every rank (``whole_only``)."""
+    time (already local) or shapes a value that stays whole on every rank (``whole_only``); and each whose
+    dim holds a fused projection cut into pieces some of which are split (``view(b, s, H + 2 * KV, Dh)``)."""
     factors = flow.factors
     targets = {factors.find(leaf) for leaf in chosen}
 
@@ -462,7 +463,14 @@ def _shape_edits(flow: FeatureFlow, uses: list[ShapeUse], chosen: tuple[int, ...
     for use in (u for u in uses if u.node_name not in whole_only):
         for dim, item in zip(use.dims, use.items):
             holds = held(p.factor for p in dim if p.factor is not None)
-            if not holds or item.size is None or held(item.local):
+            kept = None if holds else _kept_of_pieces(flow, dim, chosen, use.node_name)
+            if (not holds and kept is None) or item.size is None or held(item.local):
+                continue
+            if kept is not None:
+                if item.location is None or item.local:
+                    raise _NoPair(f"the size of a fused projection's pieces in '{use.node_name}' is computed where "
+                                  "tpfx cannot change it")
+                edits.append(ShapeEdit(item.location[0], item.location[1], item.literal, kept=kept))
                 continue
             if holds != targets:
                 raise _NoPair(f"'{use.node_name}' splits the heads that are divided across ranks")
@@ -470,6 +478,21 @@ def _shape_edits(flow: FeatureFlow, uses: list[ShapeUse], chosen: tuple[int, ...
                 raise _NoPair(f"the size of a head dim in '{use.node_name}' is computed where tpfx cannot change it")
             edits.append(ShapeEdit(item.location[0], item.location[1], item.literal))
     return tuple(edits)
+
+
+def _kept_of_pieces(flow: FeatureFlow, dim: Dim, chosen: tuple[int, ...], where: str) -> int | None:
+    """For a dim holding a factor cut into pieces some of which are split: how much of the dim every rank
+    keeps whole (the whole pieces times the factors beside them); None when the dim holds no such factor."""
+    leaves = [leaf for part in dim if part.factor is not None for leaf in flow.factors.leaves(part.factor)]
+    cut = [leaf for leaf in leaves if leaf in flow.factors.segments
+           and not all(layout.whole for layout in _pieces(flow, leaf, chosen, where))]
+    if not cut:
+        return None
+    if len(cut) > 1 or any(part.factor is None for part in dim):
+        raise _NoPair(f"'{where}' shapes a fused projection's pieces together with batch dims or other pieces; "
+                      "tpfx cannot make that size this rank's")
+    beside = _product(flow, [leaf for leaf in leaves if leaf != cut[0]])
+    return beside * sum(layout.size for layout in _pieces(flow, cut[0], chosen, where) if layout.whole)
 
 
 def _cut_edits(flow: FeatureFlow, uses: list[CutUse], chosen: tuple[int, ...], tp: int) -> tuple[ShapeEdit, ...]:
