@@ -30,6 +30,12 @@ interleaved ``[H, 3, Dh]`` and separate q/k/v projections all come out as a fact
 weight rows and the index of the head factor in it (:class:`FeatureLayout`). Each shape argument
 whose dim holds the head factor is recorded, so :func:`localize_shapes` divides it by tp, unless
 it was read at run time from a tensor that is already local.
+
+A fused projection cut into unequal contiguous pieces (``split([H*Dh, KV*Dh, KV*Dh])`` or slices
+``qkv[..., :H*Dh]`` of a multi-/grouped-query attention) has its factor *cut*: each piece is a
+factor of its own, factorized by its own views (q's ``[H, Dh]``, k's ``[KV, Dh]``), and the split
+sizes and slice bounds are recorded (:class:`~tpfx.passes.factors.CutUse`) so the pairing can make
+them this rank's once it knows which pieces are split.
 """
 
 from __future__ import annotations

@@ -45,7 +45,8 @@ class ShapeEdit:
 
 
 def localize_shapes(gm: fx.GraphModule, edits: tuple[ShapeEdit, ...], *, tp: int) -> tuple[str, ...]:
-    """Divide each edited shape argument by ``tp``: a literal in place, a traced size by a new ``//`` node.
+    """Divide each edited shape argument by ``tp`` (keeping its ``kept`` part whole): a literal in place, a
+    traced size by new ``//`` (and ``-``, ``+``) nodes.
 
     Args:
         gm: the graph to change in place (only the graph: the caller recompiles).

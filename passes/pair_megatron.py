@@ -17,6 +17,11 @@ group; the group's pair partner is the one linear its values reach, found by wal
 with :func:`tpfx.passes.feature_flow.analyze_feature_flow`. Every op on the way must be elementwise or
 head-local; otherwise, or when no factor of the partner's input can be split across tp, the group
 falls back to column-plus-gather, and the record says why.
+
+A fused projection cut into unequal pieces gets a layout of pieces, each split or kept whole::
+
+    Pair(columns=(qkv site,), column_layouts=([4*, 8 | 8 | 8],), ...)   # multi-query: k and v kept whole
+    Pair(columns=(qkv site,), column_layouts=([2*, 2, 8 | 2*, 8 | 2*, 8],), ...)  # 2 kv heads, tp=2
 """
 
 from __future__ import annotations
@@ -378,6 +383,14 @@ def _pieces(flow: FeatureFlow, fid: int, chosen: tuple[int, ...], where: str) ->
             for piece in flow.factors.segment_leaves(leaves[0]) for layout in _pieces(flow, piece, chosen, where)]
 
 
+def _row_pieces(flow: FeatureFlow, fid: int) -> set[int]:
+    """The pieces :func:`_pieces` lays out for factor ``fid``: those of its outermost factor's cut, nested."""
+    found: set[int] = set()
+    for piece in flow.factors.segments.get(flow.factors.leaves(fid)[0], ()):
+        found |= {piece} | _row_pieces(flow, piece)
+    return found
+
+
 def _leaf_sizes(flow: FeatureFlow, fid: int) -> tuple[int, ...]:
     return tuple(flow.factors.sizes[leaf] for leaf in flow.factors.leaves(fid))
 
@@ -399,11 +412,11 @@ def _narrows(flow: FeatureFlow, chosen: tuple[int, ...], sites: list[Site], layo
     to this rank's block of heads. Returns the nodes on the whole columns' side, whose shapes stay
     full size, and the narrows.
     """
-    # the pieces of a fused projection kept whole start where the split or the slice hands them out
-    group = flow.group_of(flow.root_groups[sites[0].node_name])
+    # the pieces of a fused projection kept whole start where the split or the slice hands them out (a piece
+    # of a head, such as rotary's halves, is no piece of the rows: its value still holds the split heads)
+    rows = set().union(*(_row_pieces(flow, flow.roots[site.node_name]) for site in sites))
     whole_pieces = {name for name, piece in flow.entries.items()
-                    if name in flow.values and flow.group_of(flow.values[name].group) == group
-                    and all(p.whole for p in _pieces(flow, piece, chosen, name))}
+                    if piece in rows and all(p.whole for p in _pieces(flow, piece, chosen, name))}
 
     def reached(columns: list[str]) -> set[str]:
         seen, frontier = set(columns), list(columns)

@@ -20,6 +20,10 @@ In an exported (ATen) graph a linear is an op on a parameter: the op stays and i
 replaced by this rank's parts (rows or columns as the weight is stored), and a row linear's bias is
 taken out of its op (``addmm(b, x, w)`` becomes ``mm(x, w)``) and added after the reduce.
 
+A fused projection whose pieces are partly kept whole (multi-query keys and values) holds this rank's
+rows of the split pieces and all rows of the whole ones; the whole rows' weight gradient is
+all-reduced (see :func:`_reduce_whole_rows`).
+
 Sites that could not be paired keep the column-plus-gather rewrite of :mod:`tpfx.passes.column_shard`.
 As there, modules and graphs are separate steps, so that further call forms reuse the shards:
 :func:`shard_pair_modules` replaces the modules, :func:`rewrite_pair_graph` rewrites one graph.

@@ -45,16 +45,22 @@ class FusedSplit(nn.Module):
     """One fused projection of ``heads`` query heads and ``kv_heads`` key/value heads, cut into q, k and v.
 
     ``cut``: ``"split"`` (``qkv.split(sizes, dim=-1)``), ``"torch.split"`` (``torch.split(qkv, sizes,
-    dim=split_dim)``) or ``"slices"`` (``qkv[..., :q]``, ``qkv[..., q:q + kv]``, ``qkv[..., q + kv:]``).
+    dim=split_dim)``), ``"slices"`` (``qkv[..., :q]``, ``qkv[..., q:q + kv]``, ``qkv[..., q + kv:]``) or
+    ``"slices from the end"`` (``qkv[..., :-2 * kv]``, ``qkv[..., -2 * kv:-kv]``, ``qkv[..., -kv:]``).
     ``repeat``: the key/value heads repeated to the query heads by ``expand`` + ``reshape`` or by
     ``repeat_interleave``. ``attention``: ``"sdpa"`` or ``"written"`` (matmul, softmax, matmul).
+    ``rotary``: rotate q and k by position (halves of each head swapped, as LLaMA's ``rotate_half``).
     """
 
     def __init__(self, kv_heads: int, *, heads: int = 4, cut: str = "split", repeat: str = "expand",
-                 attention: str = "sdpa", split_dim: int = -1) -> None:
+                 attention: str = "sdpa", split_dim: int = -1, rotary: bool = False) -> None:
         super().__init__()
         self.heads, self.kv_heads, self.width = heads, kv_heads, heads * HEAD_DIM
         self.cut, self.repeat, self.attention, self.split_dim = cut, repeat, attention, split_dim
+        self.rotary = rotary
+        angles = torch.arange(16.0)[:, None] * torch.linspace(0.1, 1.0, HEAD_DIM // 2)[None, :]  # (max T, Dh / 2)
+        self.register_buffer("cos", angles.cos().repeat(1, 2), persistent=False)
+        self.register_buffer("sin", angles.sin().repeat(1, 2), persistent=False)
         self.q_size, self.kv_size = heads * HEAD_DIM, kv_heads * HEAD_DIM
         self.qkv = nn.Linear(self.width, self.q_size + 2 * self.kv_size)
         self.proj = nn.Linear(self.width, self.width)
@@ -65,6 +71,8 @@ class FusedSplit(nn.Module):
             return qkv.split(sizes, dim=-1)
         if self.cut == "torch.split":
             return torch.split(qkv, sizes, dim=self.split_dim)
+        if self.cut == "slices from the end":
+            return qkv[..., :-2 * self.kv_size], qkv[..., -2 * self.kv_size:-self.kv_size], qkv[..., -self.kv_size:]
         q_end, k_end = self.q_size, self.q_size + self.kv_size
         return qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
 
@@ -76,11 +84,20 @@ class FusedSplit(nn.Module):
         bsz, kv, seq, dh = t.shape
         return t[:, :, None].expand(bsz, kv, groups, seq, dh).reshape(bsz, kv * groups, seq, dh)
 
+    def _rotate(self, t: torch.Tensor, seq: int) -> torch.Tensor:
+        """(B, heads, T, Dh) rotated by position: the two halves of each head swapped (one negated)."""
+        if not self.rotary:
+            return t
+        half = HEAD_DIM // 2
+        swapped = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
+        return t * self.cos[:seq] + swapped * self.sin[:seq]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, seq, _ = x.shape
         q, k, v = self._pieces(self.qkv(x))  # (B, T, H*Dh), (B, T, KV*Dh), (B, T, KV*Dh)
-        q = q.view(bsz, seq, self.heads, HEAD_DIM).transpose(1, 2)
-        k = self._to_query_heads(k.view(bsz, seq, self.kv_heads, HEAD_DIM).transpose(1, 2))
+        q = self._rotate(q.view(bsz, seq, self.heads, HEAD_DIM).transpose(1, 2), seq)
+        k = self._rotate(k.view(bsz, seq, self.kv_heads, HEAD_DIM).transpose(1, 2), seq)
+        k = self._to_query_heads(k)
         v = self._to_query_heads(v.view(bsz, seq, self.kv_heads, HEAD_DIM).transpose(1, 2))
         if self.attention == "sdpa":
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -321,10 +338,13 @@ def _sum_of_ranks(model: nn.Module, x: torch.Tensor, tp: int) -> torch.Tensor:
     (lambda: FusedSplit(1, cut="split", repeat="expand", attention="written"), (2, 4)),
     (lambda: FusedSplit(1, cut="slices", repeat="interleave"), (2, 4)),
     (lambda: FusedSplit(2, cut="split", repeat="interleave"), (2, 4)),
-    (lambda: FusedSplit(2, cut="slices", repeat="expand", attention="written"), (2, 4)),
+    (lambda: FusedSplit(2, cut="slices", repeat="expand", attention="written", rotary=True), (2, 4)),
     (lambda: FusedSplit(2, heads=8, cut="slices"), (4,)),
+    (lambda: FusedSplit(1, cut="slices from the end"), (2, 4)),
+    (lambda: FusedSplit(2, cut="slices from the end", repeat="interleave"), (2, 4)),
     (lambda: HeadsThenSplit(1), (2, 4)),
-], ids=["mqa-split", "mqa-slices", "gqa-split", "gqa-slices", "gqa-8-heads", "heads-then-split"])
+], ids=["mqa-split", "mqa-slices", "gqa-split", "gqa-slices", "gqa-8-heads", "mqa-from-end", "gqa-from-end",
+        "heads-then-split"])
 def test_ranks_sum_to_the_single_device_output(make, tps):
     torch.manual_seed(0)
     model = make().eval()
@@ -340,13 +360,14 @@ def test_ranks_sum_to_the_single_device_output(make, tps):
 _BOTH, _MEGATRON = ("gather", "megatron"), ("megatron",)
 _PARITY = [
     ("mqa split sdpa", lambda: FusedSplit(1, cut="split"), "fx", (2, 4), _BOTH),
-    ("gqa slices written", lambda: FusedSplit(2, cut="slices", repeat="interleave", attention="written"), "fx", (2, 4),
-     _MEGATRON),
+    ("gqa slices written rotary", lambda: FusedSplit(2, cut="slices", repeat="interleave", attention="written",
+                                                     rotary=True), "fx", (2, 4), _MEGATRON),
     ("gqa 8 heads split", lambda: FusedSplit(2, heads=8, repeat="interleave"), "fx", (4,), _MEGATRON),
     ("heads then split", lambda: HeadsThenSplit(2), "fx", (2, 4), _MEGATRON),
     ("mqa slices written", lambda: FusedSplit(1, cut="slices", repeat="interleave", attention="written"), "export",
      (2, 4), _BOTH),
-    ("gqa torch.split dim 2", lambda: FusedSplit(2, cut="torch.split", split_dim=2), "export", (2, 4), _MEGATRON),
+    ("gqa torch.split dim 2 rotary", lambda: FusedSplit(2, cut="torch.split", split_dim=2, rotary=True), "export",
+     (2, 4), _MEGATRON),
     ("heads then split kv=1", lambda: HeadsThenSplit(1), "export", (2,), _MEGATRON),
 ]
 
