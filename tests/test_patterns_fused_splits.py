@@ -126,6 +126,39 @@ class HeadsThenSplit(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(bsz, seq, self.width))
 
 
+class InOutLinear(nn.Module):
+    """A linear whose weight is stored (in, out) and applied by ``addmm``, as GPT-2's Conv1D."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) / math.sqrt(n_in))
+        self.bias = nn.Parameter(torch.randn(n_out) / 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.size()[:-1] + (self.weight.shape[1],)
+        return torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight).view(shape)
+
+
+class InOutFused(nn.Module):
+    """A multi-query attention whose fused projection is an (in, out) weight: its pieces are weight columns."""
+
+    def __init__(self, kv_heads: int, *, heads: int = 4) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.width = heads, kv_heads, heads * HEAD_DIM
+        self.c_attn = InOutLinear(self.width, (heads + 2 * kv_heads) * HEAD_DIM)
+        self.c_proj = InOutLinear(self.width, self.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        q, k, v = self.c_attn(x).split([self.heads * HEAD_DIM, self.kv_heads * HEAD_DIM, self.kv_heads * HEAD_DIM], 2)
+        q = q.view(bsz, seq, self.heads, HEAD_DIM).transpose(1, 2)
+        groups = self.heads // self.kv_heads
+        k, v = (t.view(bsz, seq, self.kv_heads, HEAD_DIM).transpose(1, 2).repeat_interleave(groups, dim=1)
+                for t in (k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(out.transpose(1, 2).reshape(bsz, seq, self.width))
+
+
 def _inputs(width: int) -> torch.Tensor:
     return torch.randn(2, 5, width, generator=torch.Generator().manual_seed(3))
 
@@ -276,6 +309,20 @@ def test_whole_pieces_weight_rows_pass_through_copy_to_tp():
     assert torch.equal(specs["qkv.weight"].take(model.qkv.weight), gm.get_parameter("qkv.weight"))
 
 
+def test_export_whole_pieces_of_an_in_out_weight_are_its_columns():
+    model = InOutFused(kv_heads=1)
+    gm = tpfx.parallelize(model, tp=2, rank=1, mode="megatron", tracer="export", example_inputs=(_inputs(32),))
+    assert [p.describe() for p in gm.tpfx_pairing.pairs] == ["c_attn [4*, 8 | 8 | 8] -> c_proj [4*, 8]"]
+    (addmm,) = [n for n in gm.graph.nodes if n.target is torch.ops.aten.addmm.default]
+    bias, _, weight = addmm.args
+    assert weight.target is torch.cat and weight.args[1] == 1  # the (in, out) weight's columns are the features
+    assert [(n.target, n.args[1:]) for n in weight.args[0]] == [(torch.narrow, (1, 0, 16)), (copy_to_tp, ("tp:0-1",))]
+    assert weight.args[0][1].args[0].args[1:] == (1, 16, 16) and bias.target is torch.cat and bias.args[1] == 0
+    assert gm.get_parameter("c_attn.weight").shape == (32, 32)
+    views = [n.args[1] for n in gm.graph.nodes if n.target is torch.ops.aten.view.default and n.args[0] is addmm]
+    assert [size[-1] for size in views] == [32]  # (B, T, 48) -> this rank's 16 + 8 + 8
+
+
 def test_split_pieces_keep_the_module_call():
     """Every piece split (tp divides the key/value heads): one block-column linear, no gradient fix-up."""
     model = FusedSplit(kv_heads=2)
@@ -368,7 +415,7 @@ _PARITY = [
      (2, 4), _BOTH),
     ("gqa torch.split dim 2 rotary", lambda: FusedSplit(2, cut="torch.split", split_dim=2, rotary=True), "export",
      (2, 4), _MEGATRON),
-    ("heads then split kv=1", lambda: HeadsThenSplit(1), "export", (2,), _MEGATRON),
+    ("(in, out) weight mqa", lambda: InOutFused(1), "export", (2, 4), _MEGATRON),
 ]
 
 
@@ -409,7 +456,7 @@ def world() -> list[dict]:
 
 def test_logits_loss_and_every_gradient_match_single_device(world):
     for rank, results in enumerate(world):
-        assert len(results) == sum(len(tps) * len(modes) for *_, tps, modes in _PARITY) == 16
+        assert len(results) == sum(len(tps) * len(modes) for *_, tps, modes in _PARITY) == 17
         for (label, tp, mode), checked in results.items():
             where = f"{label} tp={tp} {mode} rank {rank}"
             bad = {k: v for k, v in checked["diffs"].items() if not v <= TOL}
