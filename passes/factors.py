@@ -79,6 +79,7 @@ class Factors:
         self._class: list[int] = []  # union-find parent
         self.members: dict[int, list[int]] = {}
         self.blocked: dict[int, str] = {}  # class root -> why
+        self.segments: dict[int, tuple[int, ...]] = {}  # factor -> the contiguous pieces it is cut into
 
     def new(self, size: int) -> int:
         fid = len(self.sizes)
@@ -102,6 +103,8 @@ class Factors:
         """Split leaf ``fid`` (and its class) into factors of ``sizes``, outermost first."""
         if fid in self.children:
             raise Unsupported(f"factor of size {self.sizes[fid]} is already split otherwise")
+        if any(member in self.segments for member in self.members[self.find(fid)]):
+            raise Unsupported(f"factor of size {self.sizes[fid]} is cut into pieces and also split into factors")
         assert math.prod(sizes) == self.sizes[fid]
         self._refine_class(self.find(fid), sizes)
         return self.children[fid]
@@ -132,11 +135,75 @@ class Factors:
         if rb in self.blocked:
             self.blocked.setdefault(ra, self.blocked.pop(rb))
         split = next((self.children[m] for m in self.members[ra] if m in self.children), None)
+        cut = next((self.segments[m] for m in self.members[ra] if m in self.segments), None)
+        if split is not None and cut is not None:
+            raise Unsupported(f"a factor of size {self.sizes[ra]} cut into pieces meets one split into factors")
         if split is not None:
             self._refine_class(ra, tuple(self.sizes[c] for c in split))
+        if cut is not None:
+            self._cut_class(ra, tuple(self.sizes[c] for c in cut))
 
     def block(self, fid: int, reason: str) -> None:
-        self.blocked.setdefault(self.find(fid), reason)
+        root = self.find(fid)
+        self.blocked.setdefault(root, reason)
+        # a factor that cannot be split cannot have its pieces split either (a rank would hold part of it)
+        for member in self.members[root]:
+            for piece in self.segments.get(member, ()):
+                self.block(piece, reason)
+
+    # -- contiguous pieces (a fused projection's q | k | v, cut by a split or by slices) --------------
+
+    def segment(self, fid: int, start: int, stop: int) -> int:
+        """The piece ``[start, stop)`` of leaf ``fid``: cut ``fid`` (and its class) there, or find the piece.
+
+        A piece is a factor of its own (q's heads, k's heads), factorized on its own; the factor it
+        is cut from is blocked, since no rank holds a share of it as a whole. Pieces nest: cutting
+        inside a piece cuts that piece.
+
+        Raises:
+            Unsupported: the range spans two pieces, or the factor is split into factors.
+        """
+        size = self.sizes[fid]
+        if not 0 <= start < stop <= size:
+            raise Unsupported(f"a piece [{start}, {stop}) outside a feature dim of size {size}")
+        if start == 0 and stop == size:
+            return fid
+        if fid in self.children:
+            raise Unsupported(f"a part [{start}, {stop}) of a feature dim of size {size} split into factors")
+        if fid not in self.segments:
+            cuts = tuple(b - a for a, b in zip((0, start, stop), (start, stop, size)) if b > a)
+            self._cut_class(self.find(fid), cuts)
+        offset = 0
+        for piece in self.segments[fid]:
+            if offset <= start and stop <= offset + self.sizes[piece]:
+                return self.segment(piece, start - offset, stop - offset)
+            offset += self.sizes[piece]
+        raise Unsupported(f"a part [{start}, {stop}) of a feature dim of size {size} spans two of its pieces")
+
+    def _cut_class(self, root: int, sizes: tuple[int, ...]) -> None:
+        """Cut every member of class ``root`` into pieces of ``sizes`` (the pieces of members line up)."""
+        reference: tuple[int, ...] | None = None
+        inherited = self.blocked.get(root)
+        for member in list(self.members[root]):
+            if member in self.children:
+                raise Unsupported(f"factor of size {self.sizes[member]} is split into factors and also cut into pieces")
+            if member in self.segments:
+                if tuple(self.sizes[c] for c in self.segments[member]) != sizes:
+                    raise Unsupported(f"factor of size {self.sizes[member]} is cut two different ways")
+            else:
+                self.segments[member] = tuple(self.new(size) for size in sizes)
+            reference = reference or self.segments[member]
+            for mine, theirs in zip(self.segments[member], reference):
+                self.union(mine, theirs)
+                if inherited:
+                    self.block(mine, inherited)
+        self.blocked.setdefault(root, f"it is cut into pieces of sizes {list(sizes)}")
+
+    def segment_leaves(self, fid: int) -> list[int]:
+        """The innermost pieces ``fid`` is cut into, in order (``[fid]`` when it is not cut)."""
+        if fid not in self.segments:
+            return [fid]
+        return [leaf for piece in self.segments[fid] for leaf in self.segment_leaves(piece)]
 
     def why_blocked(self, fid: int) -> str | None:
         """The reason ``fid`` (or a factor it was split from) cannot be sharded, or None."""
@@ -155,24 +222,68 @@ class FeatureLayout:
 
     ``(3, 4, 32)`` with ``shard_axis=1`` is a fused ``[3, H, Dh]`` QKV weight whose heads are split;
     ``(512,)`` with axis 0 is an FFN's ``d_ff``; ``shard_axis=None`` keeps the feature dim whole.
+
+    A fused projection cut into unequal contiguous pieces (``[q | k | v]`` of a grouped-query
+    attention) is ``segments``: one layout per piece, in order, each with its own sharded factor or
+    kept whole; ``factor_sizes`` is then the total size alone and ``shard_axis`` None. This rank's
+    rows are each piece's blocks, shifted to where the piece starts.
     """
 
     factor_sizes: tuple[int, ...]
     shard_axis: int | None
+    segments: tuple[FeatureLayout, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.factor_sizes or any(size < 1 for size in self.factor_sizes):
             raise ValueError(f"feature layout needs positive factor sizes, got {self.factor_sizes}")
         if self.shard_axis is not None and not 0 <= self.shard_axis < len(self.factor_sizes):
             raise ValueError(f"shard axis {self.shard_axis} is outside factors {self.factor_sizes}")
+        if self.segments and (self.shard_axis is not None or len(self.segments) < 2 or any(s.segments for s in self.segments)
+                              or self.factor_sizes != (sum(s.size for s in self.segments),)):
+            raise ValueError(f"a layout cut into pieces needs two or more flat pieces, their total as its one factor "
+                             f"and no shard axis of its own, got {self.factor_sizes} with {len(self.segments)} pieces")
+
+    @classmethod
+    def of_segments(cls, segments: tuple[FeatureLayout, ...]) -> FeatureLayout:
+        """The layout of a feature dim cut into the contiguous pieces ``segments`` (flat, in order)."""
+        return cls((sum(s.size for s in segments),), None, segments)
 
     @property
     def size(self) -> int:
         """The full feature size."""
         return math.prod(self.factor_sizes)
 
+    @property
+    def whole(self) -> bool:
+        """Whether every rank keeps all of the feature dim (no factor of any piece is split)."""
+        return self.shard_axis is None and all(s.whole for s in self.segments)
+
+    def local_size(self, tp: int) -> int:
+        """How many of the feature dim's positions each rank holds."""
+        if self.segments:
+            return sum(s.local_size(tp) for s in self.segments)
+        return self.size if self.shard_axis is None else self.size // tp
+
+    def whole_local_ranges(self, tp: int) -> tuple[tuple[int, int], ...]:
+        """The ``[start, stop)`` blocks of a rank's *local* feature dim that are pieces kept whole (the same on
+        every rank); empty unless the layout is cut into pieces, some split and some whole."""
+        if self.whole or not self.segments:
+            return ()
+        blocks, offset = [], 0
+        for piece in self.segments:
+            if piece.whole:
+                blocks.append((offset, offset + piece.size))
+            offset += piece.local_size(tp)
+        return _merged_blocks(blocks)
+
     def ranges(self, tp: int, rank: int) -> tuple[tuple[int, int], ...]:
         """This rank's ``[start, stop)`` blocks of the feature dim, merged where they touch."""
+        if self.segments:
+            blocks, offset = [], 0
+            for piece in self.segments:
+                blocks += [(offset + start, offset + stop) for start, stop in piece.ranges(tp, rank)]
+                offset += piece.size
+            return _merged_blocks(blocks)
         if self.shard_axis is None:
             return ((0, self.size),)
         # row-major: each combination of the outer factors holds one block of this rank's slice of the
@@ -181,18 +292,26 @@ class FeatureLayout:
         outer = math.prod(self.factor_sizes[:self.shard_axis])
         inner = math.prod(self.factor_sizes[self.shard_axis + 1:])
         length = axis // tp * inner
-        blocks: list[list[int]] = []
-        for start in (o * axis * inner + rank * length for o in range(outer)):
-            if blocks and blocks[-1][1] == start:
-                blocks[-1][1] = start + length
-            else:
-                blocks.append([start, start + length])
-        return tuple((start, stop) for start, stop in blocks)
+        return _merged_blocks([(start, start + length) for start in (o * axis * inner + rank * length
+                                                                     for o in range(outer))])
 
     def describe(self) -> str:
-        """E.g. ``[3, 4*, 32]``: the factors with the sharded one starred."""
+        """E.g. ``[3, 4*, 32]``: the factors with the sharded one starred; pieces as ``[4*, 8 | 8 | 8]``."""
+        if self.segments:
+            return "[" + " | ".join(s.describe()[1:-1] for s in self.segments) + "]"
         marked = [f"{s}*" if i == self.shard_axis else str(s) for i, s in enumerate(self.factor_sizes)]
         return "[" + ", ".join(marked) + "]"
+
+
+def _merged_blocks(blocks: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    """``[start, stop)`` blocks in order, merged where one ends where the next starts."""
+    merged: list[list[int]] = []
+    for start, stop in blocks:
+        if merged and merged[-1][1] == start:
+            merged[-1][1] = stop
+        else:
+            merged.append([start, stop])
+    return tuple((start, stop) for start, stop in merged)
 
 
 Dim = tuple[Part, ...]  # the parts of one dim, outermost first; () is a dim of size 1
@@ -217,6 +336,7 @@ class Pieces:
 
     items: tuple[Value, ...]
     group: int
+    segments: tuple[int, ...] = ()  # a split into unequal pieces: the factor each item's split dim is
 
 
 @dataclass(frozen=True)
@@ -271,3 +391,28 @@ class OutsideOperand:
     producer: str
     group: int
     meets: tuple[tuple[int, Dim], ...] = ()
+
+
+@dataclass(frozen=True)
+class CutItem:
+    """A shape argument that measures part of a feature factor cut into pieces: a split size, a slice bound.
+
+    It is ``sign * (stop - start)`` positions of factor ``factor`` (in that factor's units): a split
+    size measures its piece, a slice bound ``[0, bound)`` (or, negative, the tail it leaves out).
+    """
+
+    item: SizeItem
+    factor: int
+    start: int
+    stop: int
+    sign: int = 1
+
+
+@dataclass
+class CutUse:
+    """A split into unequal pieces or a slice of a feature factor: the arguments whose values depend on
+    which of its pieces each rank splits."""
+
+    node_name: str
+    group: int
+    items: list[CutItem]

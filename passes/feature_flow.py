@@ -33,6 +33,12 @@ interleaved ``[H, 3, Dh]`` and separate q/k/v projections all come out as a fact
 weight rows and the index of the head factor in it (:class:`FeatureLayout`). Each shape argument
 whose dim holds the head factor is recorded, so :func:`localize_shapes` divides it by tp, unless
 it was read at run time from a tensor that is already local.
+
+A fused projection cut into unequal contiguous pieces (``split([H*Dh, KV*Dh, KV*Dh])`` or slices
+``qkv[..., :H*Dh]`` of a multi-/grouped-query attention) has its factor *cut*: each piece is a
+factor of its own, factorized by its own views (q's ``[H, Dh]``, k's ``[KV, Dh]``), and the split
+sizes and slice bounds are recorded (:class:`~tpfx.passes.factors.CutUse`) so the pairing can make
+them this rank's once it knows which pieces are split.
 """
 
 from __future__ import annotations
@@ -47,8 +53,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tpfx.passes.factors import (ONE, Dim, Factors, OutsideOperand, Part, Pieces, ShapeUse, Size, SizeItem,
-                                 SizeRead, Unsupported, Value)
+from tpfx.passes.factors import (ONE, CutItem, CutUse, Dim, Factors, OutsideOperand, Part, Pieces, ShapeUse, Size,
+                                 SizeItem, SizeRead, Unsupported, Value)
 from tpfx.passes.flow_rules import RULES
 from tpfx.passes.ops import Flow, op_label, rule_of
 
@@ -96,6 +102,8 @@ class FeatureFlow:
     values: dict[str, Value] = field(default_factory=dict)  # node -> its abstract value, for the nodes that have one
     region: set[str] = field(default_factory=set)  # every node downstream of a column linear that was followed
     outside: list[OutsideOperand] = field(default_factory=list)  # tensors from outside the region that ops read
+    cut_uses: list[CutUse] = field(default_factory=list)  # split sizes and slice bounds of pieces of a factor
+    entries: dict[str, int] = field(default_factory=dict)  # node -> the piece of a cut factor its value starts
     _groups: dict[int, int] = field(default_factory=dict)
 
     def group_of(self, group: int) -> int:
@@ -461,6 +469,41 @@ class FlowInterpreter:
         if not size.is_int or not all(b is None or isinstance(b, int) for b in bounds):
             return self.fresh(None, node, "slices it")
         return self.fresh(Size(len(range(size.coeff)[part])), node, "slices it")
+
+    def cut(self, value: Value, axis: int, bounds: tuple[object, object], node: fx.Node,
+            locations: tuple[tuple[int | str, ...], tuple[int | str, ...]]) -> Dim | None:
+        """``start:stop`` of dim ``axis`` of ``value`` when that dim is one feature factor: that piece of the
+        factor (cut out of it and factorized on its own, as q, k and v of a fused projection are), or
+        None when the dim is not one factor or a bound is not a known int (the caller blocks the dim).
+
+        ``locations`` are where ``node`` holds the start and the stop, for the pairing to make them local.
+        """
+        parts = self.expand(value.dims[axis])
+        if len(parts) != 1 or parts[0].factor is None:
+            return None
+        factor = parts[0].factor
+        size = self.flow.factors.sizes[factor]
+        ends, items = [0, size], []
+        for end, (arg, location) in enumerate(zip(bounds, locations)):
+            if arg is None:
+                continue
+            item = self.size_item(arg, (node.name, location))
+            if item.size is None or not item.size.is_int:
+                return None
+            written = item.size.coeff
+            ends[end] = min(max(written + size if written < 0 else written, 0), size)
+            if written >= size:
+                continue  # to the end, on every rank
+            span = (ends[end], size, -1) if written < 0 else (0, ends[end], 1)
+            items.append(CutItem(item, factor, *span))
+        if ends[0] >= ends[1]:
+            return None
+        if ends == [0, size]:
+            return value.dims[axis]
+        piece = self.flow.factors.segment(factor, ends[0], ends[1])
+        self.flow.cut_uses.append(CutUse(node.name, value.group, items))
+        self.flow.entries[node.name] = piece
+        return (Part(piece),)
 
     def fresh(self, size: Size | None, node: fx.Node, what: str) -> Dim:
         """A dim made by ``node`` (a slice, a cat): a new factor that is never split, or an opaque size."""

@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx as fx
 
-from tpfx.passes.factors import ONE, Dim, OutsideOperand, Part, Pieces, ShapeUse, Size, SizeItem, Unsupported, Value
+from tpfx.passes.factors import (ONE, CutItem, CutUse, Dim, OutsideOperand, Part, Pieces, ShapeUse, Size, SizeItem,
+                                 Unsupported, Value)
 from tpfx.passes.graph_view import tensor_operands
 from tpfx.passes.ops import SDPA_GQA, Flow, Kind, rule_of
 
@@ -194,15 +195,20 @@ def _getitem(interp: FlowInterpreter, node: fx.Node) -> Value:
     source, index = node.args
     found = interp.env.get(source.name)
     if isinstance(found, Pieces):
+        if found.segments:  # a piece of a fused projection: where that piece's values start
+            interp.flow.entries[node.name] = found.segments[index]
         return found.items[index]
     value = interp.value(source)
-    index = index if isinstance(index, tuple) else (index,)
+    listed = isinstance(index, tuple)
+    index = index if listed else (index,)
     if value.prefix and (Ellipsis not in index or index[0] is not Ellipsis):
         raise Unsupported("indexing a tensor of unknown rank from the front")
     dims, out = list(value.dims), []
     position = len(dims) - sum(1 for i in index if i is not None and i is not Ellipsis) if index[0] is Ellipsis else 0
     out = dims[:position]
-    for item in (i for i in index if i is not Ellipsis):
+    for where, item in enumerate(index):
+        if item is Ellipsis:
+            continue
         if item is None:
             out.append(())
             continue
@@ -211,12 +217,25 @@ def _getitem(interp: FlowInterpreter, node: fx.Node) -> Value:
         if isinstance(item, slice) and item == slice(None):
             out.append(dim)
         elif isinstance(item, slice):
-            out.append(interp.sliced(dim, item, node))
+            at = (1, where) if listed else (1,)
+            out.append(_part_of(interp, value, position - 1, item, node, (at + ("start",), at + ("stop",))))
         elif isinstance(item, int):
             interp.block(dim, f"'{node.name}' indexes it")
         else:
             raise Unsupported("indexing by a tensor")
     return Value(tuple(out + dims[position:]), value.group, value.prefix)
+
+
+def _part_of(interp: FlowInterpreter, value: Value, axis: int, part: slice, node: fx.Node,
+             locations: tuple[tuple[int | str, ...], tuple[int | str, ...]]) -> Dim:
+    """Dim ``axis`` of ``value`` sliced by ``part`` (its start and stop held at ``locations`` in ``node``'s
+    arguments): a piece of its feature factor (``qkv[..., :H*Dh]`` of a fused projection), or else a new
+    dim that is never split."""
+    if part.step in (None, 1):
+        piece = interp.cut(value, axis, (part.start, part.stop), node, locations)
+        if piece is not None:
+            return piece
+    return interp.sliced(value.dims[axis], part, node)
 
 
 def _pieces(interp: FlowInterpreter, node: fx.Node) -> Pieces:
@@ -233,10 +252,11 @@ def _pieces(interp: FlowInterpreter, node: fx.Node) -> Pieces:
     if name == "unbind":
         count, piece_dim = total.coeff, None
     else:
-        spec = _known_ints(interp, node.kwargs.get("split_size", node.kwargs.get("chunks", node.args[1])))
+        raw, key = _split_sizes(node)
+        spec = _known_ints(interp, raw)  # sizes read off tensors (x.split(C, -1)) as the numbers they are
         if isinstance(spec, (list, tuple)):
             if len(set(spec)) != 1:
-                raise Unsupported("a split into unequal pieces")
+                return _cut_pieces(interp, node, value, axis, list(spec), key)
             spec = spec[0]
         if not isinstance(spec, int) or total.coeff % spec:
             raise Unsupported(f"'{name}' by {spec!r} along a dim of size {total.coeff}")
@@ -245,8 +265,7 @@ def _pieces(interp: FlowInterpreter, node: fx.Node) -> Pieces:
     interp.block(outer, f"'{node.name}' picks pieces along it")
     piece_dim = inner[0] if name != "unbind" else None
     if name == "split":
-        key = 1 if len(node.args) > 1 else "split_size"
-        spec = node.args[1] if key == 1 else node.kwargs[key]
+        spec, key = _split_sizes(node)
         listed = isinstance(spec, (list, tuple))
         items = [interp.size_item(a, (node.name, (key, i) if listed else (key,)))
                  for i, a in enumerate(spec if listed else [spec])]
@@ -266,6 +285,40 @@ def _known_ints(interp: FlowInterpreter, spec: object) -> object:
         size = interp.size_item(spec, None).size
         return size.coeff if size is not None and size.is_int else spec
     return spec
+
+
+def _split_sizes(node: fx.Node) -> tuple[object, int | str]:
+    """A split's sizes (or a chunk's count) and where ``node`` holds them (a position or a keyword)."""
+    if len(node.args) > 1:
+        return node.args[1], 1
+    for key in ("split_size", "split_size_or_sections", "split_sizes", "sections", "chunks"):
+        if key in node.kwargs:
+            return node.kwargs[key], key
+    raise Unsupported("a split whose sizes tpfx cannot find among its arguments")
+
+
+def _cut_pieces(interp: FlowInterpreter, node: fx.Node, value: Value, axis: int, spec: list[object],
+                key: int | str) -> Pieces:
+    """``qkv.split([H*Dh, KV*Dh, KV*Dh], -1)``: unequal pieces of one feature factor, each a factor of its own
+    (factorized by its own views); the sizes are recorded for the pairing to make them this rank's."""
+    parts = interp.expand(value.dims[axis])
+    if len(parts) != 1 or parts[0].factor is None:
+        raise Unsupported(f"a split into unequal pieces {spec} of a dim that is not one feature factor")
+    factor = parts[0].factor
+    items = [interp.size_item(size, (node.name, (key, i))) for i, size in enumerate(spec)]
+    sizes = [item.size.coeff if item.size is not None and item.size.is_int else 0 for item in items]
+    if min(sizes) < 1 or sum(sizes) != interp.flow.factors.sizes[factor]:
+        raise Unsupported(f"a split into pieces {spec} that are not known sizes adding up to its dim "
+                          f"of size {interp.flow.factors.sizes[factor]}")
+    pieces, cuts, start = [], [], 0
+    for item, size in zip(items, sizes):
+        pieces.append(interp.flow.factors.segment(factor, start, start + size))
+        cuts.append(CutItem(item, factor, start, start + size))
+        start += size
+    interp.flow.cut_uses.append(CutUse(node.name, value.group, cuts))
+    items_out = tuple(Value(value.dims[:axis] + ((Part(piece),),) + value.dims[axis + 1:], value.group, value.prefix,
+                            value.source) for piece in pieces)
+    return Pieces(items_out, value.group, segments=tuple(pieces))
 
 
 def _sdpa(interp: FlowInterpreter, node: fx.Node) -> Value:
@@ -320,14 +373,15 @@ def _expand(interp: FlowInterpreter, node: fx.Node) -> Value:
 
 
 def _slice(interp: FlowInterpreter, node: fx.Node) -> Value:
-    """``aten.slice(x, dim, start, end)``: the whole range is a no-op; a part of a dim keeps it whole."""
+    """``aten.slice(x, dim, start, end)``: the whole range is a no-op; a part of a dim is a piece of it (see
+    :func:`_part_of`)."""
     value = interp.value(node.args[0])
     dim, start, end, step = (list(node.args[1:]) + [0, None, None, 1][len(node.args) - 1:])[:4]
     axis = interp.axis(value, dim)
     if start in (None, 0) and (end is None or (isinstance(end, int) and end >= 2**62)) and step == 1:
         return value
     dims = list(value.dims)
-    dims[axis] = interp.sliced(dims[axis], slice(start, end, step), node)
+    dims[axis] = _part_of(interp, value, axis, slice(start, end, step), node, ((2,), (3,)))
     return Value(tuple(dims), value.group, value.prefix, value.source)
 
 
@@ -536,6 +590,24 @@ def _norm(interp: FlowInterpreter, node: fx.Node) -> Value | Pieces:
     return Pieces((value,) + (statistics,) * rule.reduction.statistics, value.group)
 
 
+def _repeat_interleave(interp: FlowInterpreter, node: fx.Node) -> Value:
+    """``k.repeat_interleave(n, dim=1)``: each position of the dim repeated n times in a row, so the dim gains a
+    new inner factor of n (grouped-query keys and values repeated to the query heads, as an expand's)."""
+    value = interp.value(node.args[0])
+    repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if value is None or dim is None or node.kwargs.get("output_size") is not None:
+        raise Unsupported("a repeat_interleave of a side operand, over the flattened tensor or with an output_size")
+    item = interp.size_item(repeats, (node.name, (1,) if len(node.args) > 1 else ("repeats",)))
+    if item.size is None or not item.size.is_int:
+        raise Unsupported(f"a repeat_interleave by {repeats!r}, which is not a known int")
+    axis = interp.axis(value, dim)
+    added = (Part(interp.flow.factors.new(item.size.coeff)),) if item.size != ONE else ()
+    interp.flow.shape_uses.append(ShapeUse(node.name, value.group, [added], [item]))
+    dims = value.dims[:axis] + (value.dims[axis] + added,) + value.dims[axis + 1:]
+    return Value(dims, value.group, value.prefix, value.source)
+
+
 Rule = Callable[["FlowInterpreter", fx.Node], "Value | Pieces"]
 
 # one rule per flow family of tpfx.passes.ops.Flow (SIZE and IGNORE are the interpreter's own business)
@@ -546,4 +618,5 @@ RULES: dict[Flow, Rule] = {
     Flow.SELECT: _select, Flow.UNSQUEEZE: _unsqueeze, Flow.BADDBMM: _baddbmm,
     Flow.COMPLEX: _to_complex, Flow.REAL: _to_real, Flow.FLATTEN: _flatten, Flow.UNFLATTEN: _unflatten,
     Flow.STACK: _stack, Flow.REDUCE: _reduce, Flow.NORM: _norm,
+    Flow.REPEAT_INTERLEAVE: _repeat_interleave,
 }

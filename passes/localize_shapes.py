@@ -42,11 +42,17 @@ from tpfx.errors import ShardingError
 
 @dataclass(frozen=True)
 class ShapeEdit:
-    """One shape argument to divide by tp: ``path`` leads into ``node_name``'s args (position or kwarg)."""
+    """One shape argument to divide by tp: ``path`` leads into ``node_name``'s args (position or kwarg).
+
+    ``kept`` is the part of the value every rank keeps whole: a slice bound of a fused ``[q | k | v]``
+    whose keys are kept whole measures ``q + k``, and becomes ``q / tp + k``: ``(value - kept) / tp + kept``.
+    A step ``"start"``/``"stop"``/``"step"`` of ``path`` reads that field of a slice.
+    """
 
     node_name: str
     path: tuple[int | str, ...]
     value: int | str  # the literal, or the name of the node that computes it
+    kept: int = 0
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -134,7 +140,8 @@ class _FullValues:
 
 
 def localize_shapes(gm: fx.GraphModule, edits: tuple[ShapeEdit, ...], *, tp: int) -> tuple[str, ...]:
-    """Divide each edited shape argument by ``tp``: a literal in place, a traced size by a new ``//`` node.
+    """Divide each edited shape argument by ``tp`` (keeping its ``kept`` part whole): a literal in place, a
+    traced size by new ``//`` (and ``-``, ``+``) nodes.
 
     Args:
         gm: the graph to change in place (only the graph: the caller recompiles).
@@ -153,9 +160,9 @@ def localize_shapes(gm: fx.GraphModule, edits: tuple[ShapeEdit, ...], *, tp: int
         current = _read_at(consumer, edit.path)
         if isinstance(current, fx.Node):
             with gm.graph.inserting_before(consumer):
-                new = gm.graph.call_function(operator.floordiv, (current, tp))
-        elif isinstance(current, int) and current % tp == 0:
-            new = current // tp
+                new = _traced_local(gm.graph, current, edit.kept, tp)
+        elif isinstance(current, int) and (current - edit.kept) % tp == 0:
+            new = (current - edit.kept) // tp + edit.kept
         else:
             raise ShardingError(f"shape argument {current!r} of node '{consumer.name}' ({consumer.format_node()}) "
                                 f"is not divisible by tp={tp}; use a tp that divides the head count")
@@ -163,20 +170,34 @@ def localize_shapes(gm: fx.GraphModule, edits: tuple[ShapeEdit, ...], *, tp: int
     return tuple(dict.fromkeys(edit.node_name for edit in edits))
 
 
+def _traced_local(graph: fx.Graph, current: fx.Node, kept: int, tp: int) -> fx.Node:
+    """Nodes computing ``(current - kept) // tp + kept`` (just ``current // tp`` when nothing is kept)."""
+    if not kept:
+        return graph.call_function(operator.floordiv, (current, tp))
+    split = graph.call_function(operator.floordiv, (graph.call_function(operator.sub, (current, kept)), tp))
+    return graph.call_function(operator.add, (split, kept))
+
+
+_SLICE_FIELDS = ("start", "stop", "step")
+
+
 def _read_at(node: fx.Node, path: tuple[int | str, ...]) -> object:
     head, *rest = path
     current = node.kwargs[head] if isinstance(head, str) else node.args[head]
     for step in rest:
-        current = current[step]
+        current = getattr(current, step) if step in _SLICE_FIELDS else current[step]
     return current
 
 
 def _write_at(node: fx.Node, path: tuple[int | str, ...], new: object) -> None:
     head, *rest = path
 
-    def replaced(container: object, steps: list[int]) -> object:
+    def replaced(container: object, steps: list[int | str]) -> object:
         if not steps:
             return new
+        if steps[0] in _SLICE_FIELDS:  # a slice's bound: a new slice with that field replaced
+            fields = {name: getattr(container, name) for name in _SLICE_FIELDS}
+            return slice(*(fields | {steps[0]: replaced(fields[steps[0]], steps[1:])}).values())
         items = list(container)
         items[steps[0]] = replaced(items[steps[0]], steps[1:])
         return type(container)(items)

@@ -98,6 +98,7 @@ class Flow(enum.Enum):
     STACK = "stack"  # a new dim, one index per tensor; the tensors' dims line up
     NORM = "norm"  # normalizes over the trailing dims of its normalized shape (layer_norm, rms_norm)
     REDUCE = "reduce"  # reduces over the given dims (all when none are given), keeping them as 1 with keepdim
+    REPEAT_INTERLEAVE = "repeat_interleave"  # each position of one dim repeated n times in a row
     SIZE = "size"  # a size query: read lazily by the shape ops that use it
     IGNORE = "ignore"  # computes nothing the analysis needs (export's metadata assertions)
 
@@ -299,7 +300,7 @@ register(OpRule("cat", Kind.SHAPE, Flow.CAT), functions=_spellings("cat", "conca
 register(OpRule("stack", Kind.SHAPE, Flow.STACK), functions=_spellings("stack"))
 register(OpRule("expand", Kind.SHAPE, Flow.EXPAND), functions=_spellings("expand"), methods=["expand"])
 register(OpRule("expand_as", Kind.SHAPE, None), methods=["expand_as"])
-register(OpRule("repeat_interleave", Kind.SHAPE, None), functions=_spellings("repeat_interleave"),
+register(OpRule("repeat_interleave", Kind.SHAPE, Flow.REPEAT_INTERLEAVE), functions=_spellings("repeat_interleave"),
          methods=["repeat_interleave"])
 register(OpRule("slice", Kind.SHAPE, Flow.SLICE), functions=_spellings("slice"))
 register(OpRule("narrow", Kind.SHAPE, None), functions=_spellings("narrow"), methods=["narrow"])

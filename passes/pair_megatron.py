@@ -20,6 +20,11 @@ falls back to column-plus-gather, and the record says why. A tensor from outside
 the split factor in full (an ALiBi bias of every head added to the scores) is narrowed to the
 rank's part where the pair reads it (:class:`HeadNarrow` with a ``block``), and one computed from
 learned parameters has its gradient summed over the group (:class:`ReplicatedRead`).
+
+A fused projection cut into unequal pieces gets a layout of pieces, each split or kept whole::
+
+    Pair(columns=(qkv site,), column_layouts=([4*, 8 | 8 | 8],), ...)   # multi-query: k and v kept whole
+    Pair(columns=(qkv site,), column_layouts=([2*, 2, 8 | 2*, 8 | 2*, 8],), ...)  # 2 kv heads, tp=2
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import torch.nn as nn
 
 from tpfx.passes.find_sites import Site, SiteFinding
 from tpfx.passes.graph_view import functional_linear, parameter_shapes
-from tpfx.passes.factors import Dim, FeatureLayout, OutsideOperand, ShapeUse, Size, SizeRead, Value
+from tpfx.passes.factors import CutItem, CutUse, Dim, FeatureLayout, OutsideOperand, ShapeUse, Size, SizeRead, Value
 from tpfx.passes.feature_flow import FeatureFlow, LinearCall, LinearOf, analyze_feature_flow, module_linears
 from tpfx.passes.localize_shapes import FullSize, ShapeEdit
 from tpfx.passes.module_hooks import hooks_keep_pair_whole
@@ -255,6 +260,7 @@ class _GroupRecords:
     size_reads: list[SizeRead] = field(default_factory=list)
     outside: list[OutsideOperand] = field(default_factory=list)  # tensors from outside the group's values meet
     reads: list[ReplicatedRead] = field(default_factory=list)  # see _replicated_reads
+    cut_uses: list[CutUse] = field(default_factory=list)  # split sizes and slice bounds of fused projections
 
 
 def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int, _GroupRecords]:
@@ -274,6 +280,8 @@ def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int,
             records[flow.group_of(value.group)].modules.append(str(index.nodes[name].target))
     for met in flow.outside:
         records[flow.group_of(met.group)].outside.append(met)
+    for use in flow.cut_uses:
+        records[flow.group_of(use.group)].cut_uses.append(use)
     return records
 
 
@@ -331,17 +339,18 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
         raise _NoPair(f"the input of '{row.key}' is not exactly the features of {_paths(sites)}")
     chosen = _choose_heads(flow, leaves, row.key, tp)
     layouts = tuple(_layout(flow, flow.roots[site.node_name], chosen, site) for site in sites)
-    if all(layout.shard_axis is None for layout in layouts):
+    if all(layout.whole for layout in layouts):
         raise _NoPair(f"no factor of {_paths(sites)} lines up with the split input of '{row.key}'")
     whole_only, narrows = _narrows(flow, chosen, sites, layouts, index) if len(chosen) > 1 else (set(), ())
     narrows += _outside_narrows(flow, records.outside, chosen, whole_only)
+    edits = _shape_edits(flow, records.shape_uses, chosen, whole_only, tp=tp) + _cut_edits(flow, records.cut_uses, chosen, tp)
     weight_shape = (row.out_features, row.in_features) if row.layout == "out_in" else (row.in_features, row.out_features)
     return Pair(
         kind="ffn" if all(site.role in _FFN_ROLES for site in sites) else "attention",
         columns=tuple(sites), column_layouts=layouts,
         row_module_path=row.key.rpartition(".")[0] if row.functional else row.key,
         row_node_name=row_node.name, row_weight_shape=weight_shape,
-        row_layout=_layout_of(flow, leaves, chosen, row.key), shape_edits=_shape_edits(flow, records.shape_uses, chosen, whole_only),
+        row_layout=_layout_of(flow, leaves, chosen, row.key), shape_edits=edits,
         shard_size=_product(flow, list(chosen)), row_weight_name=row.key if row.functional else "",
         row_bias_name=row.bias, row_weight_layout=row.layout, narrows=narrows,
         dropouts=_dropouts(flow, records.dropouts, chosen, whole_only),
@@ -427,17 +436,49 @@ def _merged(flow: FeatureFlow, leaves: list[int], position: int, length: int) ->
 
 
 def _layout(flow: FeatureFlow, root: int, chosen: tuple[int, ...], site: Site) -> FeatureLayout:
-    leaves = flow.factors.leaves(root)
+    pieces = _pieces(flow, root, chosen, site.module_path)
+    if len(pieces) == 1 or all(piece.whole for piece in pieces):
+        # not held whole: the heads are made by an expand after this linear (grouped-query k/v repeated to
+        # the query heads). Every rank keeps all of it; what is split is the repeated heads (see _narrows)
+        return pieces[0] if len(pieces) == 1 else FeatureLayout(_leaf_sizes(flow, root), None)
+    return FeatureLayout.of_segments(tuple(pieces))
+
+
+def _pieces(flow: FeatureFlow, fid: int, chosen: tuple[int, ...], where: str) -> list[FeatureLayout]:
+    """The layout of factor ``fid`` as contiguous pieces, in order: one when it is not cut (``[3, 4*, 32]``),
+    else one per piece it is cut into (a fused ``[q | k | v]``: ``[4*, 8]``, ``[8]``, ``[8]``), each with its
+    own split factor or kept whole. A cut factor is a piece of the rows when it is outermost: its pieces
+    times the factors inside it are contiguous blocks. ``where`` names the linear or node in messages."""
+    leaves = flow.factors.leaves(fid)
     positions = _run_positions(flow, leaves, chosen)
     if len(positions) > 1:
-        sizes = [flow.factors.sizes[leaf] for leaf in leaves]
-        raise _NoPair(f"'{site.module_path}' holds the sharded factor {len(positions)} times in its layout {sizes}; "
-                      "its heads do not line up with the next linear's input")
+        raise _NoPair(f"'{where}' holds the sharded factor {len(positions)} times in its layout "
+                      f"{list(_leaf_sizes(flow, fid))}; its heads do not line up with the next linear's input")
     if positions:
-        return _merged(flow, leaves, positions[0], len(chosen))
-    # not held whole: the heads are made by an expand after this linear (grouped-query k/v repeated to
-    # the query heads). Every rank keeps all of it; what is split is the repeated heads (see _narrows)
-    return FeatureLayout(tuple(flow.factors.sizes[leaf] for leaf in leaves), None)
+        return [_merged(flow, leaves, positions[0], len(chosen))]
+    cut = [leaf for leaf in leaves if leaf in flow.factors.segments]
+    split_inside = [leaf for leaf in cut if any(not p.whole for piece in flow.factors.segments[leaf]
+                                                for p in _pieces(flow, piece, chosen, where))]
+    if not split_inside:
+        return [FeatureLayout(_leaf_sizes(flow, fid), None)]
+    if split_inside != [leaves[0]]:
+        raise _NoPair(f"'{where}' is cut into pieces inside its layout {list(_leaf_sizes(flow, fid))}, not "
+                      "along its outermost factor; a rank's rows of each piece are not blocks of the weight")
+    inner = tuple(_leaf_sizes(flow, fid)[1:])
+    return [FeatureLayout(layout.factor_sizes + inner, layout.shard_axis)
+            for piece in flow.factors.segment_leaves(leaves[0]) for layout in _pieces(flow, piece, chosen, where)]
+
+
+def _row_pieces(flow: FeatureFlow, fid: int) -> set[int]:
+    """The pieces :func:`_pieces` lays out for factor ``fid``: those of its outermost factor's cut, nested."""
+    found: set[int] = set()
+    for piece in flow.factors.segments.get(flow.factors.leaves(fid)[0], ()):
+        found |= {piece} | _row_pieces(flow, piece)
+    return found
+
+
+def _leaf_sizes(flow: FeatureFlow, fid: int) -> tuple[int, ...]:
+    return tuple(flow.factors.sizes[leaf] for leaf in flow.factors.leaves(fid))
 
 
 def _layout_of(flow: FeatureFlow, leaves: list[int], chosen: tuple[int, ...], row: str) -> FeatureLayout:
@@ -457,17 +498,24 @@ def _narrows(flow: FeatureFlow, chosen: tuple[int, ...], sites: list[Site], layo
     to this rank's block of heads. Returns the nodes on the whole columns' side, whose shapes stay
     full size, and the narrows.
     """
+    # the pieces of a fused projection kept whole start where the split or the slice hands them out (a piece
+    # of a head, such as rotary's halves, is no piece of the rows: its value still holds the split heads)
+    rows = set().union(*(_row_pieces(flow, flow.roots[site.node_name]) for site in sites))
+    whole_pieces = {name for name, piece in flow.entries.items()
+                    if piece in rows and all(p.whole for p in _pieces(flow, piece, chosen, name))}
+
     def reached(columns: list[str]) -> set[str]:
         seen, frontier = set(columns), list(columns)
         while frontier:
             for user in index.nodes[frontier.pop()].users:
-                if user.name not in seen and user.name in flow.region:
+                if user.name not in seen and user.name in flow.region and user.name not in whole_pieces:
                     seen.add(user.name)
                     frontier.append(user.name)
         return seen
 
-    sharded = reached([s.node_name for s, layout in zip(sites, layouts) if layout.shard_axis is not None])
-    whole_only = reached([s.node_name for s, layout in zip(sites, layouts) if layout.shard_axis is None]) - sharded
+    sharded = reached([s.node_name for s, layout in zip(sites, layouts) if not layout.whole])
+    whole_only = reached([s.node_name for s, layout in zip(sites, layouts) if layout.whole] + sorted(whole_pieces))
+    whole_only -= sharded
     targets = [flow.factors.find(leaf) for leaf in chosen]
     narrows = []
     for consumer in sorted(sharded, key=index.order.__getitem__):
@@ -552,9 +600,10 @@ def _dropouts(flow: FeatureFlow, names: list[str], chosen: tuple[int, ...],
 
 
 def _shape_edits(flow: FeatureFlow, uses: list[ShapeUse], chosen: tuple[int, ...],
-                 whole_only: set[str] = frozenset()) -> tuple[ShapeEdit, ...]:
+                 whole_only: set[str] = frozenset(), *, tp: int = 1) -> tuple[ShapeEdit, ...]:
     """Each argument of the group's shape ``uses`` whose dim holds the chosen heads, unless it is read at run
-    time (already local) or shapes a value that stays whole on every rank (``whole_only``)."""
+    time (already local) or shapes a value that stays whole on every rank (``whole_only``); and each whose
+    dim holds a fused projection cut into pieces some of which are split (``view(b, s, H + 2 * KV, Dh)``)."""
     factors = flow.factors
     targets = {factors.find(leaf) for leaf in chosen}
 
@@ -565,7 +614,14 @@ def _shape_edits(flow: FeatureFlow, uses: list[ShapeUse], chosen: tuple[int, ...
     for use in (u for u in uses if u.node_name not in whole_only):
         for dim, item in zip(use.dims, use.items):
             holds = held(p.factor for p in dim if p.factor is not None)
-            if not holds or item.size is None or held(item.local):
+            kept = None if holds else _kept_of_pieces(flow, dim, chosen, use.node_name)
+            if (not holds and kept is None) or item.size is None or held(item.local):
+                continue
+            if kept is not None:
+                if item.location is None or item.local:
+                    raise _NoPair(f"the size of a fused projection's pieces in '{use.node_name}' is computed where "
+                                  "tpfx cannot change it")
+                edits.append(ShapeEdit(item.location[0], item.location[1], item.literal, kept=kept))
                 continue
             if holds != targets:
                 raise _NoPair(f"'{use.node_name}' splits the heads that are divided across ranks")
@@ -667,6 +723,52 @@ def _is_size_value(value: object) -> bool:
     if isinstance(value, (tuple, list)):
         return all(_is_size_value(item) for item in value)
     return isinstance(value, (int, float, torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def _kept_of_pieces(flow: FeatureFlow, dim: Dim, chosen: tuple[int, ...], where: str) -> int | None:
+    """For a dim holding a factor cut into pieces some of which are split: how much of the dim every rank
+    keeps whole (the whole pieces times the factors beside them); None when the dim holds no such factor."""
+    leaves = [leaf for part in dim if part.factor is not None for leaf in flow.factors.leaves(part.factor)]
+    cut = [leaf for leaf in leaves if leaf in flow.factors.segments
+           and not all(layout.whole for layout in _pieces(flow, leaf, chosen, where))]
+    if not cut:
+        return None
+    if len(cut) > 1 or any(part.factor is None for part in dim):
+        raise _NoPair(f"'{where}' shapes a fused projection's pieces together with batch dims or other pieces; "
+                      "tpfx cannot make that size this rank's")
+    beside = _product(flow, [leaf for leaf in leaves if leaf != cut[0]])
+    return beside * sum(layout.size for layout in _pieces(flow, cut[0], chosen, where) if layout.whole)
+
+
+def _cut_edits(flow: FeatureFlow, uses: list[CutUse], chosen: tuple[int, ...], tp: int) -> tuple[ShapeEdit, ...]:
+    """The split sizes and slice bounds of fused projections cut into pieces, made this rank's: a bound that
+    measures split pieces (and pieces kept whole) becomes ``split / tp + whole``."""
+    edits = []
+    for use in uses:
+        for cut in use.items:
+            local, kept = _span(flow, cut, chosen, tp, use.node_name)
+            if local == cut.stop - cut.start:
+                continue
+            item = cut.item
+            if item.location is None or item.local:
+                raise _NoPair(f"the size of a piece of a fused projection in '{use.node_name}' is computed where "
+                              "tpfx cannot change it")
+            edits.append(ShapeEdit(item.location[0], item.location[1], item.literal, kept=cut.sign * kept))
+    return tuple(edits)
+
+
+def _span(flow: FeatureFlow, cut: CutItem, chosen: tuple[int, ...], tp: int, where: str) -> tuple[int, int]:
+    """How many of the positions ``cut`` measures a rank holds, and how many of them are in pieces every rank
+    keeps whole."""
+    offset, local, kept = 0, 0, 0
+    for piece in flow.factors.segment_leaves(cut.factor):
+        size = flow.factors.sizes[piece]
+        if cut.start <= offset and offset + size <= cut.stop:
+            layouts = _pieces(flow, piece, chosen, where)
+            local += sum(layout.local_size(tp) for layout in layouts)
+            kept += sum(layout.size for layout in layouts if layout.whole)
+        offset += size
+    return local, kept
 
 
 def _paths(sites: list[Site]) -> str:

@@ -274,7 +274,7 @@ def _pair_entries(pair: Pair, shapes: dict[str, tuple[int, ...]], tp: int, rank:
     """A pair's column linears (whole heads of this rank, or whole when they hold fewer heads than tp) and row linear."""
     entries: dict[str, ParameterPlan] = {}
     for site, layout in zip(pair.columns, pair.column_layouts):
-        if layout.shard_axis is None:
+        if layout.whole:
             why = (f"its {layout.describe()} rows hold fewer heads than tp={tp}: every rank keeps them whole and "
                    f"repeats them to its own query heads (paired with '{pair.row_module_path}')")
             whole = (Placement.REPLICATED, None, why)

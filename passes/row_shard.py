@@ -28,6 +28,10 @@ gradient, each rank's part of it, is summed over the group::
     # after: copy_to_tp = copy_to_tp(head_bias, 'tp:0-1')
     #        rank_part = rank_part(copy_to_tp, -3, 'tp:0-1', block=4); scores = matmul + rank_part
 
+A fused projection whose pieces are partly kept whole (multi-query keys and values) holds this rank's
+rows of the split pieces and all rows of the whole ones; the whole rows' weight gradient is
+all-reduced (see :func:`_reduce_whole_rows`).
+
 Sites that could not be paired keep the column-plus-gather rewrite of :mod:`tpfx.passes.column_shard`.
 As there, parameters and graphs are separate steps, so that further call forms reuse the shards: the
 parameters are sharded once from the plan (:func:`tpfx.passes.plan.megatron_plan`,
@@ -42,10 +46,12 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from tpfx.passes.column_shard import insert_collectives
 from tpfx.passes.find_sites import Site, SiteFinding, find_sites
 from tpfx.passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
+from tpfx.passes.factors import FeatureLayout
 from tpfx.passes.localize_shapes import localize_shapes, restore_full_sizes
 from tpfx.passes.ops import SDPA_GQA, function_rule, rule_of
 from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, Pairing, ReplicatedRead, is_attention_op, pair_sites
@@ -78,10 +84,13 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
     inserted: list[str] = []
     index = linear_applications(gm)  # once: each key is rewritten once, and rewrites keep node identities
     for pair in pairing.pairs:
-        sharded = {_key(s) for s, layout in zip(pair.columns, pair.column_layouts) if layout.shard_axis is not None}
+        sharded = {_key(s) for s, layout in zip(pair.columns, pair.column_layouts) if not layout.whole}
         inserted += _copy_inputs(gm, applications_of(index, sharded), group)
         inserted += _copy_outputs(gm, applications_of(index, {_key(s) for s in pair.columns} - sharded), group)
         inserted += _reduce_output(gm, applications_of(index, {pair.row_weight_name or pair.row_module_path}), group)
+        for site, layout in zip(pair.columns, pair.column_layouts):
+            if layout.whole_local_ranges(tp):
+                inserted += _reduce_whole_rows(gm, applications_of(index, {_key(site)}), layout, tp, group)
     # full sizes first: a use that is another pair's shape argument is then divided from the full size
     localized = restore_full_sizes(gm, tuple(f for p in pairing.pairs for f in p.full_sizes), tp=tp)
     localized += localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
@@ -210,6 +219,64 @@ def _copy_outputs(gm: fx.GraphModule, calls: list[LinearApplication], group: str
             copied = gm.graph.call_function(copy_to_tp, (node, group))
         node.replace_all_uses_with(copied, delete_user_cb=lambda user: user is not copied)
         inserted.append(copied.name)
+    return inserted
+
+
+def _reduce_whole_rows(gm: fx.GraphModule, calls: list[LinearApplication], layout: FeatureLayout, tp: int,
+                       group: str) -> list[str]:
+    """The rows of a fused projection's pieces that every rank keeps whole get their gradient all-reduced.
+
+    before / after (``[q | k | v]`` with k and v whole; ``qkv`` holds q's local rows, then k's and v's)::
+
+        qkv = self.qkv(copy_to_tp)
+        w = torch.cat([narrow(self.qkv.weight, 0, 0, 16), copy_to_tp(narrow(self.qkv.weight, 0, 16, 16))])
+        qkv = F.linear(copy_to_tp, w, <the bias alike>)
+
+    Each rank's keys serve only its query heads, so their output gradient is a rank's share: the input's
+    all-reduce (copy_to_tp before the linear) sums their part of the input gradient exactly once, and the
+    weight rows' gradient is summed here. (An all-reduce after the pieces' output, as for a separate whole
+    k/v linear, would count their part of the input gradient tp times: the input is all-reduced too.)
+    """
+    inserted: list[str] = []
+    for node, data_index, functional in calls:
+        if functional is None:  # a module: its weight and bias become operands of F.linear
+            with gm.graph.inserting_before(node):
+                weight = gm.graph.get_attr(f"{node.target}.weight")
+                bias = gm.graph.get_attr(f"{node.target}.bias") if gm.get_submodule(str(node.target)).bias is not None else None
+                linear = gm.graph.call_function(F.linear, (node.args[0], weight, bias))
+            node.replace_all_uses_with(linear)
+            gm.graph.erase_node(node)
+            node, operands = linear, ((1, 0), (2, 0))
+        else:
+            rule = function_rule(node.target).linear
+            operands = ((rule.weight, 0 if functional.layout == "out_in" else 1), (rule.bias, 0))
+        for position, dim in operands:
+            inserted += _reduce_rows_of(gm, node, position, dim, layout, tp, group)
+    return inserted
+
+
+def _reduce_rows_of(gm: fx.GraphModule, node: fx.Node, position: int | None, dim: int, layout: FeatureLayout, tp: int,
+                    group: str) -> list[str]:
+    """Replace the parameter that argument ``position`` of ``node`` reads (directly or through a transpose)
+    with itself, the whole pieces' rows (along ``dim`` of the stored parameter) passed through copy_to_tp."""
+    reader = node
+    parameter = node.args[position] if position is not None and len(node.args) > position else None
+    if isinstance(parameter, fx.Node) and parameter.op != "get_attr":  # a transposed weight: t(get_attr)
+        reader, parameter = parameter, parameter.args[0]
+    if not isinstance(parameter, fx.Node):
+        return []
+    blocks, start, inserted = [], 0, []
+    with gm.graph.inserting_before(reader):
+        for whole_start, whole_stop in (*layout.whole_local_ranges(tp), (layout.local_size(tp),) * 2):
+            if whole_start > start:
+                blocks.append(gm.graph.call_function(torch.narrow, (parameter, dim, start, whole_start - start)))
+            if whole_stop > whole_start:
+                part = gm.graph.call_function(torch.narrow, (parameter, dim, whole_start, whole_stop - whole_start))
+                blocks.append(gm.graph.call_function(copy_to_tp, (part, group)))
+                inserted.append(blocks[-1].name)
+            start = whole_stop
+        reduced = gm.graph.call_function(torch.cat, (blocks, dim))
+    reader.replace_input_with(parameter, reduced)
     return inserted
 
 

@@ -50,6 +50,9 @@ class MegatronReport(Report):
             for site, layout in zip(pair.columns, pair.column_layouts):
                 why[site.module_path] = (f"{role_reason(site.role)}; column-parallel without a gather, rows "
                                          f"{layout.describe()} (* split), paired with '{pair.row_module_path}'")
+                if layout.whole_local_ranges(self.tp):
+                    why[site.module_path] += ("; its pieces kept whole (fewer key/value heads than tp) are on every "
+                                              "rank, their weight gradient all-reduced")
                 if site.module_path in whole:
                     why[site.module_path] = (
                         f"{role_reason(site.role)}; kept whole on every rank: its {layout.describe()} rows hold fewer "
