@@ -32,7 +32,12 @@ read from the graph: fused ``[3, H, Dh]``, ``[Q | K | V]`` split on the last dim
 interleaved ``[H, 3, Dh]`` and separate q/k/v projections all come out as a factorization of the
 weight rows and the index of the head factor in it (:class:`FeatureLayout`). Each shape argument
 whose dim holds the head factor is recorded, so :func:`localize_shapes` divides it by tp, unless
-it was read at run time from a tensor that is already local.
+it was read at run time from a tensor that is already local. Every size read off a tensor of the
+region is recorded too (:class:`SizeRead`, with the factors it covers): once the pairing knows the
+split factor, it decides which uses of a local read need the single-device size instead
+(:func:`tpfx.passes.localize_shapes.restore_full_sizes`). Sizes are the nodes' fake values where the
+graph has them (:mod:`tpfx.passes.fake_shapes`, torch.export); without them, they are worked out from
+the graph.
 
 A fused projection cut into unequal contiguous pieces (``split([H*Dh, KV*Dh, KV*Dh])`` or slices
 ``qkv[..., :H*Dh]`` of a multi-/grouped-query attention) has its factor *cut*: each piece is a
