@@ -33,8 +33,8 @@ def main() -> None:
     gm = tpfx.parallelize(model, tp=world_size)
     if rank == 0:
         print("world_size:", world_size)
-        for site in gm.tpfx_report.sites:
-            print(f"sharded {site.module_path} ({site.role}): {site.weight_shape} -> {site.shard_shape}")
+        for row in gm.tpfx_report.sites_table():  # the shard shapes are the plan's (gm.tpfx_plan)
+            print(f"sharded {row['module']} ({row['role']}): {tuple(row['weight'])} -> {tuple(row['shard'])}")
 
     torch.manual_seed(7)
     logits, loss = gm(input_ids=input_ids, attention_mask=attention_mask, labels=input_ids)

@@ -17,9 +17,10 @@ op; the parameters are replaced by this rank's slice: rows of an (out, in) weigh
     addmm = aten.addmm(c_attn_bias, x2d, c_attn_weight)             # (d, 3d) weight, (3d,) bias
     # after: weight (d, 3d/tp) = columns r*3d/tp ..., bias (3d/tp,); copy_to_tp on x2d, gather_from_tp after
 
-The pass has two steps so that further call forms of the same program reuse the shards:
-:func:`shard_site_modules` replaces the modules (weights), :func:`insert_collectives` rewrites a graph
-(before the program is built from it: its code is generated once).
+The pass has two steps so that further call forms of the same program reuse the shards: the
+parameters are sharded once, from the plan (:func:`tpfx.passes.shard_parameters.shard_parameters`),
+and :func:`insert_collectives` rewrites each graph (before the program is built from it: its code is
+generated once).
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ from dataclasses import dataclass
 import torch.fx as fx
 import torch.nn as nn
 
-from tpfx.passes.find_sites import Site, require_divisible
+from tpfx.passes.find_sites import Site, SiteFinding
 from tpfx.passes.graph_view import applications_of, linear_applications
+from tpfx.passes.plan import gather_plan
+from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.collectives import copy_to_tp, gather_from_tp
-from tpfx.errors import ShardingError
-from tpfx.layers import ColumnParallelLinear, shard_range
 
 
 @dataclass(frozen=True)
@@ -42,52 +43,6 @@ class ColumnShardResult:
 
     gm: fx.GraphModule
     collective_nodes: tuple[str, ...]
-
-
-def shard_site_modules(gm: fx.GraphModule, sites: tuple[Site, ...], *, tp: int, rank: int,
-                       source: nn.Module | None = None) -> None:
-    """Replace each site's Linear in ``gm`` by this rank's ColumnParallelLinear.
-
-    Args:
-        gm: the module tree to change in place.
-        sites: the sites to shard.
-        tp, rank: the tensor-parallel degree and this rank's index in its group.
-        source: where the full weights are read (default ``gm`` itself); the caller's model, so that
-            ``gm`` may hold meta placeholders for the site weights.
-
-    Raises:
-        ShardingError: tp does not divide a site's out_features, or a site is not a Linear; raised
-            before anything is replaced.
-    """
-    require_divisible(sites, tp)
-    source = source if source is not None else gm
-    linears = {site.module_path: source.get_submodule(site.module_path) for site in sites if not site.functional}
-    for path, module in linears.items():
-        if not isinstance(module, nn.Linear):
-            raise ShardingError(f"site '{path}' is a {type(module).__name__}, not an nn.Linear; "
-                                "only Linear modules can be column-sharded")
-    slices = {name: tensor for site in sites if site.functional
-              for name, tensor in _parameter_slices(site, source, tp=tp, rank=rank).items()}
-    for path, linear in linears.items():
-        gm.set_submodule(path, ColumnParallelLinear(linear, tp=tp, rank=rank))
-    for name, tensor in slices.items():
-        owner, _, leaf = name.rpartition(".")
-        setattr(gm.get_submodule(owner), leaf, tensor)
-
-
-def _parameter_slices(site: Site, source: nn.Module, *, tp: int, rank: int) -> dict[str, nn.Parameter]:
-    """This rank's weight (rows or columns, per the site's layout) and bias of a functional site."""
-    start, stop = shard_range(site.weight_shape[site.shard_dim], tp, rank)
-    parts = {site.weight_name: site.shard_dim}
-    if site.bias_name:
-        parts[site.bias_name] = 0
-    slices = {}
-    for name, dim in parts.items():
-        full = source.get_parameter(name)
-        # clone so the shard owns compact storage and the caller's tensor is never aliased
-        slices[name] = nn.Parameter(full.detach().narrow(dim, start, stop - start).clone(),
-                                    requires_grad=full.requires_grad)
-    return slices
 
 
 def insert_collectives(gm: fx.GraphModule, sites: tuple[Site, ...], *, group: str) -> ColumnShardResult:
@@ -110,12 +65,12 @@ def insert_collectives(gm: fx.GraphModule, sites: tuple[Site, ...], *, group: st
 
 def column_shard(gm: fx.GraphModule, sites: tuple[Site, ...], *, tp: int, rank: int, group: str,
                  source: nn.Module | None = None) -> ColumnShardResult:
-    """The whole pass: shard the site modules, then rewrite the graph around them.
+    """The whole pass: plan the sites' shards, shard the parameters, then rewrite the graph around them.
 
     Raises:
         ShardingError: tp does not divide a site's out_features (nothing is changed then).
     """
-    shard_site_modules(gm, sites, tp=tp, rank=rank, source=source)
+    shard_parameters(gm, gather_plan(gm, SiteFinding(sites, ()), tp=tp, rank=rank), source=source)
     result = insert_collectives(gm, sites, group=group)
     gm.graph.lint()
     gm.recompile()

@@ -34,7 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from tpfx.collectives import COLLECTIVES
 from tpfx.passes.ops import CollectiveRule, collective_rules
 from tpfx.errors import TpfxError, one_line
-from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part
+from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part, take_part
 
 
 class CommTableError(TpfxError):
@@ -126,8 +126,8 @@ def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -
         raise CommTableError(f"collective(s) {sorted(unknown)} have no rule in the op registry (passes/ops.py); "
                              "register each with a CollectiveRule saying what it sends forward and backward")
     seen = _FakeRun(gm, tp).seen(inputs)
-    report = getattr(program, "tpfx_report", None)
-    sites = frozenset(s.module_path for s in report.sites) if report is not None else frozenset()
+    plan = getattr(program, "tpfx_plan", None)  # the linears tpfx shards or pairs, kept whole or not, by module
+    sites = frozenset(e.module_path for e in plan.parameters.values() if e.role) if plan is not None else frozenset()
     forward, backward = [], []
     for node in _collective_nodes(gm):
         rule, local, needs_grad = RULES[COLLECTIVES[node.target]], *seen[node.name]
@@ -204,7 +204,7 @@ class _FakeRun(fx.Interpreter):
         # ops on a rank's part (tpfx.rank_parts): their shapes are the same on every rank, no group needed
         if target is rank_part:
             tensor, dim, _ = args
-            return tensor.narrow(dim, 0, tensor.shape[dim] // self.tp)
+            return take_part(tensor, dim, 0, self.tp, **kwargs)
         if target in (dropout_rank_part, dropout_module_rank_part):
             return args[0] * 1  # a new tensor of the input's shape, as a dropout returns
         if target is attention_rank_part:

@@ -379,3 +379,37 @@ class CutUse:
     node_name: str
     group: int
     items: list[CutItem]
+
+
+@dataclass(frozen=True)
+class SizeRead:
+    """A size read off a tensor of the region (``h.shape[-1]``, ``t.size()``, ``sym_size(x, 0)``, ``numel``).
+
+    At run time it reads this rank's tensor: a dim that holds the split factor reads its local size.
+    ``elements`` holds, per number the read returns, the feature factors it covers: one entry for a
+    single size, one per dim for a whole shape (``tuple_read``); None when the dim cannot be placed
+    (a tensor of unknown rank). ``stride``: the read is a stride, which depends on the inner dims.
+    """
+
+    node_name: str
+    group: int
+    elements: tuple[tuple[int, ...], ...] | None
+    tuple_read: bool = False
+    stride: bool = False
+
+
+@dataclass(frozen=True)
+class OutsideOperand:
+    """A tensor from outside the region that an op combines element by element with a region value.
+
+    ``meets`` lists the region value's dims (each as ``(dim counted from the end, its parts)``; the
+    operands line up from the right) that hold feature factors and along which the tensor is not
+    known to be broadcast: where pairing splits a factor of one of them, the tensor is full size
+    there (an ALiBi bias holding every head) and each rank must read only its part. Along any dim,
+    each rank's use of the tensor is its part of the single-device use: its gradient is a partial sum.
+    """
+
+    consumer: str
+    producer: str
+    group: int
+    meets: tuple[tuple[int, Dim], ...] = ()

@@ -22,7 +22,10 @@ starts as one *factor*. Walking the graph in order, each tensor downstream carri
 factors it is made of; a view that splits ``384`` into ``(3, 4, 32)`` splits the factor into three,
 and ops that combine tensors (``q @ k^T``, ``a * b``) unify the factors they line up. A factor is
 *blocked* when an op is not local along it: it is contracted by a matmul (``Dh``), indexed or split
-(the ``3`` that picks q, k or v), reduced by a softmax, or spans a full-size tensor from outside.
+(the ``3`` that picks q, k or v) or reduced by a softmax. A tensor from outside the region that an
+op combines element by element with a region value (an ALiBi bias, a mask, a learned scale) blocks
+nothing: it is recorded (:class:`~tpfx.passes.factors.OutsideOperand`) with the feature dims where it
+is not known to be broadcast, and pairing narrows it to the rank's part of the factor it splits.
 What remains, the factor that reaches the next linear's input and is batch-like everywhere between,
 is the head count (or ``d_ff`` in an FFN): it is what each rank holds 1/tp of. So the QKV layout is
 read from the graph: fused ``[3, H, Dh]``, ``[Q | K | V]`` split on the last dim, per-head
@@ -50,8 +53,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tpfx.passes.factors import (ONE, CutItem, CutUse, Dim, Factors, Part, Pieces, ShapeUse, Size, SizeItem, Unsupported,
-                                 Value)
+from tpfx.passes.factors import (ONE, CutItem, CutUse, Dim, Factors, OutsideOperand, Part, Pieces, ShapeUse, Size,
+                                 SizeItem, SizeRead, Unsupported, Value)
 from tpfx.passes.flow_rules import RULES
 from tpfx.passes.ops import Flow, op_label, rule_of
 
@@ -95,10 +98,12 @@ class FeatureFlow:
     rows: dict[int, list[tuple[str, str, Dim]]] = field(default_factory=dict)  # group -> (node, key, input last dim)
     poisoned: dict[int, str] = field(default_factory=dict)  # group -> why no pair can be formed
     shape_uses: list[ShapeUse] = field(default_factory=list)
+    size_reads: list[SizeRead] = field(default_factory=list)  # sizes read off the region's tensors
     values: dict[str, Value] = field(default_factory=dict)  # node -> its abstract value, for the nodes that have one
     region: set[str] = field(default_factory=set)  # every node downstream of a column linear that was followed
     cut_uses: list[CutUse] = field(default_factory=list)  # split sizes and slice bounds of pieces of a factor
     entries: dict[str, int] = field(default_factory=dict)  # node -> the piece of a cut factor its value starts
+    outside: list[OutsideOperand] = field(default_factory=list)  # tensors from outside the region that ops read
     _groups: dict[int, int] = field(default_factory=dict)
 
     def group_of(self, group: int) -> int:
@@ -146,6 +151,8 @@ class FlowInterpreter:
                 continue
             inputs = [self.env[p.name] for p in node.all_input_nodes if p.name in self.env]
             rule = rule_of(node, self.modules)
+            if inputs and rule is not None and rule.flow is Flow.SIZE:
+                self._record_size_read(node)
             if not inputs or (rule is not None and rule.flow in (Flow.SIZE, Flow.IGNORE)):
                 continue  # sizes are read lazily by the shape ops; export's metadata checks compute nothing
             groups = [value if isinstance(value, int) else value.group for value in inputs]
@@ -163,6 +170,29 @@ class FlowInterpreter:
         self.flow.values = {name: value for name, value in self.env.items() if isinstance(value, Value)}
         self.flow.region = set(self.env)
         return self.flow
+
+    def _record_size_read(self, node: fx.Node) -> None:
+        """Note which feature factors a size read covers (a rank reads its local size where they are split)."""
+        value = self.env.get(node.args[0].name) if node.args and isinstance(node.args[0], fx.Node) else None
+        label = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", str(node.target))
+        if not isinstance(value, Value) or node.args[1:2] == ("ndim",) or label == "dim":
+            return  # a poisoned value's group falls back anyway; the rank of a tensor is not split
+        factors = [tuple(p.factor for p in dim if p.factor is not None) for dim in value.dims]
+        index = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], int) else node.kwargs.get("dim")
+        stride = "stride" in label
+        if "numel" in label:
+            elements = (tuple(f for dim in factors for f in dim),)
+        elif index is None:  # x.size(), x.shape: one number per dim
+            elements = None if value.prefix else tuple(factors)
+        else:
+            try:
+                position = self.axis(value, index)
+                inside = factors[position + 1:] if stride else factors[position:position + 1]  # a stride: inner dims
+                elements = (tuple(f for dim in inside for f in dim),)
+            except Unsupported:  # a dim counted from the front of a tensor of unknown rank
+                elements = None
+        self.flow.size_reads.append(SizeRead(node.name, value.group, elements, index is None and "numel" not in label,
+                                             stride))
 
     def _start(self, node: fx.Node) -> None:
         linear = self.linear_of(node)
@@ -336,24 +366,53 @@ class FlowInterpreter:
         return [(s, ()) for s in shape]
 
     def _evaluate(self, node: fx.Node) -> tuple[Size, tuple[int, ...]]:
-        """A scalar size node's value and the region factors it was read from."""
+        """A scalar size node's value and the region factors it was read from.
+
+        The value is the node's fake value where the graph has shapes (:mod:`tpfx.passes.fake_shapes`,
+        torch.export); it is the single-device size. A size read off a tensor of the region is local at
+        run time: the factors it was read from say so, whatever gave its value.
+        """
+        known = _meta_int(node)
+        if known is not None:
+            return known, self._read_factors(node)
+        read = self._size_source(node)
+        if read is not None:
+            return self._size_at(*read)
+        if op_label(node, self.modules) in ("getitem", "size") and _is_scalar_size(node):
+            return _symbol(node), ()
         name = op_label(node, self.modules)
-        if name in ("getitem", "size", "sym_size") and len(node.args) == 2 and isinstance(node.args[1], int):
-            source = node.args[0]
-            if name == "getitem":
-                if not (isinstance(source, fx.Node) and (op_label(source, self.modules) == "size"
-                                                         or _is_shape_attribute(source))):
-                    return _symbol(node), ()
-                source = source.args[0]
-            return self._size_at(source, node.args[1])
         if name in ("mul", "floordiv") and len(node.args) == 2:
             (a, la), (b, lb) = (self._operand(x) for x in node.args)
             if name == "mul":
                 return a * b, la + lb
             quotient = a.divide(b)
             return (quotient, la + lb) if quotient is not None else (_symbol(node), ())
-        meta = _meta_int(node)
-        return (meta, ()) if meta is not None else (_symbol(node), ())
+        return _symbol(node), ()
+
+    def _size_source(self, node: fx.Node) -> tuple[fx.Node, int] | None:
+        """The tensor and dim a scalar size node reads (``x.size(i)``, ``x.shape[i]``, ``sym_size(x, i)``)."""
+        name = op_label(node, self.modules)
+        if name not in ("getitem", "size") or not _is_scalar_size(node):
+            return None
+        source = node.args[0]
+        if name == "getitem":
+            if not (isinstance(source, fx.Node) and (op_label(source, self.modules) == "size"
+                                                     or _is_shape_attribute(source))):
+                return None
+            source = source.args[0]
+        return (source, node.args[1]) if isinstance(source, fx.Node) else None
+
+    def _read_factors(self, node: fx.Node) -> tuple[int, ...]:
+        """The region factors a size node was read from, through products and quotients of sizes."""
+        read = self._size_source(node)
+        if read is not None:
+            value = self.value(read[0])
+            if value is None:
+                return ()
+            return tuple(p.factor for p in value.dims[self.axis(value, read[1])] if p.factor is not None)
+        if op_label(node, self.modules) in ("mul", "floordiv") and len(node.args) == 2:
+            return tuple(f for arg in node.args if isinstance(arg, fx.Node) for f in self._read_factors(arg))
+        return ()
 
     def _operand(self, arg: object) -> tuple[Size, tuple[int, ...]]:
         if isinstance(arg, int):

@@ -26,25 +26,34 @@ Rules (each walk is along tensor dataflow in :func:`tpfx.passes.graph_view.to_ne
   repeats key/value heads for grouped-query attention) and elementwise ops (the scale, rotary
   embeddings ``q * cos + rotate_half(q) * sin``). Reductions, norms, softmax and matmuls stop the
   walk: they mix positions of the feature dimension. Role ``qkv`` when it reaches all three,
-  otherwise the letters it reaches (``q``, ``kv``, ...).
+  otherwise the letters it reaches (``q``, ``kv``, ...). A matmul's factors are where the op
+  registry says (``baddbmm(bias, q, k^T)``: arguments 1 and 2), and between the scores and the
+  softmax any pointwise op may stand, activations included (a soft cap ``tanh(s / c) * c``).
 * FFN first linear: on the way from the linear's output to another linear's input (through shape,
   elementwise, activation and dropout ops) there is an activation: ``gelu``, ``relu``, ``silu``, or
   the written-out tanh/erf GELU (role ``fc1``). In a gated FFN ``act(gate(x)) * up(x) -> down`` the
   gate is ``fc1`` and the up projection, multiplied by an activation of another linear, is ``up``.
   A norm on the way (``mean``, ``layer_norm``) stops the walk, so a residual stream into the next
   block's projections never counts.
+* hooks: a linear module whose hooks a column-parallel shard could not keep (a forward hook, a
+  backward hook; see :mod:`tpfx.passes.module_hooks`) stays whole, and its reason names the hook.
+
+A replicated linear's reason names the ops where the walks stopped (``op 'cumsum' (node cumsum)``).
 """
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import networkx as nx
 import torch.fx as fx
 
 from tpfx.passes.graph_view import (ACTIVATION, ATTENTION, DROPOUT, ELEMENTWISE, LINEAR, MATMUL, OTHER, SHAPE, SOFTMAX,
-                               feeds_linear_input, flow_region, leading_to, reach_through, to_networkx)
+                                    feeds_linear_input, flow_region, leading_to, reach_through, to_networkx)
+from tpfx.passes.module_hooks import Placement, hooks_keep_whole
 from tpfx.errors import ShardingError
+from tpfx.passes.ops import rule_of
 
 ROLES = ("qkv", "q", "k", "v", "qk", "qv", "kv", "fc1", "up")
 LAYOUTS = ("out_in", "in_out")
@@ -52,6 +61,8 @@ LAYOUTS = ("out_in", "in_out")
 _TO_ATTENTION = {SHAPE, ELEMENTWISE, DROPOUT}
 # ops between an FFN's first linear and the linear after its activation
 _TO_NEXT_LINEAR = {SHAPE, ELEMENTWISE, ACTIVATION, DROPOUT}
+# ops between attention scores and their softmax: pointwise ones (a scale, a mask, a soft cap's tanh)
+_TO_SOFTMAX = {SHAPE, ELEMENTWISE, ACTIVATION}
 
 
 @dataclass(frozen=True)
@@ -146,18 +157,34 @@ def find_attentions(view: nx.DiGraph) -> list[_Attention]:
 
 
 def _matmul_softmax_matmul(view: nx.DiGraph, scores: str) -> list[_Attention]:
-    """scores = q @ k^T -> (scale, mask) -> softmax -> (dropout) -> probs @ v: the attentions starting at ``scores``."""
-    node: fx.Node = view.nodes[scores]["fx"]
-    before_softmax = flow_region(view, scores, {SHAPE, ELEMENTWISE})
+    """scores = q @ k^T -> (scale, mask, soft cap) -> softmax -> (dropout) -> probs @ v: the attentions at ``scores``.
+
+    The matmuls' factors are the registry's operands (``baddbmm(bias, q, k^T)`` has them at 1 and 2).
+    Between the scores and the softmax any pointwise op may stand, activations included (Gemma-2's
+    soft cap ``tanh(s / c) * c``): they act on each score alone.
+    """
+    query, key = _matmul_operands(view, scores)
+    before_softmax = flow_region(view, scores, _TO_SOFTMAX)
     softmaxes = {c for p in before_softmax for c in view.successors(p) if view.nodes[c]["kind"] == SOFTMAX}
     probabilities = set().union(*(flow_region(view, s, _TO_ATTENTION) for s in softmaxes))
     found = []
     for producer in probabilities:
         for candidate in view.successors(producer):
-            if view.nodes[candidate]["kind"] == MATMUL and 0 in view.edges[producer, candidate]["operands"]:
-                value = view.nodes[candidate]["fx"].args[1]
-                found.append(_Attention(node.args[0].name, node.args[1].name, value.name))
-    return found
+            if view.nodes[candidate]["kind"] != MATMUL:
+                continue
+            probs, value = _matmul_operands(view, candidate)
+            if probs is not None and probs.name == producer and value is not None:
+                found.append(_Attention(query.name, key.name, value.name))
+    return found if query is not None and key is not None else []
+
+
+def _matmul_operands(view: nx.DiGraph, name: str) -> tuple[fx.Node | None, fx.Node | None]:
+    """The two factors of a matmul node, where the op registry says they are (None where one is not a node)."""
+    node: fx.Node = view.nodes[name]["fx"]
+    rule = rule_of(node, {})
+    positions = rule.operands if rule is not None and len(rule.operands) == 2 else (0, 1)
+    factors = [node.args[i] if len(node.args) > i else None for i in positions]
+    return tuple(f if isinstance(f, fx.Node) else None for f in factors)  # type: ignore[return-value]
 
 
 def find_sites(gm: fx.GraphModule, *, tp: int) -> SiteFinding:
@@ -177,7 +204,8 @@ def find_sites(gm: fx.GraphModule, *, tp: int) -> SiteFinding:
     operands = {letter: {getattr(a, field) for a in attentions} for letter, field in _OPERAND_FIELDS}
     every_operand = set().union(*operands.values())
     walks = _Walks(operands, leading_to(view, _TO_ATTENTION, every_operand.__contains__),
-                   leading_to(view, _TO_NEXT_LINEAR, lambda name: _feeds_a_linear(view, name)))
+                   leading_to(view, _TO_NEXT_LINEAR, lambda name: _feeds_a_linear(view, name)),
+                   {name: index for index, name in enumerate(view.nodes)})
     tied = _tied_parameters(gm)
     reads = _parameter_reads(view)
     sites: list[Site] = []
@@ -197,6 +225,7 @@ def find_sites(gm: fx.GraphModule, *, tp: int) -> SiteFinding:
         elif role and (elsewhere := _other_uses(view, linear, reads)):
             role, reason = None, (f"its weight or bias is also read by node {elsewhere}, which is not a linear; "
                                   "sharding would change what that node sees")
+        role, reason = _hook_decision(gm, linear, role, reason)
         if role:
             sites.append(linear.site(role, node.name, tp))
         else:
@@ -212,6 +241,22 @@ def _describe_linear(gm: fx.GraphModule, view: nx.DiGraph, node: fx.Node) -> _Li
     owner = functional.weight.rpartition(".")[0]
     weight = tuple(gm.get_parameter(functional.weight).shape)
     return _Linear(functional.weight, owner, weight, functional.layout, functional.weight, functional.bias or "")
+
+
+def _hook_decision(gm: fx.GraphModule, linear: _Linear, role: str | None, reason: str) -> tuple[str | None, str]:
+    """A site whose module hooks a column shard cannot keep stays whole; a whole linear's reason says
+    when its hooks would also keep it from being a row-parallel partner (megatron mode).
+
+    Export graphs have no module hooks to check: torch.export traces them into the graph.
+    """
+    if linear.weight_name:
+        return role, reason
+    module = gm.get_submodule(linear.module_path)
+    if role and (why := hooks_keep_whole(module, linear.module_path, Placement.COLUMN)):
+        return None, f"kept whole: {why}"
+    if not role and (why := hooks_keep_whole(module, linear.module_path, Placement.ROW)):
+        return None, f"{reason}; nor a row-parallel partner in megatron mode: {why}"
+    return role, reason
 
 
 def _parameter_reads(view: nx.DiGraph) -> dict[str, list[fx.Node]]:
@@ -243,6 +288,7 @@ class _Walks:
     operands: dict[str, set[str]]  # "q", "k", "v" -> the attentions' operand nodes of that letter
     to_attention: set[str]  # nodes of _TO_ATTENTION kinds that lead to a q, k or v operand
     to_next_linear: set[str]  # nodes of _TO_NEXT_LINEAR kinds that lead to a linear's data input
+    order: dict[str, int]  # node name -> its position in the graph (for the walk that explains a stop)
 
 
 def _feeds_a_linear(view: nx.DiGraph, name: str) -> bool:
@@ -260,7 +306,7 @@ def _classify_linear(view: nx.DiGraph, name: str, walks: _Walks) -> tuple[str | 
     role = _ffn_role(view, name, walks)
     if role:
         return role, ""
-    return None, _why_not(view, reach_through(view, name, {SHAPE}))
+    return None, _why_not(view, reach_through(view, name, {SHAPE}), _walk_stops(view, name, walks.order))
 
 
 def _ffn_role(view: nx.DiGraph, name: str, walks: _Walks) -> str | None:
@@ -290,7 +336,7 @@ def _backward_within(view: nx.DiGraph, starts: set[str], region: set[str]) -> se
 
 def _multiplies_activation(view: nx.DiGraph, product: str, own_region: set[str]) -> bool:
     """Whether ``product`` multiplies this linear's value by an activation of another linear (a gated FFN)."""
-    if view.nodes[product]["kind"] != ELEMENTWISE or "mul" not in view.nodes[product]["target"]:
+    if view.nodes[product]["kind"] != ELEMENTWISE or _rule_name(view, product) != "mul":
         return False
     frontier = [p for p in view.predecessors(product) if p not in own_region]
     seen = set(frontier)
@@ -306,29 +352,93 @@ def _multiplies_activation(view: nx.DiGraph, product: str, own_region: set[str])
     return False
 
 
-def _why_not(view: nx.DiGraph, reached: set[str]) -> str:
-    stops = sorted({c for p in reached for c in view.successors(p) if c not in reached})
-    uses = sorted({_describe(view, c) for c in stops})
+def _rule_name(view: nx.DiGraph, name: str) -> str:
+    """The op registry's name of an elementwise node's op ("add", "mul", ...)."""
+    rule = rule_of(view.nodes[name]["fx"], {})
+    return rule.name if rule is not None else ""
+
+
+def _why_not(view: nx.DiGraph, reached: set[str], stops: list[str]) -> str:
+    """The reason of a linear that is no site: what its value feeds (``reached``: it and the shape ops
+    after it) and the ops where the walks stopped (``stops``, from :func:`_walk_stops`)."""
+    uses = sorted({_describe(view, c) for p in reached for c in view.successors(p) if c not in reached})
     feeds = ", ".join(uses) if uses else "nothing"
     only = " only" if len(uses) == 1 else ""
-    where = f"; matching stopped at node{'s' if len(stops) > 1 else ''} {', '.join(stops)}" if stops else ""
+    shown = ", ".join(_op_label(view, name) for name in stops[:_STOPS_SHOWN])
+    more = f" and {len(stops) - _STOPS_SHOWN} more" if len(stops) > _STOPS_SHOWN else ""
+    where = f"; matching stopped at {shown}{more}" if stops else ""
     return (f"feeds {feeds}{only}, not an attention q/k/v operand (through head-local ops) nor an activation "
             f"that reaches another linear{where}")
+
+
+_STOPS_SHOWN = 4
+_WALKED = _TO_ATTENTION | _TO_NEXT_LINEAR
+
+
+def _walk_stops(view: nx.DiGraph, start: str, order: dict[str, int]) -> list[str]:
+    """Where the site walks from ``start`` end, in graph order: the first node on each path of a kind
+    neither walk passes (a norm, ``cumsum``, a matmul, another linear, the output), and each add that
+    joins the value to one not computed from it (a residual add: past it, every op is the stream's).
+
+    Nodes are visited in graph order, so all of a node's operands from the walk are known when it is.
+    """
+    region, stops, seen = {start}, set(), {start}
+    heap = [(order[name], name) for name in view.successors(start)]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        if name in seen:
+            continue
+        seen.add(name)
+        if not _walk_passes(view, name, region):
+            stops.add(name)
+            continue
+        region.add(name)
+        for successor in view.successors(name):
+            if successor not in seen:
+                heapq.heappush(heap, (order[successor], successor))
+    return sorted(stops, key=order.__getitem__)
+
+
+def _walk_passes(view: nx.DiGraph, name: str, region: set[str]) -> bool:
+    """Whether the value of ``region`` flows on through ``name`` (see :func:`_walk_stops`)."""
+    data = view.nodes[name]
+    if data["kind"] not in _WALKED:
+        return False
+    if data["kind"] == SHAPE and not any(0 in view.edges[p, name]["operands"] for p in view.predecessors(name)
+                                         if p in region):
+        return False  # the value is an index or a size argument here, not the data moved
+    joins = [p for p in view.predecessors(name) if p not in region and view.nodes[p]["op"] != "get_attr"]
+    return not (data["kind"] == ELEMENTWISE and "add" in data["target"] and joins)
+
+
+def _op_label(view: nx.DiGraph, name: str) -> str:
+    """``op 'cumsum' (node cumsum_1)``: the op a node runs, by its function, method or module class."""
+    node: fx.Node = view.nodes[name]["fx"]
+    return f"the model output (node {name})" if node.op == "output" else f"op '{_op_name(node)}' (node {name})"
+
+
+def _op_name(node: fx.Node) -> str:
+    """The function's name (an ATen op's without its overload), the method's, or the module's class name."""
+    if node.op == "call_module":
+        return type(node.graph.owning_module.get_submodule(str(node.target))).__name__
+    if node.op == "call_method":
+        return str(node.target)
+    target = getattr(node.target, "overloadpacket", node.target)
+    return getattr(target, "__name__", str(target))
 
 
 def _describe(view: nx.DiGraph, name: str) -> str:
     data = view.nodes[name]
     if data["op"] == "output":
         return "the model output"
-    if data["kind"] == ELEMENTWISE and "add" in data["target"]:
+    if data["kind"] == ELEMENTWISE and _rule_name(view, name) == "add":
         return "the residual add"
     if data["kind"] == LINEAR:
         return "another linear directly"
     if data["kind"] == DROPOUT:
         return "dropout -> " + ", ".join(sorted(_describe(view, c) for c in view.successors(name))) or "dropout"
-    target = data["fx"].target
-    label = getattr(target, "__name__", str(target))
-    return f"{data['kind'] if data['kind'] is not OTHER else 'op'} '{label}'"
+    return f"{data['kind'] if data['kind'] is not OTHER else 'op'} '{_op_name(data['fx'])}'"
 
 
 def _tied_parameters(gm: fx.GraphModule) -> dict[str, str]:

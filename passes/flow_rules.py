@@ -21,10 +21,12 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+import torch
 import torch.fx as fx
 
-from tpfx.passes.factors import ONE, CutItem, CutUse, Dim, Part, Pieces, ShapeUse, Size, SizeItem, Unsupported, Value
-from tpfx.passes.ops import Flow, rule_of
+from tpfx.passes.factors import (ONE, CutItem, CutUse, Dim, OutsideOperand, Part, Pieces, ShapeUse, Size, SizeItem,
+                                 Unsupported, Value)
+from tpfx.passes.ops import Flow, Kind, rule_of
 
 if TYPE_CHECKING:
     from tpfx.passes.feature_flow import FlowInterpreter
@@ -41,12 +43,10 @@ def _broadcast(interp: FlowInterpreter, node: fx.Node) -> Value:
     operands = [a for a in [*node.args, *node.kwargs.values()] if isinstance(a, fx.Node)]
     values = [interp.value(a) for a in operands if interp.value(a) is not None]
     dims, prefix = interp.broadcast(values)
+    group = interp.flow.join(*(v.group for v in values))
     for outside in (a for a in operands if interp.value(a) is None):
-        shape = interp.outside_shape(outside)
-        for offset in range(1, min(len(shape or []), len(dims)) + 1):
-            if shape[-offset] != ONE:
-                interp.block(dims[-offset], f"'{node.name}' combines it with the full-size tensor '{outside.name}'")
-    return Value(dims, interp.flow.join(*(v.group for v in values)), prefix)
+        _meet_outside(interp, node, outside, dims, group)
+    return Value(dims, group, prefix)
 
 
 def _view(interp: FlowInterpreter, node: fx.Node) -> Value:
@@ -166,6 +166,11 @@ def _transpose(interp: FlowInterpreter, node: fx.Node) -> Value:
 
 def _matmul(interp: FlowInterpreter, node: fx.Node) -> Value:
     a, b = (interp.value(arg) for arg in node.args[:2])
+    return _contract(interp, node, a, b)
+
+
+def _contract(interp: FlowInterpreter, node: fx.Node, a: Value | None, b: Value | None) -> Value:
+    """``a @ b``: a's last dim contracted with b's second to last, the dims before them broadcast."""
     if a is None or b is None or len(a.dims) < 2 or len(b.dims) < 2:
         raise Unsupported("a matmul with a tensor from outside the region or of rank < 2")
     interp.align(a.dims[-1], b.dims[-2], reason=f"'{node.name}' contracts it")
@@ -246,10 +251,11 @@ def _pieces(interp: FlowInterpreter, node: fx.Node) -> Pieces:
     if name == "unbind":
         count, piece_dim = total.coeff, None
     else:
-        spec, key = _split_sizes(node)
+        written, key = _split_sizes(node)
+        spec = _known_ints(interp, written)
         if isinstance(spec, (list, tuple)):
             if len(set(spec)) != 1:
-                return _cut_pieces(interp, node, value, axis, list(spec), key)
+                return _cut_pieces(interp, node, value, axis, list(written), key)
             spec = spec[0]
         if not isinstance(spec, int) or total.coeff % spec:
             raise Unsupported(f"'{name}' by {spec!r} along a dim of size {total.coeff}")
@@ -258,7 +264,7 @@ def _pieces(interp: FlowInterpreter, node: fx.Node) -> Pieces:
     interp.block(outer, f"'{node.name}' picks pieces along it")
     piece_dim = inner[0] if name != "unbind" else None
     if name == "split":
-        spec, key = _split_sizes(node)
+        spec = written
         listed = isinstance(spec, (list, tuple))
         items = [interp.size_item(a, (node.name, (key, i) if listed else (key,)))
                  for i, a in enumerate(spec if listed else [spec])]
@@ -302,6 +308,14 @@ def _cut_pieces(interp: FlowInterpreter, node: fx.Node, value: Value, axis: int,
     items_out = tuple(Value(value.dims[:axis] + ((Part(piece),),) + value.dims[axis + 1:], value.group, value.prefix,
                             value.source) for piece in pieces)
     return Pieces(items_out, value.group, segments=tuple(pieces))
+def _known_ints(interp: FlowInterpreter, spec: object) -> object:
+    """A split size (or list of them) read at run time, ``x.split(C, dim=-1)``, as the number it is, where known."""
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(_known_ints(interp, item) for item in spec)
+    if isinstance(spec, fx.Node):
+        size = interp.size_item(spec, None).size
+        return size.coeff if size is not None and size.is_int else spec
+    return spec
 
 
 def _sdpa(interp: FlowInterpreter, node: fx.Node) -> Value:
@@ -316,11 +330,10 @@ def _sdpa(interp: FlowInterpreter, node: fx.Node) -> Value:
     mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
     if interp.value(mask) is not None:
         raise Unsupported("an attention mask computed from the region")
-    shape = interp.outside_shape(mask) if isinstance(mask, fx.Node) else None
-    for offset in range(3, min(len(shape or []), len(batch) + 2) + 1):
-        if shape[-offset] != ONE:
-            interp.block(batch[-(offset - 2)], f"'{node.name}' uses the full-size mask '{mask.name}'")
-    return Value(batch + (q.dims[-2], v.dims[-1]), interp.flow.join(q.group, k.group, v.group), prefix)
+    group = interp.flow.join(q.group, k.group, v.group)
+    if isinstance(mask, fx.Node):  # the mask lines up with the scores: (..., heads, queries, keys)
+        _meet_outside(interp, node, mask, batch + (q.dims[-2], k.dims[-2]), group)
+    return Value(batch + (q.dims[-2], v.dims[-1]), group, prefix)
 
 
 def _cat(interp: FlowInterpreter, node: fx.Node) -> Value:
@@ -401,6 +414,59 @@ def _repeat_interleave(interp: FlowInterpreter, node: fx.Node) -> Value:
     interp.flow.shape_uses.append(ShapeUse(node.name, value.group, [added], [item]))
     dims = value.dims[:axis] + (value.dims[axis] + added,) + value.dims[axis + 1:]
     return Value(dims, value.group, value.prefix, value.source)
+def _meet_outside(interp: FlowInterpreter, node: fx.Node, outside: fx.Node, dims: tuple[Dim, ...], group: int) -> None:
+    """``node`` combines ``outside`` (a tensor from outside the region) element by element with a value of ``dims``.
+
+    Along a dim of feature factors, ``outside`` is broadcast (size 1, or a dim it lacks) or full size
+    (a bias holding every head); which factor is split across ranks is decided by pairing, so the
+    meeting is recorded (:class:`~tpfx.passes.factors.OutsideOperand`), not blocked: pairing narrows
+    the tensor to the rank's part or falls back with the reason. A shape unknown while tracing
+    counts as full size along every such dim: the rank's part is then taken at run time, where a
+    broadcast dim stays whole.
+    """
+    if _is_python_value(interp, outside):
+        return  # a number (math.sqrt(q.size(-1))): the same for every element
+    shape = interp.outside_shape(outside)
+    meets = []
+    for offset in range(1, len(dims) + 1):
+        if not any(part.factor is not None for part in dims[-offset]):
+            continue  # batch sizes only: the same on every rank
+        if shape is not None and (offset > len(shape) or shape[-offset] == ONE):
+            continue  # broadcast along it
+        meets.append((-offset, dims[-offset]))
+    interp.flow.outside.append(OutsideOperand(node.name, outside.name, group, tuple(meets)))
+
+
+def _is_python_value(interp: FlowInterpreter, node: fx.Node) -> bool:
+    """Whether ``node`` yields a Python number, not a tensor: a size read, or ``math``/``operator`` arithmetic on them.
+
+    Export records the value (``meta["val"]``); an fx graph says it only by what computes it.
+    """
+    if "val" in node.meta:
+        return not isinstance(node.meta["val"], torch.Tensor)
+    rule = rule_of(node, interp.modules)
+    if rule is not None and rule.kind is Kind.META:
+        return True
+    if node.op != "call_function" or getattr(node.target, "__module__", None) not in ("_operator", "math"):
+        return False
+    return bool(node.all_input_nodes) and all(_is_python_value(interp, n) for n in node.all_input_nodes)
+
+
+def _baddbmm(interp: FlowInterpreter, node: fx.Node) -> Value:
+    """``baddbmm(input, batch1, batch2, beta=, alpha=)``: the product of the registry's operands (1 and 2),
+    plus ``input`` broadcast to it (ALiBi scores: a bias added to ``q @ k^T``)."""
+    first, second = rule_of(node, interp.modules).operands
+    if len(node.args) <= max(first, second):
+        raise Unsupported("a baddbmm whose matrices are keyword arguments")
+    product = _contract(interp, node, interp.value(node.args[first]), interp.value(node.args[second]))
+    added = node.args[0] if node.args else node.kwargs.get("input")
+    value = interp.value(added)
+    if value is not None:
+        dims, prefix = interp.broadcast([product, value])
+        return Value(dims, interp.flow.join(product.group, value.group), prefix or product.prefix)
+    if isinstance(added, fx.Node):
+        _meet_outside(interp, node, added, product.dims, product.group)
+    return product
 
 
 Rule = Callable[["FlowInterpreter", fx.Node], "Value | Pieces"]
@@ -410,5 +476,5 @@ RULES: dict[Flow, Rule] = {
     Flow.UNARY: _unary, Flow.BROADCAST: _broadcast, Flow.VIEW: _view, Flow.PERMUTE: _permute,
     Flow.TRANSPOSE: _transpose, Flow.MATMUL: _matmul, Flow.SOFTMAX: _softmax, Flow.GETITEM: _getitem,
     Flow.PIECES: _pieces, Flow.SDPA: _sdpa, Flow.CAT: _cat, Flow.EXPAND: _expand, Flow.SLICE: _slice,
-    Flow.SELECT: _select, Flow.UNSQUEEZE: _unsqueeze, Flow.REPEAT_INTERLEAVE: _repeat_interleave,
+    Flow.SELECT: _select, Flow.UNSQUEEZE: _unsqueeze, Flow.BADDBMM: _baddbmm, Flow.REPEAT_INTERLEAVE: _repeat_interleave,
 }

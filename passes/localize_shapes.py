@@ -13,6 +13,21 @@ after::
 
 Which arguments to divide is the pairing's finding (:class:`ShapeEdit` records, from the feature flow
 of :mod:`tpfx.passes.feature_flow`); this pass only applies them.
+
+A size read off a tensor whose dim is split is the rank's local size at run time. Where the code uses it
+as a shape argument between the pair, that is what it needs; any other use needs the single-device
+size, and :func:`restore_full_sizes` gives it (:class:`FullSize` records, from the pairing):
+
+before (tp=2, d_ff=32)::
+
+    getattr_1 = fc1.shape;  getitem = getattr_1[-1]          # 16 on each rank
+    mul = gelu * getitem
+
+after::
+
+    getattr_1 = fc1.shape;  getitem = getattr_1[-1]
+    mul_1 = getitem * 2                                      # 32, as on one device
+    mul = gelu * mul_1
 """
 
 from __future__ import annotations
@@ -42,6 +57,86 @@ class ShapeEdit:
     def __post_init__(self) -> None:
         if not self.path:
             raise ValueError(f"shape edit of {self.node_name} needs a path into its arguments")
+
+
+@dataclass(frozen=True)
+class FullSize:
+    """A size read of a split dim whose ``uses`` need the single-device size (``read * tp``).
+
+    ``elements`` are the split items of a read shape (``rank`` items; both 0 and () for one number),
+    ``chain`` the size arithmetic between the read and the uses (recomputed from the full size), and
+    each use is (the read or a node of the chain, the node that reads it).
+    """
+
+    read: str
+    elements: tuple[int, ...]
+    rank: int
+    chain: tuple[str, ...]
+    uses: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        if any(not 0 <= element < self.rank for element in self.elements) or bool(self.elements) != bool(self.rank):
+            raise ValueError(f"size read {self.read}: split items {self.elements} do not fit a shape of {self.rank}")
+        if not self.uses:
+            raise ValueError(f"size read {self.read}: a full size is only restored for some use of it")
+
+
+def restore_full_sizes(gm: fx.GraphModule, fixes: tuple[FullSize, ...], *, tp: int) -> tuple[str, ...]:
+    """Give each use in ``fixes`` the single-device size: the read times ``tp``, its arithmetic recomputed.
+
+    Apply before :func:`localize_shapes` (a shape argument that another pair divides is then divided
+    from the full size). Only the graph changes: the caller recompiles.
+
+    Returns:
+        The names of the nodes inserted.
+    """
+    nodes = {node.name: node for node in gm.graph.nodes}
+    order = {name: position for position, name in enumerate(nodes)}
+    inserted: list[str] = []
+    for fix in fixes:
+        full = _FullValues(gm.graph, fix, tp)
+        for producer, user in sorted(fix.uses, key=lambda use: order[use[1]]):
+            consumer = nodes[user]
+            with gm.graph.inserting_before(consumer):  # the first user: every later one comes after it
+                replacement = full.of(nodes[producer])
+            consumer.args = fx.node.map_arg(consumer.args, lambda n: replacement if n.name == producer else n)
+            consumer.kwargs = fx.node.map_arg(consumer.kwargs, lambda n: replacement if n.name == producer else n)
+        inserted += full.inserted
+    return tuple(inserted)
+
+
+class _FullValues:
+    """The single-device values of one read and of its chain of size arithmetic, made once each."""
+
+    def __init__(self, graph: fx.Graph, fix: FullSize, tp: int) -> None:
+        self.graph, self.fix, self.tp = graph, fix, tp
+        self.values: dict[str, object] = {}
+        self.inserted: list[str] = []
+
+    def of(self, node: fx.Node) -> object:
+        """The full value of ``node`` (the read or a node of its chain): a new node, or a tuple of them."""
+        if node.name not in self.values:
+            self.values[node.name] = self._make(node)
+        return self.values[node.name]
+
+    def _make(self, node: fx.Node) -> object:
+        fix, graph = self.fix, self.graph
+        item_of_shape = (node.target is operator.getitem and isinstance(node.args[1], int)
+                         and isinstance(node.args[0], fx.Node) and node.args[0].name == fix.read)
+        if node.name == fix.read and not fix.rank or item_of_shape:  # a split size (a chain holds split items only)
+            return self._new(operator.mul, (node, self.tp))
+        if node.name == fix.read:  # a whole shape: its split items times tp
+            items = [self._new(operator.getitem, (node, i)) for i in range(fix.rank)]
+            return tuple(self._new(operator.mul, (item, self.tp)) if i in fix.elements else item
+                         for i, item in enumerate(items))
+        copy = graph.node_copy(node, lambda arg: self.of(arg) if arg.name == fix.read or arg.name in fix.chain else arg)
+        self.inserted.append(copy.name)
+        return copy
+
+    def _new(self, target: object, args: tuple) -> fx.Node:
+        created = self.graph.call_function(target, args)
+        self.inserted.append(created.name)
+        return created
 
 
 def localize_shapes(gm: fx.GraphModule, edits: tuple[ShapeEdit, ...], *, tp: int) -> tuple[str, ...]:

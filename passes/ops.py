@@ -80,6 +80,7 @@ class Flow(enum.Enum):
     PERMUTE = "permute"
     TRANSPOSE = "transpose"  # two dims swapped (default the last two)
     MATMUL = "matmul"  # contracts operand 0's last dim with operand 1's second to last
+    BADDBMM = "baddbmm"  # a matmul of the rule's two operands, plus argument 0 broadcast to the product
     SOFTMAX = "softmax"  # normalizes along one dim
     GETITEM = "getitem"  # indexing (or picking one of several pieces)
     PIECES = "pieces"  # split / chunk / unbind: several values along one dim
@@ -291,7 +292,8 @@ register(OpRule("matmul", Kind.MATMUL, Flow.MATMUL, operands=(0, 1), linear=_IN_
 register(OpRule("bmm", Kind.MATMUL, Flow.MATMUL, operands=(0, 1)), functions=_spellings("bmm"), methods=["bmm"])
 register(OpRule("mm", Kind.MATMUL, Flow.MATMUL, operands=(0, 1), linear=_IN_OUT), functions=_spellings("mm"),
          methods=["mm"])
-register(OpRule("baddbmm", Kind.MATMUL, None, operands=(1, 2)), functions=_spellings("baddbmm"), methods=["baddbmm"])
+register(OpRule("baddbmm", Kind.MATMUL, Flow.BADDBMM, operands=(1, 2)), functions=_spellings("baddbmm"),
+         methods=["baddbmm"])
 register(OpRule("softmax", Kind.SOFTMAX, Flow.SOFTMAX), functions=_spellings("softmax", "_softmax", "_safe_softmax"),
          methods=["softmax"])
 register(OpRule("log_softmax", Kind.SOFTMAX, Flow.SOFTMAX), functions=_spellings("log_softmax", "_log_softmax"),

@@ -16,7 +16,10 @@ The sites whose outputs meet (q, k and v at the attention; gate and up at the pr
 group; the group's pair partner is the one linear its values reach, found by walking the dataflow
 with :func:`tpfx.passes.feature_flow.analyze_feature_flow`. Every op on the way must be elementwise or
 head-local; otherwise, or when no factor of the partner's input can be split across tp, the group
-falls back to column-plus-gather, and the record says why.
+falls back to column-plus-gather, and the record says why. A tensor from outside the pair that holds
+the split factor in full (an ALiBi bias of every head added to the scores) is narrowed to the
+rank's part where the pair reads it (:class:`HeadNarrow` with a ``block``), and one computed from
+learned parameters has its gradient summed over the group (:class:`OutsideRead`).
 
 A fused projection cut into unequal pieces gets a layout of pieces, each split or kept whole::
 
@@ -26,18 +29,22 @@ A fused projection cut into unequal pieces gets a layout of pieces, each split o
 
 from __future__ import annotations
 
+import math
+import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.passes.find_sites import Site, SiteFinding
 from tpfx.passes.graph_view import functional_linear, parameter_shapes
-from tpfx.passes.factors import CutItem, CutUse, Dim, FeatureLayout, ShapeUse, Value
+from tpfx.passes.factors import CutItem, CutUse, Dim, FeatureLayout, OutsideOperand, ShapeUse, Size, SizeRead, Value
 from tpfx.passes.feature_flow import FeatureFlow, LinearCall, LinearOf, analyze_feature_flow, module_linears
-from tpfx.passes.localize_shapes import ShapeEdit
+from tpfx.passes.localize_shapes import FullSize, ShapeEdit
 from tpfx.passes.ops import Kind, dropout_probability, rule_of
+from tpfx.passes.module_hooks import hooks_keep_pair_whole
 
 _FFN_ROLES = ("fc1", "up")
 
@@ -46,11 +53,33 @@ _FFN_ROLES = ("fc1", "up")
 class HeadNarrow:
     """Where whole (replicated) grouped-query keys or values, repeated to every query head, meet the
     queries' local heads: ``producer``'s dim ``dim`` (counted from the end) is narrowed to this
-    rank's heads before ``consumer`` reads it."""
+    rank's heads before ``consumer`` reads it.
+
+    With ``block``, ``producer`` is a full-size tensor from outside the pair (an ALiBi bias holding
+    every head, a learned scale over all of d_ff) that ``consumer`` combines element by element with
+    the rank's part: every block of ``block`` elements along ``dim`` (the split factor and what is
+    inner to it in that dim) is narrowed to the rank's part, and a broadcast dim is kept whole."""
 
     consumer: str
     producer: str
     dim: int
+    block: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.dim >= 0 or (self.block is not None and self.block < 1):
+            raise ValueError(f"narrow of {self.producer} for {self.consumer}: dim {self.dim} must count from the "
+                             f"end (< 0) and block {self.block} be positive")
+
+
+@dataclass(frozen=True)
+class OutsideRead:
+    """An op between the pair (``consumer``) reads a tensor from outside it (``producer``: a bias, a mask, a table).
+
+    Each rank uses it for its heads only, so the gradient it gets is its part of the single-device
+    one: where the tensor is computed from learned parameters, the rewrite sums it over the group."""
+
+    consumer: str
+    producer: str
 
 
 @dataclass(frozen=True)
@@ -81,6 +110,8 @@ class Pair:
     row_weight_layout: str = "out_in"  # ... stored (out, in) as nn.Linear, or (in, out) as GPT-2's Conv1D
     narrows: tuple[HeadNarrow, ...] = ()  # grouped-query k/v with fewer heads than tp (see _narrows)
     dropouts: tuple[HeadDropout, ...] = ()  # dropouts between the pair (see _dropouts)
+    full_sizes: tuple[FullSize, ...] = ()  # size reads of the split dims used where the full size is meant
+    outside_reads: tuple[OutsideRead, ...] = ()  # tensors from outside the pair read between it
 
     def __post_init__(self) -> None:
         if self.kind not in ("attention", "ffn"):
@@ -103,8 +134,10 @@ class Pair:
 
     def describe(self) -> str:
         """One line, e.g. ``attn.qkv_proj [3, 4*, 32] -> attn.out_proj [4*, 32]``."""
-        columns = ", ".join(f"{s.module_path} {l.describe()}" for s, l in zip(self.columns, self.column_layouts))
-        return f"{columns} -> {self.row_module_path} {self.row_layout.describe()}"
+        # a parameter of the model itself has no owner path: its own name says which it is
+        columns = ", ".join(f"{s.module_path or s.weight_name} {layout.describe()}"
+                            for s, layout in zip(self.columns, self.column_layouts))
+        return f"{columns} -> {self.row_module_path or self.row_weight_name} {self.row_layout.describe()}"
 
 
 @dataclass(frozen=True)
@@ -190,6 +223,7 @@ class _GraphIndex:
     nodes: dict[str, fx.Node]  # node name -> node, in graph order
     order: dict[str, int]  # node name -> its position in the graph
     dropouts: set[str]  # the dropout nodes (an nn.Dropout module, F.dropout or aten.dropout)
+    modules: dict[str, nn.Module]  # the graph module's named_modules(), for their hooks
 
     @classmethod
     def of(cls, gm: fx.GraphModule, linear_of: LinearOf) -> _GraphIndex:
@@ -205,7 +239,7 @@ class _GraphIndex:
         modules = dict(gm.named_modules())
         dropouts = {node.name for node in gm.graph.nodes if _is_dropout(node, modules)}
         nodes = {node.name: node for node in gm.graph.nodes}
-        return cls(calls, weights, names, nodes, {name: i for i, name in enumerate(nodes)}, dropouts)
+        return cls(calls, weights, names, nodes, {name: i for i, name in enumerate(nodes)}, dropouts, modules)
 
 
 @dataclass
@@ -218,6 +252,9 @@ class _GroupRecords:
     shape_uses: list[ShapeUse] = field(default_factory=list)
     dropouts: list[str] = field(default_factory=list)  # the dropout nodes on the group's values, in graph order
     cut_uses: list[CutUse] = field(default_factory=list)  # split sizes and slice bounds of fused projections
+    modules: list[str] = field(default_factory=list)  # the modules called on the group's values (their hooks matter)
+    size_reads: list[SizeRead] = field(default_factory=list)
+    outside: list[OutsideOperand] = field(default_factory=list)  # tensors from outside the group's values meet
 
 
 def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int, _GroupRecords]:
@@ -228,10 +265,17 @@ def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int,
         records[flow.group_of(group)].rows.extend(rows)
     for use in flow.shape_uses:
         records[flow.group_of(use.group)].shape_uses.append(use)
+    for read in flow.size_reads:
+        records[flow.group_of(read.group)].size_reads.append(read)
     for name in sorted(index.dropouts & flow.values.keys(), key=index.order.__getitem__):
         records[flow.group_of(flow.values[name].group)].dropouts.append(name)
     for use in flow.cut_uses:
         records[flow.group_of(use.group)].cut_uses.append(use)
+    for name, value in flow.values.items():
+        if index.nodes[name].op == "call_module":
+            records[flow.group_of(value.group)].modules.append(str(index.nodes[name].target))
+    for met in flow.outside:
+        records[flow.group_of(met.group)].outside.append(met)
     return records
 
 
@@ -250,6 +294,8 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
     if records.poisoned:
         raise _NoPair(records.poisoned[0])
     row_node, row, row_dim = _partner(records, sites, index)
+    if why := hooks_keep_pair_whole(index.modules, "" if row.functional else row.key, records.modules):
+        raise _NoPair(why)
     leaves = _leaf_factors(flow, row_dim, row.key)
     if _product(flow, leaves) != row.in_features:
         raise _NoPair(f"the input of '{row.key}' is not exactly the features of {_paths(sites)}")
@@ -258,6 +304,7 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
     if all(layout.whole for layout in layouts):
         raise _NoPair(f"no factor of {_paths(sites)} lines up with the split input of '{row.key}'")
     whole_only, narrows = _narrows(flow, chosen, sites, layouts, index) if len(chosen) > 1 else (set(), ())
+    narrows += _outside_narrows(flow, records.outside, chosen, whole_only)
     edits = _shape_edits(flow, records.shape_uses, chosen, whole_only, tp=tp) + _cut_edits(flow, records.cut_uses, chosen, tp)
     weight_shape = (row.out_features, row.in_features) if row.layout == "out_in" else (row.in_features, row.out_features)
     return Pair(
@@ -268,7 +315,9 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
         row_layout=_layout_of(flow, leaves, chosen, row.key), shape_edits=edits,
         shard_size=_product(flow, list(chosen)), row_weight_name=row.key if row.functional else "",
         row_bias_name=row.bias, row_weight_layout=row.layout, narrows=narrows,
-        dropouts=_dropouts(flow, records.dropouts, chosen, whole_only))
+        dropouts=_dropouts(flow, records.dropouts, chosen, whole_only),
+        full_sizes=_full_sizes(flow, records, chosen, whole_only, index),
+        outside_reads=tuple(dict.fromkeys(OutsideRead(met.consumer, met.producer) for met in records.outside)))
 
 
 def _partner(records: _GroupRecords, sites: list[Site], index: _GraphIndex) -> tuple[fx.Node, LinearCall, Dim]:
@@ -446,6 +495,48 @@ def _narrows(flow: FeatureFlow, chosen: tuple[int, ...], sites: list[Site], layo
     return whole_only, tuple(narrows)
 
 
+def _outside_narrows(flow: FeatureFlow, met: list[OutsideOperand], chosen: tuple[int, ...],
+                     whole_only: set[str]) -> tuple[HeadNarrow, ...]:
+    """The full-size tensors from outside the pair that meet the split factor, each narrowed to the rank's part.
+
+    Where a dim an outside tensor meets holds the split factor (a run of leaves), each rank reads
+    its part of every block of that factor and what is inner to it in the dim; the sizes inner to it
+    must be known while tracing. A dim without the split factor is the same on every rank, and so
+    is every value on the whole keys' and values' side (``whole_only``).
+    """
+    targets = [flow.factors.find(leaf) for leaf in chosen]
+    narrows: dict[tuple[str, str], HeadNarrow] = {}
+    for use, dim, parts in ((m, d, p) for m in met if m.consumer not in whole_only for d, p in m.meets):
+        leaves = _leaf_parts(flow, parts)  # (class or None for a batch size, size), outermost first
+        classes = [cls for cls, _ in leaves]
+        at = [i for i in range(len(classes) - len(targets) + 1) if classes[i:i + len(targets)] == targets]
+        if not at and set(targets).isdisjoint(classes):
+            continue  # the split factor is not in this dim: the tensor is the same on every rank there
+        inner = [size for _, size in leaves[at[0]:]] if len(at) == 1 else []
+        if not inner or not all(size.is_int for size in inner):
+            raise _NoPair(f"'{use.consumer}' combines the tensor '{use.producer}' from outside the pair (full size, or "
+                          f"of a shape not known while tracing) with the split factor along dim {dim}, where a rank's "
+                          "part is not one run of each block of a size known while tracing; give the heads a dim "
+                          "of their own there")
+        narrow = HeadNarrow(use.consumer, use.producer, dim, math.prod(size.coeff for size in inner))
+        if narrows.setdefault((use.consumer, use.producer), narrow) != narrow:
+            raise _NoPair(f"'{use.consumer}' meets the split factor in two dims of the tensor '{use.producer}' "
+                          "from outside the pair; give the heads a dim of their own there")
+    return tuple(narrows.values())
+
+
+def _leaf_parts(flow: FeatureFlow, dim: Dim) -> list[tuple[int | None, Size]]:
+    """A dim's parts, feature factors expanded to their leaves: (leaf class, size), or (None, size) for a batch part."""
+    parts: list[tuple[int | None, Size]] = []
+    for part in dim:
+        if part.factor is None:
+            parts.append((None, part.size))
+        else:
+            leaves = flow.factors.leaves(part.factor)
+            parts += [(flow.factors.find(leaf), Size(flow.factors.sizes[leaf])) for leaf in leaves]
+    return parts
+
+
 def _dropouts(flow: FeatureFlow, names: list[str], chosen: tuple[int, ...],
               whole_only: set[str]) -> tuple[HeadDropout, ...]:
     """The group's dropouts (``names``) on split values, and the dim of each where the split factor is outermost."""
@@ -537,6 +628,98 @@ def _span(flow: FeatureFlow, cut: CutItem, chosen: tuple[int, ...], tp: int, whe
             kept += sum(layout.size for layout in layouts if layout.whole)
         offset += size
     return local, kept
+def _full_sizes(flow: FeatureFlow, records: _GroupRecords, chosen: tuple[int, ...], whole_only: set[str],
+                index: _GraphIndex) -> tuple[FullSize, ...]:
+    """The group's size reads of a split dim, and the uses of each that need the single-device size.
+
+    A rank reads its local size of a split dim. A shape argument of this pair's region (a view of a
+    local tensor) needs exactly that; every other use (arithmetic with a tensor, a tensor made to that
+    size, an output, a shape argument outside the region) needs the single-device size.
+
+    Raises:
+        _NoPair: a read covers part of the split factors, is a stride, or is of a dim tpfx cannot place.
+    """
+    targets = {flow.factors.find(leaf) for leaf in chosen}
+    local_consumers = {use.node_name for use in records.shape_uses if use.node_name not in whole_only}
+    found = []
+    for read in records.size_reads:
+        node = index.nodes[read.node_name]
+        if node.args[0].name in whole_only:  # whole (replicated) keys or values: full size on every rank
+            continue
+        split = _split_items(flow, read, targets, node)
+        if split is None or split:
+            rank = len(read.elements) if read.tuple_read and read.elements is not None else 0
+            chain, uses = _size_uses(flow, node, split, rank, local_consumers)
+            if uses and split is None:
+                raise _NoPair(f"size read '{node.name}' ({node.format_node()}) is of a dim of '{node.args[0].name}' "
+                              "that tpfx cannot place (unknown rank); pass example_inputs= so that it has shapes")
+            if uses:
+                found.append(FullSize(node.name, tuple(split) if rank else (), rank, chain, uses))
+    return tuple(found)
+
+
+def _split_items(flow: FeatureFlow, read: SizeRead, targets: set[int], node: fx.Node) -> list[int] | None:
+    """Which numbers of a size read cover the split factors (all of them); None when the read is not placed."""
+    if read.elements is None:
+        return None
+    split = []
+    for position, factors in enumerate(read.elements):
+        held = {flow.factors.find(leaf) for f in factors for leaf in flow.factors.leaves(f)} & targets
+        if held and (held != targets or read.stride):
+            what = "a stride across" if read.stride else "part of"
+            raise _NoPair(f"size read '{node.name}' ({node.format_node()}) is {what} the split heads of "
+                          f"'{node.args[0].name}'; its rank-local value cannot stand for the single-device one")
+        if held:
+            split.append(position)
+    return split
+
+
+def _size_uses(flow: FeatureFlow, read: fx.Node, split: list[int] | None, rank: int,
+               local_consumers: set[str]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+    """Follow a read (of a whole shape of ``rank`` items) through size arithmetic: (the chain of
+    arithmetic, the uses that need the full size)."""
+    chain: list[str] = []
+    uses: list[tuple[str, str]] = []
+    frontier = [read]
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if node is read and rank and _item_of(user, rank) not in (None, *split):
+                continue  # an item of the shape that is not split: the same on every rank
+            if user.name in local_consumers:
+                continue
+            if _is_size_arithmetic(user, flow):
+                if user.name not in chain:
+                    chain.append(user.name)
+                    frontier.append(user)
+            else:
+                uses.append((node.name, user.name))
+    return tuple(chain), tuple(uses)
+
+
+def _item_of(node: fx.Node, rank: int) -> int | None:
+    """The item (counted from the front) that a ``shape[i]`` node picks from a shape of ``rank`` items, else None."""
+    if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int)):
+        return None
+    return node.args[1] % rank
+
+
+_SIZE_ARITHMETIC = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
+                    operator.mod, operator.neg, operator.pow}
+
+
+def _is_size_arithmetic(node: fx.Node, flow: FeatureFlow) -> bool:
+    """Whether ``node`` computes a Python number or shape (from its fake value; without shapes, from its op)."""
+    if "val" in node.meta:
+        return _is_size_value(node.meta["val"])
+    return (node.op == "call_function" and node.name not in flow.values and
+            (node.target in _SIZE_ARITHMETIC or getattr(node.target, "__module__", None) == math.__name__))
+
+
+def _is_size_value(value: object) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_is_size_value(item) for item in value)
+    return isinstance(value, (int, float, torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
 def _paths(sites: list[Site]) -> str:

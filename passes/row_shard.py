@@ -20,18 +20,25 @@ In an exported (ATen) graph a linear is an op on a parameter: the op stays and i
 replaced by this rank's parts (rows or columns as the weight is stored), and a row linear's bias is
 taken out of its op (``addmm(b, x, w)`` becomes ``mm(x, w)``) and added after the reduce.
 
+A tensor from outside the pair that holds every head (an ALiBi bias added to the scores) is narrowed
+to the rank's heads where the pair reads it; a learned one first passes a copy-to, so that its
+gradient, each rank's part of it, is summed over the group::
+
+    scores = matmul + head_bias                                # (B, H, T, T) + (H, 1, T)
+    # after: copy_to_tp = copy_to_tp(head_bias, 'tp:0-1')
+    #        rank_part = rank_part(copy_to_tp, -3, 'tp:0-1', block=4); scores = matmul + rank_part
 A fused projection whose pieces are partly kept whole (multi-query keys and values) holds this rank's
 rows of the split pieces and all rows of the whole ones; the whole rows' weight gradient is
 all-reduced (see :func:`_reduce_whole_rows`).
 
 Sites that could not be paired keep the column-plus-gather rewrite of :mod:`tpfx.passes.column_shard`.
-As there, modules and graphs are separate steps, so that further call forms reuse the shards:
-:func:`shard_pair_modules` replaces the modules, :func:`rewrite_pair_graph` rewrites one graph.
+As there, parameters and graphs are separate steps, so that further call forms reuse the shards: the
+parameters are sharded once from the plan (:func:`tpfx.passes.plan.megatron_plan`,
+:func:`tpfx.passes.shard_parameters.shard_parameters`), :func:`rewrite_pair_graph` rewrites one graph.
 """
 
 from __future__ import annotations
 
-import copy
 import operator
 from dataclasses import dataclass
 
@@ -40,16 +47,17 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tpfx.passes.column_shard import insert_collectives, shard_site_modules
-from tpfx.passes.find_sites import Site, find_sites
-from tpfx.passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
+from tpfx.passes.column_shard import insert_collectives
 from tpfx.passes.factors import FeatureLayout
-from tpfx.passes.localize_shapes import localize_shapes
+from tpfx.passes.find_sites import Site, SiteFinding, find_sites
+from tpfx.passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
+from tpfx.passes.localize_shapes import localize_shapes, restore_full_sizes
 from tpfx.passes.ops import function_rule, rule_of
-from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, Pairing, is_attention_op, pair_sites
+from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, OutsideRead, Pairing, is_attention_op, pair_sites
+from tpfx.passes.plan import megatron_plan
+from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.collectives import copy_to_tp, reduce_from_tp
 from tpfx.errors import ShardingError
-from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, ShardSpec
 from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part
 
 
@@ -60,82 +68,6 @@ class PairShardResult:
     gm: fx.GraphModule
     collective_nodes: tuple[str, ...]
     localized_nodes: tuple[str, ...]
-
-
-def _column_module(linear: nn.Linear, layout: FeatureLayout, *, tp: int, rank: int) -> nn.Module:
-    if layout.whole:
-        return copy.deepcopy(linear)  # whole on every rank (grouped-query k/v with fewer heads than tp)
-    ranges = layout.ranges(tp, rank)
-    if len(ranges) == 1 and layout.shard_axis == 0:
-        return ColumnParallelLinear(linear, tp=tp, rank=rank)
-    return BlockColumnParallelLinear(linear, spec=ShardSpec(0, layout.size, ranges), tp=tp, rank=rank)
-
-
-def pair_parameter_specs(pairing: Pairing, *, tp: int, rank: int) -> dict[str, ShardSpec | None]:
-    """Where this rank's functional pair parameters (export graphs) lie in the full tensors; None: whole.
-
-    The same contract as a sharded layer's ``shard_spec``, for parameters that belong to no tpfx layer.
-    """
-    specs: dict[str, ShardSpec | None] = {}
-    for pair in pairing.pairs:
-        for site, layout in zip(pair.columns, pair.column_layouts):
-            if site.functional:
-                ranges = layout.ranges(tp, rank)
-                specs[site.weight_name] = ShardSpec(site.shard_dim, layout.size, ranges)
-                if site.bias_name:
-                    specs[site.bias_name] = ShardSpec(0, layout.size, ranges)
-        if pair.row_weight_name:
-            dim = 1 if pair.row_weight_layout == "out_in" else 0
-            specs[pair.row_weight_name] = ShardSpec(dim, pair.row_layout.size, pair.row_layout.ranges(tp, rank))
-            if pair.row_bias_name:
-                specs[pair.row_bias_name] = None
-    return specs
-
-
-def _set_parameter(gm: nn.Module, name: str, full: nn.Parameter, spec: ShardSpec | None) -> None:
-    owner, _, leaf = name.rpartition(".")
-    part = full.detach() if spec is None else spec.take(full.detach())
-    # clone so the shard owns compact storage and the caller's tensor is never aliased
-    setattr(gm.get_submodule(owner), leaf, nn.Parameter(part.clone(), requires_grad=full.requires_grad))
-
-
-def shard_pair_modules(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: int,
-                       source: nn.Module | None = None) -> None:
-    """Replace each pair's linears in ``gm`` by this rank's column- and row-parallel shards.
-
-    Module linears become :class:`ColumnParallelLinear` / :class:`BlockColumnParallelLinear` and
-    :class:`RowParallelLinear`; a functional linear's parameters (export graphs) are replaced by
-    this rank's parts, as :func:`pair_parameter_specs` says.
-
-    Args:
-        gm: the module tree to change in place.
-        pairing: the pairs (and fallbacks, which get column shards with a gather later).
-        tp, rank: the tensor-parallel degree and this rank's index in its group.
-        source: where the full weights are read (default ``gm``).
-
-    Raises:
-        ShardingError: a fallback site's out_features is not divisible by tp (nothing is replaced then).
-    """
-    source = source if source is not None else gm
-    replacements: dict[str, nn.Module] = {}
-    for pair in pairing.pairs:
-        for site, layout in zip(pair.columns, pair.column_layouts):
-            if not site.functional:
-                replacements[site.module_path] = _column_module(source.get_submodule(site.module_path), layout,
-                                                                tp=tp, rank=rank)
-        if not pair.row_weight_name:
-            row = source.get_submodule(pair.row_module_path)
-            spec = ShardSpec(1, pair.row_layout.size, pair.row_layout.ranges(tp, rank))
-            replacements[pair.row_module_path] = RowParallelLinear(row, spec=spec, tp=tp, rank=rank)
-    shard_site_modules(gm, pairing.fallback_sites, tp=tp, rank=rank, source=source)
-    for path, module in replacements.items():
-        gm.set_submodule(path, module)
-    replicated = {site.weight_name: None for pair in pairing.pairs for site, layout in zip(pair.columns, pair.column_layouts)
-                  if site.functional and layout.whole}
-    replicated |= {site.bias_name: None for pair in pairing.pairs for site, layout in zip(pair.columns, pair.column_layouts)
-                   if site.functional and layout.whole and site.bias_name}
-    for name, spec in (pair_parameter_specs(pairing, tp=tp, rank=rank) | replicated).items():
-        _set_parameter(gm, name, source.get_parameter(name), spec)
 
 
 def _key(site: Site) -> str:
@@ -157,9 +89,15 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
         for site, layout in zip(pair.columns, pair.column_layouts):
             if layout.whole_local_ranges(tp):
                 inserted += _reduce_whole_rows(gm, applications_of(index, {_key(site)}), layout, tp, group)
-    localized = localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
+    # full sizes first: a use that is another pair's shape argument is then divided from the full size
+    localized = restore_full_sizes(gm, tuple(f for p in pairing.pairs for f in p.full_sizes), tp=tp)
+    localized += localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
     nodes = {node.name: node for node in gm.graph.nodes}
-    localized += _narrow_to_rank_heads(gm, nodes, [n for p in pairing.pairs for n in p.narrows], group)
+    narrows = [n for p in pairing.pairs for n in p.narrows]
+    localized += _narrow_to_rank_heads(gm, nodes, [n for n in narrows if n.block is None], group)
+    copies = _sum_outside_gradients(gm, nodes, [r for p in pairing.pairs for r in p.outside_reads], group)
+    inserted += [copy.name for copy in copies.values()]
+    localized += _narrow_outside_tensors(gm, nodes, [n for n in narrows if n.block is not None], copies, group)
     localized += _draw_dropouts_per_rank(gm, nodes, [d for p in pairing.pairs for d in p.dropouts], group)
     gathered = insert_collectives(gm, pairing.fallback_sites, group=group)
     ordered = {n.name: i for i, n in enumerate(gm.graph.nodes)}
@@ -178,6 +116,55 @@ def _narrow_to_rank_heads(gm: fx.GraphModule, nodes: dict[str, fx.Node], narrows
         consumer.replace_input_with(producer, part)
         inserted.append(part.name)
     return tuple(inserted)
+
+
+def _sum_outside_gradients(gm: fx.GraphModule, nodes: dict[str, fx.Node], reads: list[OutsideRead],
+                           group: str) -> dict[str, fx.Node]:
+    """A copy-to for each tensor from outside a pair that is computed from learned parameters, read between it.
+
+    Each rank uses such a tensor (a learned per-head bias, a learned scale) for its own heads only,
+    so its gradient there is a partial sum; forward the copy is the same tensor, backward it sums
+    the gradient over the group. Only the pair's ops read the copy: uses outside the pair are whole
+    on every rank, their gradients are not partial. Returns producer name -> its copy.
+    """
+    learned = _computed_from_learned_parameters(gm)
+    copies: dict[str, fx.Node] = {}
+    for read in reads:
+        producer = nodes[read.producer]
+        if producer not in learned:
+            continue  # a buffer, a mask, an input: no gradient to sum
+        if read.producer not in copies:
+            with gm.graph.inserting_after(producer):
+                copies[read.producer] = gm.graph.call_function(copy_to_tp, (producer, group))
+        nodes[read.consumer].replace_input_with(producer, copies[read.producer])
+    return copies
+
+
+def _narrow_outside_tensors(gm: fx.GraphModule, nodes: dict[str, fx.Node], narrows: list[HeadNarrow],
+                            copies: dict[str, fx.Node], group: str) -> tuple[str, ...]:
+    """Narrow full-size tensors from outside a pair (an ALiBi bias of every head) to this rank's part of them."""
+    parts = []
+    for narrow in narrows:
+        consumer = nodes[narrow.consumer]
+        source = copies.get(narrow.producer, nodes[narrow.producer])  # what the consumer reads now
+        with gm.graph.inserting_before(consumer):
+            part = gm.graph.call_function(rank_part, (source, narrow.dim, group), {"block": narrow.block})
+        consumer.replace_input_with(source, part)
+        parts.append(part.name)
+    return tuple(parts)
+
+
+def _computed_from_learned_parameters(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes whose value depends on a parameter that requires a gradient (one pass in graph order).
+
+    Buffers, constants and the inputs do not count: the inputs of a model do not ask for gradients.
+    """
+    learned = {name for name, parameter in gm.named_parameters(remove_duplicate=False) if parameter.requires_grad}
+    found: set[fx.Node] = set()
+    for node in gm.graph.nodes:
+        if (node.op == "get_attr" and node.target in learned) or any(p in found for p in node.all_input_nodes):
+            found.add(node)
+    return found
 
 
 def _draw_dropouts_per_rank(gm: fx.GraphModule, nodes: dict[str, fx.Node], dropouts: list[HeadDropout],
@@ -332,8 +319,14 @@ def _take_bias(gm: fx.GraphModule, node: fx.Node, functional: FunctionalLinear |
 
 def megatron_shard(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: int, group: str,
                    source: nn.Module | None = None) -> PairShardResult:
-    """The whole pass: shard the pair and fallback modules, then rewrite the graph around them."""
-    shard_pair_modules(gm, pairing, tp=tp, rank=rank, source=source)
+    """The whole pass: plan the pairs' and fallbacks' shards, shard the parameters, then rewrite the graph.
+
+    Raises:
+        ShardingError: tp does not divide a fallback site's out_features (nothing is changed then).
+    """
+    sites = tuple(site for pair in pairing.pairs for site in pair.columns) + pairing.fallback_sites
+    plan = megatron_plan(gm, SiteFinding(sites, ()), pairing, tp=tp, rank=rank)
+    shard_parameters(gm, plan, source=source)
     result = rewrite_pair_graph(gm, pairing, tp=tp, group=group)
     gm.graph.lint()
     gm.recompile()

@@ -190,7 +190,7 @@ def test_a_linear_the_finder_cannot_read_is_explained_with_the_node_where_matchi
     (wq,) = finding.replicated
     cumsum = next(n.name for n in gm.graph.nodes if n.target == torch.ops.aten.cumsum.default)
     assert wq.module_path == "wq" and wq.reason.startswith("feeds op 'cumsum")
-    assert wq.reason.endswith(f"matching stopped at node {cumsum}") and "\n" not in wq.reason
+    assert wq.reason.endswith(f"matching stopped at op 'cumsum' (node {cumsum})") and "\n" not in wq.reason
 
 
 @pytest.mark.parametrize("name", ["llama", "opt"])

@@ -22,7 +22,8 @@ from tpfx.passes.find_sites import find_sites
 from tpfx.passes.factors import FeatureLayout
 from tpfx.passes.localize_shapes import ShapeEdit, localize_shapes
 from tpfx.passes.pair_megatron import Pairing, pair_sites
-from tpfx.passes.row_shard import shard_pair_modules
+from tpfx.passes.plan import megatron_plan
+from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.capture import capture
 from tpfx.errors import ShardingError
 from tests.models import HEAD, HEADS, WIDTH, FusedLastDim, Grouped, HeadMixing, Interleaved
@@ -41,7 +42,7 @@ def _sum_of_ranks(model: nn.Module, x: torch.Tensor, tp: int) -> torch.Tensor:
     for rank in range(tp):
         gm, pairing = _pairing(model, tp)
         assert len(pairing.pairs) == 1 and not pairing.fallbacks
-        shard_pair_modules(gm, pairing, tp=tp, rank=rank, source=model)
+        shard_parameters(gm, megatron_plan(gm, find_sites(gm, tp=tp), pairing, tp=tp, rank=rank), source=model)
         localize_shapes(gm, pairing.pairs[0].shape_edits, tp=tp)
         gm.recompile()  # the pass changes the graph only
         total = total + gm(x)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 import torch.nn as nn
@@ -119,15 +121,21 @@ class _ScaledFFN(nn.Module):
 @pytest.mark.parametrize(("model", "reason"), [
     (_TwoReaders(), "the output of 'fc1' reaches several linears (fc2, fc3), not one"),
     (_Escapes(), "the value leaves the model as an output before it reaches a row-parallel linear"),
-    (_ScaledFFN(), "no factor of the input of 'fc2' can be split across tp=2 "
-                   "(16: 'mul' combines it with the full-size tensor 'gamma')"),
-], ids=["two-readers", "escapes", "full-size-operand"])
+], ids=["two-readers", "escapes"])
 def test_unsafe_pairs_fall_back_to_column_plus_gather(model, reason):
     _, pairing = _pairing(model)
     assert not pairing.pairs
     assert [s.module_path for f in pairing.fallbacks for s in f.sites] == ["fc1"]
     assert pairing.fallbacks[0].reason.startswith(reason)
     assert "\n" not in pairing.fallbacks[0].reason
+
+
+def test_a_full_size_operand_between_the_pair_is_narrowed_to_the_ranks_part():
+    """gamma holds all of d_ff: each rank multiplies its part of the activation by its part of gamma."""
+    _, pairing = _pairing(_ScaledFFN())
+    (pair,) = pairing.pairs
+    assert pair.describe() == "fc1 [16*] -> fc2 [16*]" and not pairing.fallbacks
+    assert [(n.consumer, n.producer, n.dim, n.block) for n in pair.narrows] == [("mul", "gamma", -1, 16)]
 
 
 def test_rewrite_inserts_one_copy_per_input_and_a_reduce_then_bias_per_row():
@@ -139,8 +147,11 @@ def test_rewrite_inserts_one_copy_per_input_and_a_reduce_then_bias_per_row():
     assert targets.count(copy_to_tp) == 2 and targets.count(reduce_from_tp) == 2
     assert gather_from_tp not in targets
     assert len(result.collective_nodes) == 4
-    # the head count and width become local; the attention dropout draws the whole mask, keeps its heads
-    assert result.localized_nodes == ("view", "view_1", "dropout_module_rank_part")
+    # the head count and width become local; the attention dropout draws the whole mask, keeps its heads;
+    # the causal and padding masks, of a shape this graph does not record, are narrowed where they are full size
+    assert result.localized_nodes == ("view", "view_1", "rank_part", "rank_part_1", "dropout_module_rank_part")
+    masks = [n.args[0] for n in gm.graph.nodes if n.target is rank_part]
+    assert [m.target for m in masks] == [operator.invert, operator.eq]  # ~causal, attention_mask == 0
     reduce = next(n for n in gm.graph.nodes if n.target is reduce_from_tp)
     (add,) = reduce.users
     assert add.args[1].op == "get_attr" and add.args[1].target == "blocks.0.attn.out_proj.bias"

@@ -33,7 +33,7 @@ from tpfx.passes.find_sites import find_sites
 from tpfx.passes.localize_shapes import ShapeEdit, localize_shapes
 from tpfx.passes.pair_megatron import Pairing, pair_sites
 from tpfx.passes.row_shard import megatron_shard
-from tpfx.rank_parts import rank_part
+from tpfx.rank_parts import rank_part, take_part
 from tests.multiprocess import run_ranks
 from tests.parity import grad_diffs, max_diff
 
@@ -245,12 +245,12 @@ def test_heads_viewed_first_then_split_keep_the_pieces_outermost():
     assert [(e.value, e.kept) for e in views] == [(6, 2)]
 
 
-def test_fx_split_counted_from_the_front_needs_the_rank_and_export_pairs_it():
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_a_split_along_a_dim_counted_from_the_front_pairs(tracer):
+    """``torch.split(qkv, sizes, dim=2)``: the rank of the fused output comes from the captured shapes."""
     model = FusedSplit(kv_heads=2, cut="torch.split", split_dim=2)
-    _, pairing = _pairing(model, 2)
-    (fallback,) = pairing.fallbacks
-    assert fallback.reason.startswith("dim 2 counted from the front needs the rank (pass example inputs)")
-    gm = tpfx.parallelize(model, tp=2, rank=0, mode="megatron", tracer="export", example_inputs=(_inputs(32),))
+    gm = tpfx.parallelize(model, tp=2, rank=0, mode="megatron", tracer=tracer, example_inputs=(_inputs(32),))
+    assert gm.tpfx_report.tracer == tracer
     assert [p.column_layouts for p in gm.tpfx_pairing.pairs] == [(GQA_SPLIT,)]
 
 
@@ -369,13 +369,9 @@ def _sum_of_ranks(model: nn.Module, x: torch.Tensor, tp: int) -> torch.Tensor:
             if node.target in (copy_to_tp, reduce_from_tp):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
-            elif node.target is rank_part:  # this rank's 1/tp along a dim, as the rank would take it
+            elif node.target is rank_part:  # this rank's part, as the rank would take it
                 tensor, dim, _ = node.args
-                with gm.graph.inserting_before(node):
-                    length = gm.graph.call_function(operator.floordiv,
-                                                    (gm.graph.call_method("size", (tensor, dim)), tp))
-                    start = gm.graph.call_function(operator.mul, (length, rank))
-                node.target, node.args = torch.narrow, (tensor, dim, start, length)
+                node.target, node.args = take_part, (tensor, dim, rank, tp)
         gm.recompile()
         total = total + gm(x)
     return total - (tp - 1) * model.proj.bias if model.proj.bias is not None else total

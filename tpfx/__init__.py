@@ -6,7 +6,7 @@
 from tpfx.api import parallelize
 from tpfx.capture import CallForm, capture
 from tpfx.checkpoint import full_state_dict, load_state_dict, parameter_shard_specs
-from tpfx.errors import CaptureError, ConfigError, LoadError, ShardingError, TpfxError
+from tpfx.errors import CaptureError, ConfigError, LoadError, NoSitesWarning, ShardingError, TpfxError, TpfxWarning
 from tpfx.layers import ColumnParallelLinear, ShardSpec
 from tpfx.meta_init import parameters_on_meta
 from tpfx.program import TensorParallelModule
@@ -14,5 +14,6 @@ from tpfx.program import TensorParallelModule
 __version__ = "0.1.0"
 
 __all__ = ["parallelize", "capture", "CallForm", "ColumnParallelLinear", "TensorParallelModule",
-           "TpfxError", "CaptureError", "ConfigError", "ShardingError", "LoadError", "__version__",
+           "TpfxError", "CaptureError", "ConfigError", "ShardingError", "LoadError", "TpfxWarning", "NoSitesWarning",
+           "__version__",
            "load_state_dict", "full_state_dict", "parameter_shard_specs", "parameters_on_meta", "ShardSpec"]

@@ -3,26 +3,33 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterator
+import inspect
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 import torch.distributed as dist
+import torch.fx as fx
 import torch.nn as nn
 
-from tpfx.passes.column_shard import insert_collectives, shard_site_modules
-from tpfx.passes.find_sites import find_sites, require_divisible
+from tpfx.passes.column_shard import insert_collectives
+from tpfx.passes.fake_shapes import FakeShapes, propagate_fake_shapes
+from tpfx.passes.find_sites import SiteFinding, find_sites
 from tpfx.passes.meta_device import device_of_inputs, retarget_meta_device
 from tpfx.passes.pair_megatron import pair_sites
-from tpfx.passes.row_shard import rewrite_other_form, rewrite_pair_graph, shard_pair_modules
+from tpfx.passes.plan import Mode, Plan, gather_plan, megatron_plan
+from tpfx.passes.row_shard import rewrite_other_form, rewrite_pair_graph
+from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.capture import forward_signature
 from tpfx.collectives import bind_group, group_key
 from tpfx.errors import ConfigError
-from tpfx.export_capture import ExampleInputs, capture_for_parallelize
+from tpfx.export_capture import Captured, ExampleInputs, capture_for_parallelize, example_arguments
 from tpfx.megatron_report import megatron_report
+from tpfx.no_sites import warn_if_no_sites
 from tpfx.program import TensorParallelModule, adopt_missing, take_weights
-from tpfx.report import build_report
+from tpfx.report import Report, build_report
 
 
 @dataclass(frozen=True)
@@ -94,7 +101,39 @@ def _bind_process_group(layout: Layout, group: dist.ProcessGroup | None) -> None
     bind_group(layout.key, group)
 
 
-MODES = ("gather", "megatron")
+@dataclass(frozen=True)
+class Strategy:
+    """What one mode does: make the plan from the analysis, rewrite the program's graph and another call
+    form's graph for it, and extend the report."""
+
+    plan: Callable[[fx.GraphModule, SiteFinding, int, int], Plan]  # (gm, finding, tp, rank)
+    rewrite: Callable[[fx.GraphModule, Plan, str], object]  # (gm, plan, group key): the graph only
+    rewrite_other_form: Callable[[fx.GraphModule, Plan, str], object]
+    report: Callable[[Report, fx.GraphModule, Plan], Report]
+
+
+def _gather_collectives(gm: fx.GraphModule, plan: Plan, group: str) -> object:
+    # any call form: the plan's column sites are found in its trace by module or parameter name
+    return insert_collectives(gm, plan.gathered, group=group)
+
+
+def _megatron(gm: fx.GraphModule, finding: SiteFinding, tp: int, rank: int) -> Plan:
+    return megatron_plan(gm, finding, pair_sites(gm, finding, tp=tp), tp=tp, rank=rank)
+
+
+STRATEGIES: dict[Mode, Strategy] = {
+    Mode.GATHER: Strategy(
+        plan=lambda gm, finding, tp, rank: gather_plan(gm, finding, tp=tp, rank=rank),
+        rewrite=_gather_collectives, rewrite_other_form=_gather_collectives,
+        report=lambda report, gm, plan: report),
+    Mode.MEGATRON: Strategy(
+        plan=_megatron,
+        rewrite=lambda gm, plan, group: rewrite_pair_graph(gm, plan.pairing, tp=plan.tp, group=group),
+        rewrite_other_form=lambda traced, plan, group: rewrite_other_form(traced, plan.pairing, tp=plan.tp,
+                                                                          group=group),
+        report=megatron_report),
+}
+MODES = tuple(mode.value for mode in STRATEGIES)
 
 
 def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessGroup | None = None,
@@ -105,7 +144,8 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
 
     The attention QKV projections and FFN first linears are found by graph structure and
     column-sharded (each rank holds out_features / tp rows), with an all-gather after each. The
-    caller's model is not changed. ``gm.tpfx_report`` describes what was done.
+    caller's model is not changed. ``gm.tpfx_plan`` says what every parameter holds (its shard spec,
+    or why it stays whole); ``gm.tpfx_report`` describes what was done.
 
     Args:
         model: the unmodified single-device model, with the same weights on every rank.
@@ -123,7 +163,10 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
             or the other train/eval mode) is exported from a weightless copy of the model on its
             first call. ``gm.tpfx_report.tracer`` says which was used.
         example_inputs: the arguments of one call of ``model``: a tuple of positional
-            arguments, a dict of keyword arguments, or one tensor. Used by torch.export only.
+            arguments, a dict of keyword arguments, or one tensor. torch.export traces this call;
+            torch.fx graphs take their symbolic shapes from it (dims 0 and 1 symbolic). Without it,
+            fx assumes token ids or, for an input a linear or norm reads first, (batch, seq, width);
+            ``gm.tpfx_report.tracer_note`` says which (see :mod:`tpfx.passes.fake_shapes`).
 
     Returns:
         A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts.
@@ -145,7 +188,7 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
 
 def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
              example_inputs: ExampleInputs | None) -> TensorParallelModule:
-    """capture -> find sites (-> pair) -> rewrite the graph and the modules -> take the weights -> report.
+    """capture -> find sites -> plan (the mode's strategy) -> rewrite the graph, shard the parameters -> report.
 
     The captured program is compiled in place: it is built over a weightless copy of the model, the
     passes change its graph and its modules, and its Python code is generated once, at the end.
@@ -154,31 +197,55 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     gm = captured.gm
     # a model built with parameters on meta was traced on meta: its device constants must say the inputs' device
     retarget_meta_device(gm, device=device_of_inputs(example_inputs))
-    finding = find_sites(gm, tp=layout.tp)
-    pairing = pair_sites(gm, finding, tp=layout.tp) if mode == "megatron" else None
-    require_divisible(finding.sites if pairing is None else pairing.fallback_sites, layout.tp)
-    if pairing is None:
-        insert_collectives(gm, finding.sites, group=layout.key)
-        shard_site_modules(gm, finding.sites, tp=layout.tp, rank=layout.rank, source=model)
-        rewrite = lambda traced: insert_collectives(traced, finding.sites, group=layout.key)  # noqa: E731
-    else:
-        rewrite_pair_graph(gm, pairing, tp=layout.tp, group=layout.key)
-        shard_pair_modules(gm, pairing, tp=layout.tp, rank=layout.rank, source=model)
-        rewrite = lambda traced: rewrite_other_form(traced, pairing, tp=layout.tp, group=layout.key)  # noqa: E731
-    gm.tpfx_pairing = pairing  # megatron mode: the pairs and the fallbacks with their reasons
+    shapes = _fake_shapes(captured, forward_signature(model), example_inputs)
+    # every parameter of the model, also those this graph does not read: the plan lists them all
     adopt_missing(gm, captured.skeleton)
+    strategy = STRATEGIES[Mode(mode)]
+    finding = find_sites(gm, tp=layout.tp)
+    warn_if_no_sites(type(model).__name__, finding, tp=layout.tp, stacklevel=3)  # 3: parallelize's caller
+    plan = strategy.plan(gm, finding, layout.tp, layout.rank)  # raises before any change
+    strategy.rewrite(gm, plan, layout.key)
+    shard_parameters(gm, plan, source=model)
+    gm.tpfx_plan = plan  # what every parameter holds and why; reports and checkpoints read it
+    gm.tpfx_pairing = plan.pairing  # megatron mode: the pairs and the fallbacks with their reasons
     take_weights(gm, captured.sources)
     gm.graph.lint()
     gm.recompile()
     gm.train(model.training)
-    captured.serve_call_forms(forward_signature(model), rewrite,
-                              lambda traced, device: retarget_meta_device(traced, device=device))
-    gm.tpfx_report = build_report(gm, model, tp=layout.tp, rank=layout.rank, group=layout.key, call_form=captured.form,
-                                  sites=finding.sites, replicated=finding.replicated,
-                                  tracer=captured.tracer, tracer_note=captured.note)
-    if pairing is not None:
-        gm.tpfx_report = megatron_report(gm.tpfx_report, gm, model, pairing)
+    captured.serve_call_forms(forward_signature(model),
+                              lambda traced: strategy.rewrite_other_form(traced, plan, layout.key),
+                              _preparation(shapes, forward_signature(model)))
+    note = "; ".join(filter(None, [captured.note, shapes.note if shapes is not None else ""]))
+    report = build_report(gm, model, plan=plan, group=layout.key, call_form=captured.form,
+                          tracer=captured.tracer, tracer_note=note)
+    gm.tpfx_report = strategy.report(report, gm, plan)
     return gm
+
+
+def _fake_shapes(captured: Captured, signature: inspect.Signature,
+                 example_inputs: ExampleInputs | None) -> FakeShapes | None:
+    """Symbolic shapes on an fx capture (export graphs have them), from the example inputs where given."""
+    if captured.tracer != "fx":
+        return None
+    given = {}
+    if example_inputs is not None:
+        try:
+            given = example_arguments(signature, example_inputs)
+        except ConfigError:  # fx never needed them: inputs that do not fit are assumed instead
+            given = {}
+    return propagate_fake_shapes(captured.gm, list(signature.parameters), given=given)
+
+
+def _preparation(shapes: FakeShapes | None, signature: inspect.Signature
+                 ) -> Callable[[fx.GraphModule, torch.device], None]:
+    """What another call form's graph needs before the passes: its device constants, and (fx) the
+    symbolic shapes of the program's own form, from the same inputs, so that it pairs alike."""
+    def prepare(traced: fx.GraphModule, device: torch.device) -> None:
+        retarget_meta_device(traced, device=device)
+        if shapes is not None and shapes.propagated:
+            propagate_fake_shapes(traced, list(signature.parameters), given=shapes.inputs)
+
+    return prepare
 
 
 @contextmanager

@@ -23,6 +23,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.errors import CaptureError, ConfigError, one_line
+from tpfx.passes.module_hooks import hooks_lost_in_capture, shared_hook_objects
 
 
 @dataclass(frozen=True)
@@ -186,6 +187,8 @@ def capture(model: nn.Module, form: CallForm | None = None, *, leaf_types: tuple
     """
     form = form or CallForm(training=model.training)
     tracer = _PathTracer(leaf_types)
+    if lost := hooks_lost_in_capture(model, is_leaf=tracer.is_leaf_module):
+        raise CaptureError(f"cannot capture {type(model).__name__} with torch.fx ({form.describe()}): {lost}")
     was_training = model.training
     attributes_before = set(vars(model))
     model.train(form.training)
@@ -222,12 +225,13 @@ def weightless_copy(model: nn.Module) -> tuple[nn.Module, dict[int, torch.Tensor
 
     tpfx compiles this copy: tracing reads no tensor values, and the finished program takes a copy
     of each placeholder's source (or this rank's slice of it) only once it knows which it needs.
-    A tensor registered under two names stays one placeholder.
+    A tensor registered under two names stays one placeholder. The copy's hooks call the user's own
+    hook objects (:func:`tpfx.passes.module_hooks.shared_hook_objects`), so what they record is seen.
 
     Returns:
         The copy, and ``{id(placeholder): the model's tensor}``.
     """
-    memo: dict[int, object] = {}
+    memo: dict[int, object] = shared_hook_objects(model)  # the copy's hooks are the user's, not copies
     sources: dict[int, torch.Tensor] = {}
     for tensor in [*model.parameters(), *model.buffers()]:
         if id(tensor) in memo:

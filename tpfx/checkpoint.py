@@ -12,11 +12,12 @@ Saving (the original model's keys and shapes)::
     state = tpfx.full_state_dict(gm)                        # full tensors on rank 0, {} elsewhere
     if state: torch.save(state, "model.pt")
 
-Which part of a full tensor a rank holds is the sharded layer's business: every sharded layer has
-``shard_spec(param_name) -> ShardSpec | None`` (see :class:`tpfx.layers.ShardSpec`). A parameter that
-a pass sliced in place (a functional linear of an exported graph) has its spec in the program's
-records (see :func:`in_place_shard_specs`). Every other parameter is replicated. The checkpoint is
-checked against the program (missing, unexpected and mis-shaped keys) before a single tensor is loaded.
+Which part of a full tensor a rank holds is read from the program's plan (``gm.tpfx_plan``, see
+:class:`tpfx.passes.plan.Plan`): a :class:`tpfx.layers.ShardSpec` for every sharded parameter, whether a
+parallel layer holds it or a pass sliced it in place (an op on a parameter of an exported graph). A
+module without a plan falls back to its layers' ``shard_spec(param_name)``, the runtime contract every
+sharded layer keeps. Every other tensor is replicated. The checkpoint is checked against the program
+(missing, unexpected and mis-shaped keys) before a single tensor is loaded.
 
 Sources: a state dict; a ``torch.save`` file (opened with ``mmap=True``); a ``.safetensors`` file.
 A safetensors file is read without mmap, on purpose: pages of a mapped file count in the process's
@@ -42,10 +43,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from tpfx.passes.row_shard import pair_parameter_specs
+from tpfx.passes.plan import Plan
 from tpfx.collectives import _group as bound_group  # the process group behind a program's group key
 from tpfx.errors import ConfigError, LoadError, first_line
-from tpfx.layers import ShardSpec, shard_range
+from tpfx.layers import ShardSpec
 
 StateSource = Mapping[str, torch.Tensor] | str | os.PathLike
 
@@ -67,51 +68,28 @@ class _Target:
         return self.spec.full_shape(local) if self.spec else local
 
 
-def in_place_shard_specs(gm: nn.Module) -> dict[str, ShardSpec]:
-    """Parameters sliced in place by a pass (functional linears of exported graphs), by qualified name.
-
-    A sharded *layer* answers ``shard_spec`` itself. A functional linear keeps its op and gets a
-    sliced parameter instead, so its spec comes from the program's records: the column-sharded
-    functional sites of ``gm.tpfx_report`` (rank r holds block r of ``shard_dim``, the bias the same
-    block of dim 0) and, in megatron mode, the pairs of ``gm.tpfx_pairing``.
-    """
-    report, pairing = getattr(gm, "tpfx_report", None), getattr(gm, "tpfx_pairing", None)
-    if report is None:
-        return {}
-    specs: dict[str, ShardSpec] = {}
-    column_sites = report.sites if pairing is None else pairing.fallback_sites  # paired sites: below
-    for site in column_sites:
-        if not getattr(site, "functional", False):
-            continue
-        size = site.weight_shape[site.shard_dim]
-        start, stop = shard_range(size, report.tp, report.rank)
-        specs[site.weight_name] = ShardSpec.contiguous(site.shard_dim, start, stop, size)
-        if site.bias_name:
-            specs[site.bias_name] = ShardSpec.contiguous(0, start, stop, size)
-    if pairing is not None:
-        specs |= pair_parameter_specs(pairing, tp=report.tp, rank=report.rank)
-    # a spec covering the whole dim (a pair member kept whole) is no shard
-    return {name: spec for name, spec in specs.items()
-            if spec is not None and spec.ranges != ((0, spec.full_size),)}
-
-
-def _shard_spec_of(module: nn.Module, key: str, in_place: dict[str, ShardSpec]) -> ShardSpec | None:
+def _shard_spec_of(module: nn.Module, key: str, plan: Plan | None) -> ShardSpec | None:
+    """This rank's spec of the tensor under ``key``: the plan's; without a plan, the owning layer's ``shard_spec``."""
+    if plan is not None:
+        entry = plan.parameters.get(key)
+        return None if entry is None else entry.spec  # buffers, and parameters added later, are whole
     owner_path, _, leaf = key.rpartition(".")
     owner = module.get_submodule(owner_path)
     if leaf in owner._parameters and callable(getattr(owner, "shard_spec", None)):
         return owner.shard_spec(leaf)
-    return in_place.get(key)
+    return None
 
 
 def parameter_shard_specs(gm: nn.Module) -> dict[str, ShardSpec]:
     """Every sharded parameter of a program, by qualified name: where it lies in the full tensor.
 
-    Covers sharded layers (their ``shard_spec``) and parameters a pass sliced in place (functional
-    linears of exported graphs); parameters not listed are replicated. ``spec.take(full)`` gives a
-    rank's part of a full tensor or of its gradient, e.g. to compare with a single-device model.
+    Read from the program's plan (``gm.tpfx_plan``, set by :func:`tpfx.parallelize`); a module built
+    without one (a bare GraphModule holding tpfx layers) answers with its layers' ``shard_spec``.
+    Parameters not listed are replicated. ``spec.take(full)`` gives a rank's part of a full tensor or
+    of its gradient, e.g. to compare with a single-device model.
     """
-    in_place = in_place_shard_specs(gm)
-    specs = {name: _shard_spec_of(gm, name, in_place) for name, _ in gm.named_parameters()}
+    plan = getattr(gm, "tpfx_plan", None)
+    specs = {name: _shard_spec_of(gm, name, plan) for name, _ in gm.named_parameters()}
     return {name: spec for name, spec in specs.items() if spec is not None}
 
 
@@ -122,8 +100,8 @@ def _targets(module: nn.Module) -> list[_Target]:
     for key, tensor in module.state_dict(keep_vars=True).items():
         keys_of.setdefault(id(tensor), []).append(key)
         tensor_of[id(tensor)] = tensor
-    in_place = in_place_shard_specs(module)
-    return [_Target(tuple(keys), tensor_of[ident], _shard_spec_of(module, keys[0], in_place))
+    plan = getattr(module, "tpfx_plan", None)
+    return [_Target(tuple(keys), tensor_of[ident], _shard_spec_of(module, keys[0], plan))
             for ident, keys in keys_of.items()]
 
 
@@ -376,7 +354,7 @@ def load_state_dict(gm: nn.Module, source: StateSource, *, strict: bool = True,
                     device: torch.device | str = "cpu") -> None:
     """Load a single-device checkpoint into a tensor-parallel program; each rank reads only its part.
 
-    Sharded parameters get this rank's part (as the layer's ``shard_spec`` says), replicated
+    Sharded parameters get this rank's part (as the program's plan says), replicated
     parameters and persistent buffers get the whole tensor. Meta tensors (a model built under
     :func:`tpfx.parameters_on_meta`) are materialized on ``device``; real tensors are filled in place.
     Tied parameters are loaded once, from whichever of their keys the checkpoint holds.

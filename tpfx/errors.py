@@ -35,3 +35,11 @@ def one_line(error: BaseException) -> str:
     """``Type: first line of the message`` of a third-party exception (``Type`` alone without a message)."""
     lines = str(error).strip().splitlines()
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+class TpfxWarning(UserWarning):
+    """Base class of every warning tpfx issues."""
+
+
+class NoSitesWarning(TpfxWarning):
+    """``parallelize`` found no linear to shard: every rank holds and computes the whole model."""

@@ -31,6 +31,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path
 
 from tpfx.capture import CallForm, call_form_of, capture, forward_signature, weightless_copy
 from tpfx.errors import CaptureError, ConfigError, one_line
+from tpfx.passes.module_hooks import hooks_lost_in_capture
 from tpfx.program import TensorParallelModule, device_of_call, graph_attributes
 
 TRACERS = ("auto", "fx", "export")
@@ -71,6 +72,16 @@ def bind_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[s
         elif kind is not inspect.Parameter.VAR_POSITIONAL and value is not None:
             call[name] = value
     return call
+
+
+def example_arguments(signature: inspect.Signature, example_inputs: ExampleInputs) -> dict[str, Any]:
+    """The arguments of the example call by name, None ones left out (see :func:`bind_call`).
+
+    Raises:
+        ConfigError: the example inputs are not a tuple, dict or tensor, or do not fit the signature.
+    """
+    args, kwargs = _as_args_kwargs(example_inputs)
+    return bind_call(signature, args, kwargs)
 
 
 def export_form(call: dict[str, Any], *, training: bool) -> ExportForm:
@@ -130,6 +141,8 @@ def export_capture(model: nn.Module, example_inputs: ExampleInputs) -> Exported:
     # into one graph input, and the program would then ignore the second one
     example = {name: value.clone() if isinstance(value, torch.Tensor) else value for name, value in call.items()}
     form = export_form(call, training=model.training)
+    if lost := hooks_lost_in_capture(model, is_leaf=None):
+        raise CaptureError(f"cannot capture {type(model).__name__} with torch.export ({form.describe()}): {lost}")
     try:
         program = torch.export.export(model, (), example, dynamic_shapes=_dynamic_shapes(example), strict=False)
     except Exception as error:  # export raises many types; each becomes one line naming the model

@@ -8,10 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+class Placement(Enum):
+    """Where a parameter's rank-local part lies: split with a column- or a row-parallel linear, or whole."""
+
+    COLUMN = "column"
+    ROW = "row"
+    REPLICATED = "replicated"
 
 
 def shard_range(size: int, tp: int, rank: int) -> tuple[int, int]:

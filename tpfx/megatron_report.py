@@ -12,10 +12,10 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch.fx as fx
-import torch.nn as nn
 
-from tpfx.passes.pair_megatron import Fallback, Pair, Pairing
-from tpfx.report import Report, _collectives_by_module, parameter_bytes, role_reason
+from tpfx.passes.pair_megatron import Fallback, Pair
+from tpfx.passes.plan import Plan, row_bias_name, row_weight_name, site_weight_name
+from tpfx.report import Report, _collectives_by_module, role_reason
 
 
 @dataclass(frozen=True)
@@ -28,29 +28,24 @@ class MegatronReport(Report):
     rows_with_bias: tuple[str, ...] = ()
 
     def sites_table(self) -> list[dict[str, object]]:
-        """The column sites (as in gather mode), then each pair's row-parallel linear."""
+        """The column sites (as in gather mode), then each pair's row-parallel linear; shards from the plan."""
         around = dict(self.row_collectives)
-        rows = [{"module": p.row_module_path, "role": "row", "weight": list(p.row_weight_shape),
-                 "shard": [p.row_weight_shape[0], p.row_weight_shape[1] // self.tp],
-                 "collectives": list(around.get(p.row_module_path, ()))} for p in self.pairs]
-        whole = self._whole_columns()
-        local = {site.module_path: (layout.local_size(self.tp), site.shard_dim) for pair in self.pairs
-                 for site, layout in zip(pair.columns, pair.column_layouts) if layout.segments}
-        columns = [row | {"shard": row["weight"]} if row["module"] in whole else row for row in super().sites_table()]
-        for row in columns:  # a fused projection cut into pieces: each piece split or kept whole
-            if row["module"] in local:
-                size, dim = local[row["module"]]
-                row["shard"] = [size if axis == dim else n for axis, n in enumerate(row["weight"])]
-        return columns + rows
+        rows = []
+        for pair in self.pairs:
+            weight = self.plan.entry(row_weight_name(pair))
+            rows.append({"module": pair.row_module_path, "role": "row", "weight": list(weight.full_shape),
+                         "shard": list(weight.local_shape), "collectives": list(around.get(pair.row_module_path, ()))})
+        return super().sites_table() + rows
 
-    def _whole_columns(self) -> dict[str, Pair]:
-        """Column sites every rank keeps whole (grouped-query k/v with fewer heads than tp), with their pair."""
-        return {site.module_path: pair for pair in self.pairs
-                for site, layout in zip(pair.columns, pair.column_layouts) if layout.whole}
+    def _whole_columns(self) -> set[str]:
+        """Column sites the plan keeps whole on every rank (grouped-query k/v with fewer heads than tp)."""
+        return {site.module_path for pair in self.pairs for site in pair.columns
+                if self.plan.entry(site_weight_name(site)).spec is None}
 
     def linear_decisions(self) -> list[dict[str, object]]:
         """Every linear with its reason; paired sites name their partner, fallbacks say why not paired."""
         why = {}
+        whole = self._whole_columns()
         for pair in self.pairs:
             for site, layout in zip(pair.columns, pair.column_layouts):
                 why[site.module_path] = (f"{role_reason(site.role)}; column-parallel without a gather, rows "
@@ -58,7 +53,7 @@ class MegatronReport(Report):
                 if layout.whole_local_ranges(self.tp):
                     why[site.module_path] += ("; its pieces kept whole (fewer key/value heads than tp) are on every "
                                               "rank, their weight gradient all-reduced")
-                if layout.whole:
+                if site.module_path in whole:
                     why[site.module_path] = (
                         f"{role_reason(site.role)}; kept whole on every rank: its {layout.describe()} rows hold fewer "
                         f"heads than tp={self.tp}, so each rank repeats them to the query heads and keeps its own "
@@ -67,7 +62,6 @@ class MegatronReport(Report):
             for site in fallback.sites:
                 why[site.module_path] = f"{role_reason(site.role)}; not paired, column + all-gather: {fallback.reason}"
         rows = {p.row_module_path: p for p in self.pairs}
-        whole = self._whole_columns()
         decisions = []
         for row in super().linear_decisions():
             pair = rows.get(row["module"])
@@ -83,13 +77,21 @@ class MegatronReport(Report):
         return decisions
 
 
-def megatron_report(report: Report, gm: fx.GraphModule, model: nn.Module, pairing: Pairing) -> MegatronReport:
-    """Extend the gather-mode ``report`` of ``gm`` with ``pairing``; row linears count as sharded bytes."""
-    rows = [p.row_module_path for p in pairing.pairs]
+def megatron_report(report: Report, gm: fx.GraphModule, plan: Plan) -> MegatronReport:
+    """Extend the gather-mode ``report`` of ``gm`` with its plan's pairing (the row linears' bytes are in it).
+
+    Args:
+        report: :func:`tpfx.report.build_report` of ``gm``.
+        gm: the rewritten program.
+        plan: ``gm``'s megatron plan.
+
+    Returns:
+        The report with the pairs, the fallbacks and the row-parallel linears.
+    """
+    pairing = plan.pairing
     fields = {f.name: getattr(report, f.name) for f in dataclasses.fields(Report)} | {"mode": "megatron"}
-    fields["site_bytes_single"] += sum(parameter_bytes(model.get_submodule(path)) for path in rows)
-    fields["site_bytes_rank"] += sum(parameter_bytes(gm.get_submodule(path)) for path in rows)
-    with_bias = tuple(p.row_module_path for p in pairing.pairs
-                      if p.row_bias_name or (not p.row_weight_name and gm.get_submodule(p.row_module_path).bias is not None))
+    # a row linear's bias is whole on every rank, added once after the all-reduce: the plan lists it
+    with_bias = tuple(p.row_module_path for p in pairing.pairs if row_bias_name(p) in plan.parameters)
     return MegatronReport(**fields, pairs=pairing.pairs, fallbacks=pairing.fallbacks,
-                          row_collectives=_collectives_by_module(gm, set(rows)), rows_with_bias=with_bias)
+                          row_collectives=_collectives_by_module(gm, {p.row_module_path for p in pairing.pairs}),
+                          rows_with_bias=with_bias)

@@ -18,15 +18,40 @@ import torch.nn.functional as F
 from tpfx.collectives import rank_and_size
 
 
-def rank_part(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+def rank_part(x: torch.Tensor, dim: int, group: str, *, block: int | None = None) -> torch.Tensor:
     """This rank's contiguous 1/tp of ``x`` along ``dim`` (a view; backward puts zeros elsewhere).
 
     Megatron mode keeps grouped-query keys and values whole on every rank when tp does not divide
     their heads; once they are repeated to the query heads, this narrows them to the rank's own.
+    With ``block`` (and ``dim`` counted from the end), see :func:`part_of_blocks`: a full-size
+    tensor from outside a pair (an ALiBi bias holding every head) narrowed to this rank's heads.
     """
     rank, tp = rank_and_size(group)
+    return take_part(x, dim, rank, tp, block=block)
+
+
+def take_part(x: torch.Tensor, dim: int, rank: int, tp: int, *, block: int | None = None) -> torch.Tensor:
+    """What :func:`rank_part` returns on rank ``rank`` of ``tp`` (no process group needed)."""
+    if block is not None:
+        return part_of_blocks(x, dim, block, rank, tp)
     length = x.shape[dim] // tp
     return x.narrow(dim, rank * length, length)
+
+
+def part_of_blocks(x: torch.Tensor, dim: int, block: int, rank: int, tp: int) -> torch.Tensor:
+    """Rank ``rank``'s 1/tp of every block of ``block`` elements along ``dim`` (< 0, counted from the end).
+
+    ``dim`` holds (outer, heads, inner) in row-major order and ``block`` is heads x inner: the rank's
+    heads are one contiguous run of each block. A dim that ``x`` broadcasts (size 1, or missing
+    because ``x`` has fewer dims) is the same for every head: ``x`` is returned whole.
+    """
+    if dim >= 0:
+        raise ValueError(f"part_of_blocks needs dim counted from the end (< 0), got {dim}")
+    if x.dim() < -dim or x.shape[dim] == 1:
+        return x
+    length = block // tp
+    blocks = x.unflatten(dim, (-1, block))  # (..., outer, block, <dims after>)
+    return blocks.narrow(dim, rank * length, length).flatten(dim - 1, dim)
 
 
 def _mask_part(like: torch.Tensor, p: float, dim: int, group: str) -> torch.Tensor:

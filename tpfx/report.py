@@ -9,13 +9,14 @@ import torch.nn as nn
 
 from tpfx.passes.find_sites import Replicated, Site
 from tpfx.passes.graph_view import functional_linear, parameter_shapes
+from tpfx.passes.plan import Plan, site_weight_name
 from tpfx.capture import CallForm
 from tpfx.collectives import COLLECTIVES
 
 
 @dataclass(frozen=True)
 class Report:
-    """The record of one rank's program, computed from the rewritten graph and the site records."""
+    """The record of one rank's program, computed from the rewritten graph and its plan (shard shapes, bytes)."""
 
     model_name: str
     tp: int
@@ -29,19 +30,23 @@ class Report:
     param_bytes_rank: int  # what this rank holds
     site_bytes_single: int  # the sharded linears, unsharded
     site_bytes_rank: int  # the sharded linears, this rank's shards
+    plan: Plan  # what every parameter holds: the shard shapes shown are read from it
     linear_order: tuple[str, ...] = ()  # module paths of the graph's call_module nodes, in graph order
     collectives_by_module: tuple[tuple[str, tuple[str, ...]], ...] = ()  # sharded module -> collectives next to it
     tracer: str = "fx"  # how the model was captured: "fx" or "export"
-    tracer_note: str = ""  # why tracer="auto" chose export, and which dims stayed dynamic
+    tracer_note: str = ""  # why tracer="auto" chose export, which dims stayed dynamic; fx: where shapes came from
     mode: str = "gather"  # the parallelization mode; MegatronReport says "megatron"
 
     def sites_table(self) -> list[dict[str, object]]:
-        """One row per site: module path, role, full weight shape, shard shape, collectives around it."""
+        """One row per site: module path, role, full weight shape, shard shape (the plan's), collectives around it."""
         around = dict(self.collectives_by_module)
-        return [{"module": s.module_path, "role": s.role, "weight": list(s.weight_shape),
-                 "shard": list(s.shard_shape),
-                 "collectives": list(around.get(s.module_path, ("copy_to_tp", "gather_from_tp")))}
-                for s in self.sites]
+        rows = []
+        for site in self.sites:
+            weight = self.plan.entry(site_weight_name(site))
+            rows.append({"module": site.module_path, "role": site.role, "weight": list(weight.full_shape),
+                         "shard": list(weight.local_shape),
+                         "collectives": list(around.get(site.module_path, ("copy_to_tp", "gather_from_tp")))})
+        return rows
 
     def linear_decisions(self) -> list[dict[str, object]]:
         """Every linear, sharded or replicated, with the reason in words, in graph order."""
@@ -82,22 +87,35 @@ def parameter_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def build_report(gm: fx.GraphModule, model: nn.Module, *, tp: int, rank: int, group: str, call_form: CallForm,
-                 sites: tuple[Site, ...], replicated: tuple[Replicated, ...], tracer: str = "fx",
-                 tracer_note: str = "") -> Report:
-    """Compute the report of ``gm`` (the rewritten program) against ``model`` (the original)."""
+def build_report(gm: fx.GraphModule, model: nn.Module, *, plan: Plan, group: str, call_form: CallForm,
+                 tracer: str = "fx", tracer_note: str = "") -> Report:
+    """Compute the report of ``gm`` (the rewritten program) against ``model`` (the original).
+
+    Args:
+        gm: the rewritten program.
+        model: the single-device model it was compiled from.
+        plan: ``gm``'s plan: the sites, the replicated linears, and each parameter's shard.
+        group: the group key the collectives carry.
+        call_form: the call form ``gm``'s graph was captured for.
+        tracer, tracer_note: how the model was captured, and why.
+
+    Returns:
+        The report; shard shapes and the sharded linears' bytes come from ``plan``.
+    """
     collectives = tuple((n.name, COLLECTIVES[n.target]) for n in gm.graph.nodes
                         if n.op == "call_function" and n.target in COLLECTIVES)
-    parameters = parameter_shapes(gm)
+    parameters, sizes = {}, {}  # one walk of the module tree: it is long at 96 layers
+    for name, parameter in gm.named_parameters(remove_duplicate=False):
+        parameters[name], sizes[name] = tuple(parameter.shape), parameter.element_size()
+    linears_single, linears_rank = plan.linear_bytes(sizes)
     return Report(
-        model_name=type(model).__name__, tp=tp, rank=rank, group=group, call_form=call_form,
-        sites=sites, replicated=replicated, collective_nodes=collectives,
+        model_name=type(model).__name__, tp=plan.tp, rank=plan.rank, group=group, call_form=call_form,
+        sites=plan.sites, replicated=plan.replicated, collective_nodes=collectives,
         param_bytes_single=parameter_bytes(model), param_bytes_rank=parameter_bytes(gm),
-        site_bytes_single=sum(parameter_bytes(model.get_submodule(s.module_path)) for s in sites),
-        site_bytes_rank=sum(parameter_bytes(gm.get_submodule(s.module_path)) for s in sites),
+        site_bytes_single=linears_single, site_bytes_rank=linears_rank, plan=plan,
         linear_order=tuple(dict.fromkeys(path for n in gm.graph.nodes if (path := _linear_path(n, parameters)))),
-        collectives_by_module=_collectives_by_module(gm, {s.module_path for s in sites}, parameters),
-        tracer=tracer, tracer_note=tracer_note,
+        collectives_by_module=_collectives_by_module(gm, {s.module_path for s in plan.sites}, parameters),
+        tracer=tracer, tracer_note=tracer_note, mode=plan.mode.value,
     )
 
 
