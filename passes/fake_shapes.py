@@ -255,8 +255,9 @@ class _FakeInterpreter(fx.Interpreter):
 
     def call_module(self, target: str, args: tuple, kwargs: dict) -> object:
         module = self.fetch_attr(target)
-        held = {name: self._fake(t) for name, t in (*module.named_parameters(), *module.named_buffers())}
-        return torch.func.functional_call(module, held, args, kwargs)
+        # through a hookless wrapper: the module's forward runs, the user's hooks (a recorder) must not
+        held = {f"module.{name}": self._fake(t) for name, t in (*module.named_parameters(), *module.named_buffers())}
+        return torch.func.functional_call(_WithoutHooks(module), held, args, kwargs)
 
     def _fake(self, tensor: torch.Tensor) -> FakeTensor:
         """A parameter, buffer or constant as a fake CPU tensor of its sizes (one per distinct metadata)."""
@@ -344,3 +345,14 @@ def _in_place(node: fx.Node) -> bool:
     if node.op == "call_method":
         return str(node.target).endswith("_") and not str(node.target).endswith("__")
     return node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS
+
+
+class _WithoutHooks(nn.Module):
+    """Calls a module's ``forward`` without its hooks (shape propagation must have no side effects)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return self.module.forward(*args, **kwargs)

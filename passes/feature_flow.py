@@ -152,6 +152,7 @@ class FlowInterpreter:
     def run(self) -> FeatureFlow:
         for node in self.gm.graph.nodes:
             if node.name in self.columns:
+                self._read_by_column(node)
                 self._start(node)
                 continue
             inputs = [self.env[p.name] for p in node.all_input_nodes if p.name in self.env]
@@ -198,6 +199,20 @@ class FlowInterpreter:
                 elements = None
         self.flow.size_reads.append(SizeRead(node.name, value.group, elements, index is None and "numel" not in label,
                                              stride))
+
+    def _read_by_column(self, node: fx.Node) -> None:
+        """A column linear that reads a region value is a linear that value reaches, as a row would be:
+        the group then reaches more than one linear, or has this one as its partner; never ignored."""
+        inputs = [self.env[p.name] for p in node.all_input_nodes if p.name in self.env]
+        if not inputs:
+            return
+        group = self.flow.join(*(value if isinstance(value, int) else value.group for value in inputs))
+        if any(isinstance(value, int) for value in inputs):
+            return  # already poisoned
+        try:
+            self._row(node, self.linear_of(node))
+        except Unsupported as error:
+            self.flow.poisoned.setdefault(group, f"{error} (at node '{node.name}': {node.format_node()})")
 
     def _start(self, node: fx.Node) -> None:
         linear = self.linear_of(node)

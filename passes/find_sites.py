@@ -376,7 +376,9 @@ def _why_not(view: nx.DiGraph, reached: set[str], stops: list[str]) -> str:
 
 
 _STOPS_SHOWN = 4
-_WALKED = _TO_ATTENTION | _TO_NEXT_LINEAR
+# a norm ends the explanation's walk: the FFN walk stops there, and the attention walk passes only the
+# norms of q and k, which an unmatched linear's value does not reach
+_WALKED = (_TO_ATTENTION | _TO_NEXT_LINEAR) - {NORM}
 
 
 def _walk_stops(view: nx.DiGraph, start: str, order: dict[str, int]) -> list[str]:
@@ -413,7 +415,7 @@ def _walk_passes(view: nx.DiGraph, name: str, region: set[str]) -> bool:
                                          if p in region):
         return False  # the value is an index or a size argument here, not the data moved
     joins = [p for p in view.predecessors(name) if p not in region and view.nodes[p]["op"] != "get_attr"]
-    return not (data["kind"] == ELEMENTWISE and "add" in data["target"] and joins)
+    return not (data["kind"] == ELEMENTWISE and _rule_name(view, name) == "add" and joins)
 
 
 def _op_label(view: nx.DiGraph, name: str) -> str:

@@ -209,10 +209,15 @@ def pair_sites(gm: fx.GraphModule, finding: SiteFinding, *, tp: int) -> Pairing:
     groups: dict[int, list[Site]] = {}
     for site in finding.sites:
         groups.setdefault(flow.group_of(flow.root_groups[site.node_name]), []).append(site)
+    column_keys = {site.weight_name or site.module_path for site in finding.sites}
     pairs, fallbacks = [], []
     for group, sites in groups.items():
         try:
-            pairs.append(_pair_group(flow, records[group], sites, tp, index))
+            pair = _pair_group(flow, records[group], sites, tp, index)
+            if (row := pair.row_weight_name or pair.row_module_path) in column_keys:
+                raise _NoPair(f"the linear {_paths(sites)} reaches, '{row}', is itself a column site; "
+                              "it cannot also be row-parallel")
+            pairs.append(pair)
         except _NoPair as why:
             fallbacks.append(Fallback(tuple(sites), str(why)))
     return Pairing(tuple(pairs), tuple(fallbacks))
