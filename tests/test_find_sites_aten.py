@@ -145,8 +145,9 @@ class _TransposedAndErf(nn.Module):
 
 def test_transposed_parameter_is_an_out_in_site_and_erf_gelu_counts():
     finding = find_sites(_export(_TransposedAndErf(), 2, 3, D), tp=4)
-    assert finding.sites == (Site("fc1", "", finding.sites[0].node_name, (64, D), (16, D), 0, "out_in", "w_in", ""),)
-    assert [r.module_path for r in finding.replicated] == [""]
+    # weights of the model itself: the records name them by the weight's own name (no module owns them)
+    assert finding.sites == (Site("fc1", "w_in", finding.sites[0].node_name, (64, D), (16, D), 0, "out_in", "w_in", ""),)
+    assert [r.module_path for r in finding.replicated] == ["w_out"]
 
 
 class _NormBetweenBlocks(nn.Module):

@@ -436,7 +436,8 @@ def _cases() -> list[tuple[str, int, str, str]]:
     exported = ["complex rotary", *export_only, "stack rotary", "full-width norm", "gqa 8/2", "qk RMSNorm",
                 "qk by hand"]
     cases += [(label, 2, "export", "megatron") for label in exported]
-    cases += [(label, 2, "export", "gather") for label in ("complex rotary, Meta spelling", "qk by hand")]
+    cases += [(label, 2, "export", "gather") for label in ("complex rotary, Meta spelling", "qk by hand", "stack rotary",
+                                                            "gqa 8/2")]
     cases += [(label, 4, "export", "megatron") for label in ("complex rotary, unflatten", "gqa 4/2", "qk LayerNorm")]
     return cases + [("gqa 4/2, dropout", tp, "fx", "megatron") for tp in (2, 4)]  # train mode
 
