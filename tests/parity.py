@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 
+import tpfx
 from tpfx.checkpoint import parameter_shard_specs
 
 
@@ -53,3 +56,13 @@ def check_plan_report_and_program_agree(model: nn.Module, gm: nn.Module) -> None
     for row in table:
         weight = f"{row['module']}.weight" if f"{row['module']}.weight" in held else row["module"]  # a root's own
         assert row["shard"] == list(held[weight].shape), row
+
+
+def check_programs_of_every_mode_and_tp(make: Callable[[], nn.Module]) -> None:
+    """:func:`check_plan_report_and_program_agree` for the last rank's fx program in both modes at tp=2 and 4."""
+    for mode in ("gather", "megatron"):
+        for tp in (2, 4):
+            torch.manual_seed(0)
+            model = make()
+            check_plan_report_and_program_agree(model, tpfx.parallelize(model, tp=tp, rank=tp - 1, mode=mode,
+                                                                        tracer="fx"))
