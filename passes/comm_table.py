@@ -210,7 +210,8 @@ class _FakeRun(fx.Interpreter):
         if target is attention_rank_part:
             query, key, value, attn_mask, _, is_causal, scale = args
             return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
-                                                                    is_causal=is_causal, scale=scale)
+                                                                    is_causal=is_causal, scale=scale,
+                                                                    enable_gqa=kwargs.get("enable_gqa", False))
         if target not in COLLECTIVES:
             return super().call_function(target, args, kwargs)
         local = args[0]

@@ -325,6 +325,9 @@ class Value:
     group: int
     prefix: bool = False
     source: str = ""  # for a column linear's output: the node of its input (whose sizes may be read)
+    # a complex tensor (view_as_complex): the trailing dim of 2 it folded into its elements, the (real,
+    # imaginary) pair, which view_as_real gives back; None for a real tensor
+    complex_pair: Dim | None = None
 
 
 @dataclass(frozen=True)
@@ -354,31 +357,6 @@ class ShapeUse:
     group: int
     dims: list[Dim]
     items: list[SizeItem]
-
-
-@dataclass(frozen=True)
-class CutItem:
-    """A shape argument that measures part of a feature factor cut into pieces: a split size, a slice bound.
-
-    It is ``sign * (stop - start)`` positions of factor ``factor`` (in that factor's units): a split
-    size measures its piece, a slice bound ``[0, bound)`` (or, negative, the tail it leaves out).
-    """
-
-    item: SizeItem
-    factor: int
-    start: int
-    stop: int
-    sign: int = 1
-
-
-@dataclass
-class CutUse:
-    """A split into unequal pieces or a slice of a feature factor: the arguments whose values depend on
-    which of its pieces each rank splits."""
-
-    node_name: str
-    group: int
-    items: list[CutItem]
 
 
 @dataclass(frozen=True)
@@ -413,3 +391,28 @@ class OutsideOperand:
     producer: str
     group: int
     meets: tuple[tuple[int, Dim], ...] = ()
+
+
+@dataclass(frozen=True)
+class CutItem:
+    """A shape argument that measures part of a feature factor cut into pieces: a split size, a slice bound.
+
+    It is ``sign * (stop - start)`` positions of factor ``factor`` (in that factor's units): a split
+    size measures its piece, a slice bound ``[0, bound)`` (or, negative, the tail it leaves out).
+    """
+
+    item: SizeItem
+    factor: int
+    start: int
+    stop: int
+    sign: int = 1
+
+
+@dataclass
+class CutUse:
+    """A split into unequal pieces or a slice of a feature factor: the arguments whose values depend on
+    which of its pieces each rank splits."""
+
+    node_name: str
+    group: int
+    items: list[CutItem]

@@ -24,9 +24,10 @@ value's device and aliasing are not.
 Where the inputs come from:
 
 * ``example_inputs`` given to :func:`tpfx.parallelize`: their dtypes and sizes, dims 0 and 1 symbolic;
-* otherwise assumed: an input that an ``nn.Linear``, a norm or another module with a known input
-  width reads first is ``(batch, seq, width)`` of that module's dtype; any other tensor input is
-  ``(batch, seq)`` token ids (int64). The symbols' example values are 5 and 7.
+* otherwise assumed: an input that an ``nn.Linear`` or a norm module reads first is
+  ``(batch, seq, width)`` of that module's dtype; any other tensor input is ``(batch, seq)`` token ids
+  (int64). The symbols' example values are those of the example inputs' dims 0 and 1 where some are
+  given (an input they leave out then meets them alike), else 5 and 7.
 
 Propagation never fails the caller: if any node cannot run (an assumption was wrong, an op has no
 fake implementation, a size depends on data), no node keeps a value and the analysis reads sizes
@@ -34,7 +35,7 @@ from the graph alone, as before; :attr:`FakeShapes.note` says so in one line.
 
 Cost: layers of a model repeat the same computation on the same shapes, so each distinct
 computation (the op, its module's configuration, its arguments' shapes) runs once and repeats reuse
-its result: a 96-layer GPT costs about what one layer costs. Equal shapes share one fake tensor.
+its result: a 96-layer GPT costs little more than one layer. Equal shapes share one fake tensor.
 """
 
 from __future__ import annotations
@@ -111,7 +112,8 @@ def propagate_fake_shapes(gm: fx.GraphModule, parameters: Sequence[str], *,
         return FakeShapes(False, note=f"fx shapes: none ({len(placeholders)} graph inputs for "
                                       f"{len(parameters)} forward parameters)")
     given, modules = dict(given or {}), dict(gm.named_modules())
-    inputs = {name: _input_of(node, given.get(name, _MISSING), modules)
+    hints = _hints(given)
+    inputs = {name: _input_of(node, given.get(name, _MISSING), modules, hints)
               for node, name in zip(placeholders, parameters)}
     try:
         _run(gm, [inputs[name] for name in parameters])
@@ -123,7 +125,17 @@ def propagate_fake_shapes(gm: fx.GraphModule, parameters: Sequence[str], *,
     return FakeShapes(True, inputs, _note(inputs, given))
 
 
-def _input_of(node: fx.Node, value: object, modules: dict[str, nn.Module]) -> InputSpec | object:
+def _hints(given: dict[str, object]) -> tuple[int, int]:
+    """Example batch and sequence sizes: the first given input's of two or more dims, else (5, 7)."""
+    for value in given.values():
+        shape = value.shape if isinstance(value, (torch.Tensor, InputSpec)) else ()
+        if len(shape) >= 2:
+            return shape[0], shape[1]
+    return BATCH_HINT, SEQ_HINT
+
+
+def _input_of(node: fx.Node, value: object, modules: dict[str, nn.Module],
+              hints: tuple[int, int]) -> InputSpec | object:
     """A placeholder's input: its default if this call form leaves it out (or nothing reads it), else the
     given value (a tensor as its spec), else assumed from its users."""
     if all(_is_none_check(user) for user in node.users):
@@ -132,14 +144,14 @@ def _input_of(node: fx.Node, value: object, modules: dict[str, nn.Module]) -> In
         return InputSpec.of(value)
     if value is not _MISSING and value is not None:
         return value
-    return _assumed(node, modules)
+    return _assumed(node, modules, hints)
 
 
 def _is_none_check(node: fx.Node) -> bool:
     return node.op == "call_function" and getattr(node.target, "__name__", "") == "_assert_is_none"
 
 
-def _assumed(node: fx.Node, modules: dict[str, nn.Module]) -> InputSpec:
+def _assumed(node: fx.Node, modules: dict[str, nn.Module], hints: tuple[int, int]) -> InputSpec:
     """(batch, seq, width) for an input a module of known input width reads first; else (batch, seq) ids."""
     for user in node.users:
         module = modules.get(str(user.target)) if user.op == "call_module" and user.args[:1] == (node,) else None
@@ -147,8 +159,8 @@ def _assumed(node: fx.Node, modules: dict[str, nn.Module]) -> InputSpec:
         if width is not None:
             weight = next(module.parameters(), None)
             dtype = weight.dtype if weight is not None else torch.get_default_dtype()
-            return InputSpec((BATCH_HINT, SEQ_HINT, *width), dtype, (0, 1))
-    return InputSpec((BATCH_HINT, SEQ_HINT), torch.int64, (0, 1))
+            return InputSpec((*hints, *width), dtype, (0, 1))
+    return InputSpec(hints, torch.int64, (0, 1))
 
 
 def _input_width(module: nn.Module | None) -> tuple[int, ...] | None:
@@ -243,8 +255,9 @@ class _FakeInterpreter(fx.Interpreter):
 
     def call_module(self, target: str, args: tuple, kwargs: dict) -> object:
         module = self.fetch_attr(target)
-        held = {name: self._fake(t) for name, t in (*module.named_parameters(), *module.named_buffers())}
-        return torch.func.functional_call(module, held, args, kwargs)
+        # through a hookless wrapper: the module's forward runs, the user's hooks (a recorder) must not
+        held = {f"module.{name}": self._fake(t) for name, t in (*module.named_parameters(), *module.named_buffers())}
+        return torch.func.functional_call(_WithoutHooks(module), held, args, kwargs)
 
     def _fake(self, tensor: torch.Tensor) -> FakeTensor:
         """A parameter, buffer or constant as a fake CPU tensor of its sizes (one per distinct metadata)."""
@@ -332,3 +345,14 @@ def _in_place(node: fx.Node) -> bool:
     if node.op == "call_method":
         return str(node.target).endswith("_") and not str(node.target).endswith("__")
     return node.op == "call_function" and node.target in _IN_PLACE_FUNCTIONS
+
+
+class _WithoutHooks(nn.Module):
+    """Calls a module's ``forward`` without its hooks (shape propagation must have no side effects)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return self.module.forward(*args, **kwargs)

@@ -32,7 +32,12 @@ read from the graph: fused ``[3, H, Dh]``, ``[Q | K | V]`` split on the last dim
 interleaved ``[H, 3, Dh]`` and separate q/k/v projections all come out as a factorization of the
 weight rows and the index of the head factor in it (:class:`FeatureLayout`). Each shape argument
 whose dim holds the head factor is recorded, so :func:`localize_shapes` divides it by tp, unless
-it was read at run time from a tensor that is already local.
+it was read at run time from a tensor that is already local. Every size read off a tensor of the
+region is recorded too (:class:`SizeRead`, with the factors it covers): once the pairing knows the
+split factor, it decides which uses of a local read need the single-device size instead
+(:func:`tpfx.passes.localize_shapes.restore_full_sizes`). Sizes are the nodes' fake values where the
+graph has them (:mod:`tpfx.passes.fake_shapes`, torch.export); without them, they are worked out from
+the graph.
 
 A fused projection cut into unequal contiguous pieces (``split([H*Dh, KV*Dh, KV*Dh])`` or slices
 ``qkv[..., :H*Dh]`` of a multi-/grouped-query attention) has its factor *cut*: each piece is a
@@ -47,7 +52,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.fx as fx
@@ -101,9 +106,9 @@ class FeatureFlow:
     size_reads: list[SizeRead] = field(default_factory=list)  # sizes read off the region's tensors
     values: dict[str, Value] = field(default_factory=dict)  # node -> its abstract value, for the nodes that have one
     region: set[str] = field(default_factory=set)  # every node downstream of a column linear that was followed
+    outside: list[OutsideOperand] = field(default_factory=list)  # tensors from outside the region that ops read
     cut_uses: list[CutUse] = field(default_factory=list)  # split sizes and slice bounds of pieces of a factor
     entries: dict[str, int] = field(default_factory=dict)  # node -> the piece of a cut factor its value starts
-    outside: list[OutsideOperand] = field(default_factory=list)  # tensors from outside the region that ops read
     _groups: dict[int, int] = field(default_factory=dict)
 
     def group_of(self, group: int) -> int:
@@ -147,6 +152,7 @@ class FlowInterpreter:
     def run(self) -> FeatureFlow:
         for node in self.gm.graph.nodes:
             if node.name in self.columns:
+                self._read_by_column(node)
                 self._start(node)
                 continue
             inputs = [self.env[p.name] for p in node.all_input_nodes if p.name in self.env]
@@ -194,6 +200,20 @@ class FlowInterpreter:
         self.flow.size_reads.append(SizeRead(node.name, value.group, elements, index is None and "numel" not in label,
                                              stride))
 
+    def _read_by_column(self, node: fx.Node) -> None:
+        """A column linear that reads a region value is a linear that value reaches, as a row would be:
+        the group then reaches more than one linear, or has this one as its partner; never ignored."""
+        inputs = [self.env[p.name] for p in node.all_input_nodes if p.name in self.env]
+        if not inputs:
+            return
+        group = self.flow.join(*(value if isinstance(value, int) else value.group for value in inputs))
+        if any(isinstance(value, int) for value in inputs):
+            return  # already poisoned
+        try:
+            self._row(node, self.linear_of(node))
+        except Unsupported as error:
+            self.flow.poisoned.setdefault(group, f"{error} (at node '{node.name}': {node.format_node()})")
+
     def _start(self, node: fx.Node) -> None:
         linear = self.linear_of(node)
         if linear is None:
@@ -221,7 +241,23 @@ class FlowInterpreter:
         if rule is None or rule.flow is None:
             what = "has no rule in the op registry" if rule is None else "has no flow rule in the op registry"
             raise Unsupported(f"op '{op_label(node, self.modules)}' {what}; tpfx cannot tell that it keeps heads apart")
-        return RULES[rule.flow](self, node)
+        return self._carry_complex(node, rule.flow, RULES[rule.flow](self, node))
+
+    def _carry_complex(self, node: fx.Node, flow: Flow, result: Value | Pieces | None) -> Value | Pieces | None:
+        """A complex input makes a complex result: the rules see the elements' dims only, so the hidden
+        (real, imaginary) pair of :class:`Value` is carried here (view_as_complex/view_as_real set it themselves)."""
+        if flow in (Flow.COMPLEX, Flow.REAL) or result is None:
+            return result
+        found = [self.env.get(p.name) for p in node.all_input_nodes]
+        pairs = [v.complex_pair for v in found if isinstance(v, Value) and v.complex_pair is not None]
+        if not pairs:
+            return result
+        pair = pairs[0]
+        for other in pairs[1:]:
+            pair = self.align(pair, other)
+        if isinstance(result, Pieces):
+            return Pieces(tuple(replace(item, complex_pair=pair) for item in result.items), result.group)
+        return replace(result, complex_pair=pair)
 
     def _row(self, node: fx.Node, linear: LinearCall) -> None:
         value = self.value(node.args[linear.data_index])

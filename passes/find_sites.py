@@ -24,7 +24,9 @@ Rules (each walk is along tensor dataflow in :func:`tpfx.passes.graph_view.to_ne
   ``scaled_dot_product_attention``) through *head-local* ops only: shape and indexing ops (views,
   transposes, splits, slices, ``cat`` of its own pieces, casts, the ``expand``/``reshape`` that
   repeats key/value heads for grouped-query attention) and elementwise ops (the scale, rotary
-  embeddings ``q * cos + rotate_half(q) * sin``). Reductions, norms, softmax and matmuls stop the
+  embeddings ``q * cos + rotate_half(q) * sin``, complex rotary through ``view_as_complex`` and
+  ``view_as_real``, interleaved rotary through ``stack``), and norms (a per-head qk-norm; whether a norm
+  keeps heads apart is the megatron pairing's question). Reductions, softmax and matmuls stop the
   walk: they mix positions of the feature dimension. Role ``qkv`` when it reaches all three,
   otherwise the letters it reaches (``q``, ``kv``, ...). A matmul's factors are where the op
   registry says (``baddbmm(bias, q, k^T)``: arguments 1 and 2), and between the scores and the
@@ -49,16 +51,18 @@ from dataclasses import dataclass
 import networkx as nx
 import torch.fx as fx
 
-from tpfx.passes.graph_view import (ACTIVATION, ATTENTION, DROPOUT, ELEMENTWISE, LINEAR, MATMUL, OTHER, SHAPE, SOFTMAX,
-                                    feeds_linear_input, flow_region, leading_to, reach_through, to_networkx)
+from tpfx.passes.graph_view import (ACTIVATION, ATTENTION, DROPOUT, ELEMENTWISE, LINEAR, MATMUL, NORM, OTHER, SHAPE,
+                                    SOFTMAX, feeds_linear_input, flow_region, leading_to, reach_through, to_networkx)
 from tpfx.passes.module_hooks import Placement, hooks_keep_whole
 from tpfx.errors import ShardingError
 from tpfx.passes.ops import rule_of
 
 ROLES = ("qkv", "q", "k", "v", "qk", "qv", "kv", "fc1", "up")
 LAYOUTS = ("out_in", "in_out")
-# head-local ops that q, k and v may pass on their way into attention (see the module docstring)
-_TO_ATTENTION = {SHAPE, ELEMENTWISE, DROPOUT}
+# head-local ops that q, k and v may pass on their way into attention (see the module docstring); a norm
+# (per-head qk-norm) too: on the FFN walk it would let a residual stream's norm make a site, here the walk
+# ends at q, k or v. A norm over all heads is still a q/k site: megatron pairing blocks its heads
+_TO_ATTENTION = {SHAPE, ELEMENTWISE, DROPOUT, NORM}
 # ops between an FFN's first linear and the linear after its activation
 _TO_NEXT_LINEAR = {SHAPE, ELEMENTWISE, ACTIVATION, DROPOUT}
 # ops between attention scores and their softmax: pointwise ones (a scale, a mask, a soft cap's tanh)
@@ -372,7 +376,9 @@ def _why_not(view: nx.DiGraph, reached: set[str], stops: list[str]) -> str:
 
 
 _STOPS_SHOWN = 4
-_WALKED = _TO_ATTENTION | _TO_NEXT_LINEAR
+# a norm ends the explanation's walk: the FFN walk stops there, and the attention walk passes only the
+# norms of q and k, which an unmatched linear's value does not reach
+_WALKED = (_TO_ATTENTION | _TO_NEXT_LINEAR) - {NORM}
 
 
 def _walk_stops(view: nx.DiGraph, start: str, order: dict[str, int]) -> list[str]:
@@ -409,7 +415,7 @@ def _walk_passes(view: nx.DiGraph, name: str, region: set[str]) -> bool:
                                          if p in region):
         return False  # the value is an index or a size argument here, not the data moved
     joins = [p for p in view.predecessors(name) if p not in region and view.nodes[p]["op"] != "get_attr"]
-    return not (data["kind"] == ELEMENTWISE and "add" in data["target"] and joins)
+    return not (data["kind"] == ELEMENTWISE and _rule_name(view, name) == "add" and joins)
 
 
 def _op_label(view: nx.DiGraph, name: str) -> str:

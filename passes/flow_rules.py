@@ -26,7 +26,8 @@ import torch.fx as fx
 
 from tpfx.passes.factors import (ONE, CutItem, CutUse, Dim, OutsideOperand, Part, Pieces, ShapeUse, Size, SizeItem,
                                  Unsupported, Value)
-from tpfx.passes.ops import Flow, Kind, rule_of
+from tpfx.passes.graph_view import tensor_operands
+from tpfx.passes.ops import SDPA_GQA, Flow, Kind, rule_of
 
 if TYPE_CHECKING:
     from tpfx.passes.feature_flow import FlowInterpreter
@@ -251,11 +252,11 @@ def _pieces(interp: FlowInterpreter, node: fx.Node) -> Pieces:
     if name == "unbind":
         count, piece_dim = total.coeff, None
     else:
-        written, key = _split_sizes(node)
-        spec = _known_ints(interp, written)
+        raw, key = _split_sizes(node)
+        spec = _known_ints(interp, raw)  # sizes read off tensors (x.split(C, -1)) as the numbers they are
         if isinstance(spec, (list, tuple)):
             if len(set(spec)) != 1:
-                return _cut_pieces(interp, node, value, axis, list(written), key)
+                return _cut_pieces(interp, node, value, axis, list(spec), key)
             spec = spec[0]
         if not isinstance(spec, int) or total.coeff % spec:
             raise Unsupported(f"'{name}' by {spec!r} along a dim of size {total.coeff}")
@@ -264,7 +265,7 @@ def _pieces(interp: FlowInterpreter, node: fx.Node) -> Pieces:
     interp.block(outer, f"'{node.name}' picks pieces along it")
     piece_dim = inner[0] if name != "unbind" else None
     if name == "split":
-        spec = written
+        spec, key = _split_sizes(node)
         listed = isinstance(spec, (list, tuple))
         items = [interp.size_item(a, (node.name, (key, i) if listed else (key,)))
                  for i, a in enumerate(spec if listed else [spec])]
@@ -274,6 +275,16 @@ def _pieces(interp: FlowInterpreter, node: fx.Node) -> Pieces:
         dims[axis] = piece_dim
     item = Value(tuple(dims), value.group, value.prefix, value.source)
     return Pieces(tuple(item for _ in range(count)), value.group)
+
+
+def _known_ints(interp: FlowInterpreter, spec: object) -> object:
+    """A split size (or list of them) read at run time, ``x.split(C, dim=-1)``, as the number it is, where known."""
+    if isinstance(spec, (list, tuple)):
+        return type(spec)(_known_ints(interp, item) for item in spec)
+    if isinstance(spec, fx.Node):
+        size = interp.size_item(spec, None).size
+        return size.coeff if size is not None and size.is_int else spec
+    return spec
 
 
 def _split_sizes(node: fx.Node) -> tuple[object, int | str]:
@@ -308,25 +319,16 @@ def _cut_pieces(interp: FlowInterpreter, node: fx.Node, value: Value, axis: int,
     items_out = tuple(Value(value.dims[:axis] + ((Part(piece),),) + value.dims[axis + 1:], value.group, value.prefix,
                             value.source) for piece in pieces)
     return Pieces(items_out, value.group, segments=tuple(pieces))
-def _known_ints(interp: FlowInterpreter, spec: object) -> object:
-    """A split size (or list of them) read at run time, ``x.split(C, dim=-1)``, as the number it is, where known."""
-    if isinstance(spec, (list, tuple)):
-        return type(spec)(_known_ints(interp, item) for item in spec)
-    if isinstance(spec, fx.Node):
-        size = interp.size_item(spec, None).size
-        return size.coeff if size is not None and size.is_int else spec
-    return spec
 
 
 def _sdpa(interp: FlowInterpreter, node: fx.Node) -> Value:
     q, k, v = (interp.value(arg) for arg in node.args[:3])
-    if q is None or k is None or v is None or node.kwargs.get("enable_gqa"):
-        raise Unsupported("attention whose q, k or v is not from the region, or grouped by enable_gqa")
+    if q is None or k is None or v is None:
+        raise Unsupported("attention whose q, k or v is not from the region")
     interp.align(q.dims[-1], k.dims[-1], reason=f"'{node.name}' contracts it")
     interp.align(k.dims[-2], v.dims[-2])
     interp.block(v.dims[-1], f"'{node.name}' keeps it out of its batch dims")
-    parts = [Value(x.dims[:-2], x.group, x.prefix) for x in (q, k, v)]
-    batch, prefix = interp.broadcast(parts)
+    batch, prefix = _attention_batch(interp, q, k, v, node)
     mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
     if interp.value(mask) is not None:
         raise Unsupported("an attention mask computed from the region")
@@ -398,22 +400,6 @@ def _unsqueeze(interp: FlowInterpreter, node: fx.Node) -> Value:
     return Value(value.dims[:position] + ((),) + value.dims[position:], value.group, value.prefix, value.source)
 
 
-def _repeat_interleave(interp: FlowInterpreter, node: fx.Node) -> Value:
-    """``k.repeat_interleave(n, dim=1)``: each position of the dim repeated n times in a row, so the dim gains a
-    new inner factor of n (grouped-query keys and values repeated to the query heads, as an expand's)."""
-    value = interp.value(node.args[0])
-    repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-    if value is None or dim is None or node.kwargs.get("output_size") is not None:
-        raise Unsupported("a repeat_interleave of a side operand, over the flattened tensor or with an output_size")
-    item = interp.size_item(repeats, (node.name, (1,) if len(node.args) > 1 else ("repeats",)))
-    if item.size is None or not item.size.is_int:
-        raise Unsupported(f"a repeat_interleave by {repeats!r}, which is not a known int")
-    axis = interp.axis(value, dim)
-    added = (Part(interp.flow.factors.new(item.size.coeff)),) if item.size != ONE else ()
-    interp.flow.shape_uses.append(ShapeUse(node.name, value.group, [added], [item]))
-    dims = value.dims[:axis] + (value.dims[axis] + added,) + value.dims[axis + 1:]
-    return Value(dims, value.group, value.prefix, value.source)
 def _meet_outside(interp: FlowInterpreter, node: fx.Node, outside: fx.Node, dims: tuple[Dim, ...], group: int) -> None:
     """``node`` combines ``outside`` (a tensor from outside the region) element by element with a value of ``dims``.
 
@@ -467,6 +453,159 @@ def _baddbmm(interp: FlowInterpreter, node: fx.Node) -> Value:
     if isinstance(added, fx.Node):
         _meet_outside(interp, node, added, product.dims, product.group)
     return product
+def _attention_batch(interp: FlowInterpreter, q: Value, k: Value, v: Value,
+                     node: fx.Node) -> tuple[tuple[Dim, ...], bool]:
+    """The batch dims of an attention's output: q's, k's and v's lined up.
+
+    With ``enable_gqa`` and fewer key/value heads than query heads, query head ``h`` reads key/value
+    head ``h // (Hq // Hkv)`` (``repeat_interleave`` of k and v): q's head dim splits into (kv heads,
+    repeats), the outer part lines up with k's and v's heads, the repeats are q's own.
+    """
+    parts = [Value(x.dims[:-2], x.group, x.prefix) for x in (q, k, v)]
+    if not SDPA_GQA.read(node) or min(len(x.dims) for x in (q, k, v)) < 3:
+        return interp.broadcast(parts)
+    heads, kv_heads = interp.dim_size(q.dims[-3]), interp.dim_size(k.dims[-3])
+    if heads == kv_heads:
+        return interp.broadcast(parts)
+    if not (heads.is_int and kv_heads.is_int) or heads.coeff % kv_heads.coeff:
+        raise Unsupported(f"'{node.name}' groups {heads} query heads over {kv_heads} key/value heads")
+    interp.align(k.dims[-3], v.dims[-3])
+    kv_part, repeats = _take_from_left(interp, [p for p in interp.expand(q.dims[-3]) if interp.size_of(p) != ONE],
+                                       [kv_heads, Size(heads.coeff // kv_heads.coeff)])
+    interp.align(kv_part, k.dims[-3])
+    batch, prefix = interp.broadcast([Value(x.dims[:-3], x.group, x.prefix) for x in (q, k, v)])
+    return batch + (kv_part + repeats,), prefix
+
+
+def _to_complex(interp: FlowInterpreter, node: fx.Node) -> Value:
+    """``view_as_complex(x)``: x's trailing dim of 2 becomes the (real, imaginary) pair of each element.
+
+    The pair is carried by the value, hidden, until ``view_as_real`` gives it back as a dim; complex
+    arithmetic mixes its two halves, so it is blocked.
+    """
+    value = _unary(interp, node)
+    if not value.dims or interp.dim_size(value.dims[-1]) != Size(2):
+        raise Unsupported("view_as_complex of a tensor whose last dim is not known to be 2")
+    interp.block(value.dims[-1], f"'{node.name}' pairs it into complex numbers")
+    return Value(value.dims[:-1], value.group, value.prefix, complex_pair=value.dims[-1])
+
+
+def _to_real(interp: FlowInterpreter, node: fx.Node) -> Value:
+    """``view_as_real(z)``: the (real, imaginary) pair comes back as a trailing dim of 2 (a new blocked
+    factor for a complex value that did not come from ``view_as_complex`` of the region)."""
+    value = _unary(interp, node)
+    pair = value.complex_pair
+    if pair is None:
+        pair = interp.fresh(Size(2), node, "splits complex numbers into it")
+    return Value(value.dims + (pair,), value.group, value.prefix)
+
+
+def _flatten(interp: FlowInterpreter, node: fx.Node) -> Value:
+    """``x.flatten(start, end)``: dims ``start..end`` become one dim made of their parts, outermost first."""
+    value = _unary(interp, node)
+    start = node.kwargs.get("start_dim", node.args[1] if len(node.args) > 1 else 0)
+    end = node.kwargs.get("end_dim", node.args[2] if len(node.args) > 2 else -1)
+    if not value.dims and not value.prefix:
+        return Value(((),), value.group)  # a 0-d tensor becomes 1-d
+    first, last = interp.axis(value, start), interp.axis(value, end)
+    merged = tuple(part for dim in value.dims[first:last + 1] for part in dim)
+    return Value(value.dims[:first] + (merged,) + value.dims[last + 1:], value.group, value.prefix)
+
+
+def _unflatten(interp: FlowInterpreter, node: fx.Node) -> Value:
+    """``x.unflatten(dim, sizes)``: one dim split into ``sizes`` (a view of that dim alone)."""
+    value = _unary(interp, node)
+    axis = interp.axis(value, node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None))
+    if len(node.args) > 2:
+        items = interp.size_items(node, 2)
+    else:
+        items = [interp.size_item(a, (node.name, ("sizes", i))) for i, a in enumerate(node.kwargs["sizes"])]
+    parts = [p for p in interp.expand(value.dims[axis]) if interp.size_of(p) != ONE]
+    total = interp.dim_size(value.dims[axis])
+    known = math.prod((i.size for i in items if i.size is not None), start=ONE)
+    sizes = [i.size if i.size is not None else total.divide(known) for i in items]
+    if any(size is None for size in sizes):
+        raise Unsupported(f"-1 in '{node.name}' does not divide the size {total} of the dim")
+    dims = _take_from_left(interp, parts, sizes)
+    if parts:
+        raise Unsupported(f"the sizes of '{node.name}' do not cover the dim it splits")
+    interp.flow.shape_uses.append(ShapeUse(node.name, value.group, list(dims), items))
+    return Value(value.dims[:axis] + tuple(dims) + value.dims[axis + 1:], value.group, value.prefix)
+
+
+def _stack(interp: FlowInterpreter, node: fx.Node) -> Value:
+    """``torch.stack(tensors, dim)``: the tensors' dims line up; the new dim (one index per tensor) is blocked."""
+    tensors = node.kwargs.get("tensors", node.args[0] if node.args else ())
+    values = [interp.value(t) for t in tensors]
+    if not values or any(v is None for v in values):
+        raise Unsupported(f"'{node.name}' stacks a tensor from outside the region")
+    dims, prefix = interp.broadcast(values)
+    index = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    position = len(dims) + index + 1 if index < 0 else interp.axis(Value(dims + ((),), 0, prefix), index)
+    new = interp.fresh(Size(len(values)), node, "stacks along it")
+    return Value(dims[:position] + (new,) + dims[position:], interp.flow.join(*(v.group for v in values)), prefix)
+
+
+def _reduce(interp: FlowInterpreter, node: fx.Node) -> Value:
+    """A reduction over the given dims (every dim when none are given): their factors are blocked, and
+    the dims go away (or stay as 1 with keepdim). A mean over Dh keeps the heads; one over the heads does not."""
+    rule = rule_of(node, interp.modules)
+    value = _unary(interp, node)
+    given = rule.reduction.dims.read(node)
+    keepdim = rule.reduction.keepdim.read(node) if rule.reduction.keepdim is not None else False
+    every = given is None or isinstance(given, bool) or (isinstance(given, (list, tuple)) and not given)
+    listed = [] if every else list(given) if isinstance(given, (list, tuple)) else [given]
+    if not isinstance(keepdim, bool) or not all(isinstance(d, int) and not isinstance(d, bool) for d in listed):
+        raise Unsupported(f"'{node.name}' reduces over dims or with a keepdim computed at run time")
+    axes = set(range(len(value.dims))) if every else {interp.axis(value, d) for d in listed}
+    for axis in axes:
+        interp.block(value.dims[axis], f"'{node.name}' ({rule.name}) reduces over it")
+    if every and not keepdim:
+        return Value((), value.group)
+    dims = [() if i in axes else dim for i, dim in enumerate(value.dims) if keepdim or i not in axes]
+    return Value(tuple(dims), value.group, value.prefix)
+
+
+def _norm(interp: FlowInterpreter, node: fx.Node) -> Value | Pieces:
+    """A normalization over its normalized shape, the trailing dims (layer_norm, rms_norm): their factors
+    are blocked (a per-head norm over Dh keeps the heads; one over H*Dh does not); its affine weight
+    and bias are per element of those dims."""
+    rule = rule_of(node, interp.modules)
+    value = _unary(interp, node)
+    if any(interp.value(a) is not None for _, a in tensor_operands(node) if a is not node.args[0]):
+        raise Unsupported(f"'{node.name}' normalizes with a weight or bias computed from the region")
+    held = rule.reduction.normalized_shape
+    module = interp.modules.get(str(node.target)) if node.op == "call_module" else None
+    shape = held.read(node) if held is not None else getattr(module, "normalized_shape", None)
+    if not isinstance(shape, (list, tuple)):
+        raise Unsupported(f"'{node.name}' ({rule.name}) has a normalized shape {shape!r} of unknown length")
+    if len(shape) > len(value.dims) and not value.prefix:
+        raise Unsupported(f"'{node.name}' normalizes over more dims than its input has")
+    kept = value.dims[:max(len(value.dims) - len(shape), 0)]
+    for dim in value.dims[len(kept):]:
+        interp.block(dim, f"'{node.name}' ({rule.name}) normalizes over it")
+    if not rule.reduction.statistics:
+        return value
+    statistics = Value(kept + ((),) * (len(value.dims) - len(kept)), value.group, value.prefix)
+    return Pieces((value,) + (statistics,) * rule.reduction.statistics, value.group)
+
+
+def _repeat_interleave(interp: FlowInterpreter, node: fx.Node) -> Value:
+    """``k.repeat_interleave(n, dim=1)``: each position of the dim repeated n times in a row, so the dim gains a
+    new inner factor of n (grouped-query keys and values repeated to the query heads, as an expand's)."""
+    value = interp.value(node.args[0])
+    repeats = node.args[1] if len(node.args) > 1 else node.kwargs.get("repeats")
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    if value is None or dim is None or node.kwargs.get("output_size") is not None:
+        raise Unsupported("a repeat_interleave of a side operand, over the flattened tensor or with an output_size")
+    item = interp.size_item(repeats, (node.name, (1,) if len(node.args) > 1 else ("repeats",)))
+    if item.size is None or not item.size.is_int:
+        raise Unsupported(f"a repeat_interleave by {repeats!r}, which is not a known int")
+    axis = interp.axis(value, dim)
+    added = (Part(interp.flow.factors.new(item.size.coeff)),) if item.size != ONE else ()
+    interp.flow.shape_uses.append(ShapeUse(node.name, value.group, [added], [item]))
+    dims = value.dims[:axis] + (value.dims[axis] + added,) + value.dims[axis + 1:]
+    return Value(dims, value.group, value.prefix, value.source)
 
 
 Rule = Callable[["FlowInterpreter", fx.Node], "Value | Pieces"]
@@ -476,5 +615,8 @@ RULES: dict[Flow, Rule] = {
     Flow.UNARY: _unary, Flow.BROADCAST: _broadcast, Flow.VIEW: _view, Flow.PERMUTE: _permute,
     Flow.TRANSPOSE: _transpose, Flow.MATMUL: _matmul, Flow.SOFTMAX: _softmax, Flow.GETITEM: _getitem,
     Flow.PIECES: _pieces, Flow.SDPA: _sdpa, Flow.CAT: _cat, Flow.EXPAND: _expand, Flow.SLICE: _slice,
-    Flow.SELECT: _select, Flow.UNSQUEEZE: _unsqueeze, Flow.BADDBMM: _baddbmm, Flow.REPEAT_INTERLEAVE: _repeat_interleave,
+    Flow.SELECT: _select, Flow.UNSQUEEZE: _unsqueeze, Flow.BADDBMM: _baddbmm,
+    Flow.COMPLEX: _to_complex, Flow.REAL: _to_real, Flow.FLATTEN: _flatten, Flow.UNFLATTEN: _unflatten,
+    Flow.STACK: _stack, Flow.REDUCE: _reduce, Flow.NORM: _norm,
+    Flow.REPEAT_INTERLEAVE: _repeat_interleave,
 }

@@ -20,12 +20,12 @@ constant, though, and it says ``meta`` in a call form traced from the program's 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
-from tpfx.program import device_of_call
 
 
 def _is_meta(value: object) -> bool:
@@ -91,3 +91,8 @@ def device_of_inputs(example_inputs: object) -> torch.device:
     if isinstance(example_inputs, dict):
         return device_of_call(example_inputs.values())
     return device_of_call(example_inputs if isinstance(example_inputs, (tuple, list)) else [example_inputs])
+
+
+def device_of_call(values: Iterable[object]) -> torch.device:
+    """The device of the first tensor among a call's arguments; the CPU if there is none."""
+    return next((value.device for value in values if isinstance(value, torch.Tensor)), torch.device("cpu"))

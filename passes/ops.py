@@ -22,7 +22,8 @@ A rule says what tpfx needs to know and nothing else:
 * ``linear``: for an op that applies a weight (or does when its weight operand is a 2-D parameter:
   ``x @ w``), where its input, weight and bias are and how the weight is laid out as the op uses it;
 * ``dropout``: where a dropout's probability and training flag are;
-* ``collective``: what a tpfx collective sends forward and backward.
+* ``collective``: what a tpfx collective sends forward and backward;
+* ``reduction``: where a reduction has its dims and keepdim flag, or a norm its normalized shape.
 
 Targets are looked up by what a graph node holds: a torch function or ``operator`` function, an
 ATen overload (by its packet: ``aten.view``, not ``aten.view.default``), a tensor method name, an
@@ -90,6 +91,13 @@ class Flow(enum.Enum):
     SLICE = "slice"
     SELECT = "select"
     UNSQUEEZE = "unsqueeze"
+    COMPLEX = "complex"  # view_as_complex: the trailing dim of 2 becomes the (hidden) real/imaginary pair
+    REAL = "real"  # view_as_real: the hidden pair comes back as a trailing dim of 2
+    FLATTEN = "flatten"  # dims start..end merged into one
+    UNFLATTEN = "unflatten"  # one dim split into given sizes
+    STACK = "stack"  # a new dim, one index per tensor; the tensors' dims line up
+    NORM = "norm"  # normalizes over the trailing dims of its normalized shape (layer_norm, rms_norm)
+    REDUCE = "reduce"  # reduces over the given dims (all when none are given), keeping them as 1 with keepdim
     REPEAT_INTERLEAVE = "repeat_interleave"  # each position of one dim repeated n times in a row
     SIZE = "size"  # a size query: read lazily by the shape ops that use it
     IGNORE = "ignore"  # computes nothing the analysis needs (export's metadata assertions)
@@ -140,6 +148,21 @@ class DropoutArguments:
 
 
 @dataclass(frozen=True)
+class ReductionArguments:
+    """Where a reduction has its dims and keepdim flag, or a norm its normalized shape.
+
+    ``dims`` read as None, an empty list or a bool (``x.var(True)``: unbiased) reduces every dim.
+    ``normalized_shape`` None on a norm: the module's own ``normalized_shape``. ``statistics``: how
+    many extra outputs (mean, rstd of ``native_layer_norm``) hold the normalized dims kept as 1.
+    """
+
+    dims: Argument | None = None
+    keepdim: Argument | None = None
+    normalized_shape: Argument | None = None
+    statistics: int = 0
+
+
+@dataclass(frozen=True)
 class CollectiveRule:
     """What one tpfx collective communicates: the op in each direction, and its output width."""
 
@@ -159,6 +182,7 @@ class OpRule:
     linear: LinearOperands | None = None
     dropout: DropoutArguments | None = None
     collective: CollectiveRule | None = None
+    reduction: ReductionArguments | None = None  # a REDUCE or NORM flow: where its dims are
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -167,6 +191,8 @@ class OpRule:
             raise ValueError(f"op rule {self.name}: only a linear or matmul rule carries linear operands")
         if (self.collective is not None) != (self.kind is Kind.COLLECTIVE):
             raise ValueError(f"op rule {self.name}: a collective rule needs its communication, and only it")
+        if self.flow is Flow.REDUCE and (self.reduction is None or self.reduction.dims is None):
+            raise ValueError(f"op rule {self.name}: a reduction needs the position of its dims")
 
     @property
     def is_pointwise(self) -> bool:
@@ -257,8 +283,8 @@ for _name, _functions, _methods in (
 register(OpRule("view", Kind.SHAPE, Flow.VIEW), functions=_spellings("reshape", "view", "_unsafe_view"),
          methods=["view", "reshape"])
 register(OpRule("view_as", Kind.SHAPE, None), methods=["view_as", "reshape_as"])  # sizes from another tensor
-register(OpRule("flatten", Kind.SHAPE, None), functions=_spellings("flatten"), methods=["flatten"])
-register(OpRule("unflatten", Kind.SHAPE, None), functions=_spellings("unflatten"), methods=["unflatten"])
+register(OpRule("flatten", Kind.SHAPE, Flow.FLATTEN), functions=_spellings("flatten"), methods=["flatten"])
+register(OpRule("unflatten", Kind.SHAPE, Flow.UNFLATTEN), functions=_spellings("unflatten"), methods=["unflatten"])
 register(OpRule("permute", Kind.SHAPE, Flow.PERMUTE), functions=_spellings("permute"), methods=["permute"])
 register(OpRule("transpose", Kind.SHAPE, Flow.TRANSPOSE), functions=_spellings("transpose", "swapaxes", "t"),
          methods=["transpose", "swapaxes", "t"])
@@ -271,7 +297,7 @@ register(OpRule("split", Kind.SHAPE, Flow.PIECES), functions=_spellings("split",
 register(OpRule("chunk", Kind.SHAPE, Flow.PIECES), functions=_spellings("chunk"), methods=["chunk"])
 register(OpRule("unbind", Kind.SHAPE, Flow.PIECES), functions=_spellings("unbind"), methods=["unbind"])
 register(OpRule("cat", Kind.SHAPE, Flow.CAT), functions=_spellings("cat", "concat", "concatenate"))
-register(OpRule("stack", Kind.SHAPE, None), functions=_spellings("stack"))
+register(OpRule("stack", Kind.SHAPE, Flow.STACK), functions=_spellings("stack"))
 register(OpRule("expand", Kind.SHAPE, Flow.EXPAND), functions=_spellings("expand"), methods=["expand"])
 register(OpRule("expand_as", Kind.SHAPE, None), methods=["expand_as"])
 register(OpRule("repeat_interleave", Kind.SHAPE, Flow.REPEAT_INTERLEAVE), functions=_spellings("repeat_interleave"),
@@ -281,8 +307,8 @@ register(OpRule("narrow", Kind.SHAPE, None), functions=_spellings("narrow"), met
 register(OpRule("select", Kind.SHAPE, Flow.SELECT), functions=_spellings("select"), methods=["select"])
 register(OpRule("unsqueeze", Kind.SHAPE, Flow.UNSQUEEZE), functions=_spellings("unsqueeze"), methods=["unsqueeze"])
 register(OpRule("squeeze", Kind.SHAPE, None), functions=_spellings("squeeze"), methods=["squeeze"])
-register(OpRule("view_as_complex", Kind.SHAPE, None), functions=_spellings("view_as_complex"))
-register(OpRule("view_as_real", Kind.SHAPE, None), functions=_spellings("view_as_real"))
+register(OpRule("view_as_complex", Kind.SHAPE, Flow.COMPLEX), functions=_spellings("view_as_complex"))
+register(OpRule("view_as_real", Kind.SHAPE, Flow.REAL), functions=_spellings("view_as_real"))
 
 # matmuls, softmax, attention
 # a matmul or mm whose second operand is a 2-D parameter applies a linear (an (in, out) weight)
@@ -299,6 +325,7 @@ register(OpRule("softmax", Kind.SOFTMAX, Flow.SOFTMAX), functions=_spellings("so
 register(OpRule("log_softmax", Kind.SOFTMAX, Flow.SOFTMAX), functions=_spellings("log_softmax", "_log_softmax"),
          methods=["log_softmax"])
 SDPA_DROPOUT = DropoutArguments(Argument(4, "dropout_p", 0.0), None)
+SDPA_GQA = Argument(7, "enable_gqa", False)  # key/value heads shared by groups of query heads
 register(OpRule("sdpa", Kind.ATTENTION, Flow.SDPA, operands=(0, 1, 2), dropout=SDPA_DROPOUT),
          functions=[F.scaled_dot_product_attention, aten.scaled_dot_product_attention])
 # the fused kernels return (output, logsumexp, ...): attention to the finder, but no flow rule
@@ -306,12 +333,29 @@ register(OpRule("fused_sdpa", Kind.ATTENTION, None, operands=(0, 1, 2)),
          functions=[aten._scaled_dot_product_flash_attention_for_cpu, aten._scaled_dot_product_efficient_attention,
                     aten._scaled_dot_product_flash_attention])
 
-# norms and reductions
-register(OpRule("layer_norm", Kind.NORM, None), functions=_spellings("layer_norm"), modules=[nn.LayerNorm])
-register(OpRule("rms_norm", Kind.NORM, None), functions=_spellings("rms_norm"), modules=[nn.RMSNorm])
-register(OpRule("native_layer_norm", Kind.NORM, None), functions=[aten.native_layer_norm])  # returns a tuple
-for _name in ("mean", "sum", "amax", "amin", "var", "std", "prod", "norm", "logsumexp"):
-    register(OpRule(_name, Kind.REDUCTION, None), functions=_spellings(_name), methods=[_name])
+# norms and reductions: a norm over its normalized shape (the trailing dims), a reduction over its dims
+_NORMALIZED = ReductionArguments(normalized_shape=Argument(1, "normalized_shape"))
+_MODULE_NORMALIZED = ReductionArguments()  # the module's own normalized_shape
+register(OpRule("layer_norm", Kind.NORM, Flow.NORM, reduction=_NORMALIZED), functions=_spellings("layer_norm"))
+register(OpRule("layer_norm", Kind.NORM, Flow.NORM, reduction=_MODULE_NORMALIZED), modules=[nn.LayerNorm])
+register(OpRule("rms_norm", Kind.NORM, Flow.NORM, reduction=_NORMALIZED), functions=_spellings("rms_norm"))
+register(OpRule("rms_norm", Kind.NORM, Flow.NORM, reduction=_MODULE_NORMALIZED), modules=[nn.RMSNorm])
+register(OpRule("native_layer_norm", Kind.NORM, Flow.NORM,  # returns (output, mean, rstd)
+                reduction=ReductionArguments(normalized_shape=Argument(1, "normalized_shape"), statistics=2)),
+         functions=[aten.native_layer_norm])
+_DIM_KEEPDIM = ReductionArguments(dims=Argument(1, "dim"), keepdim=Argument(2, "keepdim", False))
+for _name, _arguments in (
+        ("mean", _DIM_KEEPDIM), ("sum", _DIM_KEEPDIM), ("nansum", _DIM_KEEPDIM), ("amax", _DIM_KEEPDIM),
+        ("amin", _DIM_KEEPDIM), ("prod", _DIM_KEEPDIM), ("logsumexp", _DIM_KEEPDIM),
+        # var(x, dim, unbiased, keepdim) and std alike; norm(x, p, dim, keepdim)
+        ("var", ReductionArguments(dims=Argument(1, "dim"), keepdim=Argument(3, "keepdim", False))),
+        ("std", ReductionArguments(dims=Argument(1, "dim"), keepdim=Argument(3, "keepdim", False))),
+        ("norm", ReductionArguments(dims=Argument(2, "dim"), keepdim=Argument(3, "keepdim", False)))):
+    register(OpRule(_name, Kind.REDUCTION, Flow.REDUCE, reduction=_arguments), functions=_spellings(_name),
+             methods=[_name] if hasattr(torch.Tensor, _name) else [])
+register(OpRule("vector_norm", Kind.REDUCTION, Flow.REDUCE,  # what torch.norm becomes in an exported graph
+                reduction=ReductionArguments(dims=Argument(2, "dim"), keepdim=Argument(3, "keepdim", False))),
+         functions=[torch.linalg.vector_norm, aten.linalg_vector_norm])
 
 # dropouts: the probability and the training flag, where each spelling has them
 DROPOUT_FUNCTION = DropoutArguments(Argument(1, "p", 0.5), Argument(2, "training", True))

@@ -19,7 +19,7 @@ head-local; otherwise, or when no factor of the partner's input can be split acr
 falls back to column-plus-gather, and the record says why. A tensor from outside the pair that holds
 the split factor in full (an ALiBi bias of every head added to the scores) is narrowed to the
 rank's part where the pair reads it (:class:`HeadNarrow` with a ``block``), and one computed from
-learned parameters has its gradient summed over the group (:class:`OutsideRead`).
+learned parameters has its gradient summed over the group (:class:`ReplicatedRead`).
 
 A fused projection cut into unequal pieces gets a layout of pieces, each split or kept whole::
 
@@ -43,8 +43,8 @@ from tpfx.passes.graph_view import functional_linear, parameter_shapes
 from tpfx.passes.factors import CutItem, CutUse, Dim, FeatureLayout, OutsideOperand, ShapeUse, Size, SizeRead, Value
 from tpfx.passes.feature_flow import FeatureFlow, LinearCall, LinearOf, analyze_feature_flow, module_linears
 from tpfx.passes.localize_shapes import FullSize, ShapeEdit
-from tpfx.passes.ops import Kind, dropout_probability, rule_of
 from tpfx.passes.module_hooks import hooks_keep_pair_whole
+from tpfx.passes.ops import SDPA_GQA, Flow, Kind, dropout_probability, kind_of, rule_of
 
 _FFN_ROLES = ("fc1", "up")
 
@@ -63,7 +63,8 @@ class HeadNarrow:
     consumer: str
     producer: str
     dim: int
-    block: int | None = None
+    block: int | None = None  # narrow each block of this many elements (a full-size tensor from outside the pair)
+    repeats: int = 1  # > 1: the consumer (SDPA with enable_gqa) repeats each head; repeat it first, then narrow
 
     def __post_init__(self) -> None:
         if self.dim >= 0 or (self.block is not None and self.block < 1):
@@ -72,11 +73,13 @@ class HeadNarrow:
 
 
 @dataclass(frozen=True)
-class OutsideRead:
-    """An op between the pair (``consumer``) reads a tensor from outside it (``producer``: a bias, a mask, a table).
+class ReplicatedRead:
+    """A whole tensor that needs a gradient, read by an op on this rank's heads (a qk-norm's weight).
 
-    Each rank uses it for its heads only, so the gradient it gets is its part of the single-device
-    one: where the tensor is computed from learned parameters, the rewrite sums it over the group."""
+    Each rank's gradient of it is the sum over its own heads only; a copy-to (identity forward,
+    all-reduce backward) where ``consumer`` reads ``producer`` sums the ranks' parts. ``producer`` ""
+    means the consumer is a module call (``nn.RMSNorm``) reading its own parameters.
+    """
 
     consumer: str
     producer: str
@@ -111,7 +114,7 @@ class Pair:
     narrows: tuple[HeadNarrow, ...] = ()  # grouped-query k/v with fewer heads than tp (see _narrows)
     dropouts: tuple[HeadDropout, ...] = ()  # dropouts between the pair (see _dropouts)
     full_sizes: tuple[FullSize, ...] = ()  # size reads of the split dims used where the full size is meant
-    outside_reads: tuple[OutsideRead, ...] = ()  # tensors from outside the pair read between it
+    replicated_reads: tuple[ReplicatedRead, ...] = ()  # whole tensors with gradients read on local heads
 
     def __post_init__(self) -> None:
         if self.kind not in ("attention", "ffn"):
@@ -201,13 +204,20 @@ def pair_sites(gm: fx.GraphModule, finding: SiteFinding, *, tp: int) -> Pairing:
     flow = analyze_feature_flow(gm, [site.node_name for site in finding.sites], linear_of=linear_of)
     index = _GraphIndex.of(gm, linear_of)
     records = _records_by_group(flow, index)
+    for group, reads in _replicated_reads(gm, flow, index).items():
+        records[group].reads = reads
     groups: dict[int, list[Site]] = {}
     for site in finding.sites:
         groups.setdefault(flow.group_of(flow.root_groups[site.node_name]), []).append(site)
+    column_keys = {site.weight_name or site.module_path for site in finding.sites}
     pairs, fallbacks = [], []
     for group, sites in groups.items():
         try:
-            pairs.append(_pair_group(flow, records[group], sites, tp, index))
+            pair = _pair_group(flow, records[group], sites, tp, index)
+            if (row := pair.row_weight_name or pair.row_module_path) in column_keys:
+                raise _NoPair(f"the linear {_paths(sites)} reaches, '{row}', is itself a column site; "
+                              "it cannot also be row-parallel")
+            pairs.append(pair)
         except _NoPair as why:
             fallbacks.append(Fallback(tuple(sites), str(why)))
     return Pairing(tuple(pairs), tuple(fallbacks))
@@ -251,10 +261,11 @@ class _GroupRecords:
     rows: list[tuple[str, str, Dim]] = field(default_factory=list)  # the linears the group's values reach
     shape_uses: list[ShapeUse] = field(default_factory=list)
     dropouts: list[str] = field(default_factory=list)  # the dropout nodes on the group's values, in graph order
-    cut_uses: list[CutUse] = field(default_factory=list)  # split sizes and slice bounds of fused projections
     modules: list[str] = field(default_factory=list)  # the modules called on the group's values (their hooks matter)
     size_reads: list[SizeRead] = field(default_factory=list)
     outside: list[OutsideOperand] = field(default_factory=list)  # tensors from outside the group's values meet
+    reads: list[ReplicatedRead] = field(default_factory=list)  # see _replicated_reads
+    cut_uses: list[CutUse] = field(default_factory=list)  # split sizes and slice bounds of fused projections
 
 
 def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int, _GroupRecords]:
@@ -269,14 +280,46 @@ def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int,
         records[flow.group_of(read.group)].size_reads.append(read)
     for name in sorted(index.dropouts & flow.values.keys(), key=index.order.__getitem__):
         records[flow.group_of(flow.values[name].group)].dropouts.append(name)
-    for use in flow.cut_uses:
-        records[flow.group_of(use.group)].cut_uses.append(use)
     for name, value in flow.values.items():
         if index.nodes[name].op == "call_module":
             records[flow.group_of(value.group)].modules.append(str(index.nodes[name].target))
     for met in flow.outside:
         records[flow.group_of(met.group)].outside.append(met)
+    for use in flow.cut_uses:
+        records[flow.group_of(use.group)].cut_uses.append(use)
     return records
+
+
+def _replicated_reads(gm: fx.GraphModule, flow: FeatureFlow, index: _GraphIndex) -> dict[int, list[ReplicatedRead]]:
+    """Per group, where its ops read a whole tensor that needs a gradient (see :class:`ReplicatedRead`).
+
+    A tensor needs a gradient when it is computed from a trainable parameter (a get_attr, a module's
+    own); the column linears (sharded, their inputs copied already) and sizes are left out. One pass
+    over the graph in order.
+    """
+    modules = dict(gm.named_modules())
+    trainable = {name for name, p in gm.named_parameters(remove_duplicate=False) if p.requires_grad}
+    own = {name: any(p.requires_grad for p in module.parameters()) for name, module in modules.items()}
+    needs: dict[str, bool] = {}
+    found: defaultdict[int, list[ReplicatedRead]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        if node.name not in flow.region:
+            if kind_of(node, modules) is Kind.META:
+                needs[node.name] = False  # a size: no gradient
+            elif node.op == "get_attr":
+                needs[node.name] = str(node.target) in trainable
+            else:
+                needs[node.name] = (node.op == "call_module" and own.get(str(node.target), False)
+                                    or any(needs.get(p.name, False) for p in node.all_input_nodes))
+            continue
+        inside = [p.name for p in node.all_input_nodes if p.name in flow.values]
+        if node.name in flow.roots or not inside:
+            continue
+        group = flow.group_of(flow.values[inside[0]].group)
+        if node.op == "call_module" and own.get(str(node.target), False):
+            found[group].append(ReplicatedRead(node.name, ""))
+        found[group] += [ReplicatedRead(node.name, p.name) for p in node.all_input_nodes if needs.get(p.name, False)]
+    return found
 
 
 def _is_dropout(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -316,8 +359,7 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
         shard_size=_product(flow, list(chosen)), row_weight_name=row.key if row.functional else "",
         row_bias_name=row.bias, row_weight_layout=row.layout, narrows=narrows,
         dropouts=_dropouts(flow, records.dropouts, chosen, whole_only),
-        full_sizes=_full_sizes(flow, records, chosen, whole_only, index),
-        outside_reads=tuple(dict.fromkeys(OutsideRead(met.consumer, met.producer) for met in records.outside)))
+        full_sizes=_full_sizes(flow, records, chosen, whole_only, index), replicated_reads=tuple(records.reads))
 
 
 def _partner(records: _GroupRecords, sites: list[Site], index: _GraphIndex) -> tuple[fx.Node, LinearCall, Dim]:
@@ -488,10 +530,14 @@ def _narrows(flow: FeatureFlow, chosen: tuple[int, ...], sites: list[Site], layo
             value = flow.values.get(producer.name)
             dims = [] if value is None else _dim_classes(flow, value)
             at = [i for i, classes in enumerate(dims) if classes == targets]
+            repeats = 1
+            if not at and _groups_heads(index.nodes[consumer]):  # SDPA(enable_gqa): it repeats k/v to the query heads
+                at = [i for i, classes in enumerate(dims) if classes and classes == targets[:len(classes)]]
+                repeats = _product(flow, list(chosen[len(dims[at[0]]):])) if len(at) == 1 else 1
             if len(at) != 1:
                 raise _NoPair(f"the whole keys or values '{producer.name}' meet the local heads at '{consumer}' "
                               "before they are repeated to the query heads")
-            narrows.append(HeadNarrow(consumer, producer.name, at[0] - len(dims)))
+            narrows.append(HeadNarrow(consumer, producer.name, at[0] - len(dims), repeats=repeats))
     return whole_only, tuple(narrows)
 
 
@@ -518,7 +564,7 @@ def _outside_narrows(flow: FeatureFlow, met: list[OutsideOperand], chosen: tuple
                           f"of a shape not known while tracing) with the split factor along dim {dim}, where a rank's "
                           "part is not one run of each block of a size known while tracing; give the heads a dim "
                           "of their own there")
-        narrow = HeadNarrow(use.consumer, use.producer, dim, math.prod(size.coeff for size in inner))
+        narrow = HeadNarrow(use.consumer, use.producer, dim, block=math.prod(size.coeff for size in inner))
         if narrows.setdefault((use.consumer, use.producer), narrow) != narrow:
             raise _NoPair(f"'{use.consumer}' meets the split factor in two dims of the tensor '{use.producer}' "
                           "from outside the pair; give the heads a dim of their own there")
@@ -535,6 +581,12 @@ def _leaf_parts(flow: FeatureFlow, dim: Dim) -> list[tuple[int | None, Size]]:
             leaves = flow.factors.leaves(part.factor)
             parts += [(flow.factors.find(leaf), Size(flow.factors.sizes[leaf])) for leaf in leaves]
     return parts
+
+
+def _groups_heads(node: fx.Node) -> bool:
+    """Whether ``node`` is an attention that shares each key/value head among a group of query heads (enable_gqa)."""
+    rule = rule_of(node, {}) if node.op == "call_function" else None
+    return rule is not None and rule.flow is Flow.SDPA and bool(SDPA_GQA.read(node))
 
 
 def _dropouts(flow: FeatureFlow, names: list[str], chosen: tuple[int, ...],
@@ -584,50 +636,6 @@ def _shape_edits(flow: FeatureFlow, uses: list[ShapeUse], chosen: tuple[int, ...
     return tuple(edits)
 
 
-def _kept_of_pieces(flow: FeatureFlow, dim: Dim, chosen: tuple[int, ...], where: str) -> int | None:
-    """For a dim holding a factor cut into pieces some of which are split: how much of the dim every rank
-    keeps whole (the whole pieces times the factors beside them); None when the dim holds no such factor."""
-    leaves = [leaf for part in dim if part.factor is not None for leaf in flow.factors.leaves(part.factor)]
-    cut = [leaf for leaf in leaves if leaf in flow.factors.segments
-           and not all(layout.whole for layout in _pieces(flow, leaf, chosen, where))]
-    if not cut:
-        return None
-    if len(cut) > 1 or any(part.factor is None for part in dim):
-        raise _NoPair(f"'{where}' shapes a fused projection's pieces together with batch dims or other pieces; "
-                      "tpfx cannot make that size this rank's")
-    beside = _product(flow, [leaf for leaf in leaves if leaf != cut[0]])
-    return beside * sum(layout.size for layout in _pieces(flow, cut[0], chosen, where) if layout.whole)
-
-
-def _cut_edits(flow: FeatureFlow, uses: list[CutUse], chosen: tuple[int, ...], tp: int) -> tuple[ShapeEdit, ...]:
-    """The split sizes and slice bounds of fused projections cut into pieces, made this rank's: a bound that
-    measures split pieces (and pieces kept whole) becomes ``split / tp + whole``."""
-    edits = []
-    for use in uses:
-        for cut in use.items:
-            local, kept = _span(flow, cut, chosen, tp, use.node_name)
-            if local == cut.stop - cut.start:
-                continue
-            item = cut.item
-            if item.location is None or item.local:
-                raise _NoPair(f"the size of a piece of a fused projection in '{use.node_name}' is computed where "
-                              "tpfx cannot change it")
-            edits.append(ShapeEdit(item.location[0], item.location[1], item.literal, kept=cut.sign * kept))
-    return tuple(edits)
-
-
-def _span(flow: FeatureFlow, cut: CutItem, chosen: tuple[int, ...], tp: int, where: str) -> tuple[int, int]:
-    """How many of the positions ``cut`` measures a rank holds, and how many of them are in pieces every rank
-    keeps whole."""
-    offset, local, kept = 0, 0, 0
-    for piece in flow.factors.segment_leaves(cut.factor):
-        size = flow.factors.sizes[piece]
-        if cut.start <= offset and offset + size <= cut.stop:
-            layouts = _pieces(flow, piece, chosen, where)
-            local += sum(layout.local_size(tp) for layout in layouts)
-            kept += sum(layout.size for layout in layouts if layout.whole)
-        offset += size
-    return local, kept
 def _full_sizes(flow: FeatureFlow, records: _GroupRecords, chosen: tuple[int, ...], whole_only: set[str],
                 index: _GraphIndex) -> tuple[FullSize, ...]:
     """The group's size reads of a split dim, and the uses of each that need the single-device size.
@@ -720,6 +728,52 @@ def _is_size_value(value: object) -> bool:
     if isinstance(value, (tuple, list)):
         return all(_is_size_value(item) for item in value)
     return isinstance(value, (int, float, torch.SymInt, torch.SymFloat, torch.SymBool))
+
+
+def _kept_of_pieces(flow: FeatureFlow, dim: Dim, chosen: tuple[int, ...], where: str) -> int | None:
+    """For a dim holding a factor cut into pieces some of which are split: how much of the dim every rank
+    keeps whole (the whole pieces times the factors beside them); None when the dim holds no such factor."""
+    leaves = [leaf for part in dim if part.factor is not None for leaf in flow.factors.leaves(part.factor)]
+    cut = [leaf for leaf in leaves if leaf in flow.factors.segments
+           and not all(layout.whole for layout in _pieces(flow, leaf, chosen, where))]
+    if not cut:
+        return None
+    if len(cut) > 1 or any(part.factor is None for part in dim):
+        raise _NoPair(f"'{where}' shapes a fused projection's pieces together with batch dims or other pieces; "
+                      "tpfx cannot make that size this rank's")
+    beside = _product(flow, [leaf for leaf in leaves if leaf != cut[0]])
+    return beside * sum(layout.size for layout in _pieces(flow, cut[0], chosen, where) if layout.whole)
+
+
+def _cut_edits(flow: FeatureFlow, uses: list[CutUse], chosen: tuple[int, ...], tp: int) -> tuple[ShapeEdit, ...]:
+    """The split sizes and slice bounds of fused projections cut into pieces, made this rank's: a bound that
+    measures split pieces (and pieces kept whole) becomes ``split / tp + whole``."""
+    edits = []
+    for use in uses:
+        for cut in use.items:
+            local, kept = _span(flow, cut, chosen, tp, use.node_name)
+            if local == cut.stop - cut.start:
+                continue
+            item = cut.item
+            if item.location is None or item.local:
+                raise _NoPair(f"the size of a piece of a fused projection in '{use.node_name}' is computed where "
+                              "tpfx cannot change it")
+            edits.append(ShapeEdit(item.location[0], item.location[1], item.literal, kept=cut.sign * kept))
+    return tuple(edits)
+
+
+def _span(flow: FeatureFlow, cut: CutItem, chosen: tuple[int, ...], tp: int, where: str) -> tuple[int, int]:
+    """How many of the positions ``cut`` measures a rank holds, and how many of them are in pieces every rank
+    keeps whole."""
+    offset, local, kept = 0, 0, 0
+    for piece in flow.factors.segment_leaves(cut.factor):
+        size = flow.factors.sizes[piece]
+        if cut.start <= offset and offset + size <= cut.stop:
+            layouts = _pieces(flow, piece, chosen, where)
+            local += sum(layout.local_size(tp) for layout in layouts)
+            kept += sum(layout.size for layout in layouts if layout.whole)
+        offset += size
+    return local, kept
 
 
 def _paths(sites: list[Site]) -> str:

@@ -27,6 +27,7 @@ gradient, each rank's part of it, is summed over the group::
     scores = matmul + head_bias                                # (B, H, T, T) + (H, 1, T)
     # after: copy_to_tp = copy_to_tp(head_bias, 'tp:0-1')
     #        rank_part = rank_part(copy_to_tp, -3, 'tp:0-1', block=4); scores = matmul + rank_part
+
 A fused projection whose pieces are partly kept whole (multi-query keys and values) holds this rank's
 rows of the split pieces and all rows of the whole ones; the whole rows' weight gradient is
 all-reduced (see :func:`_reduce_whole_rows`).
@@ -48,17 +49,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tpfx.passes.column_shard import insert_collectives
-from tpfx.passes.factors import FeatureLayout
 from tpfx.passes.find_sites import Site, SiteFinding, find_sites
 from tpfx.passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
+from tpfx.passes.factors import FeatureLayout
 from tpfx.passes.localize_shapes import localize_shapes, restore_full_sizes
-from tpfx.passes.ops import function_rule, rule_of
-from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, OutsideRead, Pairing, is_attention_op, pair_sites
+from tpfx.passes.ops import SDPA_GQA, function_rule, rule_of
+from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, Pairing, ReplicatedRead, is_attention_op, pair_sites
 from tpfx.passes.plan import megatron_plan
 from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.collectives import copy_to_tp, reduce_from_tp
 from tpfx.errors import ShardingError
-from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part
+from tpfx.rank_parts import (attention_rank_part, call_with_parameters, dropout_module_rank_part, dropout_rank_part,
+                             rank_part)
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,8 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
     nodes = {node.name: node for node in gm.graph.nodes}
     narrows = [n for p in pairing.pairs for n in p.narrows]
     localized += _narrow_to_rank_heads(gm, nodes, [n for n in narrows if n.block is None], group)
-    copies = _sum_outside_gradients(gm, nodes, [r for p in pairing.pairs for r in p.outside_reads], group)
+    # before the dropouts: an attention drawn per rank is rebuilt from its arguments, copies included
+    copies = _sum_replicated_gradients(gm, nodes, [r for p in pairing.pairs for r in p.replicated_reads], group)
     inserted += [copy.name for copy in copies.values()]
     localized += _narrow_outside_tensors(gm, nodes, [n for n in narrows if n.block is not None], copies, group)
     localized += _draw_dropouts_per_rank(gm, nodes, [d for p in pairing.pairs for d in p.dropouts], group)
@@ -112,31 +115,42 @@ def _narrow_to_rank_heads(gm: fx.GraphModule, nodes: dict[str, fx.Node], narrows
     for narrow in narrows:
         consumer, producer = nodes[narrow.consumer], nodes[narrow.producer]
         with gm.graph.inserting_before(consumer):
-            part = gm.graph.call_function(rank_part, (producer, narrow.dim, group))
+            whole = producer
+            if narrow.repeats > 1:  # kv head h // repeats for query head h, as the grouped attention reads it
+                whole = gm.graph.call_function(torch.repeat_interleave, (producer, narrow.repeats), {"dim": narrow.dim})
+            part = gm.graph.call_function(rank_part, (whole, narrow.dim, group))
         consumer.replace_input_with(producer, part)
         inserted.append(part.name)
     return tuple(inserted)
 
 
-def _sum_outside_gradients(gm: fx.GraphModule, nodes: dict[str, fx.Node], reads: list[OutsideRead],
-                           group: str) -> dict[str, fx.Node]:
-    """A copy-to for each tensor from outside a pair that is computed from learned parameters, read between it.
+def _sum_replicated_gradients(gm: fx.GraphModule, nodes: dict[str, fx.Node], reads: list[ReplicatedRead],
+                              group: str) -> dict[str, fx.Node]:
+    """A copy-to (all-reduce backward) where an op on local heads reads a whole tensor that needs a gradient.
 
-    Each rank uses such a tensor (a learned per-head bias, a learned scale) for its own heads only,
-    so its gradient there is a partial sum; forward the copy is the same tensor, backward it sums
-    the gradient over the group. Only the pair's ops read the copy: uses outside the pair are whole
-    on every rank, their gradients are not partial. Returns producer name -> its copy.
+    One copy per tensor, before its first reader; a module call reading its own parameters (``nn.RMSNorm``
+    on q) becomes :func:`tpfx.rank_parts.call_with_parameters` of the module with copies of them.
+    Returns the copies by what they copy (a producer's name, or ``module.parameter``).
     """
-    learned = _computed_from_learned_parameters(gm)
     copies: dict[str, fx.Node] = {}
     for read in reads:
-        producer = nodes[read.producer]
-        if producer not in learned:
-            continue  # a buffer, a mask, an input: no gradient to sum
-        if read.producer not in copies:
-            with gm.graph.inserting_after(producer):
-                copies[read.producer] = gm.graph.call_function(copy_to_tp, (producer, group))
-        nodes[read.consumer].replace_input_with(producer, copies[read.producer])
+        consumer = nodes[read.consumer]
+        if read.producer and read.producer not in copies:
+            with gm.graph.inserting_before(consumer):
+                copies[read.producer] = gm.graph.call_function(copy_to_tp, (nodes[read.producer], group))
+        if read.producer:
+            consumer.replace_input_with(nodes[read.producer], copies[read.producer])
+            continue
+        path = str(consumer.target)
+        with gm.graph.inserting_before(consumer):
+            own = {name: gm.graph.call_function(copy_to_tp, (gm.graph.get_attr(f"{path}.{name}"), group))
+                   for name, parameter in gm.get_submodule(path).named_parameters() if parameter.requires_grad}
+            call = gm.graph.call_function(call_with_parameters, (gm.graph.get_attr(path), own, consumer.args,
+                                                                 dict(consumer.kwargs)))
+        consumer.replace_all_uses_with(call)
+        gm.graph.erase_node(consumer)
+        nodes[read.consumer] = call  # a later read of another tensor by the same op finds it
+        copies.update({f"{path}.{name}": copy for name, copy in own.items()})
     return copies
 
 
@@ -152,19 +166,6 @@ def _narrow_outside_tensors(gm: fx.GraphModule, nodes: dict[str, fx.Node], narro
         consumer.replace_input_with(source, part)
         parts.append(part.name)
     return tuple(parts)
-
-
-def _computed_from_learned_parameters(gm: fx.GraphModule) -> set[fx.Node]:
-    """The nodes whose value depends on a parameter that requires a gradient (one pass in graph order).
-
-    Buffers, constants and the inputs do not count: the inputs of a model do not ask for gradients.
-    """
-    learned = {name for name, parameter in gm.named_parameters(remove_duplicate=False) if parameter.requires_grad}
-    found: set[fx.Node] = set()
-    for node in gm.graph.nodes:
-        if (node.op == "get_attr" and node.target in learned) or any(p in found for p in node.all_input_nodes):
-            found.add(node)
-    return found
 
 
 def _draw_dropouts_per_rank(gm: fx.GraphModule, nodes: dict[str, fx.Node], dropouts: list[HeadDropout],
@@ -184,7 +185,7 @@ def _draw_dropouts_per_rank(gm: fx.GraphModule, nodes: dict[str, fx.Node], dropo
                 scale = rest[3] if len(rest) > 3 else node.kwargs.get("scale")
                 p = rule_of(node, {}).dropout.p.read(node)
                 drawn = gm.graph.call_function(attention_rank_part, (query, key, value, mask, p, causal, scale),
-                                               {"dim": dropout.dim, "group": group})
+                                               {"dim": dropout.dim, "group": group, "enable_gqa": SDPA_GQA.read(node)})
             else:  # F.dropout(x, p, training) / aten.dropout(x, p, train): decided when it was traced
                 arguments = rule_of(node, {}).dropout
                 drawn = gm.graph.call_function(dropout_rank_part, (node.args[0], arguments.p.read(node),

@@ -175,6 +175,16 @@ def test_token_ids_are_assumed_for_an_input_that_no_linear_or_norm_reads_first()
                                   "(batch, seq) int64 (no example input for them; pass example_inputs= to set them)")
 
 
+def test_an_input_the_example_leaves_out_is_assumed_with_the_examples_batch_and_sequence():
+    model = TinyLM()
+    gm = capture(model)  # every optional argument present: labels is read
+    ids = torch.randint(0, VOCAB, (3, 9))
+    shapes = propagate_fake_shapes(gm, ["ids", "labels"], given={"ids": ids})  # cross-entropy meets ids and labels
+    assert shapes.propagated and shapes.inputs == {"ids": InputSpec.of(ids),
+                                                   "labels": InputSpec((3, 9), torch.int64, (0, 1))}
+    assert "assumed labels (batch, seq) int64" in shapes.note and "ids" not in shapes.note.split("assumed")[1]
+
+
 def test_a_wrong_assumption_leaves_no_shapes_and_parallelize_works_as_before():
     model = UnplacedRead()
     gm = capture(model)

@@ -262,7 +262,9 @@ def test_layouts_pair_or_fall_back_with_a_reason(world):
     assert layouts["qkv-last-dim"]["pairs"] == ["c_attn [3, 4*, 8] -> c_proj [4*, 8]"]
     assert layouts["interleaved"]["pairs"] == ["query_key_value [4*, 3, 8] -> dense [4*, 8]"]
     assert layouts["grouped kv=1"]["pairs"][0] == "q_proj [4*, 8], k_proj [8], v_proj [8] -> o_proj [4*, 8]"
-    assert layouts["head-mixing"]["pairs"] == [] and "op 'mean'" in layouts["head-mixing"]["fallbacks"][0]
+    # the mean over the heads blocks them (a mean over Dh would not)
+    mixing = layouts["head-mixing"]
+    assert mixing["pairs"] == [] and "'mean' (mean) reduces over it" in mixing["fallbacks"][0]
     if tp == 4:  # 2 (or 6) key/value heads for 4 ranks: kept whole, the query heads are split
         assert layouts["grouped kv=2"]["pairs"] == ["q_proj [4*, 8], k_proj [2, 8], v_proj [2, 8] -> o_proj [4*, 8]",
                                                     "gate [64*], up [64*] -> down [64*]"]

@@ -245,12 +245,12 @@ def test_heads_viewed_first_then_split_keep_the_pieces_outermost():
     assert [(e.value, e.kept) for e in views] == [(6, 2)]
 
 
-@pytest.mark.parametrize("tracer", ["fx", "export"])
-def test_a_split_along_a_dim_counted_from_the_front_pairs(tracer):
-    """``torch.split(qkv, sizes, dim=2)``: the rank of the fused output comes from the captured shapes."""
+def test_fx_split_counted_from_the_front_needs_the_rank_and_export_pairs_it():
     model = FusedSplit(kv_heads=2, cut="torch.split", split_dim=2)
-    gm = tpfx.parallelize(model, tp=2, rank=0, mode="megatron", tracer=tracer, example_inputs=(_inputs(32),))
-    assert gm.tpfx_report.tracer == tracer
+    _, pairing = _pairing(model, 2)
+    (fallback,) = pairing.fallbacks
+    assert fallback.reason.startswith("dim 2 counted from the front needs the rank (pass example inputs)")
+    gm = tpfx.parallelize(model, tp=2, rank=0, mode="megatron", tracer="export", example_inputs=(_inputs(32),))
     assert [p.column_layouts for p in gm.tpfx_pairing.pairs] == [(GQA_SPLIT,)]
 
 
@@ -369,7 +369,7 @@ def _sum_of_ranks(model: nn.Module, x: torch.Tensor, tp: int) -> torch.Tensor:
             if node.target in (copy_to_tp, reduce_from_tp):
                 node.replace_all_uses_with(node.args[0])
                 gm.graph.erase_node(node)
-            elif node.target is rank_part:  # this rank's part, as the rank would take it
+            elif node.target is rank_part:  # this rank's part, as the rank would take it (tpfx.rank_parts)
                 tensor, dim, _ = node.args
                 node.target, node.args = take_part, (tensor, dim, rank, tp)
         gm.recompile()

@@ -227,12 +227,10 @@ def _fake_shapes(captured: Captured, signature: inspect.Signature,
     """Symbolic shapes on an fx capture (export graphs have them), from the example inputs where given."""
     if captured.tracer != "fx":
         return None
-    given = {}
-    if example_inputs is not None:
-        try:
-            given = example_arguments(signature, example_inputs)
-        except ConfigError:  # fx never needed them: inputs that do not fit are assumed instead
-            given = {}
+    try:
+        given = example_arguments(signature, example_inputs) if example_inputs is not None else {}
+    except ConfigError:  # fx never needed them: inputs that do not fit are assumed instead
+        given = {}
     return propagate_fake_shapes(captured.gm, list(signature.parameters), given=given)
 
 

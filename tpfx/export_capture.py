@@ -32,7 +32,8 @@ from torch.utils._pytree import keystr, tree_flatten_with_path
 from tpfx.capture import CallForm, call_form_of, capture, forward_signature, weightless_copy
 from tpfx.errors import CaptureError, ConfigError, one_line
 from tpfx.passes.module_hooks import hooks_lost_in_capture
-from tpfx.program import TensorParallelModule, device_of_call, graph_attributes
+from tpfx.passes.meta_device import device_of_call
+from tpfx.program import TensorParallelModule, graph_attributes
 
 TRACERS = ("auto", "fx", "export")
 ExampleInputs = tuple | dict | torch.Tensor

@@ -16,7 +16,7 @@ after ``.to()`` replaces the program's tensors.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from tpfx.capture import TRACED_CONSTANTS, CallForm, call_form_of, capture
 from tpfx.errors import ConfigError
+from tpfx.passes.meta_device import device_of_call
 
 
 @dataclass
@@ -148,11 +149,6 @@ def graph_attributes(graph: fx.Graph, owner_of: Callable[[fx.Node], nn.Module]) 
                 value = getattr(value, part)
             attributes[node.target] = value
     return attributes
-
-
-def device_of_call(values: Iterable[object]) -> torch.device:
-    """The device of the first tensor among a call's arguments; the CPU if there is none."""
-    return next((value.device for value in values if isinstance(value, torch.Tensor)), torch.device("cpu"))
 
 
 def adopt_missing(gm: nn.Module, owner: nn.Module) -> None:

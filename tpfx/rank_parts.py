@@ -54,6 +54,16 @@ def part_of_blocks(x: torch.Tensor, dim: int, block: int, rank: int, tp: int) ->
     return blocks.narrow(dim, rank * length, length).flatten(dim - 1, dim)
 
 
+def call_with_parameters(module: torch.nn.Module, parameters: dict[str, torch.Tensor], args: tuple,
+                         kwargs: dict) -> object:
+    """``module(*args, **kwargs)`` with some of its parameters replaced by the given tensors.
+
+    Megatron mode calls a replicated module that runs on this rank's heads (a qk-norm) with copies of
+    its parameters whose backward sums the ranks' partial gradients (``copy_to_tp``).
+    """
+    return torch.func.functional_call(module, dict(parameters), tuple(args), dict(kwargs))
+
+
 def _mask_part(like: torch.Tensor, p: float, dim: int, group: str) -> torch.Tensor:
     """This rank's part of the whole tensor's dropout mask, scaled by 1/(1-p) as dropout scales it."""
     rank, tp = rank_and_size(group)
@@ -78,16 +88,19 @@ def dropout_module_rank_part(x: torch.Tensor, module: torch.nn.Module, dim: int,
 
 def attention_rank_part(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0, is_causal: bool = False,
-                        scale: float | None = None, *, dim: int, group: str) -> torch.Tensor:
+                        scale: float | None = None, *, dim: int, group: str, enable_gqa: bool = False) -> torch.Tensor:
     """``scaled_dot_product_attention`` on this rank's heads (dim ``dim`` of the output) with attention dropout.
 
     The attention probabilities are dropped with this rank's part of the whole attention's mask; the
     math is the reference one (scores, mask, softmax, dropout, values), as PyTorch computes attention
-    with dropout on the CPU.
+    with dropout on the CPU. With ``enable_gqa`` each key/value head serves a group of consecutive query heads.
     """
     if dropout_p == 0:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, is_causal=is_causal,
-                                              scale=scale)
+                                              scale=scale, enable_gqa=enable_gqa)
+    if enable_gqa and key.size(-3) != query.size(-3):  # query head h reads key/value head h // repeats
+        repeats = query.size(-3) // key.size(-3)
+        key, value = key.repeat_interleave(repeats, dim=-3), value.repeat_interleave(repeats, dim=-3)
     root_scale = math.sqrt(scale if scale is not None else 1 / math.sqrt(query.size(-1)))
     scores = (query * root_scale) @ (key.transpose(-2, -1) * root_scale)
     if is_causal:
