@@ -113,3 +113,14 @@ class HeadMixing(nn.Module):
         probs = F.softmax(q @ k.transpose(-2, -1), dim=-1)
         probs = probs + probs.mean(dim=1, keepdim=True)  # every head sees every other head
         return self.out((probs @ v).transpose(1, 2).reshape(bsz, seq, width))
+
+
+class ReluFFN(nn.Module):
+    """fc1 -> relu -> fc2 on 16 features: the smallest FFN site and its row partner."""
+
+    def __init__(self, d_ff: int = 64) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(16, d_ff), nn.Linear(d_ff, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))

@@ -28,3 +28,12 @@ def grad_diffs(program: nn.Module, reference: nn.Module) -> dict[str, float]:
             expected = specs[name].take(expected)
         diffs[name] = max_diff(parameter.grad, expected)
     return diffs
+
+
+def square_mean_step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward and backward of ``model(x)`` with the loss ``mean(out ** 2)``: (output, loss)."""
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    loss = out.pow(2).mean()
+    loss.backward()
+    return out, loss

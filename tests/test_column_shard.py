@@ -8,6 +8,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from examples.gpt import GPTModel, small_config
+from tests.models import ReluFFN
 from tpfx.passes.column_shard import column_shard
 from tpfx.passes.find_sites import find_sites
 from tpfx.capture import capture
@@ -16,22 +17,13 @@ from tpfx.errors import ShardingError
 from tpfx.layers import ColumnParallelLinear
 
 
-class _FFN(nn.Module):
-    def __init__(self, d_ff: int = 64) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(16, d_ff), nn.Linear(d_ff, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def _shard(model: nn.Module, tp: int, rank: int) -> fx.GraphModule:
     gm = capture(model)
     return column_shard(gm, find_sites(gm, tp=tp).sites, tp=tp, rank=rank, group="tp:0-1").gm
 
 
 def test_node_list_after_rewrite():
-    gm = _shard(_FFN(), tp=2, rank=1)
+    gm = _shard(ReluFFN(), tp=2, rank=1)
     assert [(n.op, n.target) for n in gm.graph.nodes] == [
         ("placeholder", "x"), ("call_function", copy_to_tp), ("call_module", "fc1"),
         ("call_function", gather_from_tp), ("call_function", torch.relu), ("call_module", "fc2"), ("output", "output")]
@@ -40,7 +32,7 @@ def test_node_list_after_rewrite():
 
 
 def test_shard_holds_this_ranks_rows_only():
-    model = _FFN()
+    model = ReluFFN()
     gm = _shard(model, tp=4, rank=2)
     shard = gm.get_submodule("fc1")
     assert isinstance(shard, ColumnParallelLinear)
@@ -64,7 +56,7 @@ def test_local_outputs_of_all_ranks_concatenate_to_the_full_linear():
 
 
 def test_tp_not_dividing_out_features_is_one_clear_line_and_changes_nothing():
-    model = _FFN(d_ff=30)
+    model = ReluFFN(d_ff=30)
     gm = capture(model)
     sites = find_sites(gm, tp=4).sites
     with pytest.raises(ShardingError, match=r"^cannot shard 'fc1' \(fc1\): out_features 30 is not divisible by tp=4;"):

@@ -170,7 +170,7 @@ def test_token_ids_are_assumed_for_an_input_that_no_linear_or_norm_reads_first()
     assert shapes.inputs == {name: InputSpec((BATCH_HINT, SEQ_HINT), torch.int64, (0, 1)) for name in ("ids", "labels")}
     logits = _sizes(_one(gm, _is_module("head")))
     assert all(isinstance(size, torch.SymInt) for size in logits[:2]) and logits[2] == VOCAB
-    report = tpfx.parallelize(model, tp=2, rank=0, tracer="fx").tpfx_report
+    report = tpfx.parallelize(model, tp=2, rank=0, tracer="fx", mode="megatron").tpfx_report
     assert report.tracer_note == ("fx shapes: symbolic batch and sequence; assumed ids (batch, seq) int64, labels "
                                   "(batch, seq) int64 (no example input for them; pass example_inputs= to set them)")
 
@@ -191,7 +191,7 @@ def test_a_wrong_assumption_leaves_no_shapes_and_parallelize_works_as_before():
     shapes = propagate_fake_shapes(gm, ["x"])
     assert not shapes.propagated and not any("val" in node.meta for node in gm.graph.nodes)
     assert shapes.note.startswith("fx shapes: none (") and "\n" not in shapes.note
-    program = tpfx.parallelize(model, tp=2, rank=0, tracer="fx")
+    program = tpfx.parallelize(model, tp=2, rank=0, tracer="fx", mode="megatron")
     assert program.tpfx_report.tracer_note == shapes.note
 
 

@@ -35,7 +35,7 @@ from tpfx.passes.pair_megatron import Pairing, pair_sites
 from tpfx.passes.row_shard import megatron_shard
 from tpfx.rank_parts import rank_part, take_part
 from tests.multiprocess import run_ranks
-from tests.parity import grad_diffs, max_diff
+from tests.parity import grad_diffs, max_diff, square_mean_step
 
 HEAD_DIM = 8
 TOL = 1e-5
@@ -415,21 +415,13 @@ _PARITY = [
 ]
 
 
-def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    out = model(x)
-    loss = out.pow(2).mean()
-    loss.backward()
-    return out, loss
-
-
 def _check(make, tracer: str, tp: int, mode: str) -> dict:
     torch.manual_seed(0)
     reference = make()
     x = _inputs(reference.width)
     gm = tpfx.parallelize(reference, tp=tp, mode=mode, tracer=tracer,
                           example_inputs=(x,) if tracer == "export" else None)
-    (ref_out, ref_loss), (out, loss) = _step(reference, x), _step(gm, x)
+    (ref_out, ref_loss), (out, loss) = square_mean_step(reference, x), square_mean_step(gm, x)
     diffs = {"logits": max_diff(out, ref_out), "loss": max_diff(loss, ref_loss)} | grad_diffs(gm, reference)
     specs, full = parameter_shard_specs(gm), dict(reference.named_parameters())
     held = {name: torch.equal(specs[name].take(full[name].detach()) if name in specs else full[name].detach(),

@@ -29,7 +29,7 @@ from tpfx.passes.graph_view import to_networkx
 from tpfx.passes.pair_megatron import Pairing, pair_sites
 from tpfx.rank_parts import part_of_blocks, rank_part
 from tests.multiprocess import run_ranks
-from tests.parity import grad_diffs, max_diff
+from tests.parity import grad_diffs, max_diff, square_mean_step
 
 WIDTH, HEADS, FF, MAX_SEQ = 32, 4, 64, 16
 HEAD = WIDTH // HEADS
@@ -412,14 +412,6 @@ MODELS: dict[str, Callable[[], nn.Module]] = {
 CALLS = {"example": (2, 6), "other shape": (3, 9)}  # (batch, seq): the export's dynamic dims at another size
 
 
-def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    model.zero_grad(set_to_none=True)
-    out = model(x)
-    loss = out.pow(2).mean()
-    loss.backward()
-    return out, loss
-
-
 def _parity(label: str, tp: int, mode: str, tracer: str, group: dist.ProcessGroup | None) -> dict:
     torch.manual_seed(0)
     reference = MODELS[label]().eval()
@@ -431,7 +423,7 @@ def _parity(label: str, tp: int, mode: str, tracer: str, group: dist.ProcessGrou
     for call, (batch, seq), training in calls:
         reference.train(training)
         gm.train(training)
-        (ref_out, ref_loss), (out, loss) = (_step(m, _example(batch, seq, seed=5)) for m in (reference, gm))
+        (ref_out, ref_loss), (out, loss) = (square_mean_step(m, _example(batch, seq, seed=5)) for m in (reference, gm))
         diffs |= {f"{call} output": max_diff(out, ref_out), f"{call} loss": max_diff(loss, ref_loss)}
         diffs |= {f"{call} grad {name}": value for name, value in grad_diffs(gm, reference).items()}
     pairing = gm.tpfx_pairing

@@ -19,7 +19,7 @@ import tpfx
 import tpfx.api
 import tpfx.passes.find_sites as find_sites_module
 from examples.gpt import GPTModel, small_config
-from tests.models import DropoutInside, FusedLastDim, Grouped, HeadMixing, Interleaved
+from tests.models import DropoutInside, FusedLastDim, Grouped, HeadMixing, Interleaved, ReluFFN
 from tpfx.capture import CallForm, capture
 from tpfx.collectives import copy_to_tp, gather_from_tp
 from tpfx.errors import ShardingError
@@ -219,15 +219,6 @@ def test_records_refuse_what_does_not_fit_in_one_line():
         ParameterPlan("a.w", (4, 2), "column", spec, module_path="a")
 
 
-class _FFN(nn.Module):
-    def __init__(self, d_ff: int = 64) -> None:
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(16, d_ff), nn.Linear(d_ff, 16)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 class _LinearWithScale(nn.Linear):
     def __init__(self, *args: int) -> None:
         super().__init__(*args)
@@ -248,7 +239,7 @@ class _NotALinear(nn.Module):
      r"^'fc1' \(_LinearWithScale\) holds parameters \['scale'\] besides weight and bias"),
 ], ids=["shape", "not-a-linear", "extra-parameter"])
 def test_apply_refuses_a_source_that_does_not_fit_the_plan_before_any_change(swap, message):
-    model = _FFN()
+    model = ReluFFN()
     gm = capture(model)
     plan = gather_plan(gm, find_sites(gm, tp=2), tp=2, rank=0)
     source = copy.deepcopy(model)
@@ -259,7 +250,7 @@ def test_apply_refuses_a_source_that_does_not_fit_the_plan_before_any_change(swa
 
 
 def test_apply_slices_from_the_source_and_says_what_it_changed():
-    model = _FFN()
+    model = ReluFFN()
     gm = capture(model)
     plan = gather_plan(gm, find_sites(gm, tp=4), tp=4, rank=3)
     done = shard_parameters(gm, plan, source=model)
@@ -269,7 +260,7 @@ def test_apply_slices_from_the_source_and_says_what_it_changed():
 
 
 def test_a_program_without_a_plan_reads_specs_from_its_layers():
-    model = _FFN()
+    model = ReluFFN()
     gm = capture(model)
     gm = column_shard(gm, find_sites(gm, tp=2).sites, tp=2, rank=1, group="tp:0-1").gm
     assert not hasattr(gm, "tpfx_plan")

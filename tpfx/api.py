@@ -110,6 +110,7 @@ class Strategy:
     rewrite: Callable[[fx.GraphModule, Plan, str], object]  # (gm, plan, group key): the graph only
     rewrite_other_form: Callable[[fx.GraphModule, Plan, str], object]
     report: Callable[[Report, fx.GraphModule, Plan], Report]
+    needs_shapes: bool = False  # whether its analysis reads sizes (fx captures then get fake shapes first)
 
 
 def _gather_collectives(gm: fx.GraphModule, plan: Plan, group: str) -> object:
@@ -131,7 +132,7 @@ STRATEGIES: dict[Mode, Strategy] = {
         rewrite=lambda gm, plan, group: rewrite_pair_graph(gm, plan.pairing, tp=plan.tp, group=group),
         rewrite_other_form=lambda traced, plan, group: rewrite_other_form(traced, plan.pairing, tp=plan.tp,
                                                                           group=group),
-        report=megatron_report),
+        report=megatron_report, needs_shapes=True),
 }
 MODES = tuple(mode.value for mode in STRATEGIES)
 
@@ -197,10 +198,11 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     gm = captured.gm
     # a model built with parameters on meta was traced on meta: its device constants must say the inputs' device
     retarget_meta_device(gm, device=device_of_inputs(example_inputs))
-    shapes = _fake_shapes(captured, forward_signature(model), example_inputs)
+    strategy = STRATEGIES[Mode(mode)]
+    # gather mode reads no sizes: shape propagation (a third of a small model's pass) is for pairing only
+    shapes = _fake_shapes(captured, forward_signature(model), example_inputs) if strategy.needs_shapes else None
     # every parameter of the model, also those this graph does not read: the plan lists them all
     adopt_missing(gm, captured.skeleton)
-    strategy = STRATEGIES[Mode(mode)]
     finding = find_sites(gm, tp=layout.tp)
     warn_if_no_sites(type(model).__name__, finding, tp=layout.tp, stacklevel=3)  # 3: parallelize's caller
     plan = strategy.plan(gm, finding, layout.tp, layout.rank)  # raises before any change
