@@ -254,6 +254,14 @@ def test_fx_split_counted_from_the_front_needs_the_rank_and_export_pairs_it():
     assert [p.column_layouts for p in gm.tpfx_pairing.pairs] == [(GQA_SPLIT,)]
 
 
+def test_fx_split_counted_from_the_front_pairs_with_the_shapes_parallelize_captures():
+    """Through ``parallelize`` an fx capture carries shapes: the fused output's rank is known, the split pairs."""
+    model = FusedSplit(kv_heads=2, cut="torch.split", split_dim=2)
+    gm = tpfx.parallelize(model, tp=2, rank=0, mode="megatron", tracer="fx", example_inputs=(_inputs(32),))
+    assert gm.tpfx_report.tracer == "fx"
+    assert [p.column_layouts for p in gm.tpfx_pairing.pairs] == [(GQA_SPLIT,)]
+
+
 # ------------------------------------------------------------------------ megatron: rewritten graphs
 
 
