@@ -159,9 +159,10 @@ def served_module(gm: fx.GraphModule, node: fx.Node, sites: frozenset[str] = fro
                                               or is_sharded_module(gm.get_submodule(neighbour.target))):
             return str(neighbour.target)  # a site kept whole (grouped-query k/v) is named too
         # an exported graph calls linear(x, weight) on a get_attr of the shard's weight instead
-        for owner in (str(a.target).rpartition(".")[0] for a in neighbour.all_input_nodes if a.op == "get_attr"):
-            if owner in sites or (owner and is_sharded_module(gm.get_submodule(owner))):
-                return owner
+        for weight in (str(a.target) for a in neighbour.all_input_nodes if a.op == "get_attr"):
+            owner = weight.rpartition(".")[0]
+            if (owner or weight) in sites or (owner and is_sharded_module(gm.get_submodule(owner))):
+                return owner or weight  # a weight of the model itself is named by its own name
     return ""
 
 

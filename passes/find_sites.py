@@ -242,7 +242,8 @@ def _describe_linear(gm: fx.GraphModule, view: nx.DiGraph, node: fx.Node) -> _Li
     if functional is None:  # an nn.Linear module
         weight = tuple(gm.get_submodule(node.target).weight.shape)
         return _Linear(str(node.target), str(node.target), weight, "out_in", "", "")
-    owner = functional.weight.rpartition(".")[0]
+    # reports name a functional linear by the module owning its weight; a weight of the model itself by its name
+    owner = functional.weight.rpartition(".")[0] or functional.weight
     weight = tuple(gm.get_parameter(functional.weight).shape)
     return _Linear(functional.weight, owner, weight, functional.layout, functional.weight, functional.bias or "")
 

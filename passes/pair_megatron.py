@@ -355,7 +355,7 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
     return Pair(
         kind="ffn" if all(site.role in _FFN_ROLES for site in sites) else "attention",
         columns=tuple(sites), column_layouts=layouts,
-        row_module_path=row.key.rpartition(".")[0] if row.functional else row.key,
+        row_module_path=(row.key.rpartition(".")[0] or row.key) if row.functional else row.key,
         row_node_name=row_node.name, row_weight_shape=weight_shape,
         row_layout=_layout_of(flow, leaves, chosen, row.key), shape_edits=edits,
         shard_size=_product(flow, list(chosen)), row_weight_name=row.key if row.functional else "",

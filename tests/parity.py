@@ -37,3 +37,19 @@ def square_mean_step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, t
     loss = out.pow(2).mean()
     loss.backward()
     return out, loss
+
+
+def check_plan_report_and_program_agree(model: nn.Module, gm: nn.Module) -> None:
+    """Assert that the plan, the report's shard shapes and the parameters ``gm`` holds agree with ``model``'s."""
+    plan, full = gm.tpfx_plan, dict(model.named_parameters(remove_duplicate=False))
+    held = dict(gm.named_parameters(remove_duplicate=False))
+    assert set(plan.parameters) == set(held) == set(full)
+    for name, entry in plan.parameters.items():
+        part = full[name].detach() if entry.spec is None else entry.spec.take(full[name].detach())
+        assert tuple(part.shape) == entry.local_shape == tuple(held[name].shape), name
+        assert torch.equal(part, held[name]), name
+    table = gm.tpfx_report.sites_table()
+    assert table
+    for row in table:
+        weight = f"{row['module']}.weight" if f"{row['module']}.weight" in held else row["module"]  # a root's own
+        assert row["shard"] == list(held[weight].shape), row

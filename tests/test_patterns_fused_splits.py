@@ -35,7 +35,7 @@ from tpfx.passes.pair_megatron import Pairing, pair_sites
 from tpfx.passes.row_shard import megatron_shard
 from tpfx.rank_parts import rank_part, take_part
 from tests.multiprocess import run_ranks
-from tests.parity import grad_diffs, max_diff, square_mean_step
+from tests.parity import check_plan_report_and_program_agree, grad_diffs, max_diff, square_mean_step
 
 HEAD_DIM = 8
 TOL = 1e-5
@@ -486,3 +486,16 @@ def test_every_fused_projection_pairs_in_megatron_mode_with_both_tracers(world):
         if mode == "megatron":
             assert len(checked["pairs"]) == 1 and not checked["fallbacks"], (label, tp, checked["fallbacks"])
             assert " | " in checked["pairs"][0]  # a layout of pieces
+
+
+_PLAN_MODELS = {label: make for label, make, tracer, _, _ in _PARITY if tracer == "fx"}
+
+
+@pytest.mark.parametrize("name", list(_PLAN_MODELS))
+def test_every_model_holds_what_its_plan_and_report_say(name):
+    """The report's shard shapes and the plan's specs are the parameters each rank holds (fx, both modes)."""
+    for mode in ("gather", "megatron"):
+        for tp in (2, 4):
+            torch.manual_seed(0)
+            model = _PLAN_MODELS[name]()
+            check_plan_report_and_program_agree(model, tpfx.parallelize(model, tp=tp, rank=tp - 1, mode=mode, tracer="fx"))

@@ -36,7 +36,7 @@ from tpfx.passes.pair_megatron import Pairing, pair_sites
 from tpfx.passes.row_shard import megatron_shard
 from tpfx.rank_parts import rank_part
 from tests.multiprocess import run_ranks
-from tests.parity import grad_diffs, max_diff
+from tests.parity import check_plan_report_and_program_agree, grad_diffs, max_diff
 
 HEADS, HEAD = 4, 8
 WIDTH = HEADS * HEAD
@@ -509,3 +509,16 @@ def test_every_pattern_pairs_in_megatron_mode_except_the_full_width_norm(world):
             assert "(rms_norm) normalizes over it" in reason and len(checked["pairs"]) == 1
         else:
             assert checked["pairs"] and not checked["fallbacks"], (label, tp, tracer, checked["fallbacks"])
+
+
+_PLAN_MODELS = {name: make for name, make in MODELS.items() if "Meta spelling" not in name}  # export only
+
+
+@pytest.mark.parametrize("name", list(_PLAN_MODELS))
+def test_every_model_holds_what_its_plan_and_report_say(name):
+    """The report's shard shapes and the plan's specs are the parameters each rank holds (fx, both modes)."""
+    for mode in ("gather", "megatron"):
+        for tp in (2, 4):
+            torch.manual_seed(0)
+            model = _PLAN_MODELS[name]()
+            check_plan_report_and_program_agree(model, tpfx.parallelize(model, tp=tp, rank=tp - 1, mode=mode, tracer="fx"))

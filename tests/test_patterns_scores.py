@@ -29,7 +29,7 @@ from tpfx.passes.graph_view import to_networkx
 from tpfx.passes.pair_megatron import Pairing, pair_sites
 from tpfx.rank_parts import part_of_blocks, rank_part
 from tests.multiprocess import run_ranks
-from tests.parity import grad_diffs, max_diff, square_mean_step
+from tests.parity import check_plan_report_and_program_agree, grad_diffs, max_diff, square_mean_step
 
 WIDTH, HEADS, FF, MAX_SEQ = 32, 4, 64, 16
 HEAD = WIDTH // HEADS
@@ -466,3 +466,16 @@ def test_every_pattern_matches_single_device_in_both_modes_and_tracers(world):
             if mode == "megatron":
                 assert not result["fallbacks"] and result["pairs"] >= 1, (where, result["fallbacks"])
     assert len(checked) == len(MODELS) * (4 + 3)
+
+
+_PLAN_MODELS = MODELS
+
+
+@pytest.mark.parametrize("name", list(_PLAN_MODELS))
+def test_every_model_holds_what_its_plan_and_report_say(name):
+    """The report's shard shapes and the plan's specs are the parameters each rank holds (fx, both modes)."""
+    for mode in ("gather", "megatron"):
+        for tp in (2, 4):
+            torch.manual_seed(0)
+            model = _PLAN_MODELS[name]()
+            check_plan_report_and_program_agree(model, tpfx.parallelize(model, tp=tp, rank=tp - 1, mode=mode, tracer="fx"))

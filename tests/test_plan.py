@@ -19,6 +19,7 @@ import tpfx
 import tpfx.api
 import tpfx.passes.find_sites as find_sites_module
 from examples.gpt import GPTModel, small_config
+from tests.parity import check_plan_report_and_program_agree
 from tests.models import DropoutInside, FusedLastDim, Grouped, HeadMixing, Interleaved, ReluFFN
 from tpfx.capture import CallForm, capture
 from tpfx.collectives import copy_to_tp, gather_from_tp
@@ -296,20 +297,6 @@ _FX_MODELS = {
 }
 
 
-def _check_plan_report_and_program_agree(model: nn.Module, gm: tpfx.TensorParallelModule) -> None:
-    plan, full = gm.tpfx_plan, dict(model.named_parameters(remove_duplicate=False))
-    held = dict(gm.named_parameters(remove_duplicate=False))
-    assert set(plan.parameters) == set(held) == set(full)
-    for name, entry in plan.parameters.items():
-        part = full[name].detach() if entry.spec is None else entry.spec.take(full[name].detach())
-        assert tuple(part.shape) == entry.local_shape == tuple(held[name].shape), name
-        assert torch.equal(part, held[name]), name
-    table = gm.tpfx_report.sites_table()
-    assert table
-    for row in table:
-        assert row["shard"] == list(gm.get_parameter(f"{row['module']}.weight").shape), row
-
-
 @pytest.mark.parametrize("tp", [2, 4])
 @pytest.mark.parametrize("mode", ["gather", "megatron"])
 @pytest.mark.parametrize("name", list(_FX_MODELS))
@@ -317,7 +304,7 @@ def test_every_fx_test_model_holds_what_its_plan_and_report_say(name, mode, tp):
     torch.manual_seed(0)
     model = _FX_MODELS[name]()
     for rank in range(tp):
-        _check_plan_report_and_program_agree(model, tpfx.parallelize(model, tp=tp, rank=rank, mode=mode))
+        check_plan_report_and_program_agree(model, tpfx.parallelize(model, tp=tp, rank=rank, mode=mode))
 
 
 @pytest.mark.parametrize("tp", [2, 4])
@@ -327,4 +314,4 @@ def test_every_hugging_face_test_model_holds_what_its_plan_and_report_say(name, 
     hf = _hf_models()
     model = hf.build(name)
     gm = tpfx.parallelize(model, tp=tp, rank=tp - 1, mode=mode, tracer="export", example_inputs=hf.example_inputs())
-    _check_plan_report_and_program_agree(model, gm)
+    check_plan_report_and_program_agree(model, gm)

@@ -142,4 +142,4 @@ def _linear_path(node: fx.Node, parameters: dict[str, tuple[int, ...]]) -> str |
     if node.op == "call_module":
         return str(node.target)
     linear = functional_linear(node, parameters)
-    return linear.weight.rpartition(".")[0] if linear is not None else None
+    return (linear.weight.rpartition(".")[0] or linear.weight) if linear is not None else None
