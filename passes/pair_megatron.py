@@ -43,7 +43,7 @@ from tpfx.passes.graph_view import functional_linear, parameter_shapes
 from tpfx.passes.factors import CutItem, CutUse, Dim, FeatureLayout, OutsideOperand, ShapeUse, Size, SizeRead, Value
 from tpfx.passes.feature_flow import FeatureFlow, LinearCall, LinearOf, analyze_feature_flow, module_linears
 from tpfx.passes.localize_shapes import FullSize, ShapeEdit
-from tpfx.passes.module_hooks import hooks_keep_pair_whole
+from tpfx.passes.module_hooks import hooks_keep_pair_whole, module_hooks
 from tpfx.passes.ops import SDPA_GQA, Flow, Kind, dropout_probability, kind_of, rule_of
 
 _FFN_ROLES = ("fc1", "up")
@@ -346,6 +346,8 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
     layouts = tuple(_layout(flow, flow.roots[site.node_name], chosen, site) for site in sites)
     if all(layout.whole for layout in layouts):
         raise _NoPair(f"no factor of {_paths(sites)} lines up with the split input of '{row.key}'")
+    if why := _hooks_skipped_by_whole_pieces(sites, layouts, index, tp):
+        raise _NoPair(why)
     whole_only, narrows = _narrows(flow, chosen, sites, layouts, index) if len(chosen) > 1 else (set(), ())
     narrows += _outside_narrows(flow, records.outside, chosen, whole_only)
     edits = _shape_edits(flow, records.shape_uses, chosen, whole_only, tp=tp) + _cut_edits(flow, records.cut_uses, chosen, tp)
@@ -360,6 +362,21 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
         row_bias_name=row.bias, row_weight_layout=row.layout, narrows=narrows,
         dropouts=_dropouts(flow, records.dropouts, chosen, whole_only),
         full_sizes=_full_sizes(flow, records, chosen, whole_only, index), replicated_reads=tuple(records.reads))
+
+
+def _hooks_skipped_by_whole_pieces(sites: list[Site], layouts: tuple[FeatureLayout, ...], index: _GraphIndex,
+                                   tp: int) -> str:
+    """Why a fused module linear with pieces kept whole cannot pair: the rewrite applies its weight in the graph
+    (``F.linear``, the whole pieces' rows passed through an all-reduce of their gradient), not by calling
+    the module, so the module's hooks would not run; "" when no such module has hooks."""
+    for site, layout in zip(sites, layouts):
+        module = index.modules.get(site.module_path) if not site.functional else None
+        hooks = module_hooks(module) if module is not None and layout.whole_local_ranges(tp) else []
+        if hooks:
+            return (f"'{site.module_path}' has a {hooks[0].describe()}, and its pieces {layout.describe()} kept whole "
+                    "at this tp are applied as F.linear in the graph, which would skip it; remove the hook or use a "
+                    "tp that divides the key/value heads")
+    return ""
 
 
 def _partner(records: _GroupRecords, sites: list[Site], index: _GraphIndex) -> tuple[fx.Node, LinearCall, Dim]:

@@ -254,6 +254,14 @@ def test_fx_split_counted_from_the_front_needs_the_rank_and_export_pairs_it():
     assert [p.column_layouts for p in gm.tpfx_pairing.pairs] == [(GQA_SPLIT,)]
 
 
+def test_fx_split_counted_from_the_front_pairs_with_the_shapes_parallelize_captures():
+    """Through ``parallelize`` an fx capture carries shapes: the fused output's rank is known, the split pairs."""
+    model = FusedSplit(kv_heads=2, cut="torch.split", split_dim=2)
+    gm = tpfx.parallelize(model, tp=2, rank=0, mode="megatron", tracer="fx", example_inputs=(_inputs(32),))
+    assert gm.tpfx_report.tracer == "fx"
+    assert [p.column_layouts for p in gm.tpfx_pairing.pairs] == [(GQA_SPLIT,)]
+
+
 # ------------------------------------------------------------------------ megatron: rewritten graphs
 
 
@@ -321,6 +329,25 @@ def test_export_whole_pieces_of_an_in_out_weight_are_its_columns():
     assert gm.get_parameter("c_attn.weight").shape == (32, 32)
     views = [n.args[1] for n in gm.graph.nodes if n.target is torch.ops.aten.view.default and n.args[0] is addmm]
     assert [size[-1] for size in views] == [32]  # (B, T, 48) -> this rank's 16 + 8 + 8
+
+
+def _clip(module: nn.Module, args: tuple) -> tuple:
+    return (args[0].clamp(-3, 3),)
+
+
+def test_a_hook_on_a_fused_linear_with_whole_pieces_falls_back_and_is_carried_when_every_piece_splits():
+    """Whole pieces apply the weight as F.linear in the graph (not the module): its hooks would not run."""
+    mqa = FusedSplit(kv_heads=1)
+    mqa.qkv.register_forward_pre_hook(_clip)
+    (fallback,) = _pairing(mqa, 2)[1].fallbacks
+    assert fallback.reason == ("'qkv' has a forward pre-hook '_clip', and its pieces [4*, 8 | 8 | 8] kept whole at "
+                               "this tp are applied as F.linear in the graph, which would skip it; remove the hook or "
+                               "use a tp that divides the key/value heads")
+    gqa = FusedSplit(kv_heads=2)
+    gqa.qkv.register_forward_pre_hook(_clip)
+    gm = tpfx.parallelize(gqa, tp=2, rank=0, mode="megatron")
+    assert not gm.tpfx_pairing.fallbacks
+    assert [h.__name__ for h in gm.get_submodule("qkv")._forward_pre_hooks.values()] == ["_clip"]  # carried
 
 
 def test_split_pieces_keep_the_module_call():
