@@ -204,7 +204,7 @@ def pair_sites(gm: fx.GraphModule, finding: SiteFinding, *, tp: int) -> Pairing:
     flow = analyze_feature_flow(gm, [site.node_name for site in finding.sites], linear_of=linear_of)
     index = _GraphIndex.of(gm, linear_of)
     records = _records_by_group(flow, index)
-    for group, reads in _replicated_reads(gm, flow, index).items():
+    for group, reads in _replicated_reads(gm, flow).items():
         records[group].reads = reads
     groups: dict[int, list[Site]] = {}
     for site in finding.sites:
@@ -290,7 +290,7 @@ def _records_by_group(flow: FeatureFlow, index: _GraphIndex) -> defaultdict[int,
     return records
 
 
-def _replicated_reads(gm: fx.GraphModule, flow: FeatureFlow, index: _GraphIndex) -> dict[int, list[ReplicatedRead]]:
+def _replicated_reads(gm: fx.GraphModule, flow: FeatureFlow) -> dict[int, list[ReplicatedRead]]:
     """Per group, where its ops read a whole tensor that needs a gradient (see :class:`ReplicatedRead`).
 
     A tensor needs a gradient when it is computed from a trainable parameter (a get_attr, a module's
@@ -299,7 +299,10 @@ def _replicated_reads(gm: fx.GraphModule, flow: FeatureFlow, index: _GraphIndex)
     """
     modules = dict(gm.named_modules())
     trainable = {name for name, p in gm.named_parameters(remove_duplicate=False) if p.requires_grad}
-    own = {name: any(p.requires_grad for p in module.parameters()) for name, module in modules.items()}
+
+    def trains(node: fx.Node) -> bool:  # a module call with parameters of its own that need gradients
+        return node.op == "call_module" and any(p.requires_grad for p in modules[str(node.target)].parameters())
+
     needs: dict[str, bool] = {}
     found: defaultdict[int, list[ReplicatedRead]] = defaultdict(list)
     for node in gm.graph.nodes:
@@ -309,14 +312,13 @@ def _replicated_reads(gm: fx.GraphModule, flow: FeatureFlow, index: _GraphIndex)
             elif node.op == "get_attr":
                 needs[node.name] = str(node.target) in trainable
             else:
-                needs[node.name] = (node.op == "call_module" and own.get(str(node.target), False)
-                                    or any(needs.get(p.name, False) for p in node.all_input_nodes))
+                needs[node.name] = trains(node) or any(needs.get(p.name, False) for p in node.all_input_nodes)
             continue
         inside = [p.name for p in node.all_input_nodes if p.name in flow.values]
         if node.name in flow.roots or not inside:
             continue
         group = flow.group_of(flow.values[inside[0]].group)
-        if node.op == "call_module" and own.get(str(node.target), False):
+        if trains(node):
             found[group].append(ReplicatedRead(node.name, ""))
         found[group] += [ReplicatedRead(node.name, p.name) for p in node.all_input_nodes if needs.get(p.name, False)]
     return found
