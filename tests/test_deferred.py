@@ -36,9 +36,9 @@ def test_parallelize_without_inputs_defers_capture_and_says_so_until_the_first_c
     assert isinstance(gm, DeferredProgram) and gm.call_forms == () and "no call form built yet" in repr(gm.call_forms)
     for read in (lambda: gm.tpfx_report, lambda: gm.graph, lambda: list(gm.parameters()), lambda: gm.state_dict(),
                  lambda: tpfx.load_state_dict(gm, model.state_dict()), lambda: gm.to(torch.float64)):
-        with pytest.raises(ConfigError, match=r"NanoGPTStyle program: not there until it is captured, on its first "
-                                              r"call, because torch.fx could not trace it \(.*TraceError.*\); call "
-                                              r"gm\(...\) or gm.prepare\(") as error:
+        with pytest.raises(ConfigError, match=r"needs the captured program, and this NanoGPTStyle program is captured "
+                                              r"on its first call because torch.fx could not trace it \(.*TraceError"
+                                              r".*\); call gm\(...\) or gm.prepare\(") as error:
             read()
         assert "\n" not in str(error.value)
     assert gm.prepare(_ids(), targets=_ids()) is gm  # the same object, now the program

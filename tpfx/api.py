@@ -142,7 +142,7 @@ MODES = tuple(mode.value for mode in STRATEGIES)
 def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessGroup | None = None,
                 rank: int | None = None, mode: Literal["gather", "megatron"] = "gather",
                 tracer: Literal["auto", "fx", "export"] = "auto",
-                example_inputs: ExampleInputs | None = None) -> TensorParallelModule:
+                example_inputs: ExampleInputs | None = None) -> TensorParallelModule | DeferredProgram:
     """Make ``model`` tensor-parallel: return this rank's program as a GraphModule.
 
     The attention QKV projections and FFN first linears are found by graph structure and
@@ -161,24 +161,29 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
             all-reduce), run the ops between on this rank's heads; sites that cannot be paired
             safely stay column-plus-gather (``gm.tpfx_pairing.fallbacks`` says why).
         tracer: ``"auto"`` (default): torch.fx where it traces, else torch.export with
-            ``example_inputs``; ``"fx"``; ``"export"`` (needs ``example_inputs``). An exported
+            ``example_inputs`` (or from the first call); ``"fx"``; ``"export"``. An exported
             program has dynamic batch and sequence dims; another call form (other arguments given,
             or the other train/eval mode) is exported from a weightless copy of the model on its
             first call. ``gm.tpfx_report.tracer`` says which was used.
         example_inputs: the arguments of one call of ``model``: a tuple of positional
-            arguments, a dict of keyword arguments, or one tensor. torch.export traces this call;
+            arguments, a dict of keyword arguments, or one tensor. Not needed: without them, a
+            model torch.fx cannot trace is captured with torch.export from its first call (see
+            :mod:`tpfx.deferred`; ``gm.prepare(...)`` captures earlier). torch.export traces this call;
             torch.fx graphs take their symbolic shapes from it (dims 0 and 1 symbolic). Without it,
             fx assumes token ids or, for an input a linear or norm reads first, (batch, seq, width);
             ``gm.tpfx_report.tracer_note`` says which (see :mod:`tpfx.passes.fake_shapes`).
 
     Returns:
-        A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts.
+        A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts;
+        for a model torch.fx cannot trace, without ``example_inputs``, a
+        :class:`tpfx.deferred.DeferredProgram` that becomes one on its first call or ``prepare``.
 
     Raises:
-        ConfigError: bad tp, group or rank, or no process group without ``rank=``.
+        ConfigError: bad tp, group, rank, mode or tracer, or no process group without ``rank=``.
         CaptureError: the model cannot be traced.
         ShardingError: tp does not divide a site's out_features.
-        All are raised before any collective runs and leave nothing changed.
+        All are raised before any collective runs and leave nothing changed; for a program captured
+        on its first call, CaptureError and ShardingError come from that call (or ``prepare``).
     """
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is not a parallelization mode; use one of {', '.join(map(repr, MODES))}")

@@ -96,26 +96,26 @@ class DeferredProgram(nn.Module):
 
     def __getattr__(self, name: str) -> Any:
         if name in _CAPTURED_ONLY:
-            raise self._not_yet(name)
+            raise self._not_yet(f"gm.{name}")
         return super().__getattr__(name)
 
     def named_parameters(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - nn.Module's signature
-        raise self._not_yet("its parameters")
+        raise self._not_yet("gm.parameters()")
 
     def named_buffers(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - nn.Module's signature
-        raise self._not_yet("its buffers")
+        raise self._not_yet("gm.buffers()")
 
     def state_dict(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - nn.Module's signature
-        raise self._not_yet("its state dict")
+        raise self._not_yet("gm.state_dict()")
 
     def load_state_dict(self, *args: Any, **kwargs: Any):  # noqa: ANN201 - nn.Module's signature
-        raise self._not_yet("loading a state dict")
+        raise self._not_yet("gm.load_state_dict()")
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Nothing to zero before the first call (a training loop may call it first)."""
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature (.to(), .cuda(), .half())
-        raise self._not_yet("moving or converting it")
+        raise self._not_yet("gm.to() (or .cuda(), .half(), ...)")
 
     def extra_repr(self) -> str:
         pending: _Pending = self.__dict__["_tpfx_pending"]
@@ -124,9 +124,9 @@ class DeferredProgram(nn.Module):
     def _not_yet(self, what: str) -> ConfigError:
         pending: _Pending = self.__dict__["_tpfx_pending"]
         return ConfigError(
-            f"{what} of this {pending.model_name} program: not there until it is captured, on its first call, "
-            f"because torch.fx could not trace it ({pending.reason}); call gm(...) or gm.prepare(<the arguments "
-            "of one call>) first, or pass example_inputs= to tpfx.parallelize")
+            f"{what} needs the captured program, and this {pending.model_name} program is captured on its first "
+            f"call because torch.fx could not trace it ({pending.reason}); call gm(...) or gm.prepare(<the "
+            "arguments of one call>) first, or pass example_inputs= to tpfx.parallelize")
 
 
 def _carry_hooks(deferred: nn.Module, program: nn.Module) -> None:
