@@ -45,7 +45,8 @@ def test_parallelize_without_inputs_defers_capture_and_says_so_until_the_first_c
     assert isinstance(gm, ExportedTensorParallelModule) and gm.prepare(_ids()) is gm  # prepared: nothing to do
     note = gm.tpfx_report.tracer_note
     assert note.startswith("torch.fx could not trace NanoGPTStyle (the top-level forward failed: TraceError: ")
-    assert "so it was captured with torch.export from its first call. Dims left dynamic: idx.shape[0]," in note
+    assert "so it was captured with torch.export from its first call (or gm.prepare). Dims left dynamic: " \
+           "idx.shape[0], idx.shape[1], targets.shape[0], targets.shape[1]." in note
     assert repr(gm.call_forms) == "1 call form built: train, all arguments (the program's own graph)"
     check_plan_report_and_program_agree(model, gm)
 

@@ -83,11 +83,11 @@ def test_explain_fits_100_columns_and_json_keeps_every_reason_whole(capsys, monk
         assert " ".join(row["reason"].split()) in flat, row["module"]
 
 
-@pytest.mark.parametrize("tracer", ["fx", "export"])
-def test_every_reduce_row_of_the_megatron_table_names_its_linear(tracer):
+def test_every_reduce_row_of_the_megatron_table_names_its_linear():
     x = torch.randn(2, 8, 16, requires_grad=True)
+    # the weights are get_attr nodes, as in every exported graph: the names come from the plan either way
     for model, expected in ((_RootWeights(), ["w_in", "w_out"]), (_BlockWeights(), ["block.w1", "block.w2"])):
-        gm = tpfx.parallelize(model, tp=2, rank=0, mode="megatron", tracer=tracer, example_inputs=(x,))
+        gm = tpfx.parallelize(model, tp=2, rank=0, mode="megatron", tracer="fx", example_inputs=(x,))
         rows = comm_table(gm, {"x": x}, tp=2).rows
         assert sorted(row.module for row in rows) == expected, (type(model).__name__, rows)
     gpt = tpfx.parallelize(tiny_gpt(), tp=2, rank=0, mode="megatron")

@@ -283,8 +283,8 @@ class ExportedTensorParallelModule(TensorParallelModule):
             if call[name].shape[axis] != size:
                 raise ConfigError(
                     f"argument {name} has size {call[name].shape[axis]} in dim {axis}, but this program was exported "
-                    f"from an example with size {size} there, which torch.export fixes; parallelize again with "
-                    "example_inputs of batch size and sequence length 2 or more"
+                    f"from an example with size {size} there, which torch.export fixes; parallelize again and capture "
+                    "from example_inputs (or a first call, or gm.prepare) of batch size and sequence length 2 or more"
                 )
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
@@ -392,7 +392,7 @@ def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
         skeleton, sources = weightless_copy(exported.gm)
     args, kwargs = _as_args_kwargs(example_inputs)
     form = call_form_of(forward_signature(model), args, kwargs, training=model.training)
-    note = _export_note(type(model).__name__, fx_failure, "its first call" if from_first_call else "example_inputs",
+    note = _export_note(type(model).__name__, fx_failure, "its first call (or gm.prepare)" if from_first_call else "example_inputs",
                         exported)
     gm = ExportedTensorParallelModule.without_code(skeleton, skeleton.graph, type(model).__name__)
     return Captured(gm, skeleton, sources, "export", form, exported, note, model_copy=model_copy)
