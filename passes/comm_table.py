@@ -157,14 +157,15 @@ def site_names(entries: Iterable[ParameterPlan]) -> dict[str, str]:
     """How the communication table names each linear tpfx shards or pairs: by module path and, for its
     weight, by the module when the weight is that module's only one with a role (a Linear, a Conv1D),
     else by the weight itself (``w_out`` of the model, ``block.w2`` beside ``block.w1``)."""
+    entries = [entry for entry in entries if entry.role]
     weights: dict[str, list[str]] = {}
     for entry in entries:
-        if entry.role and len(entry.full_shape) >= 2:
+        if len(entry.full_shape) >= 2:
             weights.setdefault(entry.module_path, []).append(entry.name)
     names = {path: path for path in weights if path}
-    for path, names_of_module in weights.items():
-        for weight in names_of_module:
-            names[weight] = path if path and len(names_of_module) == 1 else weight
+    for entry in entries:  # a bias is named like its module's weight
+        alone = entry.module_path and len(weights.get(entry.module_path, ())) == 1
+        names[entry.name] = entry.module_path if alone else entry.name
     return names
 
 
