@@ -23,6 +23,7 @@ a ring implementation. A backward collective appears only if its input needs a g
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -33,6 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tpfx.collectives import COLLECTIVES
 from tpfx.passes.ops import CollectiveRule, collective_rules
+from tpfx.passes.plan import ParameterPlan
 from tpfx.errors import TpfxError, one_line
 from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part, take_part
 
@@ -127,7 +129,7 @@ def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -
                              "register each with a CollectiveRule saying what it sends forward and backward")
     seen = _FakeRun(gm, tp).seen(inputs)
     plan = getattr(program, "tpfx_plan", None)  # the linears tpfx shards or pairs, kept whole or not, by module
-    sites = frozenset(e.module_path for e in plan.parameters.values() if e.role) if plan is not None else frozenset()
+    sites = site_names(plan.parameters.values()) if plan is not None else {}
     forward, backward = [], []
     for node in _collective_nodes(gm):
         rule, local, needs_grad = RULES[COLLECTIVES[node.target]], *seen[node.name]
@@ -144,25 +146,45 @@ def _collective_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _row(gm: fx.GraphModule, node: fx.Node, direction: str, op: str, tensor: torch.Tensor, tp: int,
-         sites: frozenset[str]) -> CommRow:
+         sites: Mapping[str, str]) -> CommRow:
     nbytes = tensor.numel() * tensor.element_size()
     return CommRow(node.name, COLLECTIVES[node.target], direction, op, served_module(gm, node, sites),
                    tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), nbytes,
                    float(ring_traffic(op, nbytes, tp)))
 
 
-def served_module(gm: fx.GraphModule, node: fx.Node, sites: frozenset[str] = frozenset()) -> str:
-    """The sharded module next to a collective node (a :mod:`tpfx.layers` module or one of ``sites``), "" if none."""
+def site_names(entries: Iterable[ParameterPlan]) -> dict[str, str]:
+    """How the communication table names each linear tpfx shards or pairs: by module path and, for its
+    weight, by the module when the weight is that module's only one with a role (a Linear, a Conv1D),
+    else by the weight itself (``w_out`` of the model, ``block.w2`` beside ``block.w1``)."""
+    entries = [entry for entry in entries if entry.role]
+    weights: dict[str, list[str]] = {}
+    for entry in entries:
+        if len(entry.full_shape) >= 2:
+            weights.setdefault(entry.module_path, []).append(entry.name)
+    names = {path: path for path in weights if path}
+    for entry in entries:  # a bias is named like its module's weight
+        alone = entry.module_path and len(weights.get(entry.module_path, ())) == 1
+        names[entry.name] = entry.module_path if alone else entry.name
+    return names
+
+
+def served_module(gm: fx.GraphModule, node: fx.Node, sites: Mapping[str, str] | None = None) -> str:
+    """The sharded linear next to a collective node, "" if none: a :mod:`tpfx.layers` module, or one of
+    ``sites`` (:func:`site_names`: module paths and weight names, with the name to show)."""
+    sites = sites or {}
     neighbours = [a for a in node.args if isinstance(a, fx.Node)] + list(node.users)
     for neighbour in neighbours:
         if neighbour.op == "call_module" and (str(neighbour.target) in sites
                                               or is_sharded_module(gm.get_submodule(neighbour.target))):
             return str(neighbour.target)  # a site kept whole (grouped-query k/v) is named too
-        # an exported graph calls linear(x, weight) on a get_attr of the shard's weight instead
+        # an exported graph (or an op on a parameter) reads the weight with get_attr instead
         for weight in (str(a.target) for a in neighbour.all_input_nodes if a.op == "get_attr"):
+            if weight in sites:
+                return sites[weight]
             owner = weight.rpartition(".")[0]
-            if (owner or weight) in sites or (owner and is_sharded_module(gm.get_submodule(owner))):
-                return owner or weight  # a weight of the model itself is named by its own name
+            if owner and is_sharded_module(gm.get_submodule(owner)):
+                return owner
     return ""
 
 

@@ -109,8 +109,8 @@ def propagate_fake_shapes(gm: fx.GraphModule, parameters: Sequence[str], *,
     """
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
     if len(placeholders) != len(parameters):
-        return FakeShapes(False, note=f"fx shapes: none ({len(placeholders)} graph inputs for "
-                                      f"{len(parameters)} forward parameters)")
+        return FakeShapes(False, note=f"The analysis has no symbolic shapes ({len(placeholders)} graph inputs for "
+                                      f"{len(parameters)} forward parameters).")
     given, modules = dict(given or {}), dict(gm.named_modules())
     hints = _hints(given)
     inputs = {name: _input_of(node, given.get(name, _MISSING), modules, hints)
@@ -120,8 +120,8 @@ def propagate_fake_shapes(gm: fx.GraphModule, parameters: Sequence[str], *,
     except Exception as error:  # any op may fail on an assumed input; the analysis then works without shapes
         for node in gm.graph.nodes:
             node.meta.pop("val", None)
-        return FakeShapes(False, inputs, f"fx shapes: none ({one_line(error)}); "
-                                         "pass example_inputs= for symbolic shapes")
+        return FakeShapes(False, inputs, f"The analysis has no symbolic shapes ({one_line(error)}); "
+                                         "pass example_inputs= to give it some.")
     return FakeShapes(True, inputs, _note(inputs, given))
 
 
@@ -173,14 +173,16 @@ def _input_width(module: nn.Module | None) -> tuple[int, ...] | None:
 
 
 def _note(inputs: dict[str, InputSpec | object], given: dict[str, object]) -> str:
-    """E.g. ``fx shapes: symbolic batch and sequence; assumed x (batch, seq, 32) float32 (...)``."""
+    """E.g. ``Symbolic shapes assume x (batch, seq, 32) float32, as no example input was given for it; ...``."""
     specs = {name: spec for name, spec in inputs.items() if isinstance(spec, InputSpec)}
     assumed = {name: spec for name, spec in specs.items() if not isinstance(given.get(name), (torch.Tensor, InputSpec))}
     if not assumed:
-        return "fx shapes: symbolic batch and sequence dims of the example inputs"
-    listed = ", ".join(f"{name} {spec.describe()}" for name, spec in assumed.items())
-    return (f"fx shapes: symbolic batch and sequence; assumed {listed} "
-            "(no example input for them; pass example_inputs= to set them)")
+        return "Symbolic shapes come from the example inputs, their batch and sequence dims symbolic."
+    listed = [f"{name} {spec.describe()}" for name, spec in assumed.items()]
+    them = "them" if len(listed) > 1 else "it"
+    listed_text = ", ".join(listed[:-1]) + f" and {listed[-1]}" if len(listed) > 1 else listed[0]
+    return (f"Symbolic shapes assume {listed_text}, as no example input was given for {them}; "
+            f"pass example_inputs= to set {them}.")
 
 
 def _run(gm: fx.GraphModule, inputs: list[InputSpec | object]) -> None:

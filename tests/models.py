@@ -124,3 +124,132 @@ class ReluFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+# ---------------------------------------------------------------- whole models torch.fx cannot trace
+# Each asserts on a size, iterates over a shape and builds a tensor from a traced size, as model code
+# in the wild does (nanoGPT, LLaMA reference code): tpfx captures them from their first call.
+
+VOCAB, BLOCK = 64, 16
+
+
+class _NanoAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c_attn, self.c_proj = nn.Linear(WIDTH, 3 * WIDTH), nn.Linear(WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = [size for size in x.shape]  # iterates over the shape (fx: a Proxy is not iterable)
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, HEADS, C // HEADS).transpose(1, 2) for t in (q, k, v))  # (B, H, T, Dh)
+        att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
+        causal = torch.ones(T, T, device=x.device).tril()  # a tensor built from a traced size
+        att = F.softmax(att.masked_fill(causal == 0, float("-inf")), dim=-1)
+        return self.c_proj((att @ v).transpose(1, 2).contiguous().view(B, T, C))
+
+
+class _NanoBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(WIDTH), _NanoAttention(), nn.LayerNorm(WIDTH)
+        self.c_fc, self.c_proj = nn.Linear(WIDTH, 4 * WIDTH), nn.Linear(4 * WIDTH, WIDTH)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.c_proj(F.gelu(self.c_fc(self.ln_2(x))))
+
+
+class NanoGPTStyle(nn.Module):
+    """nanoGPT's GPT in small: ``assert t <= block_size``, ``torch.ones(T, T)`` mask, weight-tied head."""
+
+    def __init__(self, n_layer: int = 2) -> None:
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(VOCAB, WIDTH), nn.Embedding(BLOCK, WIDTH)
+        self.h = nn.ModuleList(_NanoBlock() for _ in range(n_layer))
+        self.ln_f, self.lm_head = nn.LayerNorm(WIDTH), nn.Linear(WIDTH, VOCAB, bias=False)
+        self.wte.weight = self.lm_head.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, t = idx.size()
+        assert t <= BLOCK, f"Cannot forward sequence of length {t}, block size is only {BLOCK}"
+        x = self.wte(idx) + self.wpe(torch.arange(0, t, dtype=torch.long, device=idx.device))
+        for block in self.h:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
+        return logits, loss
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+class _LlamaAttention(nn.Module):
+    def __init__(self, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.kv_heads = kv_heads
+        self.wq = nn.Linear(WIDTH, WIDTH, bias=False)
+        self.wk, self.wv = nn.Linear(WIDTH, kv_heads * HEAD, bias=False), nn.Linear(WIDTH, kv_heads * HEAD, bias=False)
+        self.wo = nn.Linear(WIDTH, WIDTH, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        bsz, seqlen, _ = x.shape
+        q = self.wq(x).view(bsz, seqlen, HEADS, HEAD).transpose(1, 2)
+        k = self.wk(x).view(bsz, seqlen, self.kv_heads, HEAD).transpose(1, 2)
+        v = self.wv(x).view(bsz, seqlen, self.kv_heads, HEAD).transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        k = k.repeat_interleave(HEADS // self.kv_heads, dim=1)
+        v = v.repeat_interleave(HEADS // self.kv_heads, dim=1)
+        mask = torch.ones(seqlen, seqlen, dtype=torch.bool, device=x.device).tril()  # from a traced size
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).reshape(bsz, seqlen, -1))
+
+
+class _LlamaFeedForward(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(WIDTH, 3 * WIDTH, bias=False), nn.Linear(WIDTH, 3 * WIDTH, bias=False)
+        self.w2 = nn.Linear(3 * WIDTH, WIDTH, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = 1
+        for size in x.shape[:-1]:  # iterates over the shape: the FFN runs on (tokens, width)
+            tokens = tokens * size
+        flat = x.reshape(tokens, x.shape[-1])
+        return self.w2(F.silu(self.w1(flat)) * self.w3(flat)).view_as(x)
+
+
+class _LlamaBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_norm, self.attention = nn.RMSNorm(WIDTH), _LlamaAttention()
+        self.ffn_norm, self.feed_forward = nn.RMSNorm(WIDTH), _LlamaFeedForward()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class LlamaStyle(nn.Module):
+    """LLaMA reference code in small: grouped-query attention, rotary, RMSNorm, SwiGLU, a length assertion."""
+
+    def __init__(self, n_layer: int = 2, max_seq_len: int = BLOCK) -> None:
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        self.tok_embeddings = nn.Embedding(VOCAB, WIDTH)
+        self.layers = nn.ModuleList(_LlamaBlock() for _ in range(n_layer))
+        self.norm, self.output = nn.RMSNorm(WIDTH), nn.Linear(WIDTH, VOCAB, bias=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        _bsz, seqlen = tokens.shape
+        assert seqlen <= self.max_seq_len, "sequence longer than max_seq_len"
+        position = torch.arange(seqlen, device=tokens.device, dtype=torch.float32)
+        inv_freq = 1.0 / (10000.0 ** (torch.arange(0, HEAD, 2, device=tokens.device).float() / HEAD))
+        angles = torch.outer(position, inv_freq).repeat(1, 2)  # (T, Dh)
+        cos, sin = angles.cos(), angles.sin()
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin)
+        return self.output(self.norm(h))

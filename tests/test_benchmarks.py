@@ -119,3 +119,18 @@ def test_garbage_collection_is_timed_inside_the_block_only():
     gc.collect()
     assert parts["garbage_collection"] > 0
     assert gc.callbacks == callbacks
+
+
+def test_a_quick_run_writes_apart_from_the_full_runs_committed_results():
+    from benchmarks.__main__ import FULL_RESULTS, results_folder
+
+    def refuse(message: str) -> None:
+        raise SystemExit(message)
+
+    assert results_folder(None, quick=False, error=refuse) == FULL_RESULTS
+    quick = results_folder(None, quick=True, error=refuse)
+    assert quick == FULL_RESULTS / "quick" and FULL_RESULTS in quick.parents
+    ignored = (FULL_RESULTS.parent.parent / ".gitignore").read_text().splitlines()
+    assert "benchmarks/results/quick/" in ignored  # never committed
+    with pytest.raises(SystemExit, match="--quick would replace the full run's results"):
+        results_folder(FULL_RESULTS / ".", quick=True, error=refuse)

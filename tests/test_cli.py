@@ -154,10 +154,14 @@ def table_rows(text: str, first_header: str) -> dict[str, list[str]]:
     """The rows of the printed table whose header starts with ``first_header``: first cell -> all cells."""
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith(first_header)) + 2  # header, dashes
-    rows = {}
+    rows: dict[str, list[str]] = {}
     for line in lines[start:]:
         if not line.strip() or line.startswith(("PASS", "FAIL", "total")):
             break
+        if line.startswith(" ") and rows:  # a wrapped last cell goes on under its column
+            last = rows[next(reversed(rows))]
+            last[-1] += " " + line.strip()
+            continue
         cells = re.split(r"\s{2,}", line.strip())
         rows[cells[0]] = cells
     return rows

@@ -79,8 +79,9 @@ def test_auto_falls_back_to_export_and_the_report_says_so():
     gm = tpfx.parallelize(model, tp=2, rank=0, example_inputs=(_x(),))
     report = gm.tpfx_report
     assert isinstance(gm, ExportedTensorParallelModule)
-    assert report.tracer == "export" and report.tracer_note.startswith("torch.fx failed")
-    assert "dynamic dims: x.shape[0], x.shape[1]" in report.tracer_note
+    assert report.tracer == "export" and report.tracer_note.startswith("torch.fx could not trace _ShapeBranch (")
+    assert report.tracer_note.endswith("so it was captured with torch.export from example_inputs. "
+                                       "Dims left dynamic: x.shape[0], x.shape[1].")
     assert [(s.role, s.module_path, s.weight_name, s.bias_name) for s in report.sites] == [
         ("fc1", "fc1", "fc1.weight", "fc1.bias")]
     assert report.sites_table()[0]["collectives"] == ["copy_to_tp", "gather_from_tp"]
@@ -120,12 +121,13 @@ def test_capture_errors_are_one_line_and_say_what_to_do():
     cases = {
         "bad tracer": (lambda: tpfx.parallelize(_ShapeBranch(), tp=2, rank=0, tracer="jit"), ConfigError,
                        "tracer='jit' is not a tracer; use one of 'auto', 'fx', 'export'"),
-        "export without inputs": (lambda: tpfx.parallelize(_ShapeBranch(), tp=2, rank=0, tracer="export"),
-                                  ConfigError, "tracer='export' needs example_inputs="),
+        "export without inputs, run": (lambda: tpfx.parallelize(_ShapeBranch(), tp=2, rank=0, tracer="export")(_x()),
+                                       ConfigError, "this program was built for inspection"),  # captured, then ran
         "fx only": (lambda: tpfx.parallelize(_ShapeBranch(), tp=2, rank=0, tracer="fx"), CaptureError,
                     "cannot capture _ShapeBranch with torch.fx"),
-        "auto without inputs": (lambda: tpfx.parallelize(_ShapeBranch(), tp=2, rank=0), CaptureError,
-                                "or pass example_inputs= so that tpfx captures it with torch.export instead"),
+        "auto without inputs, its report": (lambda: tpfx.parallelize(_ShapeBranch(), tp=2, rank=0).tpfx_report,
+                                            ConfigError, "call gm(...) or gm.prepare(<the arguments of one call>) "
+                                                         "first, or pass example_inputs= to tpfx.parallelize"),
         "neither": (lambda: tpfx.parallelize(_ValueBranch().eval(), tp=2, rank=0, example_inputs=(_x(),)), CaptureError,
                     "cannot capture _ValueBranch with torch.export (eval, x=tensor float32 3-d)"),
     }
@@ -155,7 +157,7 @@ def test_tpfx_explain_and_dump_read_a_hugging_face_model(capsys):
 def test_a_size_one_example_dim_is_fixed_and_other_sizes_fail_in_one_line():
     torch.manual_seed(0)
     gm = tpfx.parallelize(_ShapeBranch().eval(), tp=2, rank=0, tracer="export", example_inputs=(_x(1, 5),))
-    assert "dynamic dims: x.shape[1]" in gm.tpfx_report.tracer_note
+    assert gm.tpfx_report.tracer_note.endswith("Dims left dynamic: x.shape[1].")
     with pytest.raises(ConfigError, match=r"^argument x has size 2 in dim 0, but this program was exported from an "
                                           r"example with size 1 there"):
         gm(_x(2, 7))

@@ -160,7 +160,7 @@ def test_fx_nodes_carry_symbolic_batch_and_sequence_and_known_feature_sizes(exam
     assert head_size.meta["val"] == WIDTH // HEADS  # C // n_head: a number
     expected = InputSpec.of(example[0]) if example else InputSpec((BATCH_HINT, SEQ_HINT, WIDTH), torch.float32, (0, 1))
     assert shapes.inputs == {"x": expected}
-    assert ("assumed x (batch, seq, 32) float32" in shapes.note) == (example is None)
+    assert ("assume x (batch, seq, 32) float32" in shapes.note) == (example is None)
 
 
 def test_token_ids_are_assumed_for_an_input_that_no_linear_or_norm_reads_first():
@@ -171,8 +171,8 @@ def test_token_ids_are_assumed_for_an_input_that_no_linear_or_norm_reads_first()
     logits = _sizes(_one(gm, _is_module("head")))
     assert all(isinstance(size, torch.SymInt) for size in logits[:2]) and logits[2] == VOCAB
     report = tpfx.parallelize(model, tp=2, rank=0, tracer="fx", mode="megatron").tpfx_report
-    assert report.tracer_note == ("fx shapes: symbolic batch and sequence; assumed ids (batch, seq) int64, labels "
-                                  "(batch, seq) int64 (no example input for them; pass example_inputs= to set them)")
+    assert report.tracer_note == ("Symbolic shapes assume ids (batch, seq) int64 and labels (batch, seq) int64, as "
+                                  "no example input was given for them; pass example_inputs= to set them.")
 
 
 def test_an_input_the_example_leaves_out_is_assumed_with_the_examples_batch_and_sequence():
@@ -182,7 +182,7 @@ def test_an_input_the_example_leaves_out_is_assumed_with_the_examples_batch_and_
     shapes = propagate_fake_shapes(gm, ["ids", "labels"], given={"ids": ids})  # cross-entropy meets ids and labels
     assert shapes.propagated and shapes.inputs == {"ids": InputSpec.of(ids),
                                                    "labels": InputSpec((3, 9), torch.int64, (0, 1))}
-    assert "assumed labels (batch, seq) int64" in shapes.note and "ids" not in shapes.note.split("assumed")[1]
+    assert "assume labels (batch, seq) int64" in shapes.note and "ids" not in shapes.note.split("assume")[1]
 
 
 def test_a_wrong_assumption_leaves_no_shapes_and_parallelize_works_as_before():
@@ -190,7 +190,7 @@ def test_a_wrong_assumption_leaves_no_shapes_and_parallelize_works_as_before():
     gm = capture(model)
     shapes = propagate_fake_shapes(gm, ["x"])
     assert not shapes.propagated and not any("val" in node.meta for node in gm.graph.nodes)
-    assert shapes.note.startswith("fx shapes: none (") and "\n" not in shapes.note
+    assert shapes.note.startswith("The analysis has no symbolic shapes (") and "\n" not in shapes.note
     program = tpfx.parallelize(model, tp=2, rank=0, tracer="fx", mode="megatron")
     assert program.tpfx_report.tracer_note == shapes.note
 

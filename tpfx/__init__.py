@@ -13,6 +13,7 @@ import torch.distributed._shard  # noqa: F401  (side effect: see above)
 
 from tpfx.api import parallelize
 from tpfx.capture import CallForm, capture
+from tpfx.deferred import DeferredProgram
 from tpfx.checkpoint import full_state_dict, load_state_dict, parameter_shard_specs
 from tpfx.errors import CaptureError, ConfigError, LoadError, NoSitesWarning, ShardingError, TpfxError, TpfxWarning
 from tpfx.layers import ColumnParallelLinear, ShardSpec
@@ -21,7 +22,7 @@ from tpfx.program import TensorParallelModule
 
 __version__ = "0.1.0"
 
-__all__ = ["parallelize", "capture", "CallForm", "ColumnParallelLinear", "TensorParallelModule",
+__all__ = ["parallelize", "capture", "CallForm", "ColumnParallelLinear", "TensorParallelModule", "DeferredProgram",
            "TpfxError", "CaptureError", "ConfigError", "ShardingError", "LoadError", "TpfxWarning", "NoSitesWarning",
            "__version__",
            "load_state_dict", "full_state_dict", "parameter_shard_specs", "parameters_on_meta", "ShardSpec"]

@@ -25,7 +25,9 @@ from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.capture import forward_signature
 from tpfx.collectives import bind_group, group_key
 from tpfx.errors import ConfigError
-from tpfx.export_capture import Captured, ExampleInputs, capture_for_parallelize, example_arguments
+from tpfx.deferred import DeferredProgram
+from tpfx.export_capture import (TRACERS, Captured, ExampleInputs, NeedsCall, bind_call, capture_for_parallelize,
+                                 example_arguments)
 from tpfx.megatron_report import megatron_report
 from tpfx.no_sites import warn_if_no_sites
 from tpfx.program import TensorParallelModule, adopt_missing, take_weights
@@ -140,7 +142,7 @@ MODES = tuple(mode.value for mode in STRATEGIES)
 def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessGroup | None = None,
                 rank: int | None = None, mode: Literal["gather", "megatron"] = "gather",
                 tracer: Literal["auto", "fx", "export"] = "auto",
-                example_inputs: ExampleInputs | None = None) -> TensorParallelModule:
+                example_inputs: ExampleInputs | None = None) -> TensorParallelModule | DeferredProgram:
     """Make ``model`` tensor-parallel: return this rank's program as a GraphModule.
 
     The attention QKV projections and FFN first linears are found by graph structure and
@@ -159,42 +161,74 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
             all-reduce), run the ops between on this rank's heads; sites that cannot be paired
             safely stay column-plus-gather (``gm.tpfx_pairing.fallbacks`` says why).
         tracer: ``"auto"`` (default): torch.fx where it traces, else torch.export with
-            ``example_inputs``; ``"fx"``; ``"export"`` (needs ``example_inputs``). An exported
+            ``example_inputs`` (or from the first call); ``"fx"``; ``"export"``. An exported
             program has dynamic batch and sequence dims; another call form (other arguments given,
             or the other train/eval mode) is exported from a weightless copy of the model on its
             first call. ``gm.tpfx_report.tracer`` says which was used.
         example_inputs: the arguments of one call of ``model``: a tuple of positional
-            arguments, a dict of keyword arguments, or one tensor. torch.export traces this call;
+            arguments, a dict of keyword arguments, or one tensor. Not needed: without them, a
+            model torch.fx cannot trace is captured with torch.export from its first call (see
+            :mod:`tpfx.deferred`; ``gm.prepare(...)`` captures earlier). torch.export traces this call;
             torch.fx graphs take their symbolic shapes from it (dims 0 and 1 symbolic). Without it,
             fx assumes token ids or, for an input a linear or norm reads first, (batch, seq, width);
             ``gm.tpfx_report.tracer_note`` says which (see :mod:`tpfx.passes.fake_shapes`).
 
     Returns:
-        A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts.
+        A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts;
+        for a model torch.fx cannot trace, without ``example_inputs``, a
+        :class:`tpfx.deferred.DeferredProgram` that becomes one on its first call or ``prepare``.
 
     Raises:
-        ConfigError: bad tp, group or rank, or no process group without ``rank=``.
+        ConfigError: bad tp, group, rank, mode or tracer, or no process group without ``rank=``.
         CaptureError: the model cannot be traced.
         ShardingError: tp does not divide a site's out_features.
-        All are raised before any collective runs and leave nothing changed.
+        All are raised before any collective runs and leave nothing changed; for a program captured
+        on its first call, CaptureError and ShardingError come from that call (or ``prepare``).
     """
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is not a parallelization mode; use one of {', '.join(map(repr, MODES))}")
+    if tracer not in TRACERS:
+        raise ConfigError(f"tracer={tracer!r} is not a tracer; use one of {', '.join(map(repr, TRACERS))}")
     layout = resolve_layout(tp, group=group, rank=rank)
-    with _collector_paused():
-        gm = _compile(model, layout, mode=mode, tracer=tracer, example_inputs=example_inputs)
+    try:
+        with _collector_paused():
+            gm = _compile(model, layout, mode=mode, tracer=tracer, example_inputs=example_inputs)
+    except NeedsCall as needs:  # fx cannot trace it and there is no example call: capture from the first call
+        gm = _deferred(model, layout, mode=mode, reason=needs.reason)
     _bind_process_group(layout, group)
     return gm
 
 
+def _deferred(model: nn.Module, layout: Layout, *, mode: str, reason: str) -> DeferredProgram:
+    """The program captured with torch.export from its first call's arguments (see :mod:`tpfx.deferred`)."""
+    def compile_from(args: tuple, kwargs: dict, training: bool) -> TensorParallelModule:
+        call = bind_call(forward_signature(model), args, kwargs)
+        with _collector_paused(), _in_mode(model, training):
+            return _compile(model, layout, mode=mode, tracer="export", example_inputs=call, fx_failure=reason)
+
+    return DeferredProgram(type(model).__name__, reason, compile_from, training=model.training)
+
+
+@contextmanager
+def _in_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """``model`` in train or eval mode for a capture, every submodule's own mode restored afterwards."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for module, was_training in modes:
+            module.training = was_training
+
+
 def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
-             example_inputs: ExampleInputs | None) -> TensorParallelModule:
+             example_inputs: ExampleInputs | None, fx_failure: str = "") -> TensorParallelModule:
     """capture -> find sites -> plan (the mode's strategy) -> rewrite the graph, shard the parameters -> report.
 
     The captured program is compiled in place: it is built over a weightless copy of the model, the
     passes change its graph and its modules, and its Python code is generated once, at the end.
     """
-    captured = capture_for_parallelize(model, tracer=tracer, example_inputs=example_inputs)
+    captured = capture_for_parallelize(model, tracer=tracer, example_inputs=example_inputs, fx_failure=fx_failure)
     gm = captured.gm
     # a model built with parameters on meta was traced on meta: its device constants must say the inputs' device
     retarget_meta_device(gm, device=device_of_inputs(example_inputs))
@@ -217,7 +251,7 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     captured.serve_call_forms(forward_signature(model),
                               lambda traced: strategy.rewrite_other_form(traced, plan, layout.key),
                               _preparation(shapes, forward_signature(model)))
-    note = "; ".join(filter(None, [captured.note, shapes.note if shapes is not None else ""]))
+    note = " ".join(filter(None, [captured.note, shapes.note if shapes is not None else ""]))  # sentences
     report = build_report(gm, model, plan=plan, group=layout.key, call_form=captured.form,
                           tracer=captured.tracer, tracer_note=note)
     gm.tpfx_report = strategy.report(report, gm, plan)

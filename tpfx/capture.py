@@ -189,7 +189,7 @@ def capture(model: nn.Module, form: CallForm | None = None, *, leaf_types: tuple
     tracer = _PathTracer(leaf_types)
     if lost := hooks_lost_in_capture(model, is_leaf=tracer.is_leaf_module):
         raise CaptureError(f"cannot capture {type(model).__name__} with torch.fx ({form.describe()}): {lost}")
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # each restored: not all share one
     attributes_before = set(vars(model))
     model.train(form.training)
     try:
@@ -205,7 +205,8 @@ def capture(model: nn.Module, form: CallForm | None = None, *, leaf_types: tuple
             "values, no iteration over tensors), or wrap it in a module tpfx treats as a leaf"
         ) from error
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
         recorded = {name: vars(model).pop(name) for name in set(vars(model)) - attributes_before}
     root = model if onto is None else onto
     for name, constant in recorded.items():

@@ -15,7 +15,9 @@ import difflib
 import inspect
 import json
 import os
+import shutil
 import sys
+import textwrap
 import traceback
 import typing
 from collections.abc import Callable, Sequence
@@ -25,11 +27,14 @@ from tpfx.passes.comm_table import comm_table
 from tpfx.passes.draw import to_dot, to_svg
 from tpfx.errors import TpfxError, one_line
 from tpfx.launch import RankFailure
+from tpfx.readable_code import readable_code
 from tpfx.targets import Target, load_target, parallelize_target
 from tpfx.verify import VerifyOptions, VerifyResult, verify
 
 SCHEMA_VERSION = 1
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+DEFAULT_WIDTH = 100  # explain fits a 100-column terminal when it cannot ask the terminal (a pipe, a file)
+MIN_WRAPPED_COLUMN = 30  # a wrapped reason never gets narrower than this, however long the module names
 
 EXAMPLES = """\
 examples:
@@ -158,7 +163,7 @@ def dump_document(args: argparse.Namespace) -> tuple[dict[str, object], tpfx.Ten
     target, program = _inspect(args)
     report = program.tpfx_report
     table = comm_table(program, target.inputs(batch=args.batch, seq=args.seq), tp=report.tp)
-    graph: dict[str, object] = {"call_form": report.call_form.describe(), "code": program.code.strip()}
+    graph: dict[str, object] = {"call_form": report.call_form.describe(), "code": readable_code(program).strip()}
     if args.tabular:
         graph["tabular"] = _node_rows(program)
     if args.diff:
@@ -181,8 +186,8 @@ def _node_rows(program: tpfx.TensorParallelModule) -> list[dict[str, str]]:
 
 
 def _graph_diff(model: object, program: tpfx.TensorParallelModule) -> str:
-    captured = tpfx.capture(model).code.strip("\n").splitlines()
-    rewritten = program.code.strip("\n").splitlines()
+    captured = readable_code(tpfx.capture(model)).strip("\n").splitlines()
+    rewritten = readable_code(program).strip("\n").splitlines()
     return "\n".join(difflib.unified_diff(captured, rewritten, "captured (single device)",
                                           f"rewritten (rank {program.tpfx_report.rank})", lineterm=""))
 
@@ -266,7 +271,7 @@ def _run_explain(args: argparse.Namespace, style: _Style) -> int:
     lines += _table(("module", "weight", "decision", "reason"),
                     [(row["module"], _shape(row["weight"]),
                       style(f"shard ({row['role']})", "green") if row["sharded"] else style("replicate", "dim"),
-                      row["reason"]) for row in decisions])
+                      row["reason"]) for row in decisions], width=_terminal_width())
     _emit("\n".join(lines) + "\n", None)
     return EXIT_OK
 
@@ -310,14 +315,31 @@ def _visible_width(text: str) -> int:
     return len(text)
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], *, width: int | None = None) -> list[str]:
+    """Columns padded to their widest cell; with ``width``, the last column is wrapped so that each
+    line fits in ``width`` characters (its continuation lines indented under it)."""
     widths = [max([len(h), *(_visible_width(str(r[i])) for r in rows)]) for i, h in enumerate(headers)]
+    wrap_at = None
+    if width is not None:
+        room = width - sum(widths[:-1]) - 2 * (len(widths) - 1)
+        wrap_at = max(room, MIN_WRAPPED_COLUMN)
+        widths[-1] = min(widths[-1], wrap_at)
 
     def line(cells: Sequence[str]) -> str:
         padded = [str(c) + " " * (w - _visible_width(str(c))) for c, w in zip(cells, widths)]
         return "  ".join(padded).rstrip()
 
-    return [line(headers), line(["-" * w for w in widths]), *(line(r) for r in rows)]
+    lines = [line(headers), line(["-" * w for w in widths])]
+    for row in rows:
+        last = textwrap.wrap(str(row[-1]), wrap_at, break_on_hyphens=False) if wrap_at else [str(row[-1])]
+        lines.append(line([*row[:-1], last[0] if last else ""]))
+        lines += [line([""] * (len(row) - 1) + [more]) for more in last[1:]]
+    return lines
+
+
+def _terminal_width() -> int:
+    """Columns of the terminal (COLUMNS, else the terminal's own), 100 when not on a terminal."""
+    return shutil.get_terminal_size((DEFAULT_WIDTH, 24)).columns
 
 
 def _emit(text: str, path: str | None) -> None:

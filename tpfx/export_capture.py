@@ -20,7 +20,9 @@ when fx fails and ``example_inputs`` are given; the report says which.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +35,7 @@ from tpfx.capture import CallForm, call_form_of, capture, forward_signature, wei
 from tpfx.errors import CaptureError, ConfigError, one_line
 from tpfx.passes.module_hooks import hooks_lost_in_capture
 from tpfx.passes.meta_device import device_of_call
-from tpfx.program import TensorParallelModule, graph_attributes
+from tpfx.program import CallForms, TensorParallelModule, graph_attributes
 
 TRACERS = ("auto", "fx", "export")
 ExampleInputs = tuple | dict | torch.Tensor
@@ -145,14 +147,16 @@ def export_capture(model: nn.Module, example_inputs: ExampleInputs) -> Exported:
     if lost := hooks_lost_in_capture(model, is_leaf=None):
         raise CaptureError(f"cannot capture {type(model).__name__} with torch.export ({form.describe()}): {lost}")
     try:
-        program = torch.export.export(model, (), example, dynamic_shapes=_dynamic_shapes(example), strict=False)
+        with quiet_export():
+            program = torch.export.export(model, (), example, dynamic_shapes=_dynamic_shapes(example), strict=False)
     except Exception as error:  # export raises many types; each becomes one line naming the model
         raise CaptureError(
             f"cannot capture {type(model).__name__} with torch.export ({form.describe()}): "
             f"{one_line(error)}. Fix: make that code exportable (no branches on tensor values; "
             "see torch.export's troubleshooting), or try other example_inputs"
         ) from error
-    gm = program.module()
+    with quiet_export():
+        gm = program.module()
     gm.graph.lint()
     return Exported(gm, form, *_dims_of(gm, example))
 
@@ -204,13 +208,13 @@ class ExportedTensorParallelModule(TensorParallelModule):
         return self.__dict__["_tpfx_export"][1]
 
     @property
-    def call_forms(self) -> list[CallForm]:
+    def call_forms(self) -> CallForms:
         """The call forms exported so far, this graph's first."""
         signature, form = self.__dict__["_tpfx_export"]
         reexport: _Reexport | None = self.__dict__.get("_tpfx_reexport")
         forms = [form, *(reexport.built if reexport else ())]
-        return [CallForm(absent=frozenset(name for name in _optional(signature) if name not in dict(f.arguments)),
-                         training=f.training) for f in forms]
+        return CallForms(CallForm(absent=frozenset(name for name in _optional(signature) if name not in dict(f.arguments)),
+                                  training=f.training) for f in forms)
 
     def module_for_call(self, *args: Any, **kwargs: Any) -> fx.GraphModule:
         """The GraphModule that ``self(*args, **kwargs)`` runs: this one, or the one exported for that call.
@@ -279,8 +283,8 @@ class ExportedTensorParallelModule(TensorParallelModule):
             if call[name].shape[axis] != size:
                 raise ConfigError(
                     f"argument {name} has size {call[name].shape[axis]} in dim {axis}, but this program was exported "
-                    f"from an example with size {size} there, which torch.export fixes; parallelize again with "
-                    "example_inputs of batch size and sequence length 2 or more"
+                    f"from an example with size {size} there, which torch.export fixes; parallelize again and capture "
+                    "from example_inputs (or a first call, or gm.prepare) of batch size and sequence length 2 or more"
                 )
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 - nn.Module's signature
@@ -329,24 +333,45 @@ class Captured:
         self.gm.attach_export_form(signature, self.exported.form, self.exported.fixed_dims, reexport=reexport)
 
 
+class NeedsCall(CaptureError):
+    """torch.fx cannot trace the model (or ``tracer="export"`` was asked for) and no example call was given.
+
+    :func:`tpfx.parallelize` answers it with a program that is captured by torch.export from its
+    first call (:class:`tpfx.deferred.DeferredProgram`); ``reason`` says why fx was not used.
+    """
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
-                            example_inputs: ExampleInputs | None = None) -> Captured:
+                            example_inputs: ExampleInputs | None = None, fx_failure: str = "") -> Captured:
     """Capture ``model`` with the tracer asked for: ``fx``, ``export``, or ``auto`` (fx, else export).
 
     Either tracer runs on the model itself (fx with proxies, export on fake tensors), so devices and
     constants it records are the model's; the program is then built over a weightless copy of the
     model (fx) or of the exported graph module (export). The model is not changed.
 
+    Args:
+        model: the single-device model.
+        tracer: ``"auto"``, ``"fx"`` or ``"export"``.
+        example_inputs: the arguments of one call (needed by torch.export).
+        fx_failure: why torch.fx was not used, when the caller already knows (a program captured on
+            its first call, after fx failed at ``parallelize``); the tracer note starts with it.
+
     Raises:
-        ConfigError: an unknown tracer, or export without example inputs.
-        CaptureError: the tracer(s) fail; with ``auto`` and no example inputs, the message says to pass them.
+        ConfigError: an unknown tracer.
+        NeedsCall: torch.export is needed (fx failed, or ``tracer="export"``) and there are no example inputs.
+        CaptureError: the tracer(s) fail.
     """
     if tracer not in TRACERS:
         raise ConfigError(f"tracer={tracer!r} is not a tracer; use one of {', '.join(map(repr, TRACERS))}")
+    from_first_call = bool(fx_failure)  # the caller knew fx fails: a program captured on its first call
     if tracer == "export" and example_inputs is None:
-        raise ConfigError("tracer='export' needs example_inputs= (a tuple of positional arguments or a dict of "
-                          "keyword arguments, as the model's forward takes them)")
-    note = ""
+        raise NeedsCall("tracer='export' needs example_inputs= (a tuple of positional arguments or a dict of "
+                        "keyword arguments, as the model's forward takes them), or a first call to capture from",
+                        reason="tracer='export' was asked for")
     # fx: the program's skeleton; export: what other call forms are exported from (a failed fx capture
     # leaves it untouched, so "auto" falling back to export does not copy the model twice)
     model_copy, sources = weightless_copy(model)
@@ -358,15 +383,54 @@ def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
         except CaptureError as error:
             if tracer == "fx":
                 raise
+            fx_failure = str(error).split(". Fix:", 1)[0].split("): ", 1)[-1]  # where and why, without the advice
             if example_inputs is None:
-                raise CaptureError(f"{error}; or pass example_inputs= so that tpfx captures it with "
-                                   "torch.export instead") from error
-            reason = str(error).split(". Fix:", 1)[0].split("): ", 1)[-1]  # where and why, without the advice
-            note = f"torch.fx failed ({reason}); "
-    exported = export_capture(model, example_inputs)
+                raise NeedsCall(f"{error}; or pass example_inputs= so that tpfx captures it with "
+                                "torch.export instead", reason=fx_failure) from error
+    exported = export_capture(model, _on_meta(example_inputs) if _built_on_meta(model) else example_inputs)
+    with quiet_export():  # copying the exported graph module copies its tree specs
+        skeleton, sources = weightless_copy(exported.gm)
     args, kwargs = _as_args_kwargs(example_inputs)
     form = call_form_of(forward_signature(model), args, kwargs, training=model.training)
-    note += f"dynamic dims: {', '.join(exported.dynamic_dims) or 'none'}"
-    skeleton, sources = weightless_copy(exported.gm)
+    note = _export_note(type(model).__name__, fx_failure, "its first call (or gm.prepare)" if from_first_call else "example_inputs",
+                        exported)
     gm = ExportedTensorParallelModule.without_code(skeleton, skeleton.graph, type(model).__name__)
     return Captured(gm, skeleton, sources, "export", form, exported, note, model_copy=model_copy)
+
+
+def _built_on_meta(model: nn.Module) -> bool:
+    """Whether the model's parameters are meta placeholders (built under :func:`tpfx.parameters_on_meta`)."""
+    return any(parameter.is_meta for parameter in model.parameters())
+
+
+def _on_meta(example_inputs: ExampleInputs) -> ExampleInputs:
+    """The example's tensors on meta: a model whose weights are there computes on meta, and a tensor it
+    makes on its input's device (positions, a causal mask) must meet them there. The graph's device
+    constants say meta; :func:`tpfx.passes.meta_device.retarget_meta_device` makes them the call's device."""
+    def moved(value: object) -> object:
+        return value.to("meta") if isinstance(value, torch.Tensor) else value
+    if isinstance(example_inputs, dict):
+        return {name: moved(value) for name, value in example_inputs.items()}
+    return tuple(map(moved, example_inputs)) if isinstance(example_inputs, tuple) else moved(example_inputs)
+
+
+def _export_note(model_name: str, fx_failure: str, origin: str, exported: Exported) -> str:
+    """Why the model was exported, from what, and what stayed dynamic, as sentences for ``tracer_note``."""
+    if fx_failure and not fx_failure.startswith("tracer="):
+        why = f"torch.fx could not trace {model_name} ({fx_failure}), so it was captured with torch.export from {origin}."
+    else:
+        why = f"{model_name} was captured with torch.export from {origin}, as tracer='export' asks."
+    dims = ", ".join(exported.dynamic_dims)
+    return f"{why} Dims left dynamic: {dims}." if dims else f"{why} torch.export left no dim dynamic."
+
+
+_LEAF_SPEC_DEPRECATION = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
+
+
+@contextmanager
+def quiet_export() -> Iterator[None]:
+    """Hide torch's own deprecation warning about ``LeafSpec``, which torch.export and copying its
+    graph module raise from inside torch (nothing a tpfx user wrote or can change); others still show."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_LEAF_SPEC_DEPRECATION, category=FutureWarning)
+        yield

@@ -29,6 +29,19 @@ from tpfx.errors import ConfigError
 from tpfx.passes.meta_device import device_of_call
 
 
+class CallForms(tuple):
+    """The call forms a program has built, its own graph's first; printed as a sentence."""
+
+    def __repr__(self) -> str:
+        if not self:
+            return "no call form built yet: the first call builds the first"
+        built = [f"{form.describe()} (the program's own graph)" if index == 0 else form.describe()
+                 for index, form in enumerate(self)]
+        return f"{len(self)} call form{'s' if len(self) > 1 else ''} built: {'; '.join(built)}"
+
+    __str__ = __repr__
+
+
 @dataclass
 class _Forms:
     """What the program needs to trace and rewrite another call form (kept out of the module tree)."""
@@ -80,10 +93,19 @@ class TensorParallelModule(fx.GraphModule):
         self.__dict__["_tpfx_forms"] = _Forms(source, signature, primary, rewrite)
 
     @property
-    def call_forms(self) -> list[CallForm]:
+    def call_forms(self) -> CallForms:
         """The call forms built so far, the primary one first."""
         forms = self.__dict__.get("_tpfx_forms")
-        return [forms.primary, *forms.built] if forms else []
+        return CallForms((forms.primary, *forms.built) if forms else ())
+
+    def prepare(self, *args: Any, **kwargs: Any) -> TensorParallelModule:
+        """Nothing to do: this program is captured (a program made without example inputs from a model
+        torch.fx cannot trace is captured by its ``prepare`` or first call, see :mod:`tpfx.deferred`).
+
+        Returns:
+            This program.
+        """
+        return self
 
     def module_for_call(self, *args: Any, **kwargs: Any) -> fx.GraphModule:
         """The GraphModule that ``self(*args, **kwargs)`` runs: this one, or the one traced for that call form.

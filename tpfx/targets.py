@@ -13,8 +13,10 @@ sequence length.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import inspect
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -165,6 +167,9 @@ def _import_file(path_text: str, spec: str) -> object:
         sys.path.insert(0, str(path.parent))  # like running the file: its sibling imports work
     try:
         module_spec.loader.exec_module(module)
+    except ModuleNotFoundError as error:  # a package the file needs is not installed: say which to install
+        del sys.modules[name]
+        raise TargetError(f"importing {path_text!r} needs {missing_package_fix(error)}") from error
     except Exception as error:  # the user's file; one line with its error
         del sys.modules[name]
         raise TargetError(f"importing {path_text!r} raised {one_line(error)}; "
@@ -172,10 +177,43 @@ def _import_file(path_text: str, spec: str) -> object:
     return module
 
 
+def missing_package_fix(error: ModuleNotFoundError) -> str:
+    """What to install for a missing import: ``transformers, which is not installed; install it with
+    pip install -e ".[hf]" ...`` when one of tpfx's extras provides it (the smallest such extra)."""
+    package = (error.name or first_line(error)).split(".")[0]
+    extras = _extras_providing(package)
+    if not extras:
+        return f"the package {package!r}, which is not installed; install it (pip install {package})"
+    extra = min(extras, key=extras.get)
+    return (f"the package {package!r}, which is not installed; install tpfx's {extra!r} extra: "
+            f'pip install -e ".[{extra}]" in a clone of tpfx (or pip install "tpfx[{extra}]")')
+
+
+def _extras_providing(package: str) -> dict[str, int]:
+    """tpfx's extras that install ``package``, each with its number of requirements (from the installed metadata)."""
+    try:
+        requirements = importlib.metadata.requires("tpfx") or []
+    except importlib.metadata.PackageNotFoundError:  # tpfx run from a source tree it was not installed from
+        return {}
+    sizes: dict[str, int] = {}
+    providing = set()
+    for requirement in requirements:
+        extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", requirement)
+        if extra is None:
+            continue
+        sizes[extra.group(1)] = sizes.get(extra.group(1), 0) + 1
+        name = re.match(r"[A-Za-z0-9_.-]+", requirement).group()
+        if re.sub(r"[-_.]+", "-", name).lower() == re.sub(r"[-_.]+", "-", package).lower():
+            providing.add(extra.group(1))
+    return {extra: sizes[extra] for extra in providing}
+
+
 def _import_module(name: str, spec: str) -> object:
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as error:
+        if error.name and error.name.split(".")[0] != name.split(".")[0]:  # found, but it imports a missing package
+            raise TargetError(f"importing module {name!r} needs {missing_package_fix(error)}") from error
         raise TargetError(f"module {name!r} of TARGET {spec!r} cannot be found ({first_line(error)}); "
                           "install it or give a path/to/file.py") from error
     except Exception as error:  # the user's module
