@@ -217,10 +217,22 @@ class _FakeRun(fx.Interpreter):
             return super().call_function(target, args, kwargs)
         local = args[0]
         rule = RULES[COLLECTIVES[target]]
-        out = local.repeat(*([1] * (local.dim() - 1)), self.tp) if rule.gathers_last_dim else local.view_as(local)
+        out = _output_like(local, rule, args, self.tp)
         self.observed[self._current] = (local, local.requires_grad)
         self.observed[self._current + ".out"] = (out, out.requires_grad)
         return out
+
+
+def _output_like(local: torch.Tensor, rule: CollectiveRule, args: tuple, tp: int) -> torch.Tensor:
+    """A (fake) tensor of the collective's forward output shape, from the tensor handed to it."""
+    if rule.gathers_last_dim:
+        return local.repeat(*([1] * (local.dim() - 1)), tp)
+    if rule.resizes_dim:
+        dim = args[1] % local.dim()
+        if rule.resizes_dim > 0:
+            return local.repeat(*[tp if d == dim else 1 for d in range(local.dim())])
+        return local.narrow(dim, 0, local.shape[dim] // tp) * 1
+    return local.view_as(local)
 
 
 def _default(params: dict[str, inspect.Parameter], name: str) -> object:

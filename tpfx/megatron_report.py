@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from tpfx.passes.pair_megatron import Fallback, Pair
+from tpfx.passes.sequence_parallel import SequenceRegion
 from tpfx.passes.plan import Plan, row_bias_name, row_weight_name, site_weight_name
 from tpfx.report import Report, _collectives_by_module, role_reason
 
@@ -26,6 +27,7 @@ class MegatronReport(Report):
     fallbacks: tuple[Fallback, ...] = ()
     row_collectives: tuple[tuple[str, tuple[str, ...]], ...] = ()
     rows_with_bias: tuple[str, ...] = ()
+    sequence: SequenceRegion | None = None  # sequence parallelism: the region of the program's own graph
 
     def sites_table(self) -> list[dict[str, object]]:
         """The column sites (as in gather mode), then each pair's row-parallel linear; shards from the plan."""
