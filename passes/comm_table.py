@@ -22,6 +22,7 @@ a ring implementation. A backward collective appears only if its input needs a g
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from fractions import Fraction
@@ -125,7 +126,7 @@ def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -
     if unknown:
         raise CommTableError(f"collective(s) {sorted(unknown)} have no rule in the op registry (passes/ops.py); "
                              "register each with a CollectiveRule saying what it sends forward and backward")
-    seen = _FakeRun(gm, tp).seen(inputs)
+    seen = FakeRun(gm, tp).seen(inputs)
     plan = getattr(program, "tpfx_plan", None)  # the linears tpfx shards or pairs, kept whole or not, by module
     sites = frozenset(e.module_path for e in plan.parameters.values() if e.role) if plan is not None else frozenset()
     forward, backward = [], []
@@ -171,18 +172,22 @@ def is_sharded_module(module: torch.nn.Module) -> bool:
     return type(module).__module__ == "tpfx.layers"
 
 
-class _FakeRun(fx.Interpreter):
-    """Runs a graph on fake tensors; collectives produce their output shape without communicating."""
+class FakeRun(fx.Interpreter):
+    """Runs a graph on fake tensors; collectives produce their output shape without communicating.
 
-    def __init__(self, gm: fx.GraphModule, tp: int) -> None:
+    ``context`` (a callable returning a context manager) is entered around the run, inside the fake
+    mode and with gradients on: :mod:`tpfx.passes.activation_memory` counts saved tensors with it.
+    """
+
+    def __init__(self, gm: fx.GraphModule, tp: int, context: Any = contextlib.nullcontext) -> None:
         super().__init__(gm)
-        self.tp = tp
+        self.tp, self.context = tp, context
         self.observed: dict[str, tuple[torch.Tensor, bool]] = {}
 
     def seen(self, inputs: dict[str, object]) -> dict[str, tuple[torch.Tensor, bool]]:
         """node name -> (tensor handed in, whether it needs a gradient); ``name.out`` for outputs."""
         mode = FakeTensorMode(allow_non_fake_inputs=True)  # parameters stay real; the mode fakes them on use
-        with mode, torch.enable_grad():
+        with mode, torch.enable_grad(), self.context():
             fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
             params = inspect.signature(self.module.forward).parameters
@@ -207,7 +212,8 @@ class _FakeRun(fx.Interpreter):
             tensor, dim, _ = args
             return take_part(tensor, dim, 0, self.tp, **kwargs)
         if target in (dropout_rank_part, dropout_module_rank_part):
-            return args[0] * 1  # a new tensor of the input's shape, as a dropout returns
+            # a new tensor of the input's shape, as a dropout returns; the mask it multiplies by is saved
+            return args[0] * torch.ones_like(args[0])
         if target is attention_rank_part:
             query, key, value, attn_mask, _, is_causal, scale = args
             return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,

@@ -280,6 +280,10 @@ def find_sequence_region(gm: fx.GraphModule) -> SequenceRegion:
              and rule.into_sequence is not None and shapes.seq_dim(node) is not None
              and any(growth.dim(user) is not None for user in node.users)]
     if not seeds:
+        sums = [node for node in gm.graph.nodes if (rule := _collective(node)) is not None and rule.into_sequence]
+        if sums and all(shapes.seq_dim(node) is None for node in sums):
+            return SequenceRegion(reason=f"the row-parallel sums ('{sums[0].name}', ...) have no sequence dim: their "
+                                         "tokens are flattened to (batch*seq, width) (as GPT-2's Conv1D addmm does)")
         return SequenceRegion(reason="no sum of a row-parallel linear (an all-reduce) has a sequence dim that a "
                                      "token-wise op reads")
     growth.grow(seeds)

@@ -101,12 +101,12 @@ def _check_divisible(tensor: torch.Tensor, dim: int, tp: int) -> None:
 
 
 def _slice_of(tensor: torch.Tensor, dim: int, key: str) -> torch.Tensor:
-    """This rank's contiguous 1/tp of ``tensor`` along ``dim`` (a copy: autograd keeps no view of the whole)."""
+    """This rank's contiguous 1/tp of ``tensor`` along ``dim`` (a copy: a view would keep the whole alive)."""
     group = _group(key)
     tp = dist.get_world_size(group)
     _check_divisible(tensor, dim, tp)
     length = tensor.shape[dim] // tp
-    return tensor.narrow(dim, dist.get_rank(group) * length, length).contiguous()
+    return tensor.narrow(dim, dist.get_rank(group) * length, length).clone(memory_format=torch.contiguous_format)
 
 
 def _all_gather_dim(tensor: torch.Tensor, dim: int, key: str) -> torch.Tensor:

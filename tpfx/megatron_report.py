@@ -39,6 +39,14 @@ class MegatronReport(Report):
                          "shard": list(weight.local_shape), "collectives": list(around.get(pair.row_module_path, ()))})
         return super().sites_table() + rows
 
+    def sequence_split(self) -> bool:
+        """Whether the program splits its residual stream along the sequence (sequence parallelism)."""
+        return self.sequence is not None and bool(self.sequence.nodes)
+
+    def sequence_summary(self) -> str:
+        """One line on sequence parallelism ("" when it was not asked for)."""
+        return self.sequence.describe() if self.sequence is not None else ""
+
     def _whole_columns(self) -> set[str]:
         """Column sites the plan keeps whole on every rank (grouped-query k/v with fewer heads than tp)."""
         return {site.module_path for pair in self.pairs for site in pair.columns
@@ -70,9 +78,11 @@ class MegatronReport(Report):
             if pair is not None:
                 columns = ", ".join(f"'{s.module_path}'" for s in pair.columns)
                 bias = ", bias added once after the sum" if pair.row_module_path in self.rows_with_bias else ""
+                after = ("reduce-scatter along the sequence after (sequence parallel)" if self.sequence_split()
+                         else "all-reduce after")
                 row = row | {"sharded": True, "role": "row", "reason": (
                     f"row-parallel partner of {columns}: input columns {pair.row_layout.describe()} (* split), "
-                    f"all-reduce after{bias}")}
+                    f"{after}{bias}")}
             elif row["module"] in why:
                 row = row | {"reason": why[row["module"]], "sharded": row["module"] not in whole}
             decisions.append(row)
