@@ -39,10 +39,12 @@ def peak_step_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         _, loss = model(ids, labels=ids)
         loss.backward()
-    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    # one record per allocation (+bytes) and free (-bytes), in the order they happened
+    records = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+                      and e.device_type() == torch.autograd.DeviceType.CPU), key=lambda e: e.start_ns())
     live = peak = 0
-    for event in events:
-        live += event.cpu_memory_usage
+    for record in records:
+        live += record.nbytes()
         peak = max(peak, live)
     return peak
 
