@@ -124,3 +124,21 @@ class ReluFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(torch.relu(self.fc1(x)))
+
+
+class FlatTokens(nn.Module):
+    """GPT-2 Conv1D style, two residual FFN blocks: norm, then the FFN on tokens flattened to
+    (batch*seq, width), viewed back before the residual add. The pairs' collectives sit on flattened tokens."""
+
+    def __init__(self, blocks: int = 2) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(WIDTH) for _ in range(blocks))
+        self.fc1s = nn.ModuleList(nn.Linear(WIDTH, 4 * WIDTH) for _ in range(blocks))
+        self.fc2s = nn.ModuleList(nn.Linear(4 * WIDTH, WIDTH) for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq, width = x.size()
+        for norm, fc1, fc2 in zip(self.norms, self.fc1s, self.fc2s):
+            h = norm(x).view(-1, width)  # (B*T, W)
+            x = x + fc2(F.gelu(fc1(h))).view(bsz, seq, width)
+        return x

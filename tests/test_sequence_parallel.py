@@ -3,7 +3,8 @@ real gloo processes (fp32).
 
 One spawn per tp (2 and 4). Each rank checks, against the single-device model with the same weights:
 the example GPT in train mode with dropout for several AdamW steps (logits, loss and every gradient
-of each step, each from the weights the previous steps updated), the grouped-query model with a gated FFN of tests/models.py,
+of each step, each from the weights the previous steps updated), the grouped-query model with a gated FFN
+and the model on flattened tokens (GPT-2's Conv1D style) of tests/models.py,
 Hugging Face LLaMA through torch.export, the communication table's all-gather / reduce-scatter rows
 against the bytes the collectives are handed, and a sequence length tp does not divide.
 """
@@ -19,7 +20,7 @@ import torch.nn as nn
 
 import tpfx
 from examples.gpt import GPTModel, small_config
-from tests.models import WIDTH, Grouped
+from tests.models import WIDTH, FlatTokens, Grouped
 from tests.multiprocess import run_ranks
 from tests.parity import grad_diffs, max_diff
 from tpfx.collectives import (add_observer, copy_to_tp, gather_from_sequence, gather_sequence_whole, reduce_from_tp,
@@ -31,7 +32,7 @@ from tpfx.rank_parts import call_with_parameters, dropout_module_rank_part
 
 HAVE_HF = importlib.util.find_spec("transformers") is not None
 TOL = 1e-5
-STEPS = 5
+STEPS = 3
 
 
 def _gpt(dropout: float = 0.1) -> GPTModel:
@@ -50,8 +51,14 @@ def _calls(gm: nn.Module) -> list[tuple[object, torch.fx.Node]]:
 
 # ------------------------------------------------------------------------------------ the rewritten graph
 
-def test_block_reads_the_sequence_gathered_and_leaves_it_reduce_scattered():
-    gm = tpfx.parallelize(_gpt().train(), tp=2, rank=0, mode="megatron", sequence_parallel=True)
+@pytest.fixture(scope="module")
+def program() -> nn.Module:
+    """Rank 0's sequence-parallel program of the example GPT (train mode, dropout 0.1), for inspection."""
+    return tpfx.parallelize(_gpt().train(), tp=2, rank=0, mode="megatron", sequence_parallel=True)
+
+
+def test_block_reads_the_sequence_gathered_and_leaves_it_reduce_scattered(program):
+    gm = program
     targets = [target for target, _ in _calls(gm)]
     assert reduce_from_tp not in targets  # every row sum is a reduce-scatter now
     assert targets.count(reduce_scatter_to_sequence) == targets.count(gather_from_sequence) == 4
@@ -73,12 +80,23 @@ def test_block_reads_the_sequence_gathered_and_leaves_it_reduce_scattered():
                                                    gm.tpfx_report.linear_decisions()}["blocks.0.ffn.fc2"]
 
 
-def test_sequence_parallel_needs_megatron_mode_and_lowers_activation_bytes():
+def test_collectives_on_flattened_tokens_move_to_the_sequence_dim():
+    gm = tpfx.parallelize(FlatTokens(), tp=2, rank=0, mode="megatron", sequence_parallel=True)
+    modules = {str(n.target): n for n in gm.graph.nodes if n.op == "call_module"}
+    # fc1 of the second block reads the gathered sequence flattened again; each fc2's sum is reduce-scattered
+    # after the view that restores (batch, seq, width)
+    assert modules["fc1s.1"].args[0].args[0].target is gather_from_sequence
+    for fc2 in ("fc2s.0", "fc2s.1"):
+        (view,) = modules[fc2].users
+        assert [user.target for user in view.users] == [reduce_scatter_to_sequence]
+
+
+def test_sequence_parallel_needs_megatron_mode_and_lowers_activation_bytes(program):
     with pytest.raises(ConfigError, match="sequence_parallel=True needs mode='megatron'"):
         tpfx.parallelize(_gpt(), tp=2, rank=0, sequence_parallel=True)
     inputs = {"input_ids": _ids(4, 32), "labels": _ids(4, 32)}
-    measured = {sp: activation_bytes(tpfx.parallelize(_gpt(0.0).train(), tp=2, rank=0, mode="megatron",
-                                                      sequence_parallel=sp), inputs, tp=2) for sp in (False, True)}
+    plain = tpfx.parallelize(_gpt().train(), tp=2, rank=0, mode="megatron")
+    measured = {sp: activation_bytes(gm, inputs, tp=2) for sp, gm in ((False, plain), (True, program))}
     assert 0 < measured[True] < measured[False]
 
 
@@ -122,10 +140,12 @@ def _adamw_steps(rank: int, tp: int) -> dict[str, float]:
     return worst
 
 
-def _grouped(tp: int) -> dict[str, float]:
+def _module(make: type[nn.Module], tp: int) -> dict[str, float]:
+    """Output and every gradient of one forward and backward (loss: the output's square mean) on (2, 8, WIDTH)."""
     torch.manual_seed(0)
-    reference = Grouped(kv_heads=2).eval()  # at tp=4 the 2 key/value heads stay whole on every rank
+    reference = make().eval()
     gm = tpfx.parallelize(reference, tp=tp, mode="megatron", sequence_parallel=True)
+    assert gm.tpfx_report.sequence_split()
     x = torch.randn(2, 8, WIDTH, generator=torch.Generator().manual_seed(3))
     outs = []
     for model in (reference, gm):
@@ -149,8 +169,9 @@ def _llama(tp: int) -> dict[str, float]:
     return diffs | {f"grad {k}": v for k, v in grad_diffs(gm, reference).items()}
 
 
-def _communication(tp: int) -> dict[str, list]:
-    """(direction, op, bytes) of every collective in one training step: handed to them, and the table's rows."""
+def _communication_and_indivisible(tp: int) -> dict[str, object]:
+    """(direction, op, bytes) of every collective in one training step, as handed to them and as the table's
+    rows; and the message of a call with a sequence length tp does not divide."""
     gm = tpfx.parallelize(_gpt(0.0).eval(), tp=tp, mode="megatron", sequence_parallel=True)
     inputs = {"input_ids": _ids(), "labels": _ids()}
     seen, phase = [], ["forward"]
@@ -162,23 +183,22 @@ def _communication(tp: int) -> dict[str, list]:
     finally:
         remove()
     table = [(r.direction, r.op, r.tensor_bytes) for r in comm_table(gm, inputs, tp=tp).rows]
-    return {"seen": sorted(seen), "table": sorted(table)}
-
-
-def _indivisible(tp: int) -> str:
-    gm = tpfx.parallelize(_gpt(0.0).eval(), tp=tp, mode="megatron", sequence_parallel=True)
     try:
-        gm(_ids(seq=tp * 2 + 1))
+        gm(_ids(seq=tp * 2 + 1), labels=_ids(seq=tp * 2 + 1))
+        refused = ""
     except ShardingError as error:
-        return str(error)
-    return ""
+        refused = str(error)
+    return {"seen": sorted(seen), "table": sorted(table), "indivisible": refused}
 
 
 def _world(rank: int, world_size: int) -> dict:
-    result = {"gpt adamw": _adamw_steps(rank, world_size), "grouped gated ffn": _grouped(world_size)}
+    # at tp=4 the grouped model's 2 key/value heads stay whole on every rank
+    result = {"gpt adamw": _adamw_steps(rank, world_size),
+              "grouped gated ffn": _module(lambda: Grouped(kv_heads=2), world_size),
+              "flat tokens (Conv1D style)": _module(FlatTokens, world_size)}
     if HAVE_HF:
         result["hf llama (export)"] = _llama(world_size)
-    return {"diffs": result, "communication": _communication(world_size), "indivisible": _indivisible(world_size)}
+    return {"diffs": result, "communication": _communication_and_indivisible(world_size)}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
@@ -209,6 +229,6 @@ def test_comm_table_rows_are_the_bytes_the_collectives_are_handed(world):
 def test_a_sequence_tp_does_not_divide_is_refused_in_one_line(world):
     tp, results = world
     for result in results:
-        message = result["indivisible"]
+        message = result["communication"]["indivisible"]
         assert f"sequence length {2 * tp + 1}" in message and f"not divisible by tp={tp}" in message
         assert "pad the sequence" in message and "\n" not in message

@@ -22,7 +22,8 @@ from tpfx.passes.meta_device import device_of_inputs, retarget_meta_device
 from tpfx.passes.pair_megatron import pair_sites
 from tpfx.passes.plan import Mode, Plan, gather_plan, megatron_plan
 from tpfx.passes.row_shard import rewrite_other_form, rewrite_pair_graph
-from tpfx.passes.sequence_parallel import SequenceRegion, find_sequence_region, shard_sequence
+from tpfx.passes.sequence_parallel import (SequenceRegion, find_sequence_region, lift_flattened_collectives,
+                                           shard_sequence)
 from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.capture import forward_signature
 from tpfx.collectives import bind_group, group_key
@@ -141,6 +142,7 @@ MODES = tuple(mode.value for mode in STRATEGIES)
 
 def _split_sequence(gm: fx.GraphModule, plan: Plan, group: str) -> SequenceRegion:
     """After the mode's rewrite: the residual stream between the pairs split along the sequence."""
+    lift_flattened_collectives(gm)  # GPT-2's Conv1D works on (batch*seq, width): its collectives move to (batch, seq, width)
     region = find_sequence_region(gm)
     shard_sequence(gm, region, group=group, tp=plan.tp)
     gm.meta["tpfx_sequence"] = region  # this graph's region (the report reads the program's)
