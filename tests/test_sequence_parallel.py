@@ -22,8 +22,8 @@ import tpfx
 from examples.gpt import GPTModel, small_config
 from tests.models import WIDTH, FlatTokens, Grouped
 from tests.multiprocess import run_ranks
-from tests.parity import grad_diffs, max_diff
-from tpfx.collectives import (add_observer, copy_to_tp, gather_from_sequence, gather_sequence_whole, reduce_from_tp,
+from tests.parity import grad_diffs, max_diff, observed_collectives
+from tpfx.collectives import (copy_to_tp, gather_from_sequence, gather_sequence_whole, reduce_from_tp,
                               reduce_scatter_to_sequence, split_to_sequence)
 from tpfx.errors import ConfigError, ShardingError
 from tpfx.passes.activation_memory import activation_bytes
@@ -94,7 +94,7 @@ def test_collectives_on_flattened_tokens_move_to_the_sequence_dim():
 def test_sequence_parallel_needs_megatron_mode_and_lowers_activation_bytes(program):
     with pytest.raises(ConfigError, match="sequence_parallel=True needs mode='megatron'"):
         tpfx.parallelize(_gpt(), tp=2, rank=0, sequence_parallel=True)
-    inputs = {"input_ids": _ids(4, 32), "labels": _ids(4, 32)}
+    inputs = {"input_ids": _ids(2, 16), "labels": _ids(2, 16)}
     plain = tpfx.parallelize(_gpt().train(), tp=2, rank=0, mode="megatron")
     measured = {sp: activation_bytes(gm, inputs, tp=2) for sp, gm in ((False, plain), (True, program))}
     assert 0 < measured[True] < measured[False]
@@ -174,14 +174,7 @@ def _communication_and_indivisible(tp: int) -> dict[str, object]:
     rows; and the message of a call with a sequence length tp does not divide."""
     gm = tpfx.parallelize(_gpt(0.0).eval(), tp=tp, mode="megatron", sequence_parallel=True)
     inputs = {"input_ids": _ids(), "labels": _ids()}
-    seen, phase = [], ["forward"]
-    remove = add_observer(lambda name, t: seen.append((phase[0], name, t.numel() * t.element_size())))
-    try:
-        _, loss = gm(**inputs)
-        phase[0] = "backward"
-        loss.backward()
-    finally:
-        remove()
+    seen = observed_collectives(gm, inputs)
     table = [(r.direction, r.op, r.tensor_bytes) for r in comm_table(gm, inputs, tp=tp).rows]
     try:
         gm(_ids(seq=tp * 2 + 1), labels=_ids(seq=tp * 2 + 1))

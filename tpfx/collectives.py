@@ -130,49 +130,26 @@ def _reduce_scatter_dim(tensor: torch.Tensor, dim: int, key: str) -> torch.Tenso
     return out
 
 
-class _SplitToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int, key: str) -> torch.Tensor:
+def _along_sequence(name: str, forward: Callable[[torch.Tensor, int, str], torch.Tensor],
+                    backward: Callable[[torch.Tensor, int, str], torch.Tensor]) -> type[torch.autograd.Function]:
+    """An autograd function ``(x, dim, group key)``: ``forward`` on the tensor, ``backward`` on its gradient."""
+
+    def run_forward(ctx, x: torch.Tensor, dim: int, key: str) -> torch.Tensor:
         ctx.dim, ctx.key = dim, key
-        return _slice_of(x, dim, key)
+        return forward(x, dim, key)
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _all_gather_dim(grad, ctx.dim, ctx.key), None, None
+    def run_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return backward(grad, ctx.dim, ctx.key), None, None
 
-
-class _ReduceScatterToSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int, key: str) -> torch.Tensor:
-        ctx.dim, ctx.key = dim, key
-        return _reduce_scatter_dim(x, dim, key)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _all_gather_dim(grad, ctx.dim, ctx.key), None, None
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(run_forward),
+                                                   "backward": staticmethod(run_backward)})
 
 
-class _GatherFromSequence(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int, key: str) -> torch.Tensor:
-        ctx.dim, ctx.key = dim, key
-        return _all_gather_dim(x, dim, key)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return _reduce_scatter_dim(grad, ctx.dim, ctx.key), None, None
-
-
-class _GatherSequenceWhole(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, dim: int, key: str) -> torch.Tensor:
-        ctx.dim, ctx.key = dim, key
-        return _all_gather_dim(x, dim, key)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        # every rank computed the same whole-sequence result: the gradient is the same, keep this rank's slice
-        return _slice_of(grad, ctx.dim, ctx.key), None, None
+_SplitToSequence = _along_sequence("_SplitToSequence", _slice_of, _all_gather_dim)
+_ReduceScatterToSequence = _along_sequence("_ReduceScatterToSequence", _reduce_scatter_dim, _all_gather_dim)
+_GatherFromSequence = _along_sequence("_GatherFromSequence", _all_gather_dim, _reduce_scatter_dim)
+# every rank computed the same whole-sequence result from it: the gradient is the same, keep this rank's slice
+_GatherSequenceWhole = _along_sequence("_GatherSequenceWhole", _all_gather_dim, _slice_of)
 
 
 class _CopyToTP(torch.autograd.Function):
