@@ -126,7 +126,8 @@ def _narrow_to_rank_heads(gm: fx.GraphModule, nodes: dict[str, fx.Node], narrows
 
 def sum_replicated_gradients(gm: fx.GraphModule, nodes: dict[str, fx.Node], reads: list[ReplicatedRead],
                               group: str) -> dict[str, fx.Node]:
-    """A copy-to (all-reduce backward) where an op on local heads reads a whole tensor that needs a gradient.
+    """A copy-to (all-reduce backward) where an op on local heads (or, with sequence parallelism, on the
+    rank's sequence slice) reads a whole tensor that needs a gradient.
 
     One copy per tensor, before its first reader; a module call reading its own parameters (``nn.RMSNorm``
     on q) becomes :func:`tpfx.rank_parts.call_with_parameters` of the module with copies of them.
@@ -170,7 +171,8 @@ def _narrow_outside_tensors(gm: fx.GraphModule, nodes: dict[str, fx.Node], narro
 
 def draw_dropouts_per_rank(gm: fx.GraphModule, nodes: dict[str, fx.Node], dropouts: list[HeadDropout],
                             group: str) -> tuple[str, ...]:
-    """Each dropout on local heads draws the whole tensor's mask and keeps this rank's part (tpfx.rank_parts)."""
+    """Each dropout on local heads (or on the rank's sequence slice) draws the whole tensor's mask and keeps
+    this rank's part (tpfx.rank_parts)."""
     inserted = []
     for dropout in dropouts:
         node = nodes[dropout.node_name]

@@ -107,7 +107,7 @@ class SequenceRegion:
 
 # ------------------------------------------------------------------------------------------------ shapes
 
-class _Shapes:
+class SequenceShapes:
     """Each value's rank (number of dims) and the dims (counted from the end) that hold the sequence.
 
     Read from ``node.meta["val"]``; a node the megatron rewrite inserted has none, and takes its
@@ -174,99 +174,15 @@ def sequence_symbols(gm: fx.GraphModule) -> set[object]:
     return symbols
 
 
-# ------------------------------------------------------------------------- flattened tokens (a rewrite first)
-
-def _merges_tokens(view: fx.Node, shapes: _Shapes, modules: dict[str, nn.Module]) -> bool:
-    """A view whose input holds the sequence and whose output merges it into one token dim (the same last dim)."""
-    rule = rule_of(view, modules)
-    if rule is None or rule.flow is not Flow.VIEW or not view.args:
-        return False
-    before, after = view.args[0].meta.get("val") if isinstance(view.args[0], fx.Node) else None, view.meta.get("val")
-    return (shapes.seq_dim(view.args[0]) is not None and after is not None and before is not None
-            and not shapes.of(view)[1] and after.dim() < before.dim() and after.shape[-1] == before.shape[-1])
-
-
-def lift_flattened_collectives(gm: fx.GraphModule) -> int:
-    """Move the pairs' collectives to where the tokens have a sequence dim, when the model flattens them.
-
-    before / after (GPT-2's Conv1D: ``addmm`` on ``(batch*seq, width)``)::
-
-        view_1 = view(ln_1, [-1, 64]);  copy = copy_to_tp(view_1)      # copy = copy_to_tp(ln_1); view_1 = view(copy, [-1, 64])
-        r = reduce_from_tp(mm);  add = r + bias;  view_7 = view(add, [B, T, 64])
-        # after: view_7 = view(mm, [B, T, 64]);  r = reduce_from_tp(view_7);  add = r + bias
-
-    A copy-to is the identity forward and an all-reduce sums elementwise, so both commute with a view
-    that merges (or splits) the leading token dims, and with adding a bias of the last dim. Only the
-    graph changes. Returns how many collectives moved.
-    """
-    modules = dict(gm.named_modules())
-    shapes = _Shapes(gm, sequence_symbols(gm), modules)
-    moved = 0
-    for node in list(gm.graph.nodes):
-        rule = _collective(node)
-        if rule is None:
-            continue
-        if rule.from_sequence is not None and isinstance(node.args[0], fx.Node) and len(node.args[0].users) == 1 \
-                and _merges_tokens(node.args[0], shapes, modules):
-            moved += _lift_copy(gm, node)
-        elif rule.into_sequence is not None and shapes.seq_dim(node.args[0]) is None:
-            moved += _sink_sum(gm, node, shapes, modules)
-    return moved
-
-
-def _lift_copy(gm: fx.GraphModule, copy: fx.Node) -> int:
-    view = copy.args[0]
-    with gm.graph.inserting_before(copy):
-        lifted = gm.graph.node_copy(copy, lambda n: view.args[0] if n is view else n)
-        flattened = gm.graph.node_copy(view, lambda n: lifted if n is view.args[0] else n)
-    flattened.meta["val"] = view.meta.get("val")
-    copy.replace_all_uses_with(flattened)
-    gm.graph.erase_node(copy)
-    gm.graph.erase_node(view)
-    return 1
-
-
-def _sink_sum(gm: fx.GraphModule, total: fx.Node, shapes: _Shapes, modules: dict[str, nn.Module]) -> int:
-    """``view(bias_adds(reduce(m)))`` with the view un-merging the tokens -> ``bias_adds(reduce(view(m)))``."""
-    chain, current = [], total
-    while len(current.users) == 1:
-        user = next(iter(current.users))
-        rule = rule_of(user, modules)
-        if rule is not None and rule.flow is Flow.VIEW and user.args[0] is current:
-            view_value, flat_value = user.meta.get("val"), total.args[0].meta.get("val")
-            if (view_value is None or flat_value is None or shapes.seq_dim(user) is None
-                    or view_value.shape[-1] != flat_value.shape[-1]):
-                return 0
-            break
-        # an elementwise op with tensors of at most the last dim (a bias): the same on either shape
-        others = [shapes.of(arg) for arg in user.all_input_nodes if arg is not current]
-        if rule is None or rule.flow is not Flow.BROADCAST or any(o is None or o[0] > 1 for o in others):
-            return 0
-        chain.append(user)
-        current = user
-    else:
-        return 0
-    view = next(iter(current.users))
-    with gm.graph.inserting_before(view):
-        unflattened = gm.graph.node_copy(view, lambda n: total.args[0] if n is current else n)
-        unflattened.meta["val"] = view.meta.get("val")
-        replayed = {total: gm.graph.node_copy(total, lambda n: unflattened if n is total.args[0] else n)}
-        for op in chain:
-            replayed[op] = gm.graph.node_copy(op, lambda n: replayed.get(n, n))
-    view.replace_all_uses_with(replayed[current])
-    for old in (view, *reversed(chain), total):
-        gm.graph.erase_node(old)
-    return 1
-
-
 # ---------------------------------------------------------------------------------------------- analysis
 
-def _collective(node: fx.Node) -> CollectiveRule | None:
+def collective_rule(node: fx.Node) -> CollectiveRule | None:
+    """The registry's collective rule of a call of a tpfx collective, else None."""
     rule = rule_of(node, {}) if node.op == "call_function" else None
     return rule.collective if rule is not None else None
 
 
-def _tokenwise_dim(node: fx.Node, shapes: _Shapes, modules: dict[str, nn.Module]) -> int | None:
+def _tokenwise_dim(node: fx.Node, shapes: SequenceShapes, modules: dict[str, nn.Module]) -> int | None:
     """The sequence dim of ``node``'s output if the op keeps tokens apart (see the module docstring), else None."""
     rule = rule_of(node, modules)
     dim = shapes.seq_dim(node)
@@ -298,7 +214,7 @@ def _tokenwise_dim(node: fx.Node, shapes: _Shapes, modules: dict[str, nn.Module]
 class _Growth:
     """The region as it grows: node -> its sequence dim, from the seeds to every token-wise neighbour."""
 
-    def __init__(self, gm: fx.GraphModule, shapes: _Shapes, modules: dict[str, nn.Module]) -> None:
+    def __init__(self, gm: fx.GraphModule, shapes: SequenceShapes, modules: dict[str, nn.Module]) -> None:
         self.gm, self.shapes, self.modules = gm, shapes, modules
         self.region: dict[fx.Node, int] = {}
         self.tokenwise: dict[fx.Node, int | None] = {}
@@ -314,7 +230,7 @@ class _Growth:
         if user in self.region or self.dim(user) is not None:
             return True
         rule = rule_of(user, self.modules)
-        collective = _collective(user)
+        collective = collective_rule(user)
         return (rule is not None and rule.kind is Kind.META) or (collective is not None and collective.from_sequence
                                                                  is not None)
 
@@ -359,23 +275,23 @@ def find_sequence_region(gm: fx.GraphModule) -> SequenceRegion:
         return SequenceRegion(reason="no graph input has a symbolic sequence dim (dim 1): give example_inputs "
                                      "with a sequence longer than 1")
     modules = dict(gm.named_modules())
-    shapes = _Shapes(gm, symbols, modules)
+    shapes = SequenceShapes(gm, symbols, modules)
     growth = _Growth(gm, shapes, modules)
-    seeds = [node for node in gm.graph.nodes if (rule := _collective(node)) is not None
+    seeds = [node for node in gm.graph.nodes if (rule := collective_rule(node)) is not None
              and rule.into_sequence is not None and shapes.seq_dim(node) is not None
              and any(growth.dim(user) is not None for user in node.users)]
     if not seeds:
-        sums = [node for node in gm.graph.nodes if (rule := _collective(node)) is not None and rule.into_sequence]
+        sums = [node for node in gm.graph.nodes if (rule := collective_rule(node)) is not None and rule.into_sequence]
         if sums and all(shapes.seq_dim(node) is None for node in sums):
             return SequenceRegion(reason=f"the row-parallel sums ('{sums[0].name}', ...) have no sequence dim: their "
-                                         "tokens are flattened to (batch*seq, width) (as GPT-2's Conv1D addmm does)")
+                                         "tokens are flattened and no view restores (batch, seq, width) after them")
         return SequenceRegion(reason="no sum of a row-parallel linear (an all-reduce) has a sequence dim that a "
                                      "token-wise op reads")
     growth.grow(seeds)
     return _edges(gm, growth, shapes, modules, seeds)
 
 
-def _edges(gm: fx.GraphModule, growth: _Growth, shapes: _Shapes, modules: dict[str, nn.Module],
+def _edges(gm: fx.GraphModule, growth: _Growth, shapes: SequenceShapes, modules: dict[str, nn.Module],
            seeds: list[fx.Node]) -> SequenceRegion:
     region = growth.region
     order = {node: position for position, node in enumerate(gm.graph.nodes)}
@@ -388,7 +304,7 @@ def _edges(gm: fx.GraphModule, growth: _Growth, shapes: _Shapes, modules: dict[s
         for user in node.users:
             if user in region:
                 continue
-            rule, collective = rule_of(user, modules), _collective(user)
+            rule, collective = rule_of(user, modules), collective_rule(user)
             if rule is not None and rule.kind is Kind.META:
                 sizes += _full_size(node, user, region[node], shapes)
             elif collective is not None and collective.from_sequence is not None:
@@ -424,7 +340,7 @@ def _size_read(read: fx.Node) -> tuple[str, object]:
     return ("numel", None) if packet is aten.sym_numel else ("", None)
 
 
-def _full_size(node: fx.Node, read: fx.Node, dim: int, shapes: _Shapes) -> list[FullSize]:
+def _full_size(node: fx.Node, read: fx.Node, dim: int, shapes: SequenceShapes) -> list[FullSize]:
     """A size read of a value of the region: its uses mean the whole sequence (``read * tp``)."""
     rank = shapes.of(node)[0]
     kind, asked = _size_read(read)
@@ -444,7 +360,7 @@ def _full_size(node: fx.Node, read: fx.Node, dim: int, shapes: _Shapes) -> list[
     return [FullSize(read.name, (rank + dim,), rank, (), tuple(uses))] if uses else []
 
 
-def _gradient_reads(gm: fx.GraphModule, ordered: list[fx.Node], region: dict[fx.Node, int], shapes: _Shapes,
+def _gradient_reads(gm: fx.GraphModule, ordered: list[fx.Node], region: dict[fx.Node, int], shapes: SequenceShapes,
                     modules: dict[str, nn.Module]) -> tuple[ReplicatedRead, ...]:
     """Tensors without the sequence dim that need a gradient, read in the region (each rank's gradient is
     its tokens' share): a module's own trainable parameters, or a producer computed from a trainable one."""
@@ -486,11 +402,11 @@ def shard_sequence(gm: fx.GraphModule, region: SequenceRegion, *, group: str, tp
     touched: list[fx.Node] = []
     for boundary in region.seeds:  # reduce_from_tp(x, g) -> reduce_scatter_to_sequence(x, dim, g)
         seed = nodes[boundary.producer]
-        nodes[boundary.producer] = _convert(seed, _collective(seed).into_sequence, boundary.dim, group)
+        nodes[boundary.producer] = _convert(seed, collective_rule(seed).into_sequence, boundary.dim, group)
         touched.append(nodes[boundary.producer])
     for boundary in region.converted:  # copy_to_tp(x, g) -> gather_from_sequence(x, dim, g)
         consumer = nodes[boundary.consumers[0]]
-        nodes[boundary.consumers[0]] = _convert(consumer, _collective(consumer).from_sequence, boundary.dim, group)
+        nodes[boundary.consumers[0]] = _convert(consumer, collective_rule(consumer).from_sequence, boundary.dim, group)
         touched.append(nodes[boundary.consumers[0]])
     for boundary in region.entries:
         touched.append(_insert(gm, nodes, boundary, split_to_sequence, group))

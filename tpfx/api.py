@@ -22,8 +22,8 @@ from tpfx.passes.meta_device import device_of_inputs, retarget_meta_device
 from tpfx.passes.pair_megatron import pair_sites
 from tpfx.passes.plan import Mode, Plan, gather_plan, megatron_plan
 from tpfx.passes.row_shard import rewrite_other_form, rewrite_pair_graph
-from tpfx.passes.sequence_parallel import (SequenceRegion, find_sequence_region, lift_flattened_collectives,
-                                           shard_sequence)
+from tpfx.passes.lift_flattened_collectives import lift_flattened_collectives
+from tpfx.passes.sequence_parallel import SequenceRegion, find_sequence_region, shard_sequence
 from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.capture import forward_signature
 from tpfx.collectives import bind_group, group_key
