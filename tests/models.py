@@ -142,3 +142,19 @@ class FlatTokens(nn.Module):
             h = norm(x).view(-1, width)  # (B*T, W)
             x = x + fc2(F.gelu(fc1(h))).view(bsz, seq, width)
         return x
+
+
+class TokenMixing(nn.Module):
+    """Two residual FFN blocks with ops that mix tokens around them: a running sum over the sequence
+    between the blocks, a mean over the sequence subtracted at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1s = nn.ModuleList(nn.Linear(WIDTH, 2 * WIDTH) for _ in range(2))
+        self.fc2s = nn.ModuleList(nn.Linear(2 * WIDTH, WIDTH) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.fc2s[0](torch.relu(self.fc1s[0](x)))
+        x = x + x.cumsum(dim=1) / x.size(1)  # every token sees the ones before it
+        x = x + self.fc2s[1](torch.relu(self.fc1s[1](x)))
+        return x - x.mean(dim=1, keepdim=True)

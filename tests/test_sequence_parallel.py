@@ -4,7 +4,8 @@ real gloo processes (fp32).
 One spawn per tp (2 and 4). Each rank checks, against the single-device model with the same weights:
 the example GPT in train mode with dropout for several AdamW steps (logits, loss and every gradient
 of each step, each from the weights the previous steps updated), the grouped-query model with a gated FFN
-and the model on flattened tokens (GPT-2's Conv1D style) of tests/models.py,
+the model on flattened tokens (GPT-2's Conv1D style) and the one with a cumsum and a mean over the
+sequence between its blocks, of tests/models.py,
 Hugging Face LLaMA through torch.export, the communication table's all-gather / reduce-scatter rows
 against the bytes the collectives are handed, and a sequence length tp does not divide.
 """
@@ -20,7 +21,7 @@ import torch.nn as nn
 
 import tpfx
 from examples.gpt import GPTModel, small_config
-from tests.models import WIDTH, FlatTokens, Grouped
+from tests.models import WIDTH, FlatTokens, Grouped, TokenMixing
 from tests.multiprocess import run_ranks
 from tests.parity import grad_diffs, max_diff, observed_collectives
 from tpfx.collectives import (copy_to_tp, gather_from_sequence, gather_sequence_whole, reduce_from_tp,
@@ -89,6 +90,18 @@ def test_collectives_on_flattened_tokens_move_to_the_sequence_dim():
     for fc2 in ("fc2s.0", "fc2s.1"):
         (view,) = modules[fc2].users
         assert [user.target for user in view.users] == [reduce_scatter_to_sequence]
+
+
+def test_ops_that_mix_tokens_read_the_whole_sequence():
+    gm = tpfx.parallelize(TokenMixing(), tp=2, rank=0, mode="megatron", sequence_parallel=True)
+    mixing = [n for n in gm.graph.nodes if n.op == "call_method" and n.target in ("cumsum", "mean")]
+    assert len(mixing) == 2 and all(n.args[0].target is gather_sequence_whole for n in mixing)
+    (cumsum, mean) = mixing
+    # the running sum goes back to the slice; the mean (no sequence dim, from the weights) is read on the
+    # slice by the subtraction, so its gradient, each rank's tokens' share, is summed over the ranks
+    assert [u.target for u in cumsum.users] == [split_to_sequence]
+    assert [u.target for u in mean.users] == [copy_to_tp]
+    assert [u.target for u in gm.graph.output_node().all_input_nodes] == [gather_sequence_whole]
 
 
 def test_sequence_parallel_needs_megatron_mode_and_lowers_activation_bytes(program):
@@ -188,7 +201,8 @@ def _world(rank: int, world_size: int) -> dict:
     # at tp=4 the grouped model's 2 key/value heads stay whole on every rank
     result = {"gpt adamw": _adamw_steps(rank, world_size),
               "grouped gated ffn": _module(lambda: Grouped(kv_heads=2), world_size),
-              "flat tokens (Conv1D style)": _module(FlatTokens, world_size)}
+              "flat tokens (Conv1D style)": _module(FlatTokens, world_size),
+              "cumsum and mean over the sequence": _module(TokenMixing, world_size)}
     if HAVE_HF:
         result["hf llama (export)"] = _llama(world_size)
     return {"diffs": result, "communication": _communication_and_indivisible(world_size)}
