@@ -114,6 +114,7 @@ class Strategy:
     rewrite_other_form: Callable[[fx.GraphModule, Plan, str], object]
     report: Callable[[Report, fx.GraphModule, Plan], Report]
     needs_shapes: bool = False  # whether its analysis reads sizes (fx captures then get fake shapes first)
+    sequence_parallel: bool = False  # whether its rewrite splits the residual stream along the sequence (the plan says so)
 
 
 def _gather_collectives(gm: fx.GraphModule, plan: Plan, group: str) -> object:
@@ -160,7 +161,7 @@ SEQUENCE_PARALLEL = dataclasses.replace(
                                      _split_sequence(gm, plan, group)),
     rewrite_other_form=lambda traced, plan, group: (STRATEGIES[Mode.MEGATRON].rewrite_other_form(traced, plan, group),
                                                     _split_sequence(traced, plan, group)),
-    report=_sequence_report)
+    report=_sequence_report, sequence_parallel=True)
 
 
 def strategy_for(mode: str, *, sequence_parallel: bool = False) -> Strategy:
@@ -250,8 +251,7 @@ def _compile(model: nn.Module, layout: Layout, *, strategy: Strategy, tracer: st
     finding = find_sites(gm, tp=layout.tp)
     warn_if_no_sites(type(model).__name__, finding, tp=layout.tp, stacklevel=3)  # 3: parallelize's caller
     plan = strategy.plan(gm, finding, layout.tp, layout.rank)  # raises before any change
-    if strategy is SEQUENCE_PARALLEL:
-        plan = dataclasses.replace(plan, sequence_parallel=True)
+    plan = dataclasses.replace(plan, sequence_parallel=strategy.sequence_parallel)
     strategy.rewrite(gm, plan, layout.key)
     shard_parameters(gm, plan, source=model)
     gm.tpfx_plan = plan  # what every parameter holds and why; reports and checkpoints read it
