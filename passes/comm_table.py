@@ -22,6 +22,7 @@ a ring implementation. A backward collective appears only if its input needs a g
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -127,7 +128,7 @@ def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -
     if unknown:
         raise CommTableError(f"collective(s) {sorted(unknown)} have no rule in the op registry (passes/ops.py); "
                              "register each with a CollectiveRule saying what it sends forward and backward")
-    seen = _FakeRun(gm, tp).seen(inputs)
+    seen = FakeRun(gm, tp).seen(inputs)
     plan = getattr(program, "tpfx_plan", None)  # the linears tpfx shards or pairs, kept whole or not, by module
     sites = site_names(plan.parameters.values()) if plan is not None else {}
     forward, backward = [], []
@@ -193,18 +194,22 @@ def is_sharded_module(module: torch.nn.Module) -> bool:
     return type(module).__module__ == "tpfx.layers"
 
 
-class _FakeRun(fx.Interpreter):
-    """Runs a graph on fake tensors; collectives produce their output shape without communicating."""
+class FakeRun(fx.Interpreter):
+    """Runs a graph on fake tensors; collectives produce their output shape without communicating.
 
-    def __init__(self, gm: fx.GraphModule, tp: int) -> None:
+    ``context`` (a callable returning a context manager) is entered around the run, inside the fake
+    mode and with gradients on: :mod:`tpfx.passes.activation_memory` counts saved tensors with it.
+    """
+
+    def __init__(self, gm: fx.GraphModule, tp: int, context: Any = contextlib.nullcontext) -> None:
         super().__init__(gm)
-        self.tp = tp
+        self.tp, self.context = tp, context
         self.observed: dict[str, tuple[torch.Tensor, bool]] = {}
 
     def seen(self, inputs: dict[str, object]) -> dict[str, tuple[torch.Tensor, bool]]:
         """node name -> (tensor handed in, whether it needs a gradient); ``name.out`` for outputs."""
         mode = FakeTensorMode(allow_non_fake_inputs=True)  # parameters stay real; the mode fakes them on use
-        with mode, torch.enable_grad():
+        with mode, torch.enable_grad(), self.context():
             fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
             names = [n.target for n in self.graph.nodes if n.op == "placeholder"]
             params = inspect.signature(self.module.forward).parameters
@@ -229,7 +234,8 @@ class _FakeRun(fx.Interpreter):
             tensor, dim, _ = args
             return take_part(tensor, dim, 0, self.tp, **kwargs)
         if target in (dropout_rank_part, dropout_module_rank_part):
-            return args[0] * 1  # a new tensor of the input's shape, as a dropout returns
+            # a new tensor of the input's shape, as a dropout returns; the mask it multiplies by is saved
+            return args[0] * torch.ones_like(args[0])
         if target is attention_rank_part:
             query, key, value, attn_mask, _, is_causal, scale = args
             return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
@@ -239,10 +245,22 @@ class _FakeRun(fx.Interpreter):
             return super().call_function(target, args, kwargs)
         local = args[0]
         rule = RULES[COLLECTIVES[target]]
-        out = local.repeat(*([1] * (local.dim() - 1)), self.tp) if rule.gathers_last_dim else local.view_as(local)
+        out = _output_like(local, rule, args, self.tp)
         self.observed[self._current] = (local, local.requires_grad)
         self.observed[self._current + ".out"] = (out, out.requires_grad)
         return out
+
+
+def _output_like(local: torch.Tensor, rule: CollectiveRule, args: tuple, tp: int) -> torch.Tensor:
+    """A (fake) tensor of the collective's forward output shape, from the tensor handed to it."""
+    if rule.gathers_last_dim:
+        return local.repeat(*([1] * (local.dim() - 1)), tp)
+    if rule.resizes_dim:
+        dim = args[1] % local.dim()
+        if rule.resizes_dim > 0:
+            return local.repeat(*[tp if d == dim else 1 for d in range(local.dim())])
+        return local.narrow(dim, 0, local.shape[dim] // tp) * 1
+    return local.view_as(local)
 
 
 def _default(params: dict[str, inspect.Parameter], name: str) -> object:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import enum
 import operator
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +45,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tpfx import rank_parts
-from tpfx.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
+from tpfx.collectives import (copy_to_tp, gather_from_sequence, gather_from_tp, gather_sequence_whole,
+                              reduce_from_tp, reduce_scatter_to_sequence, split_to_sequence)
 from tpfx.layers import ColumnParallelLinear, RowParallelLinear
 
 aten = torch.ops.aten
@@ -169,6 +170,17 @@ class CollectiveRule:
     forward: str | None  # "all_gather", "all_reduce", "reduce_scatter" or None (no communication)
     backward: str | None
     gathers_last_dim: bool = False  # the forward output is tp times wider on the last dim
+    # +1: the forward output is tp times longer along the dim given as argument 1; -1: tp times shorter
+    resizes_dim: int = 0
+    # sequence parallelism (tpfx.passes.sequence_parallel): the collective that takes this one's place where
+    # its output enters the sequence-sharded region (a sum that can be reduce-scattered instead of all-reduced),
+    # or where its input comes out of it (a copy-to before a column-parallel linear becomes an all-gather)
+    into_sequence: Callable[..., torch.Tensor] | None = None
+    from_sequence: Callable[..., torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.resizes_dim not in (-1, 0, 1):
+            raise ValueError(f"a collective resizes a dim by tp (+1), 1/tp (-1) or not (0), got {self.resizes_dim}")
 
 
 @dataclass(frozen=True)
@@ -383,12 +395,26 @@ register(OpRule("metadata", Kind.META, Flow.IGNORE),
          attributes=["device", "dtype", "is_cuda", "requires_grad"])
 
 # tpfx's collectives and rank-part ops (rewritten graphs)
-register(OpRule("copy_to_tp", Kind.COLLECTIVE, Flow.UNARY, collective=CollectiveRule(None, "all_reduce")),
+register(OpRule("copy_to_tp", Kind.COLLECTIVE, Flow.UNARY,
+                collective=CollectiveRule(None, "all_reduce", from_sequence=gather_from_sequence)),
          functions=[copy_to_tp])
 register(OpRule("gather_from_tp", Kind.COLLECTIVE, None,
                 collective=CollectiveRule("all_gather", None, gathers_last_dim=True)), functions=[gather_from_tp])
-register(OpRule("reduce_from_tp", Kind.COLLECTIVE, Flow.UNARY, collective=CollectiveRule("all_reduce", None)),
+register(OpRule("reduce_from_tp", Kind.COLLECTIVE, Flow.UNARY,
+                collective=CollectiveRule("all_reduce", None, into_sequence=reduce_scatter_to_sequence)),
          functions=[reduce_from_tp])
+# sequence parallelism: (x, dim, group); the dim is the sequence's, so no flow rule (the walks stop there)
+register(OpRule("split_to_sequence", Kind.COLLECTIVE, None, collective=CollectiveRule(None, "all_gather", resizes_dim=-1)),
+         functions=[split_to_sequence])
+register(OpRule("reduce_scatter_to_sequence", Kind.COLLECTIVE, None,
+                collective=CollectiveRule("reduce_scatter", "all_gather", resizes_dim=-1)),
+         functions=[reduce_scatter_to_sequence])
+register(OpRule("gather_from_sequence", Kind.COLLECTIVE, None,
+                collective=CollectiveRule("all_gather", "reduce_scatter", resizes_dim=1)),
+         functions=[gather_from_sequence])
+register(OpRule("gather_sequence_whole", Kind.COLLECTIVE, None,
+                collective=CollectiveRule("all_gather", None, resizes_dim=1)),
+         functions=[gather_sequence_whole])
 register(OpRule("rank_part", Kind.SHAPE, None), functions=[rank_parts.rank_part])
 register(OpRule("dropout_rank_part", Kind.DROPOUT, None), functions=[rank_parts.dropout_rank_part,
                                                                     rank_parts.dropout_module_rank_part])

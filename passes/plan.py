@@ -113,6 +113,7 @@ class Plan:
     replicated: tuple[Replicated, ...]
     pairing: Pairing | None = None
     tied: tuple[tuple[str, ...], ...] = ()
+    sequence_parallel: bool = False  # megatron mode: the residual stream between the pairs split along the sequence
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, Mode):
@@ -121,6 +122,8 @@ class Plan:
             raise ValueError(f"plan for rank {self.rank} of tp={self.tp}: need tp >= 1 and 0 <= rank < tp")
         if (self.pairing is None) != (self.mode is Mode.GATHER):
             raise ValueError(f"a {self.mode.value} plan {'takes no' if self.pairing else 'needs a'} pairing")
+        if self.sequence_parallel and self.mode is not Mode.MEGATRON:
+            raise ValueError(f"a {self.mode.value} plan cannot be sequence-parallel (megatron mode only)")
         misnamed = [key for key, entry in self.parameters.items() if key != entry.name]
         if misnamed:
             raise ValueError(f"plan entry under '{misnamed[0]}' is named '{self.parameters[misnamed[0]].name}'")
@@ -133,7 +136,7 @@ class Plan:
     def __reduce__(self) -> tuple:
         # a mappingproxy neither pickles nor deep-copies: rebuild the plan from a plain dict
         return type(self), (self.mode, self.tp, self.rank, dict(self.parameters), self.sites, self.replicated,
-                            self.pairing, self.tied)
+                            self.pairing, self.tied, self.sequence_parallel)
 
     @property
     def gathered(self) -> tuple[Site, ...]:

@@ -98,10 +98,10 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
     narrows = [n for p in pairing.pairs for n in p.narrows]
     localized += _narrow_to_rank_heads(gm, nodes, [n for n in narrows if n.block is None], group)
     # before the dropouts: an attention drawn per rank is rebuilt from its arguments, copies included
-    copies = _sum_replicated_gradients(gm, nodes, [r for p in pairing.pairs for r in p.replicated_reads], group)
+    copies = sum_replicated_gradients(gm, nodes, [r for p in pairing.pairs for r in p.replicated_reads], group)
     inserted += [copy.name for copy in copies.values()]
     localized += _narrow_outside_tensors(gm, nodes, [n for n in narrows if n.block is not None], copies, group)
-    localized += _draw_dropouts_per_rank(gm, nodes, [d for p in pairing.pairs for d in p.dropouts], group)
+    localized += draw_dropouts_per_rank(gm, nodes, [d for p in pairing.pairs for d in p.dropouts], group)
     gathered = insert_collectives(gm, pairing.fallback_sites, group=group)
     ordered = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     names = sorted(inserted + list(gathered.collective_nodes), key=ordered.__getitem__)
@@ -124,9 +124,10 @@ def _narrow_to_rank_heads(gm: fx.GraphModule, nodes: dict[str, fx.Node], narrows
     return tuple(inserted)
 
 
-def _sum_replicated_gradients(gm: fx.GraphModule, nodes: dict[str, fx.Node], reads: list[ReplicatedRead],
+def sum_replicated_gradients(gm: fx.GraphModule, nodes: dict[str, fx.Node], reads: list[ReplicatedRead],
                               group: str) -> dict[str, fx.Node]:
-    """A copy-to (all-reduce backward) where an op on local heads reads a whole tensor that needs a gradient.
+    """A copy-to (all-reduce backward) where an op on local heads (or, with sequence parallelism, on the
+    rank's sequence slice) reads a whole tensor that needs a gradient.
 
     One copy per tensor, before its first reader; a module call reading its own parameters (``nn.RMSNorm``
     on q) becomes :func:`tpfx.rank_parts.call_with_parameters` of the module with copies of them.
@@ -168,9 +169,10 @@ def _narrow_outside_tensors(gm: fx.GraphModule, nodes: dict[str, fx.Node], narro
     return tuple(parts)
 
 
-def _draw_dropouts_per_rank(gm: fx.GraphModule, nodes: dict[str, fx.Node], dropouts: list[HeadDropout],
+def draw_dropouts_per_rank(gm: fx.GraphModule, nodes: dict[str, fx.Node], dropouts: list[HeadDropout],
                             group: str) -> tuple[str, ...]:
-    """Each dropout on local heads draws the whole tensor's mask and keeps this rank's part (tpfx.rank_parts)."""
+    """Each dropout on local heads (or on the rank's sequence slice) draws the whole tensor's mask and keeps
+    this rank's part (tpfx.rank_parts)."""
     inserted = []
     for dropout in dropouts:
         node = nodes[dropout.node_name]

@@ -126,6 +126,40 @@ class ReluFFN(nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
+class FlatTokens(nn.Module):
+    """GPT-2 Conv1D style, two residual FFN blocks: norm, then the FFN on tokens flattened to
+    (batch*seq, width), viewed back before the residual add. The pairs' collectives sit on flattened tokens."""
+
+    def __init__(self, blocks: int = 2) -> None:
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(WIDTH) for _ in range(blocks))
+        self.fc1s = nn.ModuleList(nn.Linear(WIDTH, 4 * WIDTH) for _ in range(blocks))
+        self.fc2s = nn.ModuleList(nn.Linear(4 * WIDTH, WIDTH) for _ in range(blocks))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq, width = x.size()
+        for norm, fc1, fc2 in zip(self.norms, self.fc1s, self.fc2s):
+            h = norm(x).view(-1, width)  # (B*T, W)
+            x = x + fc2(F.gelu(fc1(h))).view(bsz, seq, width)
+        return x
+
+
+class TokenMixing(nn.Module):
+    """Two residual FFN blocks with ops that mix tokens around them: a running sum over the sequence
+    between the blocks, a mean over the sequence subtracted at the end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1s = nn.ModuleList(nn.Linear(WIDTH, 2 * WIDTH) for _ in range(2))
+        self.fc2s = nn.ModuleList(nn.Linear(2 * WIDTH, WIDTH) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.fc2s[0](torch.relu(self.fc1s[0](x)))
+        x = x + x.cumsum(dim=1) / x.size(1)  # every token sees the ones before it
+        x = x + self.fc2s[1](torch.relu(self.fc1s[1](x)))
+        return x - x.mean(dim=1, keepdim=True)
+
+
 # ---------------------------------------------------------------- whole models torch.fx cannot trace
 # Each asserts on a size, iterates over a shape and builds a tensor from a traced size, as model code
 # in the wild does (nanoGPT, LLaMA reference code): tpfx captures them from their first call.

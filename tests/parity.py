@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import tpfx
 from tpfx.checkpoint import parameter_shard_specs
+from tpfx.collectives import add_observer
 
 
 def max_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
@@ -31,6 +32,21 @@ def grad_diffs(program: nn.Module, reference: nn.Module) -> dict[str, float]:
             expected = specs[name].take(expected)
         diffs[name] = max_diff(parameter.grad, expected)
     return diffs
+
+
+def observed_collectives(gm: nn.Module, kwargs: dict) -> list[tuple[str, str, int]]:
+    """(phase, collective op, bytes handed to it) of every collective of one ``gm(**kwargs)`` (returning
+    ``(logits, loss)``) and the loss's backward, in the order they ran."""
+    seen: list[tuple[str, str, int]] = []
+    phase = ["forward"]
+    remove = add_observer(lambda name, t: seen.append((phase[0], name, t.numel() * t.element_size())))
+    try:
+        _, loss = gm(**kwargs)
+        phase[0] = "backward"
+        loss.backward()
+    finally:
+        remove()
+    return seen
 
 
 def square_mean_step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

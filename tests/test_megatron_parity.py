@@ -21,7 +21,7 @@ import tpfx
 from examples.gpt import GPTModel, small_config
 from tpfx.passes.comm_table import comm_table
 from tests.multiprocess import run_ranks
-from tests.parity import grad_diffs, max_diff
+from tests.parity import grad_diffs, max_diff, observed_collectives
 from tests.models import WIDTH, DropoutInside, FusedLastDim, Grouped, HeadMixing, Interleaved
 from tpfx.collectives import add_observer
 
@@ -70,24 +70,10 @@ def _gpt(tp: int) -> dict:
     forms = _gpt_inputs(reference.config)
     diffs = {f"{form} {k}": v for form, kwargs in forms.items() for k, v in _compare(gm, reference, kwargs).items()}
     return {"diffs": diffs, "pairs": [p.describe() for p in gm.tpfx_pairing.pairs],
-            "fallbacks": len(gm.tpfx_pairing.fallbacks), "collectives": _observed(gm, forms["ids+labels"]),
+            "fallbacks": len(gm.tpfx_pairing.fallbacks), "collectives": observed_collectives(gm, forms["ids+labels"]),
             "table": [(r.direction, r.op, r.tensor_bytes, float(r.traffic_bytes))
                       for r in comm_table(gm, forms["ids+labels"], tp=tp).rows],
             "bytes": _block_linear_bytes(gm, reference)}
-
-
-def _observed(gm: nn.Module, kwargs: dict) -> list[tuple[str, str, int]]:
-    """(phase, collective, bytes handed to it) for every collective of one forward and backward."""
-    seen: list[tuple[str, str, int]] = []
-    phase = ["forward"]
-    remove = add_observer(lambda name, t: seen.append((phase[0], name, t.numel() * t.element_size())))
-    try:
-        _, loss = gm(**kwargs)
-        phase[0] = "backward"
-        loss.backward()
-    finally:
-        remove()
-    return seen
 
 
 def _block_linear_bytes(gm: nn.Module, reference: nn.Module) -> dict[str, int]:

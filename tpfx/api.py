@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import inspect
 from collections.abc import Callable, Iterator
@@ -21,6 +22,8 @@ from tpfx.passes.meta_device import device_of_inputs, retarget_meta_device
 from tpfx.passes.pair_megatron import pair_sites
 from tpfx.passes.plan import Mode, Plan, gather_plan, megatron_plan
 from tpfx.passes.row_shard import rewrite_other_form, rewrite_pair_graph
+from tpfx.passes.lift_flattened_collectives import lift_flattened_collectives
+from tpfx.passes.sequence_parallel import SequenceRegion, find_sequence_region, shard_sequence
 from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.capture import forward_signature
 from tpfx.collectives import bind_group, group_key
@@ -113,6 +116,7 @@ class Strategy:
     rewrite_other_form: Callable[[fx.GraphModule, Plan, str], object]
     report: Callable[[Report, fx.GraphModule, Plan], Report]
     needs_shapes: bool = False  # whether its analysis reads sizes (fx captures then get fake shapes first)
+    sequence_parallel: bool = False  # whether its rewrite splits the residual stream along the sequence (the plan says so)
 
 
 def _gather_collectives(gm: fx.GraphModule, plan: Plan, group: str) -> object:
@@ -139,10 +143,50 @@ STRATEGIES: dict[Mode, Strategy] = {
 MODES = tuple(mode.value for mode in STRATEGIES)
 
 
+def _split_sequence(gm: fx.GraphModule, plan: Plan, group: str) -> SequenceRegion:
+    """After the mode's rewrite: the residual stream between the pairs split along the sequence."""
+    lift_flattened_collectives(gm)  # GPT-2's Conv1D works on (batch*seq, width): its collectives move to (batch, seq, width)
+    region = find_sequence_region(gm)
+    shard_sequence(gm, region, group=group, tp=plan.tp)
+    gm.meta["tpfx_sequence"] = region  # this graph's region (the report reads the program's)
+    return region
+
+
+def _sequence_report(report: Report, gm: fx.GraphModule, plan: Plan) -> Report:
+    return dataclasses.replace(megatron_report(report, gm, plan), sequence=gm.meta.get("tpfx_sequence"))
+
+
+# megatron mode with sequence parallelism: the megatron strategy, then the sequence split on each graph
+SEQUENCE_PARALLEL = dataclasses.replace(
+    STRATEGIES[Mode.MEGATRON],
+    rewrite=lambda gm, plan, group: (STRATEGIES[Mode.MEGATRON].rewrite(gm, plan, group),
+                                     _split_sequence(gm, plan, group)),
+    rewrite_other_form=lambda traced, plan, group: (STRATEGIES[Mode.MEGATRON].rewrite_other_form(traced, plan, group),
+                                                    _split_sequence(traced, plan, group)),
+    report=_sequence_report, sequence_parallel=True)
+
+
+def strategy_for(mode: str, *, sequence_parallel: bool = False) -> Strategy:
+    """The strategy of ``mode`` (one of :data:`MODES`), with sequence parallelism when asked.
+
+    Raises:
+        ConfigError: an unknown mode, or sequence parallelism outside megatron mode.
+    """
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r} is not a parallelization mode; use one of {', '.join(map(repr, MODES))}")
+    if not sequence_parallel:
+        return STRATEGIES[Mode(mode)]
+    if Mode(mode) is not Mode.MEGATRON:
+        raise ConfigError(f"sequence_parallel=True needs mode='megatron' (got mode={mode!r}): the sequence is split "
+                          "between row- and column-parallel pairs; pass mode='megatron'")
+    return SEQUENCE_PARALLEL
+
+
 def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessGroup | None = None,
                 rank: int | None = None, mode: Literal["gather", "megatron"] = "gather",
                 tracer: Literal["auto", "fx", "export"] = "auto",
-                example_inputs: ExampleInputs | None = None) -> TensorParallelModule | DeferredProgram:
+                example_inputs: ExampleInputs | None = None,
+                sequence_parallel: bool = False) -> TensorParallelModule | DeferredProgram:
     """Make ``model`` tensor-parallel: return this rank's program as a GraphModule.
 
     The attention QKV projections and FFN first linears are found by graph structure and
@@ -172,6 +216,10 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
             torch.fx graphs take their symbolic shapes from it (dims 0 and 1 symbolic). Without it,
             fx assumes token ids or, for an input a linear or norm reads first, (batch, seq, width);
             ``gm.tpfx_report.tracer_note`` says which (see :mod:`tpfx.passes.fake_shapes`).
+        sequence_parallel: megatron mode only: between the pairs, split the residual stream along the
+            sequence (norms, dropouts and residual adds run on 1/tp of the tokens); a reduce-scatter
+            after each row-parallel linear and an all-gather before each pair replace the all-reduce
+            (:mod:`tpfx.passes.sequence_parallel`). The sequence length must be a multiple of tp.
 
     Returns:
         A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts;
@@ -185,26 +233,26 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
         All are raised before any collective runs and leave nothing changed; for a program captured
         on its first call, CaptureError and ShardingError come from that call (or ``prepare``).
     """
-    if mode not in MODES:
-        raise ConfigError(f"mode={mode!r} is not a parallelization mode; use one of {', '.join(map(repr, MODES))}")
+    strategy = strategy_for(mode, sequence_parallel=sequence_parallel)
     if tracer not in TRACERS:
         raise ConfigError(f"tracer={tracer!r} is not a tracer; use one of {', '.join(map(repr, TRACERS))}")
     layout = resolve_layout(tp, group=group, rank=rank)
     try:
         with _collector_paused():
-            gm = _compile(model, layout, mode=mode, tracer=tracer, example_inputs=example_inputs)
+            gm = _compile(model, layout, strategy=strategy, tracer=tracer, example_inputs=example_inputs)
     except NeedsCall as needs:  # fx cannot trace it and there is no example call: capture from the first call
-        gm = _deferred(model, layout, mode=mode, reason=needs.reason)
+        gm = _deferred(model, layout, strategy=strategy, reason=needs.reason)
     _bind_process_group(layout, group)
     return gm
 
 
-def _deferred(model: nn.Module, layout: Layout, *, mode: str, reason: str) -> DeferredProgram:
+def _deferred(model: nn.Module, layout: Layout, *, strategy: Strategy, reason: str) -> DeferredProgram:
     """The program captured with torch.export from its first call's arguments (see :mod:`tpfx.deferred`)."""
     def compile_from(args: tuple, kwargs: dict, training: bool) -> TensorParallelModule:
         call = bind_call(forward_signature(model), args, kwargs)
         with _collector_paused(), _in_mode(model, training):
-            return _compile(model, layout, mode=mode, tracer="export", example_inputs=call, fx_failure=reason)
+            return _compile(model, layout, strategy=strategy, tracer="export", example_inputs=call,
+                            fx_failure=reason)
 
     return DeferredProgram(type(model).__name__, reason, compile_from, training=model.training)
 
@@ -221,7 +269,7 @@ def _in_mode(model: nn.Module, training: bool) -> Iterator[None]:
             module.training = was_training
 
 
-def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
+def _compile(model: nn.Module, layout: Layout, *, strategy: Strategy, tracer: str,
              example_inputs: ExampleInputs | None, fx_failure: str = "") -> TensorParallelModule:
     """capture -> find sites -> plan (the mode's strategy) -> rewrite the graph, shard the parameters -> report.
 
@@ -232,7 +280,6 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     gm = captured.gm
     # a model built with parameters on meta was traced on meta: its device constants must say the inputs' device
     retarget_meta_device(gm, device=device_of_inputs(example_inputs))
-    strategy = STRATEGIES[Mode(mode)]
     # gather mode reads no sizes: shape propagation (a third of a small model's pass) is for pairing only
     shapes = _fake_shapes(captured, forward_signature(model), example_inputs) if strategy.needs_shapes else None
     # every parameter of the model, also those this graph does not read: the plan lists them all
@@ -240,6 +287,7 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     finding = find_sites(gm, tp=layout.tp)
     warn_if_no_sites(type(model).__name__, finding, tp=layout.tp, stacklevel=3)  # 3: parallelize's caller
     plan = strategy.plan(gm, finding, layout.tp, layout.rank)  # raises before any change
+    plan = dataclasses.replace(plan, sequence_parallel=strategy.sequence_parallel)
     strategy.rewrite(gm, plan, layout.key)
     shard_parameters(gm, plan, source=model)
     gm.tpfx_plan = plan  # what every parameter holds and why; reports and checkpoints read it

@@ -23,6 +23,7 @@ import typing
 from collections.abc import Callable, Sequence
 
 import tpfx
+from tpfx.passes.activation_memory import activation_bytes
 from tpfx.passes.comm_table import comm_table
 from tpfx.passes.draw import to_dot, to_svg
 from tpfx.errors import TpfxError, one_line
@@ -71,9 +72,11 @@ class _Style:
 
 
 def parallelize_options() -> dict[str, inspect.Parameter]:
-    """Keyword options of :func:`tpfx.parallelize` with a string default (``mode``, ``tracer``): CLI options."""
+    """Keyword options of :func:`tpfx.parallelize` with a string default (``mode``, ``tracer``) or a boolean
+    one (``sequence_parallel``, a flag): CLI options."""
     parameters = inspect.signature(tpfx.parallelize).parameters
-    return {name: p for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY and isinstance(p.default, str)}
+    return {name: p for name, p in parameters.items()
+            if p.kind is p.KEYWORD_ONLY and isinstance(p.default, (str, bool))}
 
 
 def _choices_of(name: str) -> list[str] | None:
@@ -105,7 +108,12 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--batch", type=_count, help="batch size of the inputs (default: the example's, else 2)")
     common.add_argument("--seq", type=_count, help="sequence length of the inputs (default: the example's, else 16)")
     for name, parameter in parallelize_options().items():  # only what this tpfx.parallelize accepts
-        common.add_argument(f"--{name.replace('_', '-')}", dest=f"parallelize_{name}", choices=_choices_of(name),
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(parameter.default, bool):  # a switch: given, it passes the other value
+            common.add_argument(flag, dest=f"parallelize_{name}", action="store_const", const=not parameter.default,
+                                default=None, help=f"passes tpfx.parallelize({name}={not parameter.default!r})")
+            continue
+        common.add_argument(flag, dest=f"parallelize_{name}", choices=_choices_of(name),
                             default=None, help=f"passed to tpfx.parallelize({name}=...); default {parameter.default!r}")
     common.add_argument("--no-color", action="store_true", help="never colour the output")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -162,7 +170,8 @@ def dump_document(args: argparse.Namespace) -> tuple[dict[str, object], tpfx.Ten
     """Everything ``tpfx dump`` shows, as plain data (the JSON output), and the program it describes."""
     target, program = _inspect(args)
     report = program.tpfx_report
-    table = comm_table(program, target.inputs(batch=args.batch, seq=args.seq), tp=report.tp)
+    inputs = target.inputs(batch=args.batch, seq=args.seq)
+    table = comm_table(program, inputs, tp=report.tp)
     graph: dict[str, object] = {"call_form": report.call_form.describe(), "code": readable_code(program).strip()}
     if args.tabular:
         graph["tabular"] = _node_rows(program)
@@ -173,11 +182,19 @@ def dump_document(args: argparse.Namespace) -> tuple[dict[str, object], tpfx.Ten
         "tp": report.tp, "rank": report.rank, "group": report.group, "mode": report.mode, "tracer": report.tracer,
         "options": _passthrough(args),
         "sites": report.sites_table(),
+        "sequence_parallel": _sequence_summary(report),
         "replicated": [row for row in report.linear_decisions() if not row["sharded"]],
         "graph": graph,
         "communication": {"inputs": target.describe_inputs(batch=args.batch, seq=args.seq), **table.to_dict()},
-        "memory": report.memory(),
+        "memory": report.memory() | {"activation_bytes": activation_bytes(program, inputs, tp=report.tp),
+                                     "activation_inputs": target.describe_inputs(batch=args.batch, seq=args.seq)},
     }, program
+
+
+def _sequence_summary(report: object) -> str:
+    """The report's line on sequence parallelism, "" for a program without it."""
+    summary = getattr(report, "sequence_summary", None)
+    return summary() if summary is not None else ""
 
 
 def _node_rows(program: tpfx.TensorParallelModule) -> list[dict[str, str]]:
@@ -213,6 +230,8 @@ def _dump_text(document: dict, style: _Style) -> list[str]:
     lines += _table(("module", "role", "weight", "shard", "collectives"),
                     [(s["module"], s["role"], _shape(s["weight"]), _shape(s["shard"]), ", ".join(s["collectives"]))
                      for s in document["sites"]])
+    if document["sequence_parallel"]:
+        lines.append(document["sequence_parallel"])
     graph = document["graph"]
     lines += ["", style(f"Rewritten graph of rank {document['rank']} ({graph['call_form']})", "bold")]
     if "diff" in graph:
@@ -244,7 +263,9 @@ def _memory_text(document: dict, style: _Style) -> list[str]:
     return [style("Parameter memory", "bold"),
             f"single device: {single:,} bytes; rank {document['rank']}: {rank:,} bytes ({share:.1%})",
             f"sharded linears: {memory['sharded_linears_single_device_bytes']:,} bytes on one device, "
-            f"{memory['sharded_linears_rank_bytes']:,} bytes per rank"]
+            f"{memory['sharded_linears_rank_bytes']:,} bytes per rank",
+            f"activations of one training step at {memory['activation_inputs']}: {memory['activation_bytes']:,} bytes "
+            f"on rank {document['rank']} (tensors saved for backward)"]
 
 
 def _diff_colour(line: str, style: _Style) -> str:
@@ -272,6 +293,8 @@ def _run_explain(args: argparse.Namespace, style: _Style) -> int:
                     [(row["module"], _shape(row["weight"]),
                       style(f"shard ({row['role']})", "green") if row["sharded"] else style("replicate", "dim"),
                       row["reason"]) for row in decisions], width=_terminal_width())
+    if _sequence_summary(program.tpfx_report):
+        lines.append(_sequence_summary(program.tpfx_report))
     _emit("\n".join(lines) + "\n", None)
     return EXIT_OK
 

@@ -11,6 +11,19 @@ Forward / backward pairs (Megatron's f/g operators):
 * ``copy_to_tp``:     identity      / all-reduce (sum) of the input gradient
 * ``gather_from_tp``: all-gather on the last dim / this rank's slice of the gradient
 * ``reduce_from_tp``: all-reduce (sum) / identity
+
+Sequence parallelism (Megatron's sequence-parallel region: between the pairs every rank holds its
+1/tp of the sequence, along dim ``dim`` of the tensor):
+
+* ``split_to_sequence``:          this rank's slice         / all-gather of the gradient slices
+* ``reduce_scatter_to_sequence``: reduce-scatter (sum)      / all-gather of the gradient slices
+* ``gather_from_sequence``:       all-gather                / reduce-scatter (sum) of the gradient
+* ``gather_sequence_whole``:      all-gather                / this rank's slice of the gradient
+
+``reduce_scatter_to_sequence`` replaces ``reduce_from_tp`` where the sum enters the sequence-sharded
+region, ``gather_from_sequence`` replaces ``copy_to_tp`` where a column-parallel linear reads it;
+``split_to_sequence`` and ``gather_sequence_whole`` enter and leave it from and to computation every
+rank does whole (the embedding before it, the LM head after it).
 """
 
 from __future__ import annotations
@@ -20,7 +33,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from tpfx.errors import ConfigError
+from tpfx.errors import ConfigError, ShardingError
 
 # group key -> process group (None stands for the default world group)
 _GROUPS: dict[str, dist.ProcessGroup | None] = {}
@@ -78,6 +91,67 @@ def _all_gather_last_dim(tensor: torch.Tensor, key: str, name: str) -> torch.Ten
     return torch.cat(parts, dim=-1)
 
 
+def _check_divisible(tensor: torch.Tensor, dim: int, tp: int) -> None:
+    # every rank sees the same sequence length: all raise here, before any collective runs
+    if tensor.shape[dim] % tp:
+        raise ShardingError(
+            f"sequence length {tensor.shape[dim]} (dim {dim} of a {tuple(tensor.shape)} tensor) is not divisible by "
+            f"tp={tp}: sequence_parallel=True splits the sequence across the ranks; pad the sequence to a multiple "
+            f"of {tp} or parallelize without sequence_parallel")
+
+
+def _slice_of(tensor: torch.Tensor, dim: int, key: str) -> torch.Tensor:
+    """This rank's contiguous 1/tp of ``tensor`` along ``dim`` (a copy: a view would keep the whole alive)."""
+    group = _group(key)
+    tp = dist.get_world_size(group)
+    _check_divisible(tensor, dim, tp)
+    length = tensor.shape[dim] // tp
+    return tensor.narrow(dim, dist.get_rank(group) * length, length).clone(memory_format=torch.contiguous_format)
+
+
+def _all_gather_dim(tensor: torch.Tensor, dim: int, key: str) -> torch.Tensor:
+    group = _group(key)
+    local = tensor.contiguous()
+    _notify("all_gather", local)
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def _reduce_scatter_dim(tensor: torch.Tensor, dim: int, key: str) -> torch.Tensor:
+    group = _group(key)
+    tp = dist.get_world_size(group)
+    _check_divisible(tensor, dim, tp)
+    whole = tensor.contiguous()
+    _notify("reduce_scatter", whole)
+    parts = [part.contiguous() for part in whole.chunk(tp, dim=dim)]
+    out = torch.empty_like(parts[0])
+    dist.reduce_scatter(out, parts, group=group)
+    return out
+
+
+def _along_sequence(name: str, forward: Callable[[torch.Tensor, int, str], torch.Tensor],
+                    backward: Callable[[torch.Tensor, int, str], torch.Tensor]) -> type[torch.autograd.Function]:
+    """An autograd function ``(x, dim, group key)``: ``forward`` on the tensor, ``backward`` on its gradient."""
+
+    def run_forward(ctx, x: torch.Tensor, dim: int, key: str) -> torch.Tensor:
+        ctx.dim, ctx.key = dim, key
+        return forward(x, dim, key)
+
+    def run_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return backward(grad, ctx.dim, ctx.key), None, None
+
+    return type(name, (torch.autograd.Function,), {"forward": staticmethod(run_forward),
+                                                   "backward": staticmethod(run_backward)})
+
+
+_SplitToSequence = _along_sequence("_SplitToSequence", _slice_of, _all_gather_dim)
+_ReduceScatterToSequence = _along_sequence("_ReduceScatterToSequence", _reduce_scatter_dim, _all_gather_dim)
+_GatherFromSequence = _along_sequence("_GatherFromSequence", _all_gather_dim, _reduce_scatter_dim)
+# every rank computed the same whole-sequence result from it: the gradient is the same, keep this rank's slice
+_GatherSequenceWhole = _along_sequence("_GatherSequenceWhole", _all_gather_dim, _slice_of)
+
+
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, key: str) -> torch.Tensor:
@@ -129,11 +203,48 @@ def reduce_from_tp(x: torch.Tensor, group: str) -> torch.Tensor:
     return _ReduceFromTP.apply(x, group)
 
 
+def split_to_sequence(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """This rank's 1/tp of the sequence (dim ``dim``) forward; all-gather of the gradient backward.
+
+    Enters the sequence-sharded region from a tensor every rank holds whole (the embeddings' sum).
+
+    Raises:
+        ShardingError: tp does not divide the sequence length.
+    """
+    return _SplitToSequence.apply(x, dim, group)
+
+
+def reduce_scatter_to_sequence(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """Reduce-scatter (sum) along ``dim`` forward; all-gather of the gradient backward. Follows a
+    row-parallel linear whose sum enters the sequence-sharded region (instead of ``reduce_from_tp``).
+
+    Raises:
+        ShardingError: tp does not divide the sequence length.
+    """
+    return _ReduceScatterToSequence.apply(x, dim, group)
+
+
+def gather_from_sequence(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """All-gather along ``dim`` forward; reduce-scatter (sum) of the gradient backward. Precedes the
+    column-parallel linears of a pair (instead of ``copy_to_tp``)."""
+    return _GatherFromSequence.apply(x, dim, group)
+
+
+def gather_sequence_whole(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """All-gather along ``dim`` forward; this rank's slice of the gradient backward. Leaves the
+    sequence-sharded region into computation every rank does whole (the LM head, the model output)."""
+    return _GatherSequenceWhole.apply(x, dim, group)
+
+
 # Graph rewriting marks nodes that call these as collectives, e.g. for reports and drawing.
 COLLECTIVES: dict[Callable[..., torch.Tensor], str] = {
     copy_to_tp: "copy_to_tp",
     gather_from_tp: "gather_from_tp",
     reduce_from_tp: "reduce_from_tp",
+    split_to_sequence: "split_to_sequence",
+    reduce_scatter_to_sequence: "reduce_scatter_to_sequence",
+    gather_from_sequence: "gather_from_sequence",
+    gather_sequence_whole: "gather_sequence_whole",
 }
 
 

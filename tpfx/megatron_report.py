@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch.fx as fx
 
 from tpfx.passes.pair_megatron import Fallback, Pair
+from tpfx.passes.sequence_parallel import SequenceRegion
 from tpfx.passes.plan import Plan, row_bias_name, row_weight_name, site_weight_name
 from tpfx.report import Report, _collectives_by_module, role_reason
 
@@ -26,6 +27,7 @@ class MegatronReport(Report):
     fallbacks: tuple[Fallback, ...] = ()
     row_collectives: tuple[tuple[str, tuple[str, ...]], ...] = ()
     rows_with_bias: tuple[str, ...] = ()
+    sequence: SequenceRegion | None = None  # sequence parallelism: the region of the program's own graph
 
     def sites_table(self) -> list[dict[str, object]]:
         """The column sites (as in gather mode), then each pair's row-parallel linear; shards from the plan."""
@@ -36,6 +38,14 @@ class MegatronReport(Report):
             rows.append({"module": pair.row_module_path, "role": "row", "weight": list(weight.full_shape),
                          "shard": list(weight.local_shape), "collectives": list(around.get(pair.row_module_path, ()))})
         return super().sites_table() + rows
+
+    def sequence_split(self) -> bool:
+        """Whether the program splits its residual stream along the sequence (sequence parallelism)."""
+        return self.sequence is not None and bool(self.sequence.nodes)
+
+    def sequence_summary(self) -> str:
+        """One line on sequence parallelism ("" when it was not asked for)."""
+        return self.sequence.describe() if self.sequence is not None else ""
 
     def _whole_columns(self) -> set[str]:
         """Column sites the plan keeps whole on every rank (grouped-query k/v with fewer heads than tp)."""
@@ -68,9 +78,11 @@ class MegatronReport(Report):
             if pair is not None:
                 columns = ", ".join(f"'{s.module_path}'" for s in pair.columns)
                 bias = ", bias added once after the sum" if pair.row_module_path in self.rows_with_bias else ""
+                after = ("reduce-scatter along the sequence after (sequence parallel)" if self.sequence_split()
+                         else "all-reduce after")
                 row = row | {"sharded": True, "role": "row", "reason": (
                     f"row-parallel partner of {columns}: input columns {pair.row_layout.describe()} (* split), "
-                    f"all-reduce after{bias}")}
+                    f"{after}{bias}")}
             elif row["module"] in why:
                 row = row | {"reason": why[row["module"]], "sharded": row["module"] not in whole}
             decisions.append(row)

@@ -71,7 +71,8 @@ def _mask_part(like: torch.Tensor, p: float, dim: int, group: str) -> torch.Tens
     full_shape[dim] *= tp
     # dropout of ones is exactly the factor one device multiplies its input by (same shape, same draws)
     scale = F.dropout(torch.ones(full_shape, dtype=like.dtype, device=like.device), p, True)
-    return scale.narrow(dim, rank * like.shape[dim], like.shape[dim])
+    # a copy: a view would keep the whole mask alive until backward (tp times the rank's part)
+    return scale.narrow(dim, rank * like.shape[dim], like.shape[dim]).clone(memory_format=torch.contiguous_format)
 
 
 def dropout_rank_part(x: torch.Tensor, p: float, training: bool, dim: int, group: str) -> torch.Tensor:
