@@ -226,6 +226,15 @@ class ExportedTensorParallelModule(TensorParallelModule):
         signature, _ = self.__dict__["_tpfx_export"]
         return self._module_for(bind_call(signature, args, kwargs))
 
+    def call_arguments(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The arguments by name that ``self(*args, **kwargs)`` hands its graph: None ones left out, the
+        cache switches set to off (an exported graph takes them as inputs and checks their value).
+
+        Raises:
+            ConfigError: the arguments do not fit the forward signature, or they turn a cache on.
+        """
+        return bind_call(self.__dict__["_tpfx_export"][0], args, kwargs)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         signature, _ = self.__dict__["_tpfx_export"]
         call = bind_call(signature, args, kwargs)
