@@ -48,7 +48,8 @@ from tpfx.passes.plan import Plan
 from tpfx.collectives import _group as bound_group  # the process group behind a program's group key
 from tpfx.errors import ConfigError, LoadError, first_line
 from tpfx.layers import ShardSpec
-from tpfx.safetensors_io import DirectoryWriter, Planned, SafetensorsDirectory, SafetensorsFile, parse_size, plan_files
+from tpfx.safetensors_io import (DirectoryWriter, Planned, SafetensorsDirectory, SafetensorsFile, Scratch, parse_size,
+                                plan_files)
 
 StateSource = Mapping[str, torch.Tensor] | str | os.PathLike
 
@@ -283,9 +284,30 @@ def _tp_group(gm: nn.Module) -> dist.ProcessGroup | None:
     return bound_group(report.group)
 
 
-def _assemble(parts: list[torch.Tensor], specs: list[ShardSpec], like: torch.Tensor) -> torch.Tensor:
-    """The full tensor from every rank's (padded) local part and spec."""
-    full = torch.empty(specs[0].full_shape(tuple(like.shape)), dtype=like.dtype, device=like.device)
+class _Reused:
+    """Two byte buffers that every gathered tensor of a save reuses (the parts, the full tensor): fresh
+    tensors per gather, freed in between, leave holes in the heap that stay resident."""
+
+    def __init__(self) -> None:
+        self.parts_buffer, self.full_buffer = Scratch(), Scratch()
+
+    def parts(self, local: torch.Tensor, count: int) -> list[torch.Tensor]:
+        flat = self.parts_buffer.get(count * local.nbytes).view(local.dtype)
+        return [chunk.view(local.shape) for chunk in flat.chunk(count)]
+
+    def full(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        count = 1
+        for size in shape:
+            count *= size
+        return self.full_buffer.get(count * torch.empty((), dtype=dtype).element_size()).view(dtype).view(shape)
+
+
+def _assemble(parts: list[torch.Tensor], specs: list[ShardSpec], like: torch.Tensor,
+              reused: _Reused | None = None) -> torch.Tensor:
+    """The full tensor from every rank's (padded) local part and spec (in ``reused``'s buffer when given)."""
+    shape = specs[0].full_shape(tuple(like.shape))
+    full = (reused.full(shape, like.dtype) if reused is not None
+            else torch.empty(shape, dtype=like.dtype, device=like.device))
     for part, spec in zip(parts, specs):
         for local, start, length in spec.pieces():
             full.narrow(spec.dim, start, length).copy_(part.narrow(spec.dim, local, length))
@@ -293,22 +315,30 @@ def _assemble(parts: list[torch.Tensor], specs: list[ShardSpec], like: torch.Ten
 
 
 def _gather_full(target: _Target, specs: list[ShardSpec], group: dist.ProcessGroup | None,
-                 *, to_all: bool) -> torch.Tensor | None:
-    """Gather one sharded tensor; the full tensor on the receiving rank(s), None elsewhere."""
+                 *, to_all: bool, reused: _Reused | None = None) -> torch.Tensor | None:
+    """Gather one sharded tensor; the full tensor on the receiving rank(s), None elsewhere.
+
+    With ``reused`` (CPU tensors only), the parts and the full tensor live in its buffers: valid
+    until the next gather.
+    """
     local = target.tensor.detach().contiguous()
     dim, widest = specs[0].dim, max(spec.local_size for spec in specs)
     if local.shape[dim] < widest:  # collectives need equal shapes: pad the narrower shards
         padding = list(local.shape)
         padding[dim] = widest - local.shape[dim]
         local = torch.cat([local, local.new_zeros(padding)], dim=dim)
-    parts = [torch.empty_like(local) for _ in specs]
+    reused = reused if local.device.type == "cpu" else None
     if to_all:
+        parts = [torch.empty_like(local) for _ in specs]
         dist.all_gather(parts, local, group=group)
         return _assemble(parts, specs, target.tensor)
     receiver = dist.get_global_rank(group, 0) if group is not None else 0
-    receiving = dist.get_rank() == receiver
-    dist.gather(local, parts if receiving else None, dst=receiver, group=group)
-    return _assemble(parts, specs, target.tensor) if receiving else None
+    if dist.get_rank() != receiver:
+        dist.gather(local, None, dst=receiver, group=group)
+        return None
+    parts = reused.parts(local, len(specs)) if reused is not None else [torch.empty_like(local) for _ in specs]
+    dist.gather(local, parts, dst=receiver, group=group)
+    return _assemble(parts, specs, target.tensor, reused)
 
 
 def full_state_dict(gm: nn.Module, *, rank0_only: bool = True) -> dict[str, torch.Tensor]:
@@ -411,12 +441,14 @@ def save_pretrained(gm: nn.Module, directory: str | os.PathLike, *, max_shard_si
     taking_part, writing = _writes_here(group)
     if taking_part:
         specs_by_rank = _exchange_specs([t.spec for t in sharded], group) if sharded else []
+        reused = _Reused()  # each gathered tensor is written before the next gather overwrites it
         with closing(DirectoryWriter(Path(directory), files)) if writing else nullcontext() as writer:
             position = 0  # index of the next sharded target, in the order the specs were exchanged
             for target in targets:
                 tensor = target.tensor.detach()
                 if target.spec is not None:
-                    tensor = _gather_full(target, [specs[position] for specs in specs_by_rank], group, to_all=False)
+                    tensor = _gather_full(target, [specs[position] for specs in specs_by_rank], group,
+                                          to_all=False, reused=reused)
                     position += 1
                 if writing:
                     writer.write(target.keys[0], tensor)
