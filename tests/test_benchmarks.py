@@ -143,7 +143,7 @@ def test_memory_benchmark_directory_path_at_toy_size(ranks, folder):
     for name, per_rank in table.items():
         for row in per_rank:
             assert row["logits_max_diff_vs_reference"] <= TOL, (name, row)
-            assert row["peak_rss_after_save"] >= row["peak_rss"] > 0 and row["own_param_bytes"] > 0, (name, row)
+            assert min(row["peak_rss_after_save"], row["peak_rss"], row["own_param_bytes"], row["save_s"]) > 0, (name, row)
     text = memory.markdown({"config": {"n_layers": 2, "d_model": 32, "vocab_size": 97}, "model_param_bytes": 1e5,
                             "tp": 2, "idle_torch_rss": 0, "ranks": table, **checks})
     assert "a save_pretrained directory of" in text and "gather: yes, megatron: yes" in text
