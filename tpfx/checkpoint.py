@@ -152,7 +152,7 @@ class _TensorSource:
 
 
 def _open_source(source: StateSource) -> _Source:
-    """Open a state dict, a torch.save file or a .safetensors file as a source of tensors.
+    """Open a state dict, a torch.save file, a .safetensors file or a checkpoint directory as a source of tensors.
 
     Raises:
         LoadError: the file does not exist, cannot be read, or does not hold a flat state dict.
@@ -251,7 +251,9 @@ def load_state_dict(gm: nn.Module, source: StateSource, *, strict: bool = True,
     Args:
         gm: the program from :func:`tpfx.parallelize` (any ``nn.Module`` works; without sharded
             layers it loads like ``nn.Module.load_state_dict``).
-        source: a single-device state dict, a ``torch.save`` file, or a ``.safetensors`` file.
+        source: a single-device state dict, a ``torch.save`` file, a ``.safetensors`` file, or a
+            checkpoint directory as transformers writes it (``model.safetensors.index.json`` and the
+            files it names, or one ``model.safetensors``; the index file's path works too).
         strict: when False, unexpected keys are ignored and missing keys keep their current values
             (a missing key whose tensor is still on meta is an error all the same).
         device: where meta tensors are materialized.
