@@ -343,6 +343,16 @@ def _gather_full(target: _Target, specs: list[ShardSpec], group: dist.ProcessGro
     return _assemble(parts, specs, target.tensor, reused)
 
 
+def _loaded_targets(gm: nn.Module) -> list[_Target]:
+    """The program's tensors (:func:`_targets`); raises LoadError if any is still on meta (nothing loaded)."""
+    targets = _targets(gm)
+    on_meta = [t.keys[0] for t in targets if t.tensor.is_meta]
+    if on_meta:
+        raise LoadError(f"{type(gm).__name__} still has meta tensors {_listed(on_meta)}; "
+                        "fix: load weights with tpfx.load_state_dict(gm, checkpoint) first")
+    return targets
+
+
 def full_state_dict(gm: nn.Module, *, rank0_only: bool = True) -> dict[str, torch.Tensor]:
     """Gather a tensor-parallel program's state into the original model's keys and full shapes.
 
@@ -363,11 +373,7 @@ def full_state_dict(gm: nn.Module, *, rank0_only: bool = True) -> dict[str, torc
         LoadError: a tensor is still on meta (nothing has been loaded into the program).
         ConfigError: the program was built for inspection (no process group to gather over).
     """
-    targets = _targets(gm)
-    on_meta = [t.keys[0] for t in targets if t.tensor.is_meta]
-    if on_meta:
-        raise LoadError(f"{type(gm).__name__} still has meta tensors {_listed(on_meta)}; "
-                        "fix: load weights with tpfx.load_state_dict(gm, checkpoint) first")
+    targets = _loaded_targets(gm)
     sharded = [t for t in targets if t.spec is not None]
     group = _tp_group(gm) if sharded else None
     specs_by_rank = _exchange_specs([t.spec for t in sharded], group) if sharded else []
@@ -432,11 +438,7 @@ def save_pretrained(gm: nn.Module, directory: str | os.PathLike, *, max_shard_si
     if config is not None and not callable(getattr(config, "save_pretrained", None)):
         raise ConfigError(f"config is a {type(config).__name__} without save_pretrained(directory); pass the "
                           "model's transformers config (model.config) or None")
-    targets = _targets(gm)
-    on_meta = [t.keys[0] for t in targets if t.tensor.is_meta]
-    if on_meta:
-        raise LoadError(f"{type(gm).__name__} still has meta tensors {_listed(on_meta)}; "
-                        "fix: load weights with tpfx.load_state_dict(gm, checkpoint) first")
+    targets = _loaded_targets(gm)
     files = plan_files([Planned(t.keys[0], t.full_shape, t.tensor.dtype) for t in targets], parse_size(max_shard_size))
     sharded = [t for t in targets if t.spec is not None]
     group = _tp_group(gm) if sharded else None
