@@ -200,6 +200,9 @@ class SafetensorsDirectory:
         indexes = sorted(path.glob("*.safetensors.index.json"))
         if not indexes:
             singles = sorted(path.glob("*.safetensors"))
+            if not singles and (path / ".metadata").is_file():
+                raise LoadError(f"{self.where} is a torch.distributed.checkpoint (DCP) save, not safetensors; fix: "
+                                "dcp.load(tpfx.dcp_state_dict(gm), checkpoint_id=...) loads it")
             if len(singles) != 1:
                 raise LoadError(f"{self.where} has no {INDEX_NAME} and {len(singles)} .safetensors files; fix: pass "
                                 f"a directory written by save_pretrained ({INDEX_NAME} + shards, or one {SINGLE_NAME})")
