@@ -1,8 +1,12 @@
-"""Checkpoints: meta-built models, loading shards from every source, full_state_dict round trips.
+"""Checkpoints: meta-built models, loading shards from every source, full_state_dict round trips,
+checkpoint directories (save_pretrained) and torch.distributed.checkpoint (dcp_state_dict).
 
 In-process tests use programs built for inspection (``rank=`` without a process group): loading
 needs no collective. One spawn of 4 gloo ranks covers everything that gathers: tp=2 groups inside a
-world of 4 (so group rank 0 is not always global rank 0), then tp=4 loading the tp=2 checkpoint.
+world of 4 (so group rank 0 is not always global rank 0) save with full_state_dict, save_pretrained
+and DCP (the two groups hold the same shards: DCP writes each once), then tp=4 programs load the tp=2
+checkpoints. This process then loads them on one device: DCP without a process group (world 1),
+transformers' from_pretrained on a directory that started as transformers' own and went through tp=2.
 """
 
 from __future__ import annotations
