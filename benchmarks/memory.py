@@ -7,6 +7,14 @@ fresh pair of gloo processes (tp=2), and each rank reports its peak resident mem
   in the default mode (QKV and fc1 sharded) and in ``mode="megatron"`` (all four block linears sharded)
 * naive: build the full model -> ``model.load_state_dict(safetensors.torch.load_file(file))`` -> ``tpfx.parallelize``
 
+``python -m benchmarks.memory --checkpoint directory`` measures the checkpoint directories instead:
+the model is written by ``tpfx.save_pretrained`` as ``model.safetensors.index.json`` and at least 3
+files (``--shard-mb``, default 400), each rank loads its slices from the directory in both modes,
+and then every rank takes part in ``tpfx.save_pretrained`` of the program into a new directory (rank
+0 gathers and writes, a tensor at a time); the peak after loading and the peak after saving are both
+reported, and the saved directory must equal the original byte for byte (tensor for tensor).
+Results go to ``benchmarks/results/memory_directory.json``.
+
 The bound of issue 6: peak RSS <= 1.3 x (the rank's own parameter bytes) + the RSS of an idle process
 that has imported torch. Both paths end with one forward pass whose logits must agree, so the figures
 are those of programs that work. Results go to ``benchmarks/results/memory.json``; a markdown table
@@ -81,14 +89,53 @@ def _finish(gm: nn.Module, build_and_load_s: float) -> dict:
             "build_and_load_s": build_and_load_s, "logits_head": logits[0, :, :16].clone(), **memory_status()}
 
 
-def _tpfx_path(rank: int, world_size: int, path: str, config: GPTConfig, mode: str) -> dict:
+def _tpfx_path(rank: int, world_size: int, path: str, config: GPTConfig, mode: str, save_to: str | None = None) -> dict:
     start = time.perf_counter()
     with tpfx.parameters_on_meta():
         model = GPTModel(config).eval()
     gm = tpfx.parallelize(model, tp=world_size, mode=mode)
     del model  # its buffers (the causal masks) were copied into gm; drop them as a user would
     tpfx.load_state_dict(gm, path)
-    return _finish(gm, time.perf_counter() - start)
+    figures = _finish(gm, time.perf_counter() - start)
+    if save_to is not None:  # then write the program back out as a directory, from rank 0
+        start = time.perf_counter()
+        tpfx.save_pretrained(gm, save_to, max_shard_size=_shard_bytes(path))
+        figures |= {"save_s": time.perf_counter() - start, "peak_rss_after_save": memory_status()["peak_rss"]}
+    return figures
+
+
+def _shard_bytes(directory: str) -> int:
+    """The largest file of a checkpoint directory: the shard size to save with, so the layout repeats."""
+    return max(p.stat().st_size for p in Path(directory).glob("*.safetensors"))
+
+
+def _write_directory(rank: int, world_size: int, path: str, config: GPTConfig, shard_bytes: int) -> int:
+    """Save a seeded model as a checkpoint directory with tpfx.save_pretrained (nothing sharded: no gathering)."""
+    torch.manual_seed(0)
+    model = GPTModel(config)
+    tpfx.save_pretrained(model, path, max_shard_size=shard_bytes)
+    return _tensor_bytes(model.parameters())
+
+
+def _same_directories(first: Path, second: Path) -> bool:
+    """Whether two checkpoint directories hold the same tensors (read a tensor at a time)."""
+    from tpfx.safetensors_io import SafetensorsDirectory
+
+    a, b = SafetensorsDirectory(first), SafetensorsDirectory(second)
+    try:
+        if a.keys() != b.keys():
+            return False
+        for key in a.keys():
+            left, right = (torch.empty(source.shape(key), dtype=source.file_of[key].entries[key].dtype)
+                           for source in (a, b))
+            a.read_into(key, None, left)
+            b.read_into(key, None, right)
+            if not torch.equal(left, right):
+                return False
+        return True
+    finally:
+        a.close()
+        b.close()
 
 
 def _naive_path(rank: int, world_size: int, path: str, config: GPTConfig) -> dict:
@@ -102,62 +149,102 @@ def _naive_path(rank: int, world_size: int, path: str, config: GPTConfig) -> dic
     return _finish(gm, time.perf_counter() - start)
 
 
-def run(config: GPTConfig, folder: Path) -> dict:
-    """Write the checkpoint, run both paths, and return every figure (bytes and seconds)."""
-    path = str(folder / "model.safetensors")
-    [model_bytes] = launch(_write_checkpoint, 1, path, config, timeout_s=900)
+def run(config: GPTConfig, folder: Path, *, checkpoint: str = "file", shard_bytes: int = 400 * 10**6) -> dict:
+    """Write the checkpoint, run the paths, and return every figure (bytes and seconds).
+
+    ``checkpoint="file"``: one safetensors file, tpfx (both modes) against the naive path.
+    ``checkpoint="directory"``: a save_pretrained directory (files of at most ``shard_bytes``), tpfx
+    (both modes) loading it and saving it again.
+    """
     idle = idle_torch_rss()
-    paths = {"tpfx": launch(_tpfx_path, TP, path, config, "gather", timeout_s=900),
-             "tpfx megatron": launch(_tpfx_path, TP, path, config, "megatron", timeout_s=900),
-             "naive": launch(_naive_path, TP, path, config, timeout_s=900)}
-    reference = paths["naive"][0]["logits_head"]
-    ranks = {}
+    if checkpoint == "directory":
+        path = folder / "model"
+        [model_bytes] = launch(_write_directory, 1, str(path), config, shard_bytes, timeout_s=900)
+        paths = {name: launch(_tpfx_path, TP, str(path), config, mode, str(folder / f"saved_{mode}"), timeout_s=900)
+                 for name, mode in DIRECTORY_PATHS.items()}
+        extra = directory_checks(path, {mode: folder / f"saved_{mode}" for mode in DIRECTORY_PATHS.values()})
+        checkpoint_bytes = sum(p.stat().st_size for p in path.iterdir())
+    else:
+        path = folder / "model.safetensors"
+        [model_bytes] = launch(_write_checkpoint, 1, str(path), config, timeout_s=900)
+        paths = {"tpfx": launch(_tpfx_path, TP, str(path), config, "gather", timeout_s=900),
+                 "tpfx megatron": launch(_tpfx_path, TP, str(path), config, "megatron", timeout_s=900),
+                 "naive": launch(_naive_path, TP, str(path), config, timeout_s=900)}
+        extra, checkpoint_bytes = {"reference": "naive"}, path.stat().st_size
+    return {"machine": machine(), "config": dataclasses.asdict(config), "tp": TP, "checkpoint": checkpoint,
+            "model_param_bytes": model_bytes, "checkpoint_bytes": checkpoint_bytes,
+            "idle_torch_rss": idle, "bound": f"peak_rss <= {BOUND_FACTOR} * own_param_bytes + idle_torch_rss",
+            "ranks": rows(paths, idle, extra["reference"]), **extra}
+
+
+DIRECTORY_PATHS = {"tpfx directory": "gather", "tpfx directory megatron": "megatron"}  # name: mode
+
+
+def directory_checks(original: Path, saved: dict[str, Path]) -> dict:
+    """The directory run's facts: how many files the original has, and whether each save equals it."""
+    return {"reference": "tpfx directory", "files": len(list(original.glob("*.safetensors"))),
+            "saved_equal": {mode: _same_directories(original, folder) for mode, folder in saved.items()}}
+
+
+def rows(paths: dict[str, list[dict]], idle: int, reference: str) -> dict[str, list[dict]]:
+    """Each path's per-rank figures with the bound, the ratio and the logits' difference from ``reference``'s rank 0."""
+    expected = paths[reference][0]["logits_head"]
+    table = {}
     for name, per_rank in paths.items():
-        rows = []
+        table[name] = []
         for rank, figures in enumerate(per_rank):
             bound = BOUND_FACTOR * figures["own_param_bytes"] + idle
-            logits = figures.pop("logits_head")
-            rows.append({**figures, "rank": rank, "bound": bound, "within_bound": figures["peak_rss"] <= bound,
-                         "peak_over_own_params": figures["peak_rss"] / figures["own_param_bytes"],
-                         "logits_max_diff_vs_naive_rank0": (logits - reference).abs().max().item()})
-        ranks[name] = rows
-    return {"machine": machine(), "config": dataclasses.asdict(config), "tp": TP,
-            "model_param_bytes": model_bytes, "checkpoint_bytes": Path(path).stat().st_size,
-            "idle_torch_rss": idle, "bound": f"peak_rss <= {BOUND_FACTOR} * own_param_bytes + idle_torch_rss",
-            "ranks": ranks}
+            kept = {k: v for k, v in figures.items() if k != "logits_head"}
+            table[name].append({**kept, "rank": rank, "bound": bound, "within_bound": figures["peak_rss"] <= bound,
+                                "peak_over_own_params": figures["peak_rss"] / figures["own_param_bytes"],
+                                "logits_max_diff_vs_reference": (figures["logits_head"] - expected).abs().max().item()})
+    return table
 
 
 def markdown(results: dict) -> str:
     """The figures as a markdown table (MB = 10^6 bytes)."""
     mb = 1e6
     config = results["config"]
+    saved = "saved_equal" in results  # the directory run: also the peak after save_pretrained
+    source = (f"a save_pretrained directory of {results['files']} files" if saved else "one safetensors file")
     lines = [f"Model: example GPT, {config['n_layers']} layers, d_model {config['d_model']}, vocab "
-             f"{config['vocab_size']}: {results['model_param_bytes'] / mb:.0f} MB fp32 parameters; tp={results['tp']}; "
-             f"idle process with torch imported: {results['idle_torch_rss'] / mb:.0f} MB RSS.", "",
+             f"{config['vocab_size']}: {results['model_param_bytes'] / mb:.0f} MB fp32 parameters, loaded from "
+             f"{source}; tp={results['tp']}; idle process with torch imported: "
+             f"{results['idle_torch_rss'] / mb:.0f} MB RSS.", "",
              "| path | rank | own params MB | peak RSS MB | bound MB (1.3 × params + idle) | within | "
-             "peak / own params | build + load s | logits diff |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+             "peak / own params | build + load s | logits diff vs " + results.get("reference", "naive") + " rank 0 |"
+             + (" peak after save_pretrained MB | save s |" if saved else ""),
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|" + ("---:|---:|" if saved else "")]
     for name, rows in results["ranks"].items():
         for row in rows:
+            diff = row.get("logits_max_diff_vs_reference", row.get("logits_max_diff_vs_naive_rank0"))
             lines.append(f"| {name} | {row['rank']} | {row['own_param_bytes'] / mb:.0f} | {row['peak_rss'] / mb:.0f} | "
                          f"{row['bound'] / mb:.0f} | {'yes' if row['within_bound'] else 'NO'} | "
-                         f"{row['peak_over_own_params']:.2f} | {row['build_and_load_s']:.1f} | "
-                         f"{row['logits_max_diff_vs_naive_rank0']:.1e} |")
+                         f"{row['peak_over_own_params']:.2f} | {row['build_and_load_s']:.1f} | {diff:.1e} |"
+                         + (f" {row['peak_rss_after_save'] / mb:.0f} | {row['save_s']:.1f} |" if saved else ""))
+    if saved:
+        equal = ", ".join(f"{mode}: {'yes' if same else 'NO'}" for mode, same in results["saved_equal"].items())
+        lines += ["", f"Saved directory equals the original, tensor for tensor: {equal}."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the memory benchmark, write ``memory.json``, print the table."""
+    """Run the memory benchmark, write ``memory.json`` (or ``memory_directory.json``), print the table."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.memory", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results folder")
     parser.add_argument("--layers", type=int, default=CONFIG.n_layers, help="GPT layers (16: 1.23 GB)")
+    parser.add_argument("--checkpoint", choices=("file", "directory"), default="file",
+                        help="file: one safetensors file, against the naive path; directory: a save_pretrained "
+                             "directory (index + shards), loaded and saved again")
+    parser.add_argument("--shard-mb", type=int, default=400, help="largest file of the directory, in MB (10^6 bytes)")
     options = parser.parse_args(argv)
     config = dataclasses.replace(CONFIG, n_layers=options.layers)
     with tempfile.TemporaryDirectory(prefix="tpfx-memory-") as folder:
-        results = run(config, Path(folder))
+        results = run(config, Path(folder), checkpoint=options.checkpoint, shard_bytes=options.shard_mb * 10**6)
     options.out.mkdir(parents=True, exist_ok=True)
-    (options.out / "memory.json").write_text(json.dumps(results, indent=1) + "\n")
-    print(f"wrote {options.out / 'memory.json'}")
+    name = "memory.json" if options.checkpoint == "file" else "memory_directory.json"
+    (options.out / name).write_text(json.dumps(results, indent=1) + "\n")
+    print(f"wrote {options.out / name}")
     print(markdown(results))
 
 

@@ -26,14 +26,15 @@ import transformers  # noqa: E402
 
 VOCAB = 256
 # small but not degenerate: 4 query heads of 16, 2 layers; larger weights than HF's 0.02 init so
-# that logits and gradients are far from zero and a 1e-5 comparison means something
+# that logits and gradients are far from zero and a 1e-5 comparison means something. The key/value
+# cache stays on, as in every pretrained config: tpfx turns it off for the captured call.
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=64, use_cache=False, initializer_range=0.2)
+              max_position_embeddings=64, initializer_range=0.2)
 
 
 def gpt2_config(**overrides: object) -> transformers.GPT2Config:
     """GPT-2: fused QKV Conv1D (c_attn), tanh GELU written out, learned positions."""
-    fields = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, use_cache=False,
+    fields = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64,
                   initializer_range=0.2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                   bos_token_id=0, eos_token_id=0)
     return transformers.GPT2Config(**{**fields, **overrides})

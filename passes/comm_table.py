@@ -123,6 +123,8 @@ def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -
     Raises:
         CommTableError: a collective has no rule in :data:`RULES`, or shapes cannot be propagated.
     """
+    # an exported program hands its graph more than the call gives (its cache switches, set to off)
+    inputs = program.call_arguments(**inputs) if hasattr(program, "call_arguments") else inputs
     gm = graph_module_for_call(program, inputs)
     unknown = {COLLECTIVES[n.target] for n in _collective_nodes(gm)} - RULES.keys()
     if unknown:

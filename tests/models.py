@@ -287,3 +287,26 @@ class LlamaStyle(nn.Module):
         for layer in self.layers:
             h = layer(h, cos, sin)
         return self.output(self.norm(h))
+
+
+class CachingLM(nn.Module):
+    """A decoder that returns its keys and values for generation unless told not to, as Hugging Face
+    models do: ``use_cache`` defaults to the model's own setting, which is on."""
+
+    def __init__(self, vocab: int = 64) -> None:
+        super().__init__()
+        self.use_cache = True  # what every pretrained config says
+        self.embed = nn.Embedding(vocab, WIDTH)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(WIDTH, WIDTH) for _ in range(3))
+        self.o_proj = nn.Linear(WIDTH, WIDTH)
+        self.fc1, self.fc2 = nn.Linear(WIDTH, 4 * WIDTH), nn.Linear(4 * WIDTH, WIDTH)
+        self.head = nn.Linear(WIDTH, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor, use_cache: bool | None = None):  # noqa: ANN201 - logits, or (logits, cache)
+        use_cache = self.use_cache if use_cache is None else use_cache
+        bsz, seq = ids.shape
+        x = self.embed(ids)
+        q, k, v = (proj(x).view(bsz, seq, HEADS, HEAD).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        h = x + self.o_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(bsz, seq, -1))
+        logits = self.head(h + self.fc2(F.gelu(self.fc1(h))))
+        return (logits, [(k, v)]) if use_cache else logits

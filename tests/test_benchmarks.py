@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import pass_cost, results, step_time
+from benchmarks import memory, pass_cost, results, step_time
 from benchmarks.handwritten import handwritten_gpt, local_part_of_grad
 from examples.gpt import GPTConfig, GPTModel, small_config
 from tests.multiprocess import run_ranks
@@ -44,14 +44,26 @@ def _handwritten_diffs(mode: str) -> dict[str, float]:
     return diffs
 
 
-def _worker(rank: int, world_size: int) -> dict:
+TOY_GPT = GPTConfig(vocab_size=97, max_position_embeddings=16, n_layers=2, n_heads=4, d_model=32, d_ff=64, dropout=0.0)
+
+
+def _worker(rank: int, world_size: int, folder: str) -> dict:
+    # the memory benchmark's directory path at toy size: load the directory in both modes, save it again
+    directory = {name: memory._tpfx_path(rank, world_size, f"{folder}/model", TOY_GPT, mode, f"{folder}/saved_{mode}")
+                 for name, mode in memory.DIRECTORY_PATHS.items()}
     return {"gather": _handwritten_diffs("gather"), "megatron": _handwritten_diffs("megatron"),
-            "steps": step_time.rank_worker(rank, world_size, TOY_SPEC)}
+            "steps": step_time.rank_worker(rank, world_size, TOY_SPEC), "directory": directory}
 
 
 @pytest.fixture(scope="module")
-def ranks() -> list[dict]:
-    return run_ranks(_worker, 2)
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("memory")
+
+
+@pytest.fixture(scope="module")
+def ranks(folder) -> list[dict]:
+    memory._write_directory(0, 1, str(folder / "model"), TOY_GPT, 20_000)  # nothing sharded: no process group
+    return run_ranks(_worker, 2, str(folder))
 
 
 @pytest.mark.parametrize("mode", ["gather", "megatron"])
@@ -134,3 +146,20 @@ def test_a_quick_run_writes_apart_from_the_full_runs_committed_results():
     assert "benchmarks/results/quick/" in ignored  # never committed
     with pytest.raises(SystemExit, match="--quick would replace the full run's results"):
         results_folder(FULL_RESULTS / ".", quick=True, error=refuse)
+
+
+def test_memory_benchmark_directory_path_at_toy_size(ranks, folder):
+    """The code path of ``python -m benchmarks.memory --checkpoint directory``, without its 1 GB model."""
+    paths = {name: [r["directory"][name] for r in ranks] for name in memory.DIRECTORY_PATHS}
+    table = memory.rows(paths, idle=0, reference="tpfx directory")
+    checks = memory.directory_checks(folder / "model", {mode: folder / f"saved_{mode}"
+                                                        for mode in memory.DIRECTORY_PATHS.values()})
+    assert checks["files"] >= 3 and checks["saved_equal"] == {"gather": True, "megatron": True}, checks
+    for name, per_rank in table.items():
+        for row in per_rank:
+            assert row["logits_max_diff_vs_reference"] <= TOL, (name, row)
+            assert min(row["peak_rss_after_save"], row["peak_rss"], row["own_param_bytes"], row["save_s"]) > 0, (name, row)
+    text = memory.markdown({"config": {"n_layers": 2, "d_model": 32, "vocab_size": 97}, "model_param_bytes": 1e5,
+                            "tp": 2, "idle_torch_rss": 0, "ranks": table, **checks})
+    assert "a save_pretrained directory of" in text and "gather: yes, megatron: yes" in text
+    assert text.count("| tpfx directory") == 4  # two modes, two ranks

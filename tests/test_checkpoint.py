@@ -1,26 +1,33 @@
-"""Checkpoints: meta-built models, loading shards from every source, full_state_dict round trips.
+"""Checkpoints: meta-built models, loading shards from every source, full_state_dict round trips,
+checkpoint directories (save_pretrained) and torch.distributed.checkpoint (dcp_state_dict).
 
 In-process tests use programs built for inspection (``rank=`` without a process group): loading
 needs no collective. One spawn of 4 gloo ranks covers everything that gathers: tp=2 groups inside a
-world of 4 (so group rank 0 is not always global rank 0), then tp=4 loading the tp=2 checkpoint.
+world of 4 (so group rank 0 is not always global rank 0) save with full_state_dict, save_pretrained
+and DCP (the two groups hold the same shards: DCP writes each once), then tp=4 programs load the tp=2
+checkpoints. This process then loads them on one device: DCP without a process group (world 1),
+transformers' from_pretrained on a directory that started as transformers' own and went through tp=2.
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from safetensors.torch import save_file
 
 import tpfx
-import tpfx.checkpoint
+import tpfx.safetensors_io
 from examples.gpt import GPTModel, small_config
 from tests.multiprocess import run_ranks
 from tests.parity import max_diff
+from tpfx.safetensors_io import INDEX_NAME, DirectoryWriter, Planned, plan_files
 
 TOL = 1e-5
 
@@ -39,11 +46,27 @@ def _ids(batch: int = 2, seq: int = 12) -> torch.Tensor:
     return torch.randint(0, small_config().vocab_size, (batch, seq), generator=torch.Generator().manual_seed(3))
 
 
+def _save_directory(state: dict[str, torch.Tensor], folder: Path, max_bytes: int) -> str:
+    """A transformers-style directory (index + files of at most ``max_bytes``), written tensor by tensor."""
+    files = plan_files([Planned(k, tuple(v.shape), v.dtype) for k, v in state.items()], max_bytes)
+    writer = DirectoryWriter(folder, files)
+    for key, value in state.items():
+        writer.write(key, value)
+    writer.close()
+    return str(folder)
+
+
 def _save_all(state: dict[str, torch.Tensor], folder: Path) -> dict[str, object]:
-    """The three kinds of source for one state dict."""
+    """The four kinds of source for one state dict (the directory split in several files)."""
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
     torch.save(state, folder / "model.pt")
-    return {"dict": state, "safetensors": str(folder / "model.safetensors"), "torch.save": str(folder / "model.pt")}
+    total = sum(v.numel() * v.element_size() for v in state.values())
+    return {"dict": state, "safetensors": str(folder / "model.safetensors"), "torch.save": str(folder / "model.pt"),
+            "directory": _save_directory(state, folder / "sharded", max(1, total // 3))}
+
+
+def _same_state_dict(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def _same_state(a: nn.Module, b: nn.Module) -> bool:
@@ -135,7 +158,7 @@ class _Sharded(nn.Module):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_any_layer_with_a_shard_spec_loads_from_every_source(tmp_path, monkeypatch, dtype):
-    monkeypatch.setattr(tpfx.checkpoint, "_CHUNK_BYTES", 64)  # several row blocks per column shard
+    monkeypatch.setattr(tpfx.safetensors_io, "CHUNK_BYTES", 64)  # several row blocks per column shard
     full = {"layer.weight": torch.randn(9, 10).to(dtype), "layer.bias": torch.randn(9).to(dtype),
             "layer.steps": torch.tensor(7), "layer.keep": torch.tensor([True, False, True, True])}
     ranges = ((1, 3), (6, 9))
@@ -226,6 +249,48 @@ def test_unusable_sources_and_states_raise_load_errors(tmp_path):
         tpfx.full_state_dict(gm)
 
 
+def test_broken_checkpoint_directories_raise_one_line_naming_the_file(tmp_path):
+    gm = tpfx.parallelize(_meta_gpt(), tp=2, rank=0)
+    folder = Path(_save_all(_reference().state_dict(), tmp_path)["directory"])
+    index = json.loads((folder / INDEX_NAME).read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    (folder / shard).rename(folder / "moved.safetensors")
+    assert f"its index names '{shard}'" in _load_error(gm, str(folder))
+    (folder / "moved.safetensors").rename(folder / shard)
+    moved_key = next(k for k, v in index["weight_map"].items() if v == shard)
+    index["weight_map"][moved_key] = sorted(set(index["weight_map"].values()))[0]
+    (folder / INDEX_NAME).write_text(json.dumps(index))
+    assert f"its index puts {moved_key!r} in" in _load_error(gm, str(folder / INDEX_NAME))  # the index file works too
+    (folder / INDEX_NAME).write_text("{}")
+    assert "is not a checkpoint index" in _load_error(gm, str(folder))
+    (tmp_path / "dcp").mkdir()
+    (tmp_path / "dcp" / ".metadata").write_bytes(b"")
+    assert "is a torch.distributed.checkpoint (DCP) save" in _load_error(gm, str(tmp_path / "dcp"))
+    (tmp_path / "empty").mkdir()
+    assert "has no model.safetensors.index.json and 0 .safetensors files" in _load_error(gm, str(tmp_path / "empty"))
+    assert all(t.is_meta for t in gm.parameters())
+
+
+def test_save_pretrained_writes_one_file_or_an_index_that_loads_back(tmp_path):
+    reference = _reference()
+    total = sum(t.numel() * t.element_size() for t in reference.state_dict().values())
+    tpfx.save_pretrained(reference, tmp_path / "one")  # nothing sharded: no process group needed
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["model.safetensors"]
+    tpfx.save_pretrained(reference, tmp_path / "one", max_shard_size=total // 3)  # the earlier file goes
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert INDEX_NAME in names and "model.safetensors" not in names and len(names) >= 4, names
+    for source in (str(tmp_path / "one"), tpfx.full_state_dict(reference)):
+        single = _reference(seed=4)
+        tpfx.load_state_dict(single, source)
+        assert _same_state(single, reference)
+    with pytest.raises(tpfx.ConfigError, match=r"max_shard_size='5 parsecs' is not a size"):
+        tpfx.save_pretrained(reference, tmp_path / "bad", max_shard_size="5 parsecs")
+    with pytest.raises(tpfx.ConfigError, match="config is a dict without save_pretrained"):
+        tpfx.save_pretrained(reference, tmp_path / "bad", config={})
+    with pytest.raises(tpfx.ConfigError, match="built for inspection"):
+        tpfx.save_pretrained(tpfx.parallelize(reference, tp=2, rank=0), tmp_path / "bad")
+
+
 # ------------------------------------------------------------------------- multi-process round trips
 
 def _train_a_little(gm: nn.Module, steps: int = 3) -> None:
@@ -259,6 +324,9 @@ def _tp2_round_trip(rank: int, folder: Path) -> dict:
     if rank == 0:
         save_file({k: v.contiguous() for k, v in everywhere.items()}, str(folder / "tp2.safetensors"))
         torch.save(everywhere, folder / "tp2.pt")
+    total = sum(v.numel() * v.element_size() for v in everywhere.values())
+    tpfx.save_pretrained(gm, folder / "tp2_dir", max_shard_size=total // 3)  # 3 or more files
+    dcp.save(tpfx.dcp_state_dict(gm), checkpoint_id=str(folder / "tp2_dcp"))  # each rank writes its shards
     return out
 
 
@@ -277,7 +345,7 @@ def _meta_builds(folder: Path) -> dict[str, float]:
     return diffs
 
 
-def _megatron_round_trip() -> dict:
+def _megatron_round_trip(rank: int, folder: Path) -> dict:
     """Megatron mode (block-column QKV, row-parallel out_proj/fc2): gather back exactly, reload on one device."""
     reference = _reference()
     gm = tpfx.parallelize(_meta_gpt(), tp=2, mode="megatron")
@@ -287,8 +355,13 @@ def _megatron_round_trip() -> dict:
            "vs single device": max_diff(gm(_ids())[0], reference(_ids())[0])}
     _train_a_little(gm)
     single = _reference(seed=11)
-    single.load_state_dict(tpfx.full_state_dict(gm, rank0_only=False))
+    trained = tpfx.full_state_dict(gm, rank0_only=False)
+    single.load_state_dict(trained)
     out["trained vs single device"] = max_diff(single(_ids())[0], gm(_ids())[0])
+    if rank == 0:
+        torch.save(trained, folder / "megatron.pt")
+    # a fused QKV weight: each rank holds several separate blocks of it, each a chunk in DCP's metadata
+    dcp.save(tpfx.dcp_state_dict(gm), checkpoint_id=str(folder / "megatron_dcp"))
     return out
 
 
@@ -304,6 +377,18 @@ def _tp4_from_tp2(folder: Path) -> dict:
         again = tpfx.full_state_dict(gm, rank0_only=False)
         out[f"{kind} gathered equals the tp=2 state"] = again.keys() == trained.keys() and all(
             torch.equal(v, trained[k]) for k, v in again.items())
+    out["exact"] = {}  # DCP checkpoints and the save_pretrained directory, at tp=4 in either mode
+    megatron = torch.load(folder / "megatron.pt", weights_only=True)
+    for saved, expected, mode in (("tp2_dcp", trained, "gather"), ("tp2_dcp", trained, "megatron"),
+                                  ("megatron_dcp", megatron, "gather"), ("tp2_dir", trained, "megatron")):
+        gm = tpfx.parallelize(_meta_gpt(), tp=4, mode=mode)
+        if saved.endswith("dcp"):
+            dcp.load(tpfx.dcp_state_dict(gm), checkpoint_id=str(folder / saved))
+        else:
+            tpfx.load_state_dict(gm, str(folder / saved))
+        again = tpfx.full_state_dict(gm, rank0_only=False)
+        out["exact"][f"{saved} -> tp=4 {mode}"] = again.keys() == expected.keys() and all(
+            torch.equal(v, expected[k]) for k, v in again.items())
     return out
 
 
@@ -315,14 +400,15 @@ def _gpt2_tp2(rank: int, folder: Path) -> dict:
     with tpfx.parameters_on_meta():
         model = build("gpt2", seed=3)  # ties lm_head to wte after construction, on meta
     gm = tpfx.parallelize(model, tp=2, example_inputs=example_inputs())
-    tpfx.load_state_dict(gm, str(folder / "gpt2.safetensors"))  # saved without the tied lm_head.weight
+    tpfx.load_state_dict(gm, str(folder / "gpt2"))  # transformers' sharded directory, without the tied lm_head
     gathered = tpfx.full_state_dict(gm, rank0_only=False)
     if rank == 0:
         torch.save(gathered, folder / "gpt2_tp2.pt")  # torch.save keeps the tie; safetensors would refuse it
+    tpfx.save_pretrained(gm, folder / "gpt2_tpfx", max_shard_size="150KB", config=model.config)
     inputs = example_inputs()  # the export form: input_ids and labels
     with tpfx.parameters_on_meta():
         megatron = tpfx.parallelize(build("gpt2", seed=3), tp=2, mode="megatron", example_inputs=inputs)
-    tpfx.load_state_dict(megatron, str(folder / "gpt2.safetensors"))
+    tpfx.load_state_dict(megatron, str(folder / "gpt2" / INDEX_NAME))
     expected = reference.state_dict()
     return {"vs single device": max_diff(gm(**inputs).logits, reference(**inputs).logits),
             "loss vs single device": max_diff(gm(**inputs).loss, reference(**inputs).loss),
@@ -348,9 +434,9 @@ def _world4(rank: int, world_size: int, folder: str, with_gpt2: bool) -> dict:
     folder = Path(folder)
     out = _tp2_round_trip(rank, folder)
     out["meta"] = _meta_builds(folder)
-    out["megatron"] = _megatron_round_trip()
+    out["megatron"] = _megatron_round_trip(rank, folder)
     out["gpt2"] = _gpt2_tp2(rank, folder) if with_gpt2 else None
-    dist.barrier()  # tp2.* and gpt2_tp2.pt written by rank 0
+    dist.barrier()  # tp2.*, megatron.pt and gpt2_tp2.pt written by rank 0
     out["tp4"] = _tp4_from_tp2(folder)
     if with_gpt2:
         out["gpt2"]["tp4 vs single device"] = _gpt2_tp4(folder)
@@ -358,21 +444,24 @@ def _world4(rank: int, world_size: int, folder: str, with_gpt2: bool) -> dict:
 
 
 def _save_gpt2(folder: Path) -> bool:
-    """The HF GPT-2 reference as safetensors, the tied lm_head.weight left out as Hugging Face saves it."""
+    """The HF GPT-2 reference as transformers saves it: a directory of several files, the tied lm_head left out."""
     try:
         from examples.hf_models import build
     except ImportError:  # transformers is in the test extra; without it the GPT-2 checks are skipped
         return False
-    state = build("gpt2").state_dict()
-    save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"}, str(folder / "gpt2.safetensors"))
+    build("gpt2").save_pretrained(folder / "gpt2", max_shard_size="150KB")
     return True
 
 
 @pytest.fixture(scope="module")
-def world4(tmp_path_factory) -> list[dict]:
-    folder = tmp_path_factory.mktemp("checkpoints")
-    _save_all(_reference().state_dict(), folder)
-    return run_ranks(_world4, 4, str(folder), _save_gpt2(folder))
+def folder4(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="module")
+def world4(folder4) -> list[dict]:
+    _save_all(_reference().state_dict(), folder4)
+    return run_ranks(_world4, 4, str(folder4), _save_gpt2(folder4))
 
 
 def test_single_device_to_tp2_and_back_is_exact(world4):
@@ -401,6 +490,53 @@ def test_tp2_checkpoint_loads_into_tp4_with_the_same_outputs(world4):
         for kind in ("tp2.safetensors", "tp2.pt", "tp2.safetensors megatron"):
             assert result["tp4"][f"{kind} gathered equals the tp=2 state"], (rank, kind)
             assert max_diff(result["tp4"][f"{kind} logits"], result["tp2 logits"]) <= TOL, (rank, kind)
+
+
+def test_dcp_and_directory_checkpoints_of_tp2_load_at_tp4_exactly(world4):
+    for rank, result in enumerate(world4):
+        assert len(result["tp4"]["exact"]) == 4 and all(result["tp4"]["exact"].values()), (rank, result["tp4"]["exact"])
+
+
+def test_dcp_checkpoints_of_tp2_load_on_one_device_exactly(world4, folder4, tmp_path):
+    """DCP's own tools, in this process (no process group): dcp.load into the model's state dict, dcp_to_torch_save;
+    and a tp=1 program through tpfx.dcp_state_dict."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    for saved, expected in (("tp2_dcp", "tp2.pt"), ("megatron_dcp", "megatron.pt")):
+        expected = torch.load(folder4 / expected, weights_only=True)
+        single = _reference(seed=11)
+        state = single.state_dict()
+        dcp.load(state, checkpoint_id=str(folder4 / saved))
+        single.load_state_dict(state)
+        assert _same_state_dict(single.state_dict(), expected), saved
+        dcp_to_torch_save(str(folder4 / saved), str(tmp_path / "converted.pt"))
+        assert _same_state_dict(torch.load(tmp_path / "converted.pt", weights_only=True), expected), saved
+        program = tpfx.parallelize(_meta_gpt(), tp=1, rank=0)
+        dcp.load(tpfx.dcp_state_dict(program), checkpoint_id=str(folder4 / saved))
+        assert _same_state_dict(program.state_dict(), expected), saved
+
+
+def test_save_pretrained_of_tp2_loads_on_one_device_exactly(world4, folder4):
+    expected = torch.load(folder4 / "tp2.pt", weights_only=True)
+    files = sorted(p.name for p in (folder4 / "tp2_dir").iterdir())
+    assert INDEX_NAME in files and len(files) >= 4, files  # the index and 3 or more files
+    single = _reference(seed=11)
+    tpfx.load_state_dict(single, str(folder4 / "tp2_dir"))
+    assert _same_state_dict(single.state_dict(), expected)
+
+
+def test_transformers_directory_to_tp2_and_back_through_from_pretrained_is_exact(world4, folder4):
+    if world4[0]["gpt2"] is None:
+        pytest.skip("transformers is not installed (it is in the test extra)")
+    import transformers
+
+    from examples.hf_models import build
+
+    written = sorted(p.name for p in (folder4 / "gpt2_tpfx").iterdir())
+    assert INDEX_NAME in written and "config.json" in written and len(written) >= 5, written
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(folder4 / "gpt2_tpfx")
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # the tie is restored from one key
+    assert _same_state_dict(loaded.state_dict(), build("gpt2").state_dict())
 
 
 def test_megatron_mode_checkpoints_round_trip(world4):

@@ -13,8 +13,9 @@ import torch.distributed._shard  # noqa: F401  (side effect: see above)
 
 from tpfx.api import parallelize
 from tpfx.capture import CallForm, capture
+from tpfx.checkpoint import full_state_dict, load_state_dict, parameter_shard_specs, save_pretrained
+from tpfx.dcp import dcp_state_dict
 from tpfx.deferred import DeferredProgram
-from tpfx.checkpoint import full_state_dict, load_state_dict, parameter_shard_specs
 from tpfx.errors import CaptureError, ConfigError, LoadError, NoSitesWarning, ShardingError, TpfxError, TpfxWarning
 from tpfx.layers import ColumnParallelLinear, ShardSpec
 from tpfx.meta_init import parameters_on_meta
@@ -25,4 +26,4 @@ __version__ = "0.1.0"
 __all__ = ["parallelize", "capture", "CallForm", "ColumnParallelLinear", "TensorParallelModule", "DeferredProgram",
            "TpfxError", "CaptureError", "ConfigError", "ShardingError", "LoadError", "TpfxWarning", "NoSitesWarning",
            "__version__",
-           "load_state_dict", "full_state_dict", "parameter_shard_specs", "parameters_on_meta", "ShardSpec"]
+           "load_state_dict", "full_state_dict", "save_pretrained", "dcp_state_dict", "parameter_shard_specs", "parameters_on_meta", "ShardSpec"]

@@ -44,10 +44,52 @@ def forward_signature(model: nn.Module) -> inspect.Signature:
     return inspect.signature(model.forward)
 
 
+# Keyword arguments by which a forward builds and returns a key/value cache for generation (the Hugging
+# Face convention: ``use_cache``, True by default in every pretrained config), and the value that turns
+# it off. A tensor-parallel forward and training never need the cache, and neither tracer can return it
+# (torch.export refuses the cache object, torch.fx cannot branch on a traced flag), so every captured
+# call turns it off when the forward accepts it; a call that turns it on is refused in one line.
+CACHE_SWITCHES: dict[str, object] = {"use_cache": False}
+
+
+def cache_switches(signature: inspect.Signature) -> dict[str, object]:
+    """The cache switches ``signature`` takes by name, each with the value that turns the cache off."""
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name: off for name, off in CACHE_SWITCHES.items()
+            if name in signature.parameters and signature.parameters[name].kind in named}
+
+
+def cache_note(signature: inspect.Signature) -> str:
+    """The report's sentence about the switches the captured call turned off ("" when there are none)."""
+    switches = cache_switches(signature)
+    if not switches:
+        return ""
+    given = ", ".join(f"{name}={off!r}" for name, off in switches.items())
+    return f"The captured call passes {given}, so the program keeps no key/value cache."
+
+
+def check_cache_off(signature: inspect.Signature, arguments: dict[str, object]) -> None:
+    """Raise unless every cache switch in ``arguments`` (by name) is absent, None or its off value.
+
+    Raises:
+        ConfigError: the call turns a key/value cache on.
+    """
+    for name, off in cache_switches(signature).items():
+        value = arguments.get(name)
+        if value is not None and value != off:
+            raise ConfigError(f"{name}={value!r}: a tensor-parallel program keeps no key/value cache (it runs "
+                              f"with {name}={off!r}); fix: omit {name} or pass {name}={off!r}")
+
+
 def optional_parameters(signature: inspect.Signature) -> tuple[str, ...]:
-    """Names of the parameters whose default is None: the ones a call form may leave out."""
+    """Names of the parameters whose default is None: the ones a call form may leave out.
+
+    Cache switches are not among them: every captured call turns the cache off (:data:`CACHE_SWITCHES`).
+    """
+    switches = cache_switches(signature)
     return tuple(name for name, p in signature.parameters.items()
-                 if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+                 if p.default is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+                 and name not in switches)
 
 
 def call_form_of(signature: inspect.Signature, args: tuple, kwargs: dict, *, training: bool) -> CallForm:
@@ -60,6 +102,7 @@ def call_form_of(signature: inspect.Signature, args: tuple, kwargs: dict, *, tra
         bound = signature.bind(*args, **kwargs)
     except TypeError as error:
         raise ConfigError(f"call does not match forward{signature}: {error}") from None
+    check_cache_off(signature, bound.arguments)
     bound.apply_defaults()
     absent = frozenset(name for name in optional_parameters(signature) if bound.arguments.get(name) is None)
     return CallForm(absent=absent, training=training)
@@ -193,7 +236,9 @@ def capture(model: nn.Module, form: CallForm | None = None, *, leaf_types: tuple
     attributes_before = set(vars(model))
     model.train(form.training)
     try:
-        graph = tracer.trace(model, concrete_args={name: None for name in form.absent} or None)
+        switches = cache_switches(forward_signature(model))
+        graph = tracer.trace(model, concrete_args={**dict.fromkeys(form.absent), **switches} or None)
+        _settle_cache_switches(graph, switches)
     except Exception as error:  # the tracer's own errors are of many types; each becomes one line
         where = "the top-level forward"
         if tracer.failed_in is not None:
@@ -219,6 +264,25 @@ def capture(model: nn.Module, form: CallForm | None = None, *, leaf_types: tuple
     gm.graph.lint()
     return gm
 
+
+
+def _settle_cache_switches(graph: fx.Graph, switches: dict[str, object]) -> None:
+    """Make each cache switch an optional input of the forward's own name that defaults to off.
+
+    fx makes a concrete argument a placeholder ``use_cache_1`` with the forward's default (None) and a
+    guard that it equals the traced value, so omitting it (as a user does) would fail the guard. The
+    value is checked when the program is called (:func:`check_cache_off`), so the guard goes.
+    """
+    renamed = {f"{name}_1": (name, off) for name, off in switches.items()}
+    for node in graph.find_nodes(op="placeholder"):
+        if node.target not in renamed:
+            continue
+        node.target, off = renamed[node.target]
+        node.args = (off,)
+        for guard in list(node.users):  # ``use_cache_1 == False`` and the assert that reads it
+            for user in list(guard.users):
+                graph.erase_node(user)
+            graph.erase_node(guard)
 
 
 def weightless_copy(model: nn.Module) -> tuple[nn.Module, dict[int, torch.Tensor]]:

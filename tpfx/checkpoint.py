@@ -11,6 +11,7 @@ Saving (the original model's keys and shapes)::
 
     state = tpfx.full_state_dict(gm)                        # full tensors on rank 0, {} elsewhere
     if state: torch.save(state, "model.pt")
+    tpfx.save_pretrained(gm, "out/")                        # or a transformers-style directory, from rank 0
 
 Which part of a full tensor a rank holds is read from the program's plan (``gm.tpfx_plan``, see
 :class:`tpfx.passes.plan.Plan`): a :class:`tpfx.layers.ShardSpec` for every sharded parameter, whether a
@@ -19,22 +20,22 @@ module without a plan falls back to its layers' ``shard_spec(param_name)``, the 
 sharded layer keeps. Every other tensor is replicated. The checkpoint is checked against the program
 (missing, unexpected and mis-shaped keys) before a single tensor is loaded.
 
-Sources: a state dict; a ``torch.save`` file (opened with ``mmap=True``); a ``.safetensors`` file.
-A safetensors file is read without mmap, on purpose: pages of a mapped file count in the process's
-resident memory for as long as the mapping lives, so reading through a mapping holds every touched
-byte twice (mapped page + tensor). tpfx reads the file's JSON header, then ``readinto`` each rank's
-byte ranges straight into the destination tensor, one tensor at a time: peak memory is the rank's
-own tensors plus one 8 MB scratch buffer (for column shards and dtype casts). A ``torch.save`` file
-is memory-mapped by ``torch.load``, so its touched pages stay resident until the load returns.
+Sources: a state dict; a ``torch.save`` file (opened with ``mmap=True``: its touched pages stay
+resident until the load returns); a ``.safetensors`` file; a checkpoint directory as transformers
+writes it (``model.safetensors.index.json`` + ``model-0000k-of-0000n.safetensors``, or one
+``model.safetensors``). Safetensors files are read a rank's byte ranges at a time, never through a
+mapping (see :mod:`tpfx.safetensors_io`): peak memory is the rank's own tensors plus one 8 MB buffer.
+
+Saving a directory (:func:`save_pretrained`) gathers one tensor at a time onto the writing rank and
+appends its bytes to the file laid out for it, so the writer never holds more than one full tensor
+beyond its own shards.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import struct
-from collections.abc import Iterator, Mapping
-from contextlib import closing
+from collections.abc import Mapping
+from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -47,10 +48,11 @@ from tpfx.passes.plan import Plan
 from tpfx.collectives import _group as bound_group  # the process group behind a program's group key
 from tpfx.errors import ConfigError, LoadError, first_line
 from tpfx.layers import ShardSpec
+from tpfx.safetensors_io import (DirectoryWriter, Planned, SafetensorsDirectory, SafetensorsFile, Scratch, parse_size,
+                                plan_files)
 
 StateSource = Mapping[str, torch.Tensor] | str | os.PathLike
 
-_CHUNK_BYTES = 8 << 20  # column shards and dtype casts go through a scratch buffer of this size
 _MAX_LISTED = 3  # keys named in an error message before "+N more"
 
 
@@ -149,125 +151,8 @@ class _TensorSource:
         self.tensors = {}
 
 
-_SAFETENSORS_DTYPES = {name: getattr(torch, attr) for name, attr in (
-    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
-    ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"), ("U16", "uint16"),
-    ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
-    if hasattr(torch, attr)}
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """One tensor of a safetensors file: dtype, shape and where its bytes start in the file."""
-
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-    offset: int
-
-    @property
-    def row_bytes(self) -> int:
-        """Bytes of one index along dim 0 (the whole tensor for a scalar)."""
-        rest = 1
-        for size in self.shape[1:]:
-            rest *= size
-        return rest * torch.empty((), dtype=self.dtype).element_size()
-
-
-class _SafetensorsSource:
-    """A ``.safetensors`` file: its JSON header, then byte ranges read straight into destination tensors."""
-
-    def __init__(self, path: Path) -> None:
-        self.where = f"safetensors file '{path}'"
-        self.file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by close()
-        self.scratch: torch.Tensor | None = None
-        try:
-            self.entries = self._read_header()
-        except Exception:
-            self.file.close()
-            raise
-
-    def _read_header(self) -> dict[str, _Entry]:
-        size = os.fstat(self.file.fileno()).st_size
-        try:
-            (length,) = struct.unpack("<Q", self.file.read(8))
-            if length > size - 8:
-                raise ValueError(f"header length {length} exceeds the file size {size}")
-            header = json.loads(self.file.read(length))
-            data_start = 8 + length
-            if any(data_start + info["data_offsets"][1] > size for key, info in header.items() if key != "__metadata__"):
-                raise ValueError(f"a tensor ends past the file size {size} (truncated file)")
-            return {key: _Entry(_SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]),
-                                data_start + info["data_offsets"][0])
-                    for key, info in header.items() if key != "__metadata__"}
-        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise LoadError(f"{self.where} has no readable safetensors header ({type(error).__name__}: {error}); "
-                            "fix: pass a file written by safetensors' save_file, or a torch.save file") from None
-
-    def keys(self) -> set[str]:
-        return set(self.entries)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self.entries[key].shape
-
-    def read_into(self, key: str, spec: ShardSpec | None, out: torch.Tensor) -> None:
-        entry = self.entries[key]
-        if not entry.shape:  # a scalar: one "row" of one element
-            self._read_rows(entry, 0, 1, out.reshape(1))
-        elif spec is None:
-            self._read_rows(entry, 0, entry.shape[0], out)
-        elif spec.dim == 0:
-            for local, start, length in spec.pieces():
-                self._read_rows(entry, start, length, out.narrow(0, local, length))
-        else:  # a shard along dim >= 1: read whole rows a chunk at a time, keep this rank's columns
-            for done, block in self._chunks(entry, 0, entry.shape[0]):
-                destination = out.narrow(0, done, block.shape[0])
-                for local, start, length in spec.pieces():
-                    destination.narrow(spec.dim, local, length).copy_(block.narrow(spec.dim, start, length))
-
-    def _read_rows(self, entry: _Entry, first: int, count: int, out: torch.Tensor) -> None:
-        """Rows ``[first, first + count)`` into ``out``: straight into it when dtype and layout allow."""
-        if out.dtype == entry.dtype and out.is_contiguous() and out.device.type == "cpu":
-            self._fill(out, entry.offset + first * entry.row_bytes)
-            return
-        for done, block in self._chunks(entry, first, count):  # cast or copy through the scratch buffer
-            out.narrow(0, done, block.shape[0]).copy_(block)
-
-    def _chunks(self, entry: _Entry, first: int, count: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """Rows ``[first, first + count)`` a chunk at a time: (rows done before it, the chunk in the scratch)."""
-        per_chunk = max(1, _CHUNK_BYTES // max(1, entry.row_bytes))
-        for done in range(0, count, per_chunk):
-            rows = min(per_chunk, count - done)
-            block = self._scratch(rows * entry.row_bytes).view(entry.dtype).view((rows,) + entry.shape[1:])
-            self._fill(block, entry.offset + (first + done) * entry.row_bytes)
-            yield done, block
-
-    def _scratch(self, nbytes: int) -> torch.Tensor:
-        # one buffer reused for every chunk: fresh temporaries between the loaded tensors would leave
-        # holes in the heap that the process keeps as resident memory
-        if self.scratch is None or self.scratch.numel() < nbytes:
-            self.scratch = torch.empty(max(nbytes, _CHUNK_BYTES), dtype=torch.uint8)
-        return self.scratch[:nbytes]
-
-    def _fill(self, tensor: torch.Tensor, offset: int) -> None:
-        """Read ``tensor``'s bytes (contiguous, on the CPU) from ``offset`` in the file."""
-        if not tensor.numel():
-            return
-        view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-        self.file.seek(offset)
-        filled = 0
-        while filled < len(view):  # a single read returns at most about 2 GiB
-            got = self.file.readinto(view[filled:])
-            if not got:
-                raise LoadError(f"{self.where} ends early; fix: the file is truncated, write it again")
-            filled += got
-
-    def close(self) -> None:
-        self.file.close()
-        self.scratch = None
-
-
 def _open_source(source: StateSource) -> _Source:
-    """Open a state dict, a torch.save file or a .safetensors file as a source of tensors.
+    """Open a state dict, a torch.save file, a .safetensors file or a checkpoint directory as a source of tensors.
 
     Raises:
         LoadError: the file does not exist, cannot be read, or does not hold a flat state dict.
@@ -275,11 +160,15 @@ def _open_source(source: StateSource) -> _Source:
     if isinstance(source, Mapping):
         return _TensorSource(source, "the given state dict")
     path = Path(source)
+    if path.is_dir():
+        return SafetensorsDirectory(path)
+    if path.name.endswith(".safetensors.index.json"):
+        return SafetensorsDirectory(path.parent)
     if not path.is_file():
-        raise LoadError(f"checkpoint '{path}' does not exist or is not a file; fix: pass the path of a "
-                        ".safetensors or torch.save file, or a state dict")
+        raise LoadError(f"checkpoint '{path}' does not exist; fix: pass the path of a checkpoint directory "
+                        "(model.safetensors.index.json + shards), a .safetensors or torch.save file, or a state dict")
     if path.suffix == ".safetensors":
-        return _SafetensorsSource(path)
+        return SafetensorsFile(path)
     try:
         loaded = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as error:  # mmap needs the zip format; old files and foreign files land here
@@ -362,7 +251,9 @@ def load_state_dict(gm: nn.Module, source: StateSource, *, strict: bool = True,
     Args:
         gm: the program from :func:`tpfx.parallelize` (any ``nn.Module`` works; without sharded
             layers it loads like ``nn.Module.load_state_dict``).
-        source: a single-device state dict, a ``torch.save`` file, or a ``.safetensors`` file.
+        source: a single-device state dict, a ``torch.save`` file, a ``.safetensors`` file, or a
+            checkpoint directory as transformers writes it (``model.safetensors.index.json`` and the
+            files it names, or one ``model.safetensors``; the index file's path works too).
         strict: when False, unexpected keys are ignored and missing keys keep their current values
             (a missing key whose tensor is still on meta is an error all the same).
         device: where meta tensors are materialized.
@@ -395,9 +286,30 @@ def _tp_group(gm: nn.Module) -> dist.ProcessGroup | None:
     return bound_group(report.group)
 
 
-def _assemble(parts: list[torch.Tensor], specs: list[ShardSpec], like: torch.Tensor) -> torch.Tensor:
-    """The full tensor from every rank's (padded) local part and spec."""
-    full = torch.empty(specs[0].full_shape(tuple(like.shape)), dtype=like.dtype, device=like.device)
+class _Reused:
+    """Two byte buffers that every gathered tensor of a save reuses (the parts, the full tensor): fresh
+    tensors per gather, freed in between, leave holes in the heap that stay resident."""
+
+    def __init__(self) -> None:
+        self.parts_buffer, self.full_buffer = Scratch(), Scratch()
+
+    def parts(self, local: torch.Tensor, count: int) -> list[torch.Tensor]:
+        flat = self.parts_buffer.get(count * local.nbytes).view(local.dtype)
+        return [chunk.view(local.shape) for chunk in flat.chunk(count)]
+
+    def full(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        count = 1
+        for size in shape:
+            count *= size
+        return self.full_buffer.get(count * torch.empty((), dtype=dtype).element_size()).view(dtype).view(shape)
+
+
+def _assemble(parts: list[torch.Tensor], specs: list[ShardSpec], like: torch.Tensor,
+              reused: _Reused | None = None) -> torch.Tensor:
+    """The full tensor from every rank's (padded) local part and spec (in ``reused``'s buffer when given)."""
+    shape = specs[0].full_shape(tuple(like.shape))
+    full = (reused.full(shape, like.dtype) if reused is not None
+            else torch.empty(shape, dtype=like.dtype, device=like.device))
     for part, spec in zip(parts, specs):
         for local, start, length in spec.pieces():
             full.narrow(spec.dim, start, length).copy_(part.narrow(spec.dim, local, length))
@@ -405,22 +317,40 @@ def _assemble(parts: list[torch.Tensor], specs: list[ShardSpec], like: torch.Ten
 
 
 def _gather_full(target: _Target, specs: list[ShardSpec], group: dist.ProcessGroup | None,
-                 *, to_all: bool) -> torch.Tensor | None:
-    """Gather one sharded tensor; the full tensor on the receiving rank(s), None elsewhere."""
+                 *, to_all: bool, reused: _Reused | None = None) -> torch.Tensor | None:
+    """Gather one sharded tensor; the full tensor on the receiving rank(s), None elsewhere.
+
+    With ``reused`` (CPU tensors only), the parts and the full tensor live in its buffers: valid
+    until the next gather.
+    """
     local = target.tensor.detach().contiguous()
     dim, widest = specs[0].dim, max(spec.local_size for spec in specs)
     if local.shape[dim] < widest:  # collectives need equal shapes: pad the narrower shards
         padding = list(local.shape)
         padding[dim] = widest - local.shape[dim]
         local = torch.cat([local, local.new_zeros(padding)], dim=dim)
-    parts = [torch.empty_like(local) for _ in specs]
+    reused = reused if local.device.type == "cpu" else None
     if to_all:
+        parts = [torch.empty_like(local) for _ in specs]
         dist.all_gather(parts, local, group=group)
         return _assemble(parts, specs, target.tensor)
     receiver = dist.get_global_rank(group, 0) if group is not None else 0
-    receiving = dist.get_rank() == receiver
-    dist.gather(local, parts if receiving else None, dst=receiver, group=group)
-    return _assemble(parts, specs, target.tensor) if receiving else None
+    if dist.get_rank() != receiver:
+        dist.gather(local, None, dst=receiver, group=group)
+        return None
+    parts = reused.parts(local, len(specs)) if reused is not None else [torch.empty_like(local) for _ in specs]
+    dist.gather(local, parts, dst=receiver, group=group)
+    return _assemble(parts, specs, target.tensor, reused)
+
+
+def _loaded_targets(gm: nn.Module) -> list[_Target]:
+    """The program's tensors (:func:`_targets`); raises LoadError if any is still on meta (nothing loaded)."""
+    targets = _targets(gm)
+    on_meta = [t.keys[0] for t in targets if t.tensor.is_meta]
+    if on_meta:
+        raise LoadError(f"{type(gm).__name__} still has meta tensors {_listed(on_meta)}; "
+                        "fix: load weights with tpfx.load_state_dict(gm, checkpoint) first")
+    return targets
 
 
 def full_state_dict(gm: nn.Module, *, rank0_only: bool = True) -> dict[str, torch.Tensor]:
@@ -443,11 +373,7 @@ def full_state_dict(gm: nn.Module, *, rank0_only: bool = True) -> dict[str, torc
         LoadError: a tensor is still on meta (nothing has been loaded into the program).
         ConfigError: the program was built for inspection (no process group to gather over).
     """
-    targets = _targets(gm)
-    on_meta = [t.keys[0] for t in targets if t.tensor.is_meta]
-    if on_meta:
-        raise LoadError(f"{type(gm).__name__} still has meta tensors {_listed(on_meta)}; "
-                        "fix: load weights with tpfx.load_state_dict(gm, checkpoint) first")
+    targets = _loaded_targets(gm)
     sharded = [t for t in targets if t.spec is not None]
     group = _tp_group(gm) if sharded else None
     specs_by_rank = _exchange_specs([t.spec for t in sharded], group) if sharded else []
@@ -469,3 +395,68 @@ def _exchange_specs(mine: list[ShardSpec], group: dist.ProcessGroup | None) -> l
     everyone: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(everyone, mine, group=group)
     return everyone
+
+
+# ----------------------------------------------------------------------------------------- directories
+
+def _writes_here(group: dist.ProcessGroup | None) -> tuple[bool, bool]:
+    """(this rank's group takes part, this rank writes): the group holding global rank 0 gathers, its rank 0 writes."""
+    if not dist.is_initialized():
+        return True, True
+    if group is None:
+        return True, dist.get_rank() == 0
+    ranks = dist.get_process_group_ranks(group)
+    return 0 in ranks, dist.get_rank() == 0
+
+
+def save_pretrained(gm: nn.Module, directory: str | os.PathLike, *, max_shard_size: int | str = "5GB",
+                    config: object | None = None) -> None:
+    """Write a program's weights as a transformers-style checkpoint directory, from global rank 0.
+
+    The layout is the one :func:`load_state_dict` and ``transformers``' ``from_pretrained`` read:
+    ``model.safetensors`` alone, or ``model.safetensors.index.json`` and ``model-0000k-of-0000n.safetensors``
+    when the tensors exceed ``max_shard_size``; keys and full shapes are the single-device model's.
+    A tensor registered under several keys (tied weights) is written once, under its first key, as
+    transformers writes tied weights; ``tpfx.load_state_dict`` and ``from_pretrained`` restore the tie.
+    Collective: every rank of the program's group calls it (and, with several tp groups, every
+    rank); each sharded tensor is gathered to the writer one at a time. It returns on every rank
+    once the directory is complete. Files of an earlier save in ``directory`` that this one does
+    not write (``model-*-of-*.safetensors``, the index) are removed.
+
+    Args:
+        gm: the program from :func:`tpfx.parallelize`, with its weights loaded.
+        directory: created if needed.
+        max_shard_size: the largest file, in bytes or as ``"500MB"``, ``"5GB"``, ``"2GiB"``.
+        config: a transformers config (anything with ``save_pretrained(directory)``), written beside
+            the weights so that ``AutoModel.from_pretrained(directory)`` loads it; None writes none.
+
+    Raises:
+        LoadError: a tensor is still on meta (nothing has been loaded into the program).
+        ConfigError: a bad ``max_shard_size``, a ``config`` without ``save_pretrained``, a dtype
+            safetensors cannot store, or a program built for inspection (nothing to gather over).
+    """
+    if config is not None and not callable(getattr(config, "save_pretrained", None)):
+        raise ConfigError(f"config is a {type(config).__name__} without save_pretrained(directory); pass the "
+                          "model's transformers config (model.config) or None")
+    targets = _loaded_targets(gm)
+    files = plan_files([Planned(t.keys[0], t.full_shape, t.tensor.dtype) for t in targets], parse_size(max_shard_size))
+    sharded = [t for t in targets if t.spec is not None]
+    group = _tp_group(gm) if sharded else None
+    taking_part, writing = _writes_here(group)
+    if taking_part:
+        specs_by_rank = _exchange_specs([t.spec for t in sharded], group) if sharded else []
+        reused = _Reused()  # each gathered tensor is written before the next gather overwrites it
+        with closing(DirectoryWriter(Path(directory), files)) if writing else nullcontext() as writer:
+            position = 0  # index of the next sharded target, in the order the specs were exchanged
+            for target in targets:
+                tensor = target.tensor.detach()
+                if target.spec is not None:
+                    tensor = _gather_full(target, [specs[position] for specs in specs_by_rank], group,
+                                          to_all=False, reused=reused)
+                    position += 1
+                if writing:
+                    writer.write(target.keys[0], tensor)
+        if writing and config is not None:
+            config.save_pretrained(str(directory))
+    if dist.is_initialized():
+        dist.barrier()  # the directory is complete on every rank's return

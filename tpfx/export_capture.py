@@ -31,7 +31,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.utils._pytree import keystr, tree_flatten_with_path
 
-from tpfx.capture import CallForm, call_form_of, capture, forward_signature, weightless_copy
+from tpfx.capture import (CallForm, cache_note, cache_switches, call_form_of, capture, check_cache_off,
+                          forward_signature, weightless_copy)
 from tpfx.errors import CaptureError, ConfigError, one_line
 from tpfx.passes.module_hooks import hooks_lost_in_capture
 from tpfx.passes.meta_device import device_of_call
@@ -55,10 +56,11 @@ class ExportForm:
 
 
 def bind_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The call's arguments by name, None ones left out and ``**kwargs`` spread out.
+    """The call's arguments by name, None ones left out and ``**kwargs`` spread out, and each cache
+    switch the forward takes set to off (:data:`tpfx.capture.CACHE_SWITCHES`).
 
     Raises:
-        ConfigError: the arguments do not fit the signature.
+        ConfigError: the arguments do not fit the signature, or they turn a key/value cache on.
     """
     try:
         bound = signature.bind(*args, **kwargs)
@@ -74,7 +76,8 @@ def bind_call(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[s
             call.update((key, item) for key, item in value.items() if item is not None)
         elif kind is not inspect.Parameter.VAR_POSITIONAL and value is not None:
             call[name] = value
-    return call
+    check_cache_off(signature, call)
+    return call | cache_switches(signature)
 
 
 def example_arguments(signature: inspect.Signature, example_inputs: ExampleInputs) -> dict[str, Any]:
@@ -226,6 +229,15 @@ class ExportedTensorParallelModule(TensorParallelModule):
         """
         signature, _ = self.__dict__["_tpfx_export"]
         return self._module_for(bind_call(signature, args, kwargs))
+
+    def call_arguments(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The arguments by name that ``self(*args, **kwargs)`` hands its graph: None ones left out, the
+        cache switches set to off (an exported graph takes them as inputs and checks their value).
+
+        Raises:
+            ConfigError: the arguments do not fit the forward signature, or they turn a cache on.
+        """
+        return bind_call(self.__dict__["_tpfx_export"][0], args, kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         signature, _ = self.__dict__["_tpfx_export"]
@@ -379,7 +391,7 @@ def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
         form = CallForm(training=model.training)
         try:
             gm = capture(model, form, into=TensorParallelModule.without_code, onto=model_copy)
-            return Captured(gm, model_copy, sources, "fx", form)
+            return Captured(gm, model_copy, sources, "fx", form, note=cache_note(forward_signature(model)))
         except CaptureError as error:
             if tracer == "fx":
                 raise
@@ -392,8 +404,9 @@ def capture_for_parallelize(model: nn.Module, *, tracer: str = "auto",
         skeleton, sources = weightless_copy(exported.gm)
     args, kwargs = _as_args_kwargs(example_inputs)
     form = call_form_of(forward_signature(model), args, kwargs, training=model.training)
-    note = _export_note(type(model).__name__, fx_failure, "its first call (or gm.prepare)" if from_first_call else "example_inputs",
-                        exported)
+    note = _export_note(type(model).__name__, fx_failure,
+                        "its first call (or gm.prepare)" if from_first_call else "example_inputs", exported)
+    note = " ".join(filter(None, [note, cache_note(forward_signature(model))]))
     gm = ExportedTensorParallelModule.without_code(skeleton, skeleton.graph, type(model).__name__)
     return Captured(gm, skeleton, sources, "export", form, exported, note, model_copy=model_copy)
 
