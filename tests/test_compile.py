@@ -120,6 +120,7 @@ def test_fullgraph_compile_of_every_mode_and_tracer_matches_one_device():
 def _inductor_worker(rank: int, world_size: int) -> dict:
     import torch._inductor.config
     torch._inductor.config.compile_threads = 1  # the ranks share the machine's cores
+    torch.manual_seed(0)  # the same weights on both ranks
     model = GPTModel(GPTConfig(vocab_size=64, max_position_embeddings=16, n_layers=1, n_heads=4, d_model=32,
                                d_ff=64, dropout=0.0))
     return _compiled_parity(model, _gpt_calls()[:1], mode="megatron", tracer="fx", example=None,
