@@ -12,6 +12,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 import torch.fx as fx
 import torch.nn as nn
 
@@ -183,8 +184,8 @@ def strategy_for(mode: str, *, sequence_parallel: bool = False) -> Strategy:
 
 
 def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessGroup | None = None,
-                rank: int | None = None, mode: Literal["gather", "megatron"] = "gather",
-                tracer: Literal["auto", "fx", "export"] = "auto",
+                mesh: DeviceMesh | None = None, rank: int | None = None,
+                mode: Literal["gather", "megatron"] = "gather", tracer: Literal["auto", "fx", "export"] = "auto",
                 example_inputs: ExampleInputs | None = None,
                 sequence_parallel: bool = False) -> TensorParallelModule | DeferredProgram:
     """Make ``model`` tensor-parallel: return this rank's program as a GraphModule.
@@ -199,6 +200,8 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
         tp: tensor-parallel degree; default the world size (or the size of ``group``). Smaller than
             the world size, it forms groups of tp consecutive ranks.
         group: an existing process group to use as the tensor-parallel group.
+        mesh: a one-dimensional ``DeviceMesh`` to use as the tensor-parallel group, as torchtitan
+            passes ``mesh["tp"]`` of a (dp, tp) mesh; the alternative to ``group``.
         rank: build this rank's program without a process group, for inspection (it cannot run).
         mode: ``"gather"`` (default): column-shard the sites and all-gather after each.
             ``"megatron"``: pair each QKV/fc1 site with the linear after it (row-parallel, one
@@ -236,6 +239,7 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
     strategy = strategy_for(mode, sequence_parallel=sequence_parallel)
     if tracer not in TRACERS:
         raise ConfigError(f"tracer={tracer!r} is not a tracer; use one of {', '.join(map(repr, TRACERS))}")
+    group = _group_of(mesh, group)
     layout = resolve_layout(tp, group=group, rank=rank)
     try:
         with _collector_paused():
@@ -244,6 +248,20 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
         gm = _deferred(model, layout, strategy=strategy, reason=needs.reason)
     _bind_process_group(layout, group)
     return gm
+
+
+def _group_of(mesh: DeviceMesh | None, group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+    """The tensor-parallel process group that ``mesh=`` or ``group=`` names (None: the default layout)."""
+    if mesh is None:
+        return group
+    if group is not None:
+        raise ConfigError("both mesh= and group= were given; pass one of them (mesh['tp'] or its group)")
+    if not isinstance(mesh, DeviceMesh):
+        raise ConfigError(f"mesh={mesh!r} is not a torch.distributed DeviceMesh; pass init_device_mesh(...)['tp']")
+    if mesh.ndim != 1:
+        raise ConfigError(f"mesh has {mesh.ndim} dims {mesh.mesh_dim_names}: pass its tensor-parallel dim, "
+                          "e.g. mesh['tp'], a one-dimensional mesh")
+    return mesh.get_group()
 
 
 def _deferred(model: nn.Module, layout: Layout, *, strategy: Strategy, reason: str) -> DeferredProgram:

@@ -81,8 +81,16 @@ class DeferredProgram(nn.Module):
         return self  # type: ignore[return-value] - the class was just changed
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.prepare(*args, **kwargs)
-        return self(*args, **kwargs)  # the program's own call, now that this is the program
+        if isinstance(self, DeferredProgram):  # not captured yet (torch.compile may call this after it was)
+            self.prepare(*args, **kwargs)
+        return type(self).__call__(self, *args, **kwargs)  # the program's own call, now that this is the program
+
+    # torch.compile: capture before dynamo traces the first call (see TensorParallelModule._infer_parameters)
+    _initialize_hook = None
+
+    @staticmethod
+    def _infer_parameters(module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
+        module.module_for_call(*args, **(kwargs or {}))
 
     def module_for_call(self, *args: Any, **kwargs: Any) -> nn.Module:
         """Capture from this call's arguments (see :meth:`prepare`), then the graph such a call runs."""

@@ -34,6 +34,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path
 from tpfx.capture import (CallForm, cache_note, cache_switches, call_form_of, capture, check_cache_off,
                           forward_signature, weightless_copy)
 from tpfx.errors import CaptureError, ConfigError, one_line
+from tpfx.passes.inline_grad_regions import inline_grad_regions
 from tpfx.passes.module_hooks import hooks_lost_in_capture
 from tpfx.passes.meta_device import device_of_call
 from tpfx.program import CallForms, TensorParallelModule, graph_attributes
@@ -160,6 +161,7 @@ def export_capture(model: nn.Module, example_inputs: ExampleInputs) -> Exported:
         ) from error
     with quiet_export():
         gm = program.module()
+    inline_grad_regions(gm)  # a no_grad block is a nested graph torch.compile cannot trace with dynamic shapes
     gm.graph.lint()
     return Exported(gm, form, *_dims_of(gm, example))
 
@@ -244,7 +246,9 @@ class ExportedTensorParallelModule(TensorParallelModule):
         call = bind_call(signature, args, kwargs)
         module = self._module_for(call)
         module._check_fixed_dims(call)
-        return fx.GraphModule.__call__(module, **call)
+        if module is self:
+            return fx.GraphModule.__call__(self, **call)
+        return self.call_as_this_program(module, lambda **c: fx.GraphModule.__call__(self, **c), (), call)
 
     def _module_for(self, call: dict[str, Any]) -> ExportedTensorParallelModule:
         form, given = self.export_form, export_form(call, training=self.training)

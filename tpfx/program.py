@@ -122,11 +122,39 @@ class TensorParallelModule(fx.GraphModule):
         built = forms.built.get(form)  # every call after the first: no device look-up on the step's path
         return built if built is not None else self._module_for(forms, form, device_of_call([*args, *kwargs.values()]))
 
+    # torch.compile builds a call form before tracing: dynamo runs ``_infer_parameters`` in plain Python
+    # (eagerly before a compiled top-level call, with fake arguments while tracing an enclosing model)
+    # for any module that has ``_initialize_hook``, the protocol it keeps for lazy modules. Building a
+    # form traces the model with torch.fx, which dynamo cannot trace through; done here, the compiled
+    # frame only looks the form up, and ``torch.compile(program, fullgraph=True)`` has no graph break.
+    _initialize_hook = None
+
+    @staticmethod
+    def _infer_parameters(module: TensorParallelModule, args: tuple, kwargs: dict | None = None) -> None:
+        module.module_for_call(*args, **(kwargs or {}))
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         module = self.module_for_call(*args, **kwargs)
         if module is self:
             return super().__call__(*args, **kwargs)
-        return module(*args, **kwargs)
+        return self.call_as_this_program(module, super().__call__, args, kwargs)
+
+    def call_as_this_program(self, module: fx.GraphModule, call: Callable[..., Any], args: tuple,
+                             kwargs: dict) -> Any:
+        """Run another call form's ``module`` inside this program's own call (``call``), as its forward.
+
+        The hooks registered on the program then run around every form as around the primary one:
+        FSDP2's ``fully_shard`` gathers the parameters in a forward pre-hook, a user's hook sees each
+        call. Under torch.compile the form's module is called directly (no hook is registered there
+        that the compiled frame would need, and dynamo does not trace a module's attribute swap).
+        """
+        if torch.compiler.is_compiling():
+            return module(*args, **kwargs)
+        self.__dict__["forward"] = module.forward  # nn.Module's call reads self.forward
+        try:
+            return call(*args, **kwargs)
+        finally:
+            del self.__dict__["forward"]
 
     def _module_for(self, forms: _Forms, form: CallForm, device: torch.device) -> fx.GraphModule:
         """Trace, rewrite and bind ``form`` (first call of that form); ``device``: where its tensors are."""

@@ -1,0 +1,134 @@
+"""torch.compile(program, fullgraph=True) on tpfx programs: no graph break, the collectives in the graph, parity.
+
+One spawn of world 2 compiles, with ``backend="aot_eager"`` and ``fullgraph=True``, the programs of the
+example GPT (torch.fx) and of a Hugging Face LLaMA (torch.export) in gather and megatron mode. Each is
+first called in a call form it was not built with (the form is traced on first use, before dynamo
+traces the frame), then in a second form; logits, loss and every gradient are compared with the
+single-device model, and dynamo's graphs are read: one graph per form, holding the tensor-parallel
+collectives. A second spawn checks one program under Inductor on CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tpfx
+from examples.gpt import GPTConfig, GPTModel
+from tests.multiprocess import run_ranks
+from tests.parity import grad_diffs, max_diff
+
+TOL = 1e-5
+
+
+def _gpt() -> nn.Module:
+    torch.manual_seed(0)
+    return GPTModel(GPTConfig(vocab_size=64, max_position_embeddings=16, n_layers=2, n_heads=4, d_model=32, d_ff=64,
+                              dropout=0.0))
+
+
+def _gpt_calls() -> list[dict[str, torch.Tensor]]:
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    return [{"input_ids": ids, "labels": ids}, {"input_ids": ids[:, :5]}]
+
+
+def _llama() -> nn.Module:
+    from examples import hf_models
+    return hf_models.build("llama")
+
+
+def _llama_calls() -> list[dict[str, torch.Tensor]]:
+    from examples import hf_models
+    inputs = hf_models.example_inputs(3, 7, seed=5)
+    mask = torch.ones_like(inputs["input_ids"])
+    mask[0, -2:] = 0
+    return [inputs | {"attention_mask": mask}, hf_models.example_inputs(2, 6, seed=6)]
+
+
+def _loss(out: object) -> torch.Tensor:
+    """The model's own loss when it computed one, else a loss on its logits."""
+    logits, loss = (out.logits, out.loss) if hasattr(out, "logits") else out
+    return loss if loss is not None else logits.float().square().mean()
+
+
+def _logits(out: object) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+class _GraphRecorder:
+    """``backend="aot_eager"`` that also keeps the call targets of every graph dynamo hands it."""
+
+    def __init__(self) -> None:
+        self.graphs: list[list[str]] = []
+
+    def __call__(self, graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        self.graphs.append([str(node.target) for node in graph.graph.nodes if node.op == "call_function"])
+        from torch._dynamo.backends.registry import lookup_backend
+        return lookup_backend("aot_eager")(graph, example_inputs)
+
+
+def _compiled_parity(reference: nn.Module, calls: list[dict], *, mode: str, tracer: str, example: dict | None,
+                     backend: object) -> dict:
+    """Compile the program of ``reference``; for each call: differences of logits, loss and gradients."""
+    gm = tpfx.parallelize(reference, mode=mode, tracer=tracer, example_inputs=example)
+    compiled = torch.compile(gm, fullgraph=True, backend=backend)
+    diffs = {}
+    for index, call in enumerate(calls):
+        outputs = []
+        for model in (reference, compiled):
+            model.zero_grad(set_to_none=True)
+            out = model(**call)
+            _loss(out).backward()
+            outputs.append(out)
+        ref, par = outputs
+        diffs[f"call {index} logits"] = max_diff(_logits(par), _logits(ref))
+        diffs[f"call {index} loss"] = max_diff(_loss(par), _loss(ref))
+        diffs |= {f"call {index} grad {name}": d for name, d in grad_diffs(gm, reference).items()}
+    return {"diffs": diffs, "forms": len(gm.call_forms)}
+
+
+def _aot_eager_worker(rank: int, world_size: int) -> dict:
+    results = {}
+    cases = [("gpt", _gpt, _gpt_calls, "fx", None)]
+    try:
+        from examples import hf_models  # needs transformers
+        cases.append(("llama", _llama, _llama_calls, "export", hf_models.example_inputs(2, 8)))
+    except ImportError:
+        pass
+    for name, make, calls, tracer, example in cases:
+        for mode in ("gather", "megatron"):
+            recorder = _GraphRecorder()
+            result = _compiled_parity(make(), calls(), mode=mode, tracer=tracer, example=example, backend=recorder)
+            result["graphs"] = recorder.graphs
+            results[(name, mode)] = result
+    return results
+
+
+def test_fullgraph_compile_of_every_mode_and_tracer_matches_one_device():
+    results = run_ranks(_aot_eager_worker, 2, timeout_s=900)
+    for rank, per_case in enumerate(results):
+        for case, result in per_case.items():
+            worst = max(result["diffs"].items(), key=lambda item: item[1])
+            assert worst[1] <= TOL, f"rank {rank} {case}: {worst}"
+            # one graph per call form: nothing broke the frame, and each graph holds the collectives
+            assert len(result["graphs"]) == 2, f"rank {rank} {case}: {len(result['graphs'])} graphs"
+            for targets in result["graphs"]:
+                assert "autograd_function_apply" in targets, f"rank {rank} {case}: no collective in {targets}"
+
+
+def _inductor_worker(rank: int, world_size: int) -> dict:
+    import torch._inductor.config
+    torch._inductor.config.compile_threads = 1  # the ranks share the machine's cores
+    torch.manual_seed(0)  # the same weights on both ranks
+    model = GPTModel(GPTConfig(vocab_size=64, max_position_embeddings=16, n_layers=1, n_heads=4, d_model=32,
+                               d_ff=64, dropout=0.0))
+    return _compiled_parity(model, _gpt_calls()[:1], mode="megatron", tracer="fx", example=None,
+                            backend="inductor")["diffs"]
+
+
+def test_inductor_compile_of_a_megatron_program_matches_one_device():
+    pytest.importorskip("torch._inductor")
+    for rank, diffs in enumerate(run_ranks(_inductor_worker, 2, timeout_s=900)):
+        worst = max(diffs.items(), key=lambda item: item[1])
+        assert worst[1] <= TOL, f"rank {rank}: {worst}"
