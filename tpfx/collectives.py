@@ -124,10 +124,11 @@ def _reduce_scatter_dim(tensor: torch.Tensor, dim: int, key: str) -> torch.Tenso
     _check_divisible(tensor, dim, tp)
     whole = tensor.contiguous()
     _notify("reduce_scatter", whole)
-    parts = [part.contiguous() for part in whole.chunk(tp, dim=dim)]
-    out = torch.empty_like(parts[0])
-    dist.reduce_scatter(out, parts, group=group)
-    return out
+    # the tensor form along dim 0 (one flat buffer, not a list of parts): torch.compile traces it
+    front = whole.movedim(dim, 0).contiguous()
+    out = front.new_empty((front.shape[0] // tp, *front.shape[1:]))
+    dist.reduce_scatter_tensor(out, front, group=group)
+    return out.movedim(0, dim).contiguous()
 
 
 def _along_sequence(name: str, forward: Callable[[torch.Tensor, int, str], torch.Tensor],
