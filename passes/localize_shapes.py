@@ -93,9 +93,10 @@ def restore_full_sizes(gm: fx.GraphModule, fixes: tuple[FullSize, ...], *, tp: i
     nodes = {node.name: node for node in gm.graph.nodes}
     order = {name: position for position, name in enumerate(nodes)}
     inserted: list[str] = []
-    for fix in fixes:
-        full = _FullValues(gm.graph, fix, tp)
-        for producer, user in sorted(fix.uses, key=lambda use: order[use[1]]):
+    for fixes_together in _sharing_arithmetic(fixes):
+        full = _FullValues(gm.graph, fixes_together, tp)
+        uses = {use for fix in fixes_together for use in fix.uses}
+        for producer, user in sorted(uses, key=lambda use: order[use[1]]):
             consumer = nodes[user]
             with gm.graph.inserting_before(consumer):  # the first user: every later one comes after it
                 replacement = full.of(nodes[producer])
@@ -105,31 +106,48 @@ def restore_full_sizes(gm: fx.GraphModule, fixes: tuple[FullSize, ...], *, tp: i
     return tuple(inserted)
 
 
-class _FullValues:
-    """The single-device values of one read and of its chain of size arithmetic, made once each."""
+def _sharing_arithmetic(fixes: tuple[FullSize, ...]) -> list[tuple[FullSize, ...]]:
+    """The fixes in groups whose arithmetic meets (``q.size(1) // k.size(1)`` reads two split sizes): one
+    group's chain is recomputed once, from every read of it at full size."""
+    groups: list[tuple[set[str], list[FullSize]]] = []
+    for fix in fixes:
+        names = {fix.read, *fix.chain}
+        meeting = [group for group in groups if group[0] & names]
+        for group in meeting:
+            names |= group[0]
+            groups.remove(group)
+        groups.append((names, [f for group in meeting for f in group[1]] + [fix]))
+    return [tuple(group) for _, group in groups]
 
-    def __init__(self, graph: fx.Graph, fix: FullSize, tp: int) -> None:
-        self.graph, self.fix, self.tp = graph, fix, tp
+
+class _FullValues:
+    """The single-device values of some reads and of their chain of size arithmetic, made once each."""
+
+    def __init__(self, graph: fx.Graph, fixes: tuple[FullSize, ...], tp: int) -> None:
+        self.graph, self.tp = graph, tp
+        self.reads = {fix.read: fix for fix in fixes}
+        self.chain = {name for fix in fixes for name in fix.chain}
         self.values: dict[str, object] = {}
         self.inserted: list[str] = []
 
     def of(self, node: fx.Node) -> object:
-        """The full value of ``node`` (the read or a node of its chain): a new node, or a tuple of them."""
+        """The full value of ``node`` (a read or a node of its chain): a new node, or a tuple of them."""
         if node.name not in self.values:
             self.values[node.name] = self._make(node)
         return self.values[node.name]
 
     def _make(self, node: fx.Node) -> object:
-        fix, graph = self.fix, self.graph
-        item_of_shape = (node.target is operator.getitem and isinstance(node.args[1], int)
-                         and isinstance(node.args[0], fx.Node) and node.args[0].name == fix.read)
-        if node.name == fix.read and not fix.rank or item_of_shape:  # a split size (a chain holds split items only)
-            return self._new(operator.mul, (node, self.tp))
-        if node.name == fix.read:  # a whole shape: its split items times tp
+        graph = self.graph
+        source = node.args[0] if node.target is operator.getitem and isinstance(node.args[1], int) else None
+        fix = self.reads.get(node.name) or (self.reads.get(source.name) if isinstance(source, fx.Node) else None)
+        if fix is not None and (node.name == fix.read and not fix.rank or node.name != fix.read):
+            return self._new(operator.mul, (node, self.tp))  # a split size (a chain holds split items only)
+        if fix is not None:  # a whole shape: its split items times tp
             items = [self._new(operator.getitem, (node, i)) for i in range(fix.rank)]
             return tuple(self._new(operator.mul, (item, self.tp)) if i in fix.elements else item
                          for i, item in enumerate(items))
-        copy = graph.node_copy(node, lambda arg: self.of(arg) if arg.name == fix.read or arg.name in fix.chain else arg)
+        copy = graph.node_copy(node, lambda arg: self.of(arg) if arg.name in self.reads or arg.name in self.chain
+                               else arg)
         self.inserted.append(copy.name)
         return copy
 

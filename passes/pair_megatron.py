@@ -667,7 +667,7 @@ def _full_sizes(flow: FeatureFlow, records: _GroupRecords, chosen: tuple[int, ..
         _NoPair: a read covers part of the split factors, is a stride, or is of a dim tpfx cannot place.
     """
     targets = {flow.factors.find(leaf) for leaf in chosen}
-    local_consumers = {use.node_name for use in records.shape_uses if use.node_name not in whole_only}
+    local_consumers = _local_shape_consumers(flow, records.shape_uses, targets, whole_only)
     found = []
     for read in records.size_reads:
         node = index.nodes[read.node_name]
@@ -683,6 +683,32 @@ def _full_sizes(flow: FeatureFlow, records: _GroupRecords, chosen: tuple[int, ..
             if uses:
                 found.append(FullSize(node.name, tuple(split) if rank else (), rank, chain, uses))
     return tuple(found)
+
+
+def _local_shape_consumers(flow: FeatureFlow, uses: list[ShapeUse], targets: set[int], whole_only: set[str]) -> set[str]:
+    """The shape uses of the region that need the rank-local size of what they read.
+
+    A shape argument read off a split dim is local at run time. Where it shapes a dim that holds the
+    split factor too (``view(b, t, k.size(1), dh)``) that is what the rank needs; where it shapes a dim
+    without it (the repeats of ``k.repeat_interleave(heads // k.size(1), 1)``, the same on every
+    rank) it needs the single-device size, so its consumer is left to :class:`FullSize`.
+
+    Raises:
+        _NoPair: one op reads a split size for both kinds of dim (it cannot be given both values).
+    """
+    def held(factor_ids) -> bool:
+        return bool({flow.factors.find(leaf) for f in factor_ids for leaf in flow.factors.leaves(f)} & targets)
+
+    local = set()
+    for use in (u for u in uses if u.node_name not in whole_only):
+        kinds = {held(p.factor for p in dim if p.factor is not None)
+                 for dim, item in zip(use.dims, use.items) if held(item.local)}
+        if kinds == {True, False}:
+            raise _NoPair(f"'{use.node_name}' uses a size read off the split heads both as a head count and as "
+                          "a count that is the same on every rank; compute the two from separate reads")
+        if kinds != {False}:
+            local.add(use.node_name)
+    return local
 
 
 def _split_items(flow: FeatureFlow, read: SizeRead, targets: set[int], node: fx.Node) -> list[int] | None:
