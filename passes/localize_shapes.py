@@ -11,8 +11,8 @@ after::
     floordiv = d_model // 2                                  # a traced size: a new node
     out = out.transpose(1, 2).contiguous().view(bsz, seq_len, floordiv)
 
-Which arguments to divide is the pairing's finding (:class:`ShapeEdit` records, from the feature flow
-of :mod:`tpfx.passes.feature_flow`); this pass only applies them.
+Which arguments to divide is the pairing's finding (:class:`tpfx.passes.factors.ShapeEdit` records, from the
+feature flow of :mod:`tpfx.passes.feature_flow`); this pass only applies them.
 
 A size read off a tensor whose dim is split is the rank's local size at run time. Where the code uses it
 as a shape argument between the pair, that is what it needs; any other use needs the single-device
@@ -33,52 +33,11 @@ after::
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch.fx as fx
 
 from tpfx.errors import ShardingError
-
-
-@dataclass(frozen=True)
-class ShapeEdit:
-    """One shape argument to divide by tp: ``path`` leads into ``node_name``'s args (position or kwarg).
-
-    ``kept`` is the part of the value every rank keeps whole: a slice bound of a fused ``[q | k | v]``
-    whose keys are kept whole measures ``q + k``, and becomes ``q / tp + k``: ``(value - kept) / tp + kept``.
-    A step ``"start"``/``"stop"``/``"step"`` of ``path`` reads that field of a slice.
-    """
-
-    node_name: str
-    path: tuple[int | str, ...]
-    value: int | str  # the literal, or the name of the node that computes it
-    kept: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.path:
-            raise ValueError(f"shape edit of {self.node_name} needs a path into its arguments")
-
-
-@dataclass(frozen=True)
-class FullSize:
-    """A size read of a split dim whose ``uses`` need the single-device size (``read * tp``).
-
-    ``elements`` are the split items of a read shape (``rank`` items; both 0 and () for one number),
-    ``chain`` the size arithmetic between the read and the uses (recomputed from the full size), and
-    each use is (the read or a node of the chain, the node that reads it).
-    """
-
-    read: str
-    elements: tuple[int, ...]
-    rank: int
-    chain: tuple[str, ...]
-    uses: tuple[tuple[str, str], ...]
-
-    def __post_init__(self) -> None:
-        if any(not 0 <= element < self.rank for element in self.elements) or bool(self.elements) != bool(self.rank):
-            raise ValueError(f"size read {self.read}: split items {self.elements} do not fit a shape of {self.rank}")
-        if not self.uses:
-            raise ValueError(f"size read {self.read}: a full size is only restored for some use of it")
+from tpfx.passes.factors import FullSize, ShapeEdit
 
 
 def restore_full_sizes(gm: fx.GraphModule, fixes: tuple[FullSize, ...], *, tp: int) -> tuple[str, ...]:

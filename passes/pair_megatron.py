@@ -34,17 +34,16 @@ import operator
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.passes.find_sites import Site, SiteFinding
 from tpfx.passes.graph_view import functional_linear, parameter_shapes
-from tpfx.passes.factors import CutItem, CutUse, Dim, FeatureLayout, OutsideOperand, ShapeUse, Size, SizeRead, Value
+from tpfx.passes.factors import (CutItem, CutUse, Dim, FeatureLayout, FullSize, OutsideOperand, ShapeEdit, ShapeUse, Size,
+                                 SizeRead, Value)
 from tpfx.passes.feature_flow import FeatureFlow, LinearCall, LinearOf, analyze_feature_flow, module_linears
-from tpfx.passes.localize_shapes import FullSize, ShapeEdit
 from tpfx.passes.module_hooks import hooks_keep_pair_whole, module_hooks
-from tpfx.passes.ops import SDPA_GQA, Flow, Kind, dropout_probability, kind_of, rule_of
+from tpfx.passes.ops import SDPA_GQA, Flow, Kind, dropout_probability, is_python_value, kind_of, rule_of
 
 _FFN_ROLES = ("fc1", "up")
 
@@ -676,7 +675,7 @@ def _full_sizes(flow: FeatureFlow, records: _GroupRecords, chosen: tuple[int, ..
         split = _split_items(flow, read, targets, node)
         if split is None or split:
             rank = len(read.elements) if read.tuple_read and read.elements is not None else 0
-            chain, uses = _size_uses(flow, node, split, rank, local_consumers)
+            chain, uses = _size_uses(node, split, rank, local_consumers, index.modules)
             if uses and split is None:
                 raise _NoPair(f"size read '{node.name}' ({node.format_node()}) is of a dim of '{node.args[0].name}' "
                               "that tpfx cannot place (unknown rank); pass example_inputs= so that it has shapes")
@@ -727,8 +726,8 @@ def _split_items(flow: FeatureFlow, read: SizeRead, targets: set[int], node: fx.
     return split
 
 
-def _size_uses(flow: FeatureFlow, read: fx.Node, split: list[int] | None, rank: int,
-               local_consumers: set[str]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+def _size_uses(read: fx.Node, split: list[int] | None, rank: int, local_consumers: set[str],
+               modules: dict[str, nn.Module]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """Follow a read (of a whole shape of ``rank`` items) through size arithmetic: (the chain of
     arithmetic, the uses that need the full size)."""
     chain: list[str] = []
@@ -741,7 +740,7 @@ def _size_uses(flow: FeatureFlow, read: fx.Node, split: list[int] | None, rank: 
                 continue  # an item of the shape that is not split: the same on every rank
             if user.name in local_consumers:
                 continue
-            if _is_size_arithmetic(user, flow):
+            if is_python_value(user, modules):
                 if user.name not in chain:
                     chain.append(user.name)
                     frontier.append(user)
@@ -755,24 +754,6 @@ def _item_of(node: fx.Node, rank: int) -> int | None:
     if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int)):
         return None
     return node.args[1] % rank
-
-
-_SIZE_ARITHMETIC = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
-                    operator.mod, operator.neg, operator.pow}
-
-
-def _is_size_arithmetic(node: fx.Node, flow: FeatureFlow) -> bool:
-    """Whether ``node`` computes a Python number or shape (from its fake value; without shapes, from its op)."""
-    if "val" in node.meta:
-        return _is_size_value(node.meta["val"])
-    return (node.op == "call_function" and node.name not in flow.values and
-            (node.target in _SIZE_ARITHMETIC or getattr(node.target, "__module__", None) == math.__name__))
-
-
-def _is_size_value(value: object) -> bool:
-    if isinstance(value, (tuple, list)):
-        return all(_is_size_value(item) for item in value)
-    return isinstance(value, (int, float, torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
 def _kept_of_pieces(flow: FeatureFlow, dim: Dim, chosen: tuple[int, ...], where: str) -> int | None:
