@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 import operator
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch.fx as fx
 import torch.nn as nn
@@ -41,6 +41,7 @@ from tpfx.passes.find_sites import Site, SiteFinding
 from tpfx.passes.graph_view import functional_linear, parameter_shapes
 from tpfx.passes.factors import (CutItem, CutUse, Dim, FeatureLayout, FullSize, OutsideOperand, ShapeEdit, ShapeUse, Size,
                                  SizeRead, Value)
+from tpfx.errors import ShardingError
 from tpfx.passes.feature_flow import FeatureFlow, LinearCall, LinearOf, analyze_feature_flow, module_linears
 from tpfx.passes.module_hooks import hooks_keep_pair_whole, module_hooks
 from tpfx.passes.ops import SDPA_GQA, Flow, Kind, dropout_probability, is_python_value, kind_of, rule_of
@@ -222,6 +223,96 @@ def pair_sites(gm: fx.GraphModule, finding: SiteFinding, *, tp: int) -> Pairing:
     return Pairing(tuple(pairs), tuple(fallbacks))
 
 
+def map_pairing(gm: fx.GraphModule, pairing: Pairing, *, tp: int, form: str = "") -> Pairing:
+    """Map a program's pairing onto another trace of it (another call form) by its linears' names.
+
+    Nothing is decided again: each pair's column and row linears are found in ``gm`` by module path or
+    weight name, and the factor the program split is read off the pair's row layout. What is this
+    trace's own is derived for that choice: the shape arguments, size reads, narrows and dropouts
+    between the pair's linears (node names differ between traces). The fallbacks are kept as they are.
+
+    Args:
+        gm: the other trace (full-size linears, like the program's own before it was sharded).
+        pairing: the program's pairing (its plan's).
+        tp: the tensor-parallel degree.
+        form: names the call form in messages.
+
+    Returns:
+        The pairing of ``gm``: the same pairs (keys and layouts), with ``gm``'s node names and facts.
+
+    Raises:
+        ShardingError: ``gm`` uses a linear of a pair differently from the program's trace (one line, naming
+            the pair and why).
+    """
+    linear_of = graph_linears(gm)
+    index = _GraphIndex.of(gm, linear_of)
+    traced = [(pair, _traced_columns(pair, index)) for pair in pairing.pairs]
+    traced = [(pair, columns) for pair, columns in traced if columns]  # a form that does not call a pair leaves it
+    flow = analyze_feature_flow(gm, [site.node_name for _, columns in traced for site in columns], linear_of=linear_of)
+    records = _records_by_group(flow, index)
+    for group, reads in _replicated_reads(gm, flow).items():
+        records[group].reads = reads
+    pairs = []
+    for pair, columns in traced:
+        try:
+            pairs.append(_mapped_pair(flow, records, pair, columns, tp, index))
+        except _NoPair as why:
+            raise ShardingError(f"call form {form} uses the linears of pair {pair.describe()} differently from the "
+                                f"form the program was built with: {why}; build the program with this call form") from None
+    return Pairing(tuple(pairs), pairing.fallbacks)
+
+
+def _traced_columns(pair: Pair, index: _GraphIndex) -> list[Site]:
+    """The pair's column sites, each at its one application in this trace ([] when the trace calls none)."""
+    found = []
+    for site in pair.columns:
+        calls = index.calls.get(site.weight_name or site.module_path, [])
+        if len(calls) > 1:
+            raise ShardingError(f"'{site.module_path or site.weight_name}' is applied {len(calls)} times in this call "
+                                "form and once in the program's; build the program with this call form")
+        found += [replace(site, node_name=calls[0][0].name)] if calls else []
+    if found and len(found) != len(pair.columns):
+        raise ShardingError(f"this call form applies only some of the column linears of pair {pair.describe()}; "
+                            "build the program with this call form")
+    return found
+
+
+def _mapped_pair(flow: FeatureFlow, records: defaultdict[int, _GroupRecords], pair: Pair, columns: list[Site],
+                 tp: int, index: _GraphIndex) -> Pair:
+    """``pair`` in this trace: its columns' one group, which reaches the pair's row linear, with the split the
+    program chose (from the row layout); its layouts must come out as the program's."""
+    groups = {flow.group_of(flow.root_groups[site.node_name]) for site in columns}
+    if len(groups) != 1:
+        raise _NoPair("its column linears' outputs no longer meet")
+    group = records[groups.pop()]
+    if group.poisoned:
+        raise _NoPair(group.poisoned[0])
+    row_node, row, row_dim = _partner(group, columns, index)
+    if row.key != (pair.row_weight_name or pair.row_module_path):
+        raise _NoPair(f"their values reach '{row.key}', not '{pair.row_weight_name or pair.row_module_path}'")
+    leaves = _row_leaves(flow, row_dim, row, columns)
+    chosen = _chosen_by_layout(flow, leaves, pair.row_layout, row.key)
+    mapped = _pair_facts(flow, group, columns, tp, index, row_node, row, leaves, chosen)
+    if mapped.column_layouts != pair.column_layouts:
+        raise _NoPair(f"their layouts here are {[layout.describe() for layout in mapped.column_layouts]}")
+    return mapped
+
+
+def _chosen_by_layout(flow: FeatureFlow, leaves: list[int], layout: FeatureLayout, row: str) -> tuple[int, ...]:
+    """The run of ``leaves`` that the program split: the one whose merge gives the row ``layout``, and that no
+    op of this trace keeps from being split."""
+    runs = [tuple(leaves[start:start + length]) for start in range(len(leaves))
+            for length in range(1, len(leaves) - start + 1) if _merged(flow, leaves, start, length) == layout]
+    if not runs:
+        raise _NoPair(f"the input of '{row}' is laid out {[flow.factors.sizes[leaf] for leaf in leaves]}, not "
+                      f"{layout.describe()}")
+    for run in runs:
+        blocked = [flow.factors.why_blocked(leaf) for leaf in run if flow.factors.why_blocked(leaf)]
+        if not blocked:
+            return run
+    raise _NoPair(f"the split factor {layout.describe()} of '{row}' cannot be split here: {blocked[0]}")
+
+
 @dataclass(frozen=True)
 class _GraphIndex:
     """What pairing looks up for every group, read off the graph once (a scan per group is quadratic)."""
@@ -340,10 +431,22 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
     row_node, row, row_dim = _partner(records, sites, index)
     if why := hooks_keep_pair_whole(index.modules, "" if row.functional else row.key, records.modules):
         raise _NoPair(why)
+    leaves = _row_leaves(flow, row_dim, row, sites)
+    return _pair_facts(flow, records, sites, tp, index, row_node, row, leaves, _choose_heads(flow, leaves, row.key, tp))
+
+
+def _row_leaves(flow: FeatureFlow, row_dim: Dim, row: LinearCall, sites: list[Site]) -> list[int]:
+    """The leaf factors of the partner's input features, which must be exactly the group's features."""
     leaves = _leaf_factors(flow, row_dim, row.key)
     if _product(flow, leaves) != row.in_features:
         raise _NoPair(f"the input of '{row.key}' is not exactly the features of {_paths(sites)}")
-    chosen = _choose_heads(flow, leaves, row.key, tp)
+    return leaves
+
+
+def _pair_facts(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp: int, index: _GraphIndex,
+                row_node: fx.Node, row: LinearCall, leaves: list[int], chosen: tuple[int, ...]) -> Pair:
+    """The pair of ``sites`` and its partner ``row`` with the factor ``chosen`` split: the layouts that follow
+    from the choice, and this trace's facts between the linears (shape edits, narrows, dropouts, size reads)."""
     layouts = tuple(_layout(flow, flow.roots[site.node_name], chosen, site) for site in sites)
     if all(layout.whole for layout in layouts):
         raise _NoPair(f"no factor of {_paths(sites)} lines up with the split input of '{row.key}'")
