@@ -8,7 +8,7 @@ before (a trace of the program, rank 1 of tp=2, megatron plan)::
 
 after (``node.meta["tpfx"]``; the graph is unchanged)::
 
-    qkv_proj.meta["tpfx"] = NodePlacement("attn.qkv_proj.weight", SHARDED, before=COPY_TO, pair="attn.out_proj")
+    qkv_proj.meta["tpfx"] = NodePlacement("attn.qkv_proj.weight", SHARDED, before=COPY_TO, pair="attn.out_proj")  # dim -1
     out_proj.meta["tpfx"] = NodePlacement("attn.out_proj.weight", PARTIAL, after=REDUCE, pair="attn.out_proj")
     fc1.meta["tpfx"]      = NodePlacement("ffn.fc1.weight", SHARDED, before=COPY_TO, after=GATHER)
 
@@ -79,10 +79,15 @@ class NodePlacement:
         if self.after is Collective.GATHER and (self.output is not Output.SHARDED or self.pair):
             raise ValueError(f"'{self.parameter}': only a sharded output of a gathered site is all-gathered")
 
+    @property
+    def dim(self) -> int | None:
+        """The dim a sharded output is split along: the linear's output features, last (None unless sharded)."""
+        return -1 if self.output is Output.SHARDED else None
+
     def describe(self) -> str:
-        """One line: ``sharded, copy_to_tp before, gather_from_tp after``."""
-        where = [str(self.output)] + [f"{c} {at}" for c, at in ((self.before, "before"), (self.after, "after")) if c]
-        return ", ".join(where)
+        """One line: ``sharded on dim -1, copy_to_tp before, gather_from_tp after``."""
+        output = f"{self.output} on dim {self.dim}" if self.dim is not None else str(self.output)
+        return ", ".join([output] + [f"{c} {at}" for c, at in ((self.before, "before"), (self.after, "after")) if c])
 
 
 def placements_of(plan: Plan) -> dict[str, NodePlacement]:

@@ -246,7 +246,7 @@ def map_pairing(gm: fx.GraphModule, pairing: Pairing, *, tp: int, form: str = ""
     """
     linear_of = graph_linears(gm)
     index = _GraphIndex.of(gm, linear_of)
-    traced = [(pair, _traced_columns(pair, index)) for pair in pairing.pairs]
+    traced = [(pair, _traced_columns(pair, index, form)) for pair in pairing.pairs]
     traced = [(pair, columns) for pair, columns in traced if columns]  # a form that does not call a pair leaves it
     flow = analyze_feature_flow(gm, [site.node_name for _, columns in traced for site in columns], linear_of=linear_of)
     records = _records_by_group(flow, index)
@@ -262,17 +262,17 @@ def map_pairing(gm: fx.GraphModule, pairing: Pairing, *, tp: int, form: str = ""
     return Pairing(tuple(pairs), pairing.fallbacks)
 
 
-def _traced_columns(pair: Pair, index: _GraphIndex) -> list[Site]:
+def _traced_columns(pair: Pair, index: _GraphIndex, form: str) -> list[Site]:
     """The pair's column sites, each at its one application in this trace ([] when the trace calls none)."""
     found = []
     for site in pair.columns:
         calls = index.calls.get(site.weight_name or site.module_path, [])
         if len(calls) > 1:
-            raise ShardingError(f"'{site.module_path or site.weight_name}' is applied {len(calls)} times in this call "
-                                "form and once in the program's; build the program with this call form")
+            raise ShardingError(f"call form {form} applies '{site.module_path or site.weight_name}' {len(calls)} times, "
+                                "the program's once; build the program with this call form")
         found += [replace(site, node_name=calls[0][0].name)] if calls else []
     if found and len(found) != len(pair.columns):
-        raise ShardingError(f"this call form applies only some of the column linears of pair {pair.describe()}; "
+        raise ShardingError(f"call form {form} applies only some of the column linears of pair {pair.describe()}; "
                             "build the program with this call form")
     return found
 

@@ -49,6 +49,7 @@ def test_megatron_plan_annotates_each_linear_it_shards_with_its_output_and_colle
     qkv, out = placed["blocks.0.attn.qkv_proj"], placed["blocks.0.attn.out_proj"]
     assert (qkv.parameter, qkv.output, qkv.before, qkv.after, qkv.pair) == (
         "blocks.0.attn.qkv_proj.weight", Output.SHARDED, Collective.COPY_TO, None, "blocks.0.attn.out_proj")
+    assert qkv.dim == -1 and out.dim is None
     assert (out.output, out.before, out.after, out.pair) == (Output.PARTIAL, None, Collective.REDUCE,
                                                              "blocks.0.attn.out_proj")
     assert placed["blocks.0.ffn.fc2"].describe() == "partial, reduce_from_tp after"
@@ -64,7 +65,7 @@ def test_gather_rewrite_reads_the_annotations_only():
     finding = find_sites(gm, tp=2)
     plan = gather_plan(gm, finding, tp=2, rank=0)
     written = annotate_linears(gm, plan)
-    assert {p.describe() for p in written.values()} == {"sharded, copy_to_tp before, gather_from_tp after"}
+    assert {p.describe() for p in written.values()} == {"sharded on dim -1, copy_to_tp before, gather_from_tp after"}
     assert sorted(p.parameter for p in written.values()) == ["blocks.0.attn.qkv_proj.weight", "blocks.0.ffn.fc1.weight"]
     qkv = next(n for n in gm.graph.nodes if n.target == "blocks.0.attn.qkv_proj")
     del qkv.meta[META_KEY]  # the site is still in the plan, but nothing tells the rewrite to gather it
@@ -104,7 +105,8 @@ def test_a_call_form_that_uses_a_pairs_linears_differently_is_refused_in_one_lin
     with pytest.raises(tpfx.ShardingError) as refused:
         gm.module_for_call(x)
     message = str(refused.value)
-    assert "applies only some of the column linears of pair q_proj [4*, 8]" in message and "\n" not in message
+    assert message.startswith("call form ShortcutWithoutScale applies only some of the column linears of pair "
+                              "q_proj [4*, 8]") and "\n" not in message
 
 
 def test_a_repeat_count_computed_from_a_split_size_gets_the_single_device_value():
