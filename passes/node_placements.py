@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from tpfx.layers import Placement
 from tpfx.passes.factors import FeatureLayout
-from tpfx.passes.graph_view import LinearApplication, linear_applications
+from tpfx.passes.graph_view import LinearApplication, functional_linear, linear_applications, parameter_shapes
 from tpfx.passes.plan import Plan, row_weight_name, site_weight_name
 
 META_KEY = "tpfx"  # node.meta[META_KEY]: the node's NodePlacement
@@ -140,7 +140,11 @@ def annotate_linears(gm: fx.GraphModule, plan: Plan) -> dict[str, NodePlacement]
 
 def placed_linears(gm: fx.GraphModule) -> list[tuple[LinearApplication, NodePlacement]]:
     """The annotated linear applications of ``gm`` with their placements, in graph order."""
-    found = [(position, application, application[0].meta[META_KEY])
-             for applications in linear_applications(gm).values() for position, application in applications
-             if META_KEY in application[0].meta]
-    return [(application, placement) for _, application, placement in sorted(found, key=lambda f: f[0])]
+    parameters = parameter_shapes(gm)
+    found = []
+    for node in gm.graph.nodes:
+        if META_KEY not in node.meta:
+            continue
+        functional = functional_linear(node, parameters) if node.op != "call_module" else None
+        found.append(((node, functional.data_index if functional is not None else 0, functional), node.meta[META_KEY]))
+    return found
