@@ -20,7 +20,7 @@ op; the parameters are replaced by this rank's slice: rows of an (out, in) weigh
 The pass has two steps so that further call forms of the same program reuse the shards: the
 parameters are sharded once, from the plan (:func:`tpfx.passes.shard_parameters.shard_parameters`),
 and :func:`insert_collectives` rewrites each graph (before the program is built from it: its code is
-generated once).
+generated once) where the plan's annotations (:mod:`tpfx.passes.node_placements`) put a gather.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.passes.find_sites import Site, SiteFinding
-from tpfx.passes.graph_view import applications_of, linear_applications
+from tpfx.passes.node_placements import Collective, annotate_linears, placed_linears
 from tpfx.passes.plan import gather_plan
 from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.collectives import copy_to_tp, gather_from_tp
@@ -45,33 +45,38 @@ class ColumnShardResult:
     collective_nodes: tuple[str, ...]
 
 
-def insert_collectives(gm: fx.GraphModule, sites: tuple[Site, ...], *, group: str) -> ColumnShardResult:
-    """Insert copy-to before and gather-from after every call of a site (module or weight) in ``gm.graph``.
+def insert_collectives(gm: fx.GraphModule, *, group: str) -> ColumnShardResult:
+    """Insert copy-to before and gather-from after every linear that ``node.meta["tpfx"]`` says is gathered
+    (:func:`tpfx.passes.node_placements.annotate_linears` wrote it from the plan).
 
     Only the graph changes: the caller recompiles (tpfx generates a program's code once, after every rewrite).
     """
-    keys = {site.weight_name if site.functional else site.module_path for site in sites}
     inserted: list[str] = []
-    for node, data_index, _ in applications_of(linear_applications(gm), keys):
+    for (node, data_index, _), placement in placed_linears(gm):
+        if placement.after is not Collective.GATHER:
+            continue
         with gm.graph.inserting_before(node):
             copied = gm.graph.call_function(copy_to_tp, (node.args[data_index], group))
         node.update_arg(data_index, copied)
         with gm.graph.inserting_after(node):
             gathered = gm.graph.call_function(gather_from_tp, (node, group))
-        node.replace_all_uses_with(gathered, delete_user_cb=lambda user: user is not gathered)
+        node.replace_all_uses_with(gathered, delete_user_cb=lambda user, made=gathered: user is not made)
         inserted += [copied.name, gathered.name]
     return ColumnShardResult(gm, tuple(inserted))
 
 
 def column_shard(gm: fx.GraphModule, sites: tuple[Site, ...], *, tp: int, rank: int, group: str,
                  source: nn.Module | None = None) -> ColumnShardResult:
-    """The whole pass: plan the sites' shards, shard the parameters, then rewrite the graph around them.
+    """The whole pass: plan the sites' shards, shard the parameters, annotate the linears, then rewrite
+    the graph around them.
 
     Raises:
         ShardingError: tp does not divide a site's out_features (nothing is changed then).
     """
-    shard_parameters(gm, gather_plan(gm, SiteFinding(sites, ()), tp=tp, rank=rank), source=source)
-    result = insert_collectives(gm, sites, group=group)
+    plan = gather_plan(gm, SiteFinding(sites, ()), tp=tp, rank=rank)
+    shard_parameters(gm, plan, source=source)
+    annotate_linears(gm, plan)
+    result = insert_collectives(gm, group=group)
     gm.graph.lint()
     gm.recompile()
     return result

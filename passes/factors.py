@@ -15,7 +15,9 @@ A :class:`Factors` table holds the feature factors of the linears the analysis s
 splits into sub-factors (a view), two factors that an op lines up fall in one class (q's heads and k's
 heads), and a class is *blocked*, with the reason, when an op is not local along it (a matmul
 contracts it, a softmax normalizes along it). :class:`Value` is what a tensor in the region is made
-of, dim by dim.
+of, dim by dim. :class:`ShapeEdit` and :class:`FullSize` are what the pairing finds for the rewrite
+(:mod:`tpfx.passes.localize_shapes` applies them), kept here so that the analysis imports nothing
+from the rewrite.
 """
 
 from __future__ import annotations
@@ -416,3 +418,46 @@ class CutUse:
     node_name: str
     group: int
     items: list[CutItem]
+
+
+# ------------------------------------------------------------------ what the pairing finds for the rewrite
+
+@dataclass(frozen=True)
+class ShapeEdit:
+    """One shape argument to divide by tp: ``path`` leads into ``node_name``'s args (position or kwarg).
+
+    ``kept`` is the part of the value every rank keeps whole: a slice bound of a fused ``[q | k | v]``
+    whose keys are kept whole measures ``q + k``, and becomes ``q / tp + k``: ``(value - kept) / tp + kept``.
+    A step ``"start"``/``"stop"``/``"step"`` of ``path`` reads that field of a slice.
+    """
+
+    node_name: str
+    path: tuple[int | str, ...]
+    value: int | str  # the literal, or the name of the node that computes it
+    kept: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError(f"shape edit of {self.node_name} needs a path into its arguments")
+
+
+@dataclass(frozen=True)
+class FullSize:
+    """A size read of a split dim whose ``uses`` need the single-device size (``read * tp``).
+
+    ``elements`` are the split items of a read shape (``rank`` items; both 0 and () for one number),
+    ``chain`` the size arithmetic between the read and the uses (recomputed from the full size), and
+    each use is (the read or a node of the chain, the node that reads it).
+    """
+
+    read: str
+    elements: tuple[int, ...]
+    rank: int
+    chain: tuple[str, ...]
+    uses: tuple[tuple[str, str], ...]
+
+    def __post_init__(self) -> None:
+        if any(not 0 <= element < self.rank for element in self.elements) or bool(self.elements) != bool(self.rank):
+            raise ValueError(f"size read {self.read}: split items {self.elements} do not fit a shape of {self.rank}")
+        if not self.uses:
+            raise ValueError(f"size read {self.read}: a full size is only restored for some use of it")

@@ -48,8 +48,6 @@ them this rank's once it knows which pieces are split.
 
 from __future__ import annotations
 
-from __future__ import annotations
-
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -155,22 +153,14 @@ class FlowInterpreter:
                 self._read_by_column(node)
                 self._start(node)
                 continue
-            inputs = [self.env[p.name] for p in node.all_input_nodes if p.name in self.env]
+            joined = self._joined_inputs(node)
             rule = rule_of(node, self.modules)
-            if inputs and rule is not None and rule.flow is Flow.SIZE:
+            if joined is not None and rule is not None and rule.flow is Flow.SIZE:
                 self._record_size_read(node)
-            if not inputs or (rule is not None and rule.flow in (Flow.SIZE, Flow.IGNORE)):
+            if joined is None or (rule is not None and rule.flow in (Flow.SIZE, Flow.IGNORE)):
                 continue  # sizes are read lazily by the shape ops; export's metadata checks compute nothing
-            groups = [value if isinstance(value, int) else value.group for value in inputs]
-            group = self.flow.join(*groups)
-            if any(isinstance(value, int) for value in inputs):
-                self.env[node.name] = group
-                continue
-            try:
-                result = self._step(node)
-            except Unsupported as error:
-                self.flow.poisoned.setdefault(group, f"{error} (at node '{node.name}': {node.format_node()})")
-                result = group
+            group, poisoned = joined
+            result = group if poisoned else self._poisoning(group, node, self._step)
             if result is not None:
                 self.env[node.name] = result
         self.flow.values = {name: value for name, value in self.env.items() if isinstance(value, Value)}
@@ -203,16 +193,27 @@ class FlowInterpreter:
     def _read_by_column(self, node: fx.Node) -> None:
         """A column linear that reads a region value is a linear that value reaches, as a row would be:
         the group then reaches more than one linear, or has this one as its partner; never ignored."""
+        joined = self._joined_inputs(node)
+        if joined is not None and not joined[1]:  # a poisoned group falls back anyway
+            self._poisoning(joined[0], node, lambda n: self._row(n, self.linear_of(n)))
+
+    def _joined_inputs(self, node: fx.Node) -> tuple[int, bool] | None:
+        """The group of ``node``'s region inputs (joined into one), and whether one of them is poisoned
+        (held as its bare group); None when it reads no region value."""
         inputs = [self.env[p.name] for p in node.all_input_nodes if p.name in self.env]
         if not inputs:
-            return
+            return None
         group = self.flow.join(*(value if isinstance(value, int) else value.group for value in inputs))
-        if any(isinstance(value, int) for value in inputs):
-            return  # already poisoned
+        return group, any(isinstance(value, int) for value in inputs)
+
+    def _poisoning(self, group: int, node: fx.Node, step: Callable[[fx.Node], Value | Pieces | None]
+                   ) -> Value | Pieces | int | None:
+        """``step(node)``; where it is unsupported, the group is poisoned with the reason and its bare group returned."""
         try:
-            self._row(node, self.linear_of(node))
+            return step(node)
         except Unsupported as error:
             self.flow.poisoned.setdefault(group, f"{error} (at node '{node.name}': {node.format_node()})")
+            return group
 
     def _start(self, node: fx.Node) -> None:
         linear = self.linear_of(node)

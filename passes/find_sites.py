@@ -55,7 +55,7 @@ from tpfx.passes.graph_view import (ACTIVATION, ATTENTION, DROPOUT, ELEMENTWISE,
                                     SOFTMAX, feeds_linear_input, flow_region, leading_to, reach_through, to_networkx)
 from tpfx.passes.module_hooks import Placement, hooks_keep_whole
 from tpfx.errors import ShardingError
-from tpfx.passes.ops import rule_of
+from tpfx.passes.ops import op_label, rule_of
 
 ROLES = ("qkv", "q", "k", "v", "qk", "qv", "kv", "fc1", "up")
 LAYOUTS = ("out_in", "in_out")
@@ -369,7 +369,7 @@ def _why_not(view: nx.DiGraph, reached: set[str], stops: list[str]) -> str:
     uses = sorted({_describe(view, c) for p in reached for c in view.successors(p) if c not in reached})
     feeds = ", ".join(uses) if uses else "nothing"
     only = " only" if len(uses) == 1 else ""
-    shown = ", ".join(_op_label(view, name) for name in stops[:_STOPS_SHOWN])
+    shown = ", ".join(_stop_label(view, name) for name in stops[:_STOPS_SHOWN])
     more = f" and {len(stops) - _STOPS_SHOWN} more" if len(stops) > _STOPS_SHOWN else ""
     where = f"; matching stopped at {shown}{more}" if stops else ""
     return (f"feeds {feeds}{only}, not an attention q/k/v operand (through head-local ops) nor an activation "
@@ -419,20 +419,10 @@ def _walk_passes(view: nx.DiGraph, name: str, region: set[str]) -> bool:
     return not (data["kind"] == ELEMENTWISE and _rule_name(view, name) == "add" and joins)
 
 
-def _op_label(view: nx.DiGraph, name: str) -> str:
+def _stop_label(view: nx.DiGraph, name: str) -> str:
     """``op 'cumsum' (node cumsum_1)``: the op a node runs, by its function, method or module class."""
     node: fx.Node = view.nodes[name]["fx"]
-    return f"the model output (node {name})" if node.op == "output" else f"op '{_op_name(node)}' (node {name})"
-
-
-def _op_name(node: fx.Node) -> str:
-    """The function's name (an ATen op's without its overload), the method's, or the module's class name."""
-    if node.op == "call_module":
-        return type(node.graph.owning_module.get_submodule(str(node.target))).__name__
-    if node.op == "call_method":
-        return str(node.target)
-    target = getattr(node.target, "overloadpacket", node.target)
-    return getattr(target, "__name__", str(target))
+    return f"the model output (node {name})" if node.op == "output" else f"op '{op_label(node, {})}' (node {name})"
 
 
 def _describe(view: nx.DiGraph, name: str) -> str:
@@ -445,7 +435,7 @@ def _describe(view: nx.DiGraph, name: str) -> str:
         return "another linear directly"
     if data["kind"] == DROPOUT:
         return "dropout -> " + ", ".join(sorted(_describe(view, c) for c in view.successors(name))) or "dropout"
-    return f"{data['kind'] if data['kind'] is not OTHER else 'op'} '{_op_name(data['fx'])}'"
+    return f"{data['kind'] if data['kind'] is not OTHER else 'op'} '{op_label(data['fx'], {})}'"
 
 
 def _tied_parameters(gm: fx.GraphModule) -> dict[str, str]:

@@ -21,13 +21,12 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import torch
 import torch.fx as fx
 
 from tpfx.passes.factors import (ONE, CutItem, CutUse, Dim, OutsideOperand, Part, Pieces, ShapeUse, Size, SizeItem,
                                  Unsupported, Value)
 from tpfx.passes.graph_view import tensor_operands
-from tpfx.passes.ops import SDPA_GQA, Flow, Kind, rule_of
+from tpfx.passes.ops import SDPA_GQA, Flow, is_python_value, rule_of
 
 if TYPE_CHECKING:
     from tpfx.passes.feature_flow import FlowInterpreter
@@ -410,7 +409,7 @@ def _meet_outside(interp: FlowInterpreter, node: fx.Node, outside: fx.Node, dims
     counts as full size along every such dim: the rank's part is then taken at run time, where a
     broadcast dim stays whole.
     """
-    if _is_python_value(interp, outside):
+    if is_python_value(outside, interp.modules):
         return  # a number (math.sqrt(q.size(-1))): the same for every element
     shape = interp.outside_shape(outside)
     meets = []
@@ -421,21 +420,6 @@ def _meet_outside(interp: FlowInterpreter, node: fx.Node, outside: fx.Node, dims
             continue  # broadcast along it
         meets.append((-offset, dims[-offset]))
     interp.flow.outside.append(OutsideOperand(node.name, outside.name, group, tuple(meets)))
-
-
-def _is_python_value(interp: FlowInterpreter, node: fx.Node) -> bool:
-    """Whether ``node`` yields a Python number, not a tensor: a size read, or ``math``/``operator`` arithmetic on them.
-
-    Export records the value (``meta["val"]``); an fx graph says it only by what computes it.
-    """
-    if "val" in node.meta:
-        return not isinstance(node.meta["val"], torch.Tensor)
-    rule = rule_of(node, interp.modules)
-    if rule is not None and rule.kind is Kind.META:
-        return True
-    if node.op != "call_function" or getattr(node.target, "__module__", None) not in ("_operator", "math"):
-        return False
-    return bool(node.all_input_nodes) and all(_is_python_value(interp, n) for n in node.all_input_nodes)
 
 
 def _baddbmm(interp: FlowInterpreter, node: fx.Node) -> Value:

@@ -11,8 +11,8 @@ after::
     floordiv = d_model // 2                                  # a traced size: a new node
     out = out.transpose(1, 2).contiguous().view(bsz, seq_len, floordiv)
 
-Which arguments to divide is the pairing's finding (:class:`ShapeEdit` records, from the feature flow
-of :mod:`tpfx.passes.feature_flow`); this pass only applies them.
+Which arguments to divide is the pairing's finding (:class:`tpfx.passes.factors.ShapeEdit` records, from the
+feature flow of :mod:`tpfx.passes.feature_flow`); this pass only applies them.
 
 A size read off a tensor whose dim is split is the rank's local size at run time. Where the code uses it
 as a shape argument between the pair, that is what it needs; any other use needs the single-device
@@ -33,52 +33,11 @@ after::
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 
 import torch.fx as fx
 
 from tpfx.errors import ShardingError
-
-
-@dataclass(frozen=True)
-class ShapeEdit:
-    """One shape argument to divide by tp: ``path`` leads into ``node_name``'s args (position or kwarg).
-
-    ``kept`` is the part of the value every rank keeps whole: a slice bound of a fused ``[q | k | v]``
-    whose keys are kept whole measures ``q + k``, and becomes ``q / tp + k``: ``(value - kept) / tp + kept``.
-    A step ``"start"``/``"stop"``/``"step"`` of ``path`` reads that field of a slice.
-    """
-
-    node_name: str
-    path: tuple[int | str, ...]
-    value: int | str  # the literal, or the name of the node that computes it
-    kept: int = 0
-
-    def __post_init__(self) -> None:
-        if not self.path:
-            raise ValueError(f"shape edit of {self.node_name} needs a path into its arguments")
-
-
-@dataclass(frozen=True)
-class FullSize:
-    """A size read of a split dim whose ``uses`` need the single-device size (``read * tp``).
-
-    ``elements`` are the split items of a read shape (``rank`` items; both 0 and () for one number),
-    ``chain`` the size arithmetic between the read and the uses (recomputed from the full size), and
-    each use is (the read or a node of the chain, the node that reads it).
-    """
-
-    read: str
-    elements: tuple[int, ...]
-    rank: int
-    chain: tuple[str, ...]
-    uses: tuple[tuple[str, str], ...]
-
-    def __post_init__(self) -> None:
-        if any(not 0 <= element < self.rank for element in self.elements) or bool(self.elements) != bool(self.rank):
-            raise ValueError(f"size read {self.read}: split items {self.elements} do not fit a shape of {self.rank}")
-        if not self.uses:
-            raise ValueError(f"size read {self.read}: a full size is only restored for some use of it")
+from tpfx.passes.factors import FullSize, ShapeEdit
 
 
 def restore_full_sizes(gm: fx.GraphModule, fixes: tuple[FullSize, ...], *, tp: int) -> tuple[str, ...]:
@@ -93,9 +52,10 @@ def restore_full_sizes(gm: fx.GraphModule, fixes: tuple[FullSize, ...], *, tp: i
     nodes = {node.name: node for node in gm.graph.nodes}
     order = {name: position for position, name in enumerate(nodes)}
     inserted: list[str] = []
-    for fix in fixes:
-        full = _FullValues(gm.graph, fix, tp)
-        for producer, user in sorted(fix.uses, key=lambda use: order[use[1]]):
+    for fixes_together in _sharing_arithmetic(fixes):
+        full = _FullValues(gm.graph, fixes_together, tp)
+        uses = {use for fix in fixes_together for use in fix.uses}
+        for producer, user in sorted(uses, key=lambda use: order[use[1]]):
             consumer = nodes[user]
             with gm.graph.inserting_before(consumer):  # the first user: every later one comes after it
                 replacement = full.of(nodes[producer])
@@ -105,31 +65,48 @@ def restore_full_sizes(gm: fx.GraphModule, fixes: tuple[FullSize, ...], *, tp: i
     return tuple(inserted)
 
 
-class _FullValues:
-    """The single-device values of one read and of its chain of size arithmetic, made once each."""
+def _sharing_arithmetic(fixes: tuple[FullSize, ...]) -> list[tuple[FullSize, ...]]:
+    """The fixes in groups whose arithmetic meets (``q.size(1) // k.size(1)`` reads two split sizes): one
+    group's chain is recomputed once, from every read of it at full size."""
+    groups: list[tuple[set[str], list[FullSize]]] = []
+    for fix in fixes:
+        names = {fix.read, *fix.chain}
+        meeting = [group for group in groups if group[0] & names]
+        for group in meeting:
+            names |= group[0]
+            groups.remove(group)
+        groups.append((names, [f for group in meeting for f in group[1]] + [fix]))
+    return [tuple(group) for _, group in groups]
 
-    def __init__(self, graph: fx.Graph, fix: FullSize, tp: int) -> None:
-        self.graph, self.fix, self.tp = graph, fix, tp
+
+class _FullValues:
+    """The single-device values of some reads and of their chain of size arithmetic, made once each."""
+
+    def __init__(self, graph: fx.Graph, fixes: tuple[FullSize, ...], tp: int) -> None:
+        self.graph, self.tp = graph, tp
+        self.reads = {fix.read: fix for fix in fixes}
+        self.chain = {name for fix in fixes for name in fix.chain}
         self.values: dict[str, object] = {}
         self.inserted: list[str] = []
 
     def of(self, node: fx.Node) -> object:
-        """The full value of ``node`` (the read or a node of its chain): a new node, or a tuple of them."""
+        """The full value of ``node`` (a read or a node of its chain): a new node, or a tuple of them."""
         if node.name not in self.values:
             self.values[node.name] = self._make(node)
         return self.values[node.name]
 
     def _make(self, node: fx.Node) -> object:
-        fix, graph = self.fix, self.graph
-        item_of_shape = (node.target is operator.getitem and isinstance(node.args[1], int)
-                         and isinstance(node.args[0], fx.Node) and node.args[0].name == fix.read)
-        if node.name == fix.read and not fix.rank or item_of_shape:  # a split size (a chain holds split items only)
-            return self._new(operator.mul, (node, self.tp))
-        if node.name == fix.read:  # a whole shape: its split items times tp
+        graph = self.graph
+        source = node.args[0] if node.target is operator.getitem and isinstance(node.args[1], int) else None
+        fix = self.reads.get(node.name) or (self.reads.get(source.name) if isinstance(source, fx.Node) else None)
+        if fix is not None and (node.name == fix.read and not fix.rank or node.name != fix.read):
+            return self._new(operator.mul, (node, self.tp))  # a split size (a chain holds split items only)
+        if fix is not None:  # a whole shape: its split items times tp
             items = [self._new(operator.getitem, (node, i)) for i in range(fix.rank)]
             return tuple(self._new(operator.mul, (item, self.tp)) if i in fix.elements else item
                          for i, item in enumerate(items))
-        copy = graph.node_copy(node, lambda arg: self.of(arg) if arg.name == fix.read or arg.name in fix.chain else arg)
+        copy = graph.node_copy(node, lambda arg: self.of(arg) if arg.name in self.reads or arg.name in self.chain
+                               else arg)
         self.inserted.append(copy.name)
         return copy
 

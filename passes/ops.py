@@ -23,7 +23,9 @@ A rule says what tpfx needs to know and nothing else:
   ``x @ w``), where its input, weight and bias are and how the weight is laid out as the op uses it;
 * ``dropout``: where a dropout's probability and training flag are;
 * ``collective``: what a tpfx collective sends forward and backward;
-* ``reduction``: where a reduction has its dims and keepdim flag, or a norm its normalized shape.
+* ``reduction``: where a reduction has its dims and keepdim flag, or a norm its normalized shape;
+* ``numbers``: given Python numbers for operands the op computes a Python number (size arithmetic:
+  ``C // n_head``); :func:`is_python_value` tells such a node from one on tensors.
 
 Targets are looked up by what a graph node holds: a torch function or ``operator`` function, an
 ATen overload (by its packet: ``aten.view``, not ``aten.view.default``), a tensor method name, an
@@ -35,6 +37,7 @@ unknown, and says so.
 from __future__ import annotations
 
 import enum
+import math
 import operator
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -195,6 +198,7 @@ class OpRule:
     dropout: DropoutArguments | None = None
     collective: CollectiveRule | None = None
     reduction: ReductionArguments | None = None  # a REDUCE or NORM flow: where its dims are
+    numbers: bool = False  # on Python numbers it computes a Python number (operator.floordiv on sizes)
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -265,13 +269,14 @@ for _name, _modules in (("gelu", (nn.GELU,)), ("relu", (nn.ReLU,)), ("silu", (nn
                         ("relu6", (nn.ReLU6,)), ("leaky_relu", (nn.LeakyReLU,)), ("elu", (nn.ELU,)),
                         ("hardswish", (nn.Hardswish,)), ("hardsigmoid", (nn.Hardsigmoid,))):
     _unary(_name, Kind.ACTIVATION, modules=_modules)
-register(OpRule("pow", Kind.ACTIVATION, Flow.BROADCAST, operands=(0, 1)), functions=[operator.pow, *_spellings("pow")],
+register(OpRule("pow", Kind.ACTIVATION, Flow.BROADCAST, operands=(0, 1), numbers=True), functions=[operator.pow])
+register(OpRule("pow", Kind.ACTIVATION, Flow.BROADCAST, operands=(0, 1)), functions=_spellings("pow"),
          methods=["pow", "__pow__"])
 # elementwise ops of one tensor
 for _name in ("neg", "exp", "log", "sqrt", "rsqrt", "abs", "reciprocal", "square", "cos", "sin", "sign",
               "clamp", "clip", "nan_to_num", "logical_not", "bitwise_not"):
     _unary(_name)
-register(OpRule("neg", Kind.ELEMENTWISE, Flow.UNARY), functions=[operator.neg], methods=["__neg__"])
+register(OpRule("neg", Kind.ELEMENTWISE, Flow.UNARY, numbers=True), functions=[operator.neg], methods=["__neg__"])
 register(OpRule("invert", Kind.ELEMENTWISE, Flow.UNARY), functions=[operator.invert], methods=["__invert__"])
 register(OpRule("identity", Kind.SHAPE, Flow.UNARY), modules=[nn.Identity])
 # casts and copies keep values: shape ops for the walks, unary for the flow
@@ -280,16 +285,20 @@ for _name in ("contiguous", "clone", "float", "half", "bfloat16", "double", "typ
     register(OpRule(_name, Kind.SHAPE, Flow.UNARY), functions=_spellings(_name),
              methods=[_name] if hasattr(torch.Tensor, _name) else [])
 register(OpRule("to", Kind.SHAPE, Flow.UNARY), functions=[aten._to_copy])
-# arithmetic over broadcastable tensors
+# arithmetic over broadcastable tensors; Python's operators compute sizes too (``C // n_head``)
 for _name, _functions, _methods in (
         ("add", [operator.add, operator.iadd], ["add", "add_", "__add__", "__radd__", "__iadd__"]),
         ("sub", [operator.sub, operator.isub], ["sub", "__sub__", "__rsub__", "__isub__"]),
         ("mul", [operator.mul, operator.imul], ["mul", "mul_", "__mul__", "__rmul__", "__imul__"]),
         ("div", [operator.truediv, operator.itruediv], ["div", "div_", "__truediv__", "__rtruediv__", "__itruediv__"]),
+        ("floordiv", [operator.floordiv, operator.ifloordiv], ["__floordiv__", "__rfloordiv__"]),
+        ("mod", [operator.mod, operator.imod], ["__mod__", "__rmod__"]),
         ("rsub", [], []), ("where", [], ["where"]), ("masked_fill", [], ["masked_fill", "masked_fill_"]),
         ("maximum", [], ["maximum"]), ("minimum", [], ["minimum"]), ("addcmul", [], ["addcmul"])):
-    register(OpRule(_name, Kind.ELEMENTWISE, Flow.BROADCAST, operands=(0, 1)),
-             functions=_functions + _spellings(_name), methods=_methods)
+    if _functions:
+        register(OpRule(_name, Kind.ELEMENTWISE, Flow.BROADCAST, operands=(0, 1), numbers=True), functions=_functions)
+    register(OpRule(_name, Kind.ELEMENTWISE, Flow.BROADCAST, operands=(0, 1)), functions=_spellings(_name),
+             methods=_methods)
 
 # shape ops
 register(OpRule("view", Kind.SHAPE, Flow.VIEW), functions=_spellings("reshape", "view", "_unsafe_view"),
@@ -303,7 +312,7 @@ register(OpRule("transpose", Kind.SHAPE, Flow.TRANSPOSE), functions=_spellings("
 register(OpRule("movedim", Kind.SHAPE, None), functions=_spellings("movedim"), methods=["movedim"])
 register(OpRule("numpy_T", Kind.SHAPE, None), functions=[aten.numpy_T], attributes=["T"])
 register(OpRule("mT", Kind.SHAPE, Flow.TRANSPOSE), attributes=["mT"])
-register(OpRule("getitem", Kind.SHAPE, Flow.GETITEM), functions=[operator.getitem], methods=["__getitem__"])
+register(OpRule("getitem", Kind.SHAPE, Flow.GETITEM, numbers=True), functions=[operator.getitem], methods=["__getitem__"])
 register(OpRule("split", Kind.SHAPE, Flow.PIECES), functions=_spellings("split", "split_with_sizes"),
          methods=["split", "split_with_sizes"])
 register(OpRule("chunk", Kind.SHAPE, Flow.PIECES), functions=_spellings("chunk"), methods=["chunk"])
@@ -390,6 +399,10 @@ register(OpRule("linear", Kind.LINEAR, linear=_OUT_IN), modules=[nn.Linear, Colu
 # Python values: sizes and other metadata
 register(OpRule("size", Kind.META, Flow.SIZE), functions=[aten.sym_size, aten.sym_numel, aten.sym_stride],
          methods=["size", "dim", "numel"], attributes=["shape", "ndim"])
+# Python's math on sizes (``math.sqrt(q.size(-1))``): numbers, never tensors
+register(OpRule("math", Kind.META, Flow.IGNORE),
+         functions=[math.sqrt, math.isqrt, math.ceil, math.floor, math.trunc, math.log, math.log2, math.exp, math.pow,
+                    math.prod, math.gcd, math.lcm])
 register(OpRule("metadata", Kind.META, Flow.IGNORE),
          functions=[aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size],
          attributes=["device", "dtype", "is_cuda", "requires_grad"])
@@ -459,12 +472,21 @@ def function_rule(target: object) -> OpRule | None:
 
 
 def op_label(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    """How messages name the op of ``node``: its rule's name, else its target's own name."""
+    """How every message names the op of ``node``: a module call by its class (``LayerNorm``), a function
+    or method by its rule's name, else by its own name (an ATen op without its overload: ``cumsum``).
+
+    Args:
+        node: any graph node.
+        modules: the graph module's ``named_modules()``; without the module there, its owner is asked.
+    """
+    if node.op == "call_module":
+        module = modules.get(str(node.target))
+        if module is None and node.graph.owning_module is not None:
+            module = node.graph.owning_module.get_submodule(str(node.target))
+        return type(module).__name__
     rule = rule_of(node, modules)
     if rule is not None:
         return rule.name
-    if node.op == "call_module":
-        return f"module {type(modules.get(str(node.target))).__name__}"
     if node.op == "call_function" and node.target is getattr:
         return f"getattr .{node.args[1]}"
     target = getattr(node.target, "overloadpacket", node.target)
@@ -475,6 +497,46 @@ def kind_of(node: fx.Node, modules: dict[str, nn.Module]) -> Kind:
     """The :class:`Kind` of ``node`` (``Kind.OTHER`` without a rule)."""
     rule = rule_of(node, modules)
     return rule.kind if rule is not None else Kind.OTHER
+
+
+def is_python_value(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    """Whether ``node`` yields a Python number or tuple of them (a size, arithmetic on sizes), not a tensor.
+
+    A node with a fake value (torch.export, or fx after shape propagation) says it by that value;
+    otherwise by its op: a META op (a size read, ``math``), or a ``numbers`` op whose inputs all are.
+    """
+    known: dict[fx.Node, bool] = {}
+    stack = [(node, False)]
+    while stack:  # post-order over the arithmetic only: a chain of tensor adds is walked once, not recursed
+        current, inputs_known = stack.pop()
+        if current in known:
+            continue
+        decided = _python_value_by_itself(current, modules)
+        inputs = current.all_input_nodes
+        if decided is not None or not inputs:
+            known[current] = bool(decided)
+        elif inputs_known:
+            known[current] = all(known[i] for i in inputs)
+        else:
+            stack.append((current, True))
+            stack.extend((i, False) for i in inputs if i not in known)
+    return known[node]
+
+
+def _python_value_by_itself(node: fx.Node, modules: dict[str, nn.Module]) -> bool | None:
+    """True or False when ``node`` alone says whether it is a Python value; None when its inputs decide."""
+    if "val" in node.meta:
+        return _is_number(node.meta["val"])
+    rule = rule_of(node, modules)
+    if rule is None:
+        return False
+    return True if rule.kind is Kind.META else None if rule.numbers else False
+
+
+def _is_number(value: object) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(_is_number(item) for item in value)
+    return isinstance(value, (int, float, torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
 def dropout_probability(node: fx.Node, modules: dict[str, nn.Module]) -> float | None:

@@ -32,19 +32,19 @@ from __future__ import annotations
 import math
 import operator
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.passes.find_sites import Site, SiteFinding
 from tpfx.passes.graph_view import functional_linear, parameter_shapes
-from tpfx.passes.factors import CutItem, CutUse, Dim, FeatureLayout, OutsideOperand, ShapeUse, Size, SizeRead, Value
+from tpfx.passes.factors import (CutItem, CutUse, Dim, FeatureLayout, FullSize, OutsideOperand, ShapeEdit, ShapeUse, Size,
+                                 SizeRead, Value)
+from tpfx.errors import ShardingError
 from tpfx.passes.feature_flow import FeatureFlow, LinearCall, LinearOf, analyze_feature_flow, module_linears
-from tpfx.passes.localize_shapes import FullSize, ShapeEdit
 from tpfx.passes.module_hooks import hooks_keep_pair_whole, module_hooks
-from tpfx.passes.ops import SDPA_GQA, Flow, Kind, dropout_probability, kind_of, rule_of
+from tpfx.passes.ops import SDPA_GQA, Flow, Kind, dropout_probability, is_python_value, kind_of, rule_of
 
 _FFN_ROLES = ("fc1", "up")
 
@@ -223,6 +223,96 @@ def pair_sites(gm: fx.GraphModule, finding: SiteFinding, *, tp: int) -> Pairing:
     return Pairing(tuple(pairs), tuple(fallbacks))
 
 
+def map_pairing(gm: fx.GraphModule, pairing: Pairing, *, tp: int, form: str = "") -> Pairing:
+    """Map a program's pairing onto another trace of it (another call form) by its linears' names.
+
+    Nothing is decided again: each pair's column and row linears are found in ``gm`` by module path or
+    weight name, and the factor the program split is read off the pair's row layout. What is this
+    trace's own is derived for that choice: the shape arguments, size reads, narrows and dropouts
+    between the pair's linears (node names differ between traces). The fallbacks are kept as they are.
+
+    Args:
+        gm: the other trace (full-size linears, like the program's own before it was sharded).
+        pairing: the program's pairing (its plan's).
+        tp: the tensor-parallel degree.
+        form: names the call form in messages.
+
+    Returns:
+        The pairing of ``gm``: the same pairs (keys and layouts), with ``gm``'s node names and facts.
+
+    Raises:
+        ShardingError: ``gm`` uses a linear of a pair differently from the program's trace (one line, naming
+            the pair and why).
+    """
+    linear_of = graph_linears(gm)
+    index = _GraphIndex.of(gm, linear_of)
+    traced = [(pair, _traced_columns(pair, index, form)) for pair in pairing.pairs]
+    traced = [(pair, columns) for pair, columns in traced if columns]  # a form that does not call a pair leaves it
+    flow = analyze_feature_flow(gm, [site.node_name for _, columns in traced for site in columns], linear_of=linear_of)
+    records = _records_by_group(flow, index)
+    for group, reads in _replicated_reads(gm, flow).items():
+        records[group].reads = reads
+    pairs = []
+    for pair, columns in traced:
+        try:
+            pairs.append(_mapped_pair(flow, records, pair, columns, tp, index))
+        except _NoPair as why:
+            raise ShardingError(f"call form {form} uses the linears of pair {pair.describe()} differently from the "
+                                f"form the program was built with: {why}; build the program with this call form") from None
+    return Pairing(tuple(pairs), pairing.fallbacks)
+
+
+def _traced_columns(pair: Pair, index: _GraphIndex, form: str) -> list[Site]:
+    """The pair's column sites, each at its one application in this trace ([] when the trace calls none)."""
+    found = []
+    for site in pair.columns:
+        calls = index.calls.get(site.weight_name or site.module_path, [])
+        if len(calls) > 1:
+            raise ShardingError(f"call form {form} applies '{site.module_path or site.weight_name}' {len(calls)} times, "
+                                "the program's once; build the program with this call form")
+        found += [replace(site, node_name=calls[0][0].name)] if calls else []
+    if found and len(found) != len(pair.columns):
+        raise ShardingError(f"call form {form} applies only some of the column linears of pair {pair.describe()}; "
+                            "build the program with this call form")
+    return found
+
+
+def _mapped_pair(flow: FeatureFlow, records: defaultdict[int, _GroupRecords], pair: Pair, columns: list[Site],
+                 tp: int, index: _GraphIndex) -> Pair:
+    """``pair`` in this trace: its columns' one group, which reaches the pair's row linear, with the split the
+    program chose (from the row layout); its layouts must come out as the program's."""
+    groups = {flow.group_of(flow.root_groups[site.node_name]) for site in columns}
+    if len(groups) != 1:
+        raise _NoPair("its column linears' outputs no longer meet")
+    group = records[groups.pop()]
+    if group.poisoned:
+        raise _NoPair(group.poisoned[0])
+    row_node, row, row_dim = _partner(group, columns, index)
+    if row.key != (pair.row_weight_name or pair.row_module_path):
+        raise _NoPair(f"their values reach '{row.key}', not '{pair.row_weight_name or pair.row_module_path}'")
+    leaves = _row_leaves(flow, row_dim, row, columns)
+    chosen = _chosen_by_layout(flow, leaves, pair.row_layout, row.key)
+    mapped = _pair_facts(flow, group, columns, tp, index, row_node, row, leaves, chosen)
+    if mapped.column_layouts != pair.column_layouts:
+        raise _NoPair(f"their layouts here are {[layout.describe() for layout in mapped.column_layouts]}")
+    return mapped
+
+
+def _chosen_by_layout(flow: FeatureFlow, leaves: list[int], layout: FeatureLayout, row: str) -> tuple[int, ...]:
+    """The run of ``leaves`` that the program split: the one whose merge gives the row ``layout``, and that no
+    op of this trace keeps from being split."""
+    runs = [tuple(leaves[start:start + length]) for start in range(len(leaves))
+            for length in range(1, len(leaves) - start + 1) if _merged(flow, leaves, start, length) == layout]
+    if not runs:
+        raise _NoPair(f"the input of '{row}' is laid out {[flow.factors.sizes[leaf] for leaf in leaves]}, not "
+                      f"{layout.describe()}")
+    for run in runs:
+        blocked = [flow.factors.why_blocked(leaf) for leaf in run if flow.factors.why_blocked(leaf)]
+        if not blocked:
+            return run
+    raise _NoPair(f"the split factor {layout.describe()} of '{row}' cannot be split here: {blocked[0]}")
+
+
 @dataclass(frozen=True)
 class _GraphIndex:
     """What pairing looks up for every group, read off the graph once (a scan per group is quadratic)."""
@@ -341,10 +431,22 @@ def _pair_group(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp
     row_node, row, row_dim = _partner(records, sites, index)
     if why := hooks_keep_pair_whole(index.modules, "" if row.functional else row.key, records.modules):
         raise _NoPair(why)
+    leaves = _row_leaves(flow, row_dim, row, sites)
+    return _pair_facts(flow, records, sites, tp, index, row_node, row, leaves, _choose_heads(flow, leaves, row.key, tp))
+
+
+def _row_leaves(flow: FeatureFlow, row_dim: Dim, row: LinearCall, sites: list[Site]) -> list[int]:
+    """The leaf factors of the partner's input features, which must be exactly the group's features."""
     leaves = _leaf_factors(flow, row_dim, row.key)
     if _product(flow, leaves) != row.in_features:
         raise _NoPair(f"the input of '{row.key}' is not exactly the features of {_paths(sites)}")
-    chosen = _choose_heads(flow, leaves, row.key, tp)
+    return leaves
+
+
+def _pair_facts(flow: FeatureFlow, records: _GroupRecords, sites: list[Site], tp: int, index: _GraphIndex,
+                row_node: fx.Node, row: LinearCall, leaves: list[int], chosen: tuple[int, ...]) -> Pair:
+    """The pair of ``sites`` and its partner ``row`` with the factor ``chosen`` split: the layouts that follow
+    from the choice, and this trace's facts between the linears (shape edits, narrows, dropouts, size reads)."""
     layouts = tuple(_layout(flow, flow.roots[site.node_name], chosen, site) for site in sites)
     if all(layout.whole for layout in layouts):
         raise _NoPair(f"no factor of {_paths(sites)} lines up with the split input of '{row.key}'")
@@ -667,7 +769,7 @@ def _full_sizes(flow: FeatureFlow, records: _GroupRecords, chosen: tuple[int, ..
         _NoPair: a read covers part of the split factors, is a stride, or is of a dim tpfx cannot place.
     """
     targets = {flow.factors.find(leaf) for leaf in chosen}
-    local_consumers = {use.node_name for use in records.shape_uses if use.node_name not in whole_only}
+    local_consumers = _local_shape_consumers(flow, records.shape_uses, targets, whole_only)
     found = []
     for read in records.size_reads:
         node = index.nodes[read.node_name]
@@ -676,13 +778,39 @@ def _full_sizes(flow: FeatureFlow, records: _GroupRecords, chosen: tuple[int, ..
         split = _split_items(flow, read, targets, node)
         if split is None or split:
             rank = len(read.elements) if read.tuple_read and read.elements is not None else 0
-            chain, uses = _size_uses(flow, node, split, rank, local_consumers)
+            chain, uses = _size_uses(node, split, rank, local_consumers, index.modules)
             if uses and split is None:
                 raise _NoPair(f"size read '{node.name}' ({node.format_node()}) is of a dim of '{node.args[0].name}' "
                               "that tpfx cannot place (unknown rank); pass example_inputs= so that it has shapes")
             if uses:
                 found.append(FullSize(node.name, tuple(split) if rank else (), rank, chain, uses))
     return tuple(found)
+
+
+def _local_shape_consumers(flow: FeatureFlow, uses: list[ShapeUse], targets: set[int], whole_only: set[str]) -> set[str]:
+    """The shape uses of the region that need the rank-local size of what they read.
+
+    A shape argument read off a split dim is local at run time. Where it shapes a dim that holds the
+    split factor too (``view(b, t, k.size(1), dh)``) that is what the rank needs; where it shapes a dim
+    without it (the repeats of ``k.repeat_interleave(heads // k.size(1), 1)``, the same on every
+    rank) it needs the single-device size, so its consumer is left to :class:`FullSize`.
+
+    Raises:
+        _NoPair: one op reads a split size for both kinds of dim (it cannot be given both values).
+    """
+    def held(factor_ids) -> bool:
+        return bool({flow.factors.find(leaf) for f in factor_ids for leaf in flow.factors.leaves(f)} & targets)
+
+    local = set()
+    for use in (u for u in uses if u.node_name not in whole_only):
+        kinds = {held(p.factor for p in dim if p.factor is not None)
+                 for dim, item in zip(use.dims, use.items) if held(item.local)}
+        if kinds == {True, False}:
+            raise _NoPair(f"'{use.node_name}' uses a size read off the split heads both as a head count and as "
+                          "a count that is the same on every rank; compute the two from separate reads")
+        if kinds != {False}:
+            local.add(use.node_name)
+    return local
 
 
 def _split_items(flow: FeatureFlow, read: SizeRead, targets: set[int], node: fx.Node) -> list[int] | None:
@@ -701,8 +829,8 @@ def _split_items(flow: FeatureFlow, read: SizeRead, targets: set[int], node: fx.
     return split
 
 
-def _size_uses(flow: FeatureFlow, read: fx.Node, split: list[int] | None, rank: int,
-               local_consumers: set[str]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
+def _size_uses(read: fx.Node, split: list[int] | None, rank: int, local_consumers: set[str],
+               modules: dict[str, nn.Module]) -> tuple[tuple[str, ...], tuple[tuple[str, str], ...]]:
     """Follow a read (of a whole shape of ``rank`` items) through size arithmetic: (the chain of
     arithmetic, the uses that need the full size)."""
     chain: list[str] = []
@@ -715,7 +843,7 @@ def _size_uses(flow: FeatureFlow, read: fx.Node, split: list[int] | None, rank: 
                 continue  # an item of the shape that is not split: the same on every rank
             if user.name in local_consumers:
                 continue
-            if _is_size_arithmetic(user, flow):
+            if is_python_value(user, modules):
                 if user.name not in chain:
                     chain.append(user.name)
                     frontier.append(user)
@@ -729,24 +857,6 @@ def _item_of(node: fx.Node, rank: int) -> int | None:
     if not (node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int)):
         return None
     return node.args[1] % rank
-
-
-_SIZE_ARITHMETIC = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv,
-                    operator.mod, operator.neg, operator.pow}
-
-
-def _is_size_arithmetic(node: fx.Node, flow: FeatureFlow) -> bool:
-    """Whether ``node`` computes a Python number or shape (from its fake value; without shapes, from its op)."""
-    if "val" in node.meta:
-        return _is_size_value(node.meta["val"])
-    return (node.op == "call_function" and node.name not in flow.values and
-            (node.target in _SIZE_ARITHMETIC or getattr(node.target, "__module__", None) == math.__name__))
-
-
-def _is_size_value(value: object) -> bool:
-    if isinstance(value, (tuple, list)):
-        return all(_is_size_value(item) for item in value)
-    return isinstance(value, (int, float, torch.SymInt, torch.SymFloat, torch.SymBool))
 
 
 def _kept_of_pieces(flow: FeatureFlow, dim: Dim, chosen: tuple[int, ...], where: str) -> int | None:

@@ -32,6 +32,7 @@ from tpfx.errors import ShardingError
 from tpfx.layers import Placement, ShardSpec, shard_range
 from tpfx.passes.find_sites import ROLES, Replicated, Site, SiteFinding, require_divisible
 from tpfx.passes.graph_view import functional_linear
+from tpfx.passes.ops import op_label
 from tpfx.passes.pair_megatron import Pair, Pairing
 
 ROW = "row"  # the role of a row-parallel partner's parameters (megatron mode)
@@ -389,9 +390,8 @@ def _first_readers(gm: fx.GraphModule, parameters: _Parameters) -> dict[int, str
         if node.op == "call_module":
             module = modules[str(node.target)]
             for parameter in module.parameters():
-                readers.setdefault(id(parameter), f"module '{node.target}' ({type(module).__name__})")
+                readers.setdefault(id(parameter), f"module '{node.target}' ({op_label(node, modules)})")
         elif node.op == "get_attr" and node.target in parameters.ident and node.users:  # export may leave an unused read
             user = next(iter(node.users))
-            op = getattr(user.target, "__name__", str(user.target))
-            readers.setdefault(parameters.ident[str(node.target)], f"node '{user.name}' ({op})")
+            readers.setdefault(parameters.ident[str(node.target)], f"node '{user.name}' ({op_label(user, modules)})")
     return readers

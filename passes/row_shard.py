@@ -49,13 +49,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tpfx.passes.column_shard import insert_collectives
-from tpfx.passes.find_sites import Site, SiteFinding, find_sites
-from tpfx.passes.graph_view import FunctionalLinear, LinearApplication, applications_of, linear_applications
+from tpfx.passes.find_sites import SiteFinding
+from tpfx.passes.graph_view import FunctionalLinear, LinearApplication
 from tpfx.passes.factors import FeatureLayout
 from tpfx.passes.localize_shapes import localize_shapes, restore_full_sizes
 from tpfx.passes.ops import SDPA_GQA, function_rule, rule_of
-from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, Pairing, ReplicatedRead, is_attention_op, pair_sites
-from tpfx.passes.plan import megatron_plan
+from tpfx.passes.node_placements import Collective, NodePlacement, Output, annotate_linears, placed_linears
+from tpfx.passes.pair_megatron import HeadDropout, HeadNarrow, Pairing, ReplicatedRead, is_attention_op, map_pairing
+from tpfx.passes.plan import Plan, megatron_plan
 from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.collectives import copy_to_tp, reduce_from_tp
 from tpfx.errors import ShardingError
@@ -72,25 +73,26 @@ class PairShardResult:
     localized_nodes: tuple[str, ...]
 
 
-def _key(site: Site) -> str:
-    return site.weight_name if site.functional else site.module_path
-
-
 def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: str) -> PairShardResult:
     """Insert the collectives of every pair (and fallback) into ``gm.graph`` and localize its shapes.
 
-    Only the graph changes: the caller recompiles.
+    The collectives at the linears are where their annotations (``node.meta["tpfx"]``, written from the
+    plan by :func:`tpfx.passes.node_placements.annotate_linears`) put them; ``pairing`` holds this
+    trace's own facts between them (shape edits, narrows, dropouts, size reads). Only the graph
+    changes: the caller recompiles.
     """
     inserted: list[str] = []
-    index = linear_applications(gm)  # once: each key is rewritten once, and rewrites keep node identities
+    by_pair: dict[str, list[tuple[LinearApplication, NodePlacement]]] = {}
+    for application, placement in placed_linears(gm):  # once: rewrites keep node identities
+        by_pair.setdefault(placement.pair, []).append((application, placement))
     for pair in pairing.pairs:
-        sharded = {_key(s) for s, layout in zip(pair.columns, pair.column_layouts) if not layout.whole}
-        inserted += _copy_inputs(gm, applications_of(index, sharded), group)
-        inserted += _copy_outputs(gm, applications_of(index, {_key(s) for s in pair.columns} - sharded), group)
-        inserted += _reduce_output(gm, applications_of(index, {pair.row_weight_name or pair.row_module_path}), group)
-        for site, layout in zip(pair.columns, pair.column_layouts):
-            if layout.whole_local_ranges(tp):
-                inserted += _reduce_whole_rows(gm, applications_of(index, {_key(site)}), layout, tp, group)
+        placed = by_pair.get(pair.row_weight_name or pair.row_module_path, [])
+        inserted += _copy_inputs(gm, [a for a, p in placed if p.before is Collective.COPY_TO], group)
+        inserted += _copy_outputs(gm, [a for a, p in placed if p.output is Output.REPLICATED], group)
+        inserted += _reduce_output(gm, [a for a, p in placed if p.after is Collective.REDUCE], group)
+        for application, placement in placed:
+            if placement.whole_rows is not None:
+                inserted += _reduce_whole_rows(gm, [application], placement.whole_rows, tp, group)
     # full sizes first: a use that is another pair's shape argument is then divided from the full size
     localized = restore_full_sizes(gm, tuple(f for p in pairing.pairs for f in p.full_sizes), tp=tp)
     localized += localize_shapes(gm, tuple(e for p in pairing.pairs for e in p.shape_edits), tp=tp)
@@ -102,7 +104,7 @@ def rewrite_pair_graph(gm: fx.GraphModule, pairing: Pairing, *, tp: int, group: 
     inserted += [copy.name for copy in copies.values()]
     localized += _narrow_outside_tensors(gm, nodes, [n for n in narrows if n.block is not None], copies, group)
     localized += draw_dropouts_per_rank(gm, nodes, [d for p in pairing.pairs for d in p.dropouts], group)
-    gathered = insert_collectives(gm, pairing.fallback_sites, group=group)
+    gathered = insert_collectives(gm, group=group)
     ordered = {n.name: i for i, n in enumerate(gm.graph.nodes)}
     names = sorted(inserted + list(gathered.collective_nodes), key=ordered.__getitem__)
     return PairShardResult(gm, tuple(names), localized)
@@ -322,7 +324,8 @@ def _take_bias(gm: fx.GraphModule, node: fx.Node, functional: FunctionalLinear |
 
 def megatron_shard(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: int, group: str,
                    source: nn.Module | None = None) -> PairShardResult:
-    """The whole pass: plan the pairs' and fallbacks' shards, shard the parameters, then rewrite the graph.
+    """The whole pass: plan the pairs' and fallbacks' shards, shard the parameters, annotate the linears,
+    then rewrite the graph.
 
     Raises:
         ShardingError: tp does not divide a fallback site's out_features (nothing is changed then).
@@ -330,21 +333,24 @@ def megatron_shard(gm: fx.GraphModule, pairing: Pairing, *, tp: int, rank: int, 
     sites = tuple(site for pair in pairing.pairs for site in pair.columns) + pairing.fallback_sites
     plan = megatron_plan(gm, SiteFinding(sites, ()), pairing, tp=tp, rank=rank)
     shard_parameters(gm, plan, source=source)
+    annotate_linears(gm, plan)
     result = rewrite_pair_graph(gm, pairing, tp=tp, group=group)
     gm.graph.lint()
     gm.recompile()
     return result
 
 
-def rewrite_other_form(traced: fx.GraphModule, primary: Pairing, *, tp: int, group: str) -> PairShardResult:
-    """Pair another call form's graph (traced from the weightless copy) and rewrite it like the primary.
+def rewrite_other_form(traced: fx.GraphModule, plan: Plan, *, group: str) -> PairShardResult:
+    """Rewrite another call form's graph (traced from the weightless copy) for the program's plan.
+
+    Nothing is analysed again: the plan is mapped onto the trace by parameter name (the annotations of
+    its linears), and this trace's own facts between each pair's linears (its shape arguments, size
+    reads, narrows) are derived for the pair and split the plan chose
+    (:func:`tpfx.passes.pair_megatron.map_pairing`).
 
     Raises:
-        ShardingError: this form pairs the linears differently from the form the program was built with.
+        ShardingError: the trace uses a parameter of a pair differently from the plan (one line, naming it).
     """
-    pairing = pair_sites(traced, find_sites(traced, tp=tp), tp=tp)
-    if pairing.signature() != primary.signature():
-        raise ShardingError(f"call form of {type(traced).__name__} pairs its linears differently "
-                            f"({[p.describe() for p in pairing.pairs]}) from the form the program was built with "
-                            f"({[p.describe() for p in primary.pairs]}); build the program with this call form")
-    return rewrite_pair_graph(traced, pairing, tp=tp, group=group)
+    pairing = map_pairing(traced, plan.pairing, tp=plan.tp, form=type(traced).__name__)
+    annotate_linears(traced, plan)
+    return rewrite_pair_graph(traced, pairing, tp=plan.tp, group=group)

@@ -310,3 +310,42 @@ class CachingLM(nn.Module):
         h = x + self.o_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(bsz, seq, -1))
         logits = self.head(h + self.fc2(F.gelu(self.fc1(h))))
         return (logits, [(k, v)]) if use_cache else logits
+
+
+class GroupsFromShapes(nn.Module):
+    """Grouped-query attention whose repeat count is computed from the split tensors' shapes at run time.
+
+    ``spelling``: ``"literal"``: ``groups = self.heads // k.shape[1]``; ``"both"``: ``q.size(1) // k.size(1)``.
+    Sharded, ``k.shape[1]`` is the rank's head count; the repeats are the same on every rank.
+    """
+
+    def __init__(self, spelling: str = "literal", *, heads: int = HEADS, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.spelling, self.heads, self.width = spelling, heads, heads * HEAD
+        self.q_proj, self.o_proj = nn.Linear(self.width, self.width), nn.Linear(self.width, self.width)
+        self.k_proj, self.v_proj = (nn.Linear(self.width, kv_heads * HEAD) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        q, k, v = (proj(x).view(bsz, seq, -1, HEAD).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        groups = self.heads // k.shape[1] if self.spelling == "literal" else q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, Dh)
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, seq, self.width))
+
+
+class ShortcutWithoutScale(nn.Module):
+    """Attention with its scores scaled by ``scale``; without ``scale``, a shortcut that feeds v alone to the
+    output projection. tpfx traces every argument given first: the form without it uses the first form's
+    pair's linears differently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(WIDTH, WIDTH) for _ in range(4))
+
+    def forward(self, x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if scale is None:
+            return self.o_proj(self.v_proj(x))
+        bsz, seq, _ = x.shape
+        q, k, v = (proj(x).view(bsz, seq, HEADS, HEAD).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return self.o_proj(_attend(q * scale, k, v).transpose(1, 2).reshape(bsz, seq, WIDTH))

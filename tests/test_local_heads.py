@@ -20,7 +20,8 @@ import torch.nn as nn
 from examples.gpt import GPTModel, small_config
 from tpfx.passes.find_sites import find_sites
 from tpfx.passes.factors import FeatureLayout
-from tpfx.passes.localize_shapes import ShapeEdit, localize_shapes
+from tpfx.passes.factors import ShapeEdit
+from tpfx.passes.localize_shapes import localize_shapes
 from tpfx.passes.pair_megatron import Pairing, pair_sites
 from tpfx.passes.plan import megatron_plan
 from tpfx.passes.shard_parameters import shard_parameters

@@ -30,7 +30,8 @@ from tpfx.checkpoint import parameter_shard_specs
 from tpfx.collectives import copy_to_tp, reduce_from_tp
 from tpfx.passes.factors import FeatureLayout
 from tpfx.passes.find_sites import find_sites
-from tpfx.passes.localize_shapes import ShapeEdit, localize_shapes
+from tpfx.passes.factors import ShapeEdit
+from tpfx.passes.localize_shapes import localize_shapes
 from tpfx.passes.pair_megatron import Pairing, pair_sites
 from tpfx.passes.row_shard import megatron_shard
 from tpfx.rank_parts import rank_part, take_part

@@ -182,7 +182,7 @@ def test_export_captured_gpt2_megatron_plan_shards_conv1d_weights_by_their_in_ou
     assert plan.tied == (("transformer.wte.weight", "lm_head.weight"),)
     assert p["lm_head.weight"].reason.startswith("it is one tensor with 'transformer.wte.weight' (tied); "
                                                  "its linear 'lm_head' stays whole")
-    assert p["transformer.wpe.weight"].reason == "no sharded linear reads it (first read by node 'embedding_1' (embedding.default))"
+    assert p["transformer.wpe.weight"].reason == "no sharded linear reads it (first read by node 'embedding_1' (embedding))"
     shards = {row["module"]: row["shard"] for row in gm.tpfx_report.sites_table()}
     assert shards["transformer.h.0.mlp.c_proj"] == [128, 64]  # what the rank holds (was [256, 32])
     assert tpfx.parameter_shard_specs(gm) == plan.shard_specs()

@@ -20,6 +20,7 @@ from tpfx.passes.column_shard import insert_collectives
 from tpfx.passes.fake_shapes import FakeShapes, propagate_fake_shapes
 from tpfx.passes.find_sites import SiteFinding, find_sites
 from tpfx.passes.meta_device import device_of_inputs, retarget_meta_device
+from tpfx.passes.node_placements import annotate_linears
 from tpfx.passes.pair_megatron import pair_sites
 from tpfx.passes.plan import Mode, Plan, gather_plan, megatron_plan
 from tpfx.passes.row_shard import rewrite_other_form, rewrite_pair_graph
@@ -109,8 +110,9 @@ def _bind_process_group(layout: Layout, group: dist.ProcessGroup | None) -> None
 
 @dataclass(frozen=True)
 class Strategy:
-    """What one mode does: make the plan from the analysis, rewrite the program's graph and another call
-    form's graph for it, and extend the report."""
+    """What one mode does: make the plan from the analysis, rewrite the program's graph (its linears
+    annotated from the plan) and another call form's graph (mapped onto the plan by parameter name,
+    never analysed again), and extend the report."""
 
     plan: Callable[[fx.GraphModule, SiteFinding, int, int], Plan]  # (gm, finding, tp, rank)
     rewrite: Callable[[fx.GraphModule, Plan, str], object]  # (gm, plan, group key): the graph only
@@ -120,9 +122,10 @@ class Strategy:
     sequence_parallel: bool = False  # whether its rewrite splits the residual stream along the sequence (the plan says so)
 
 
-def _gather_collectives(gm: fx.GraphModule, plan: Plan, group: str) -> object:
-    # any call form: the plan's column sites are found in its trace by module or parameter name
-    return insert_collectives(gm, plan.gathered, group=group)
+def _gather_other_form(gm: fx.GraphModule, plan: Plan, group: str) -> object:
+    # the plan's column sites are found in another form's trace by weight name: annotated, then rewritten
+    annotate_linears(gm, plan)
+    return insert_collectives(gm, group=group)
 
 
 def _megatron(gm: fx.GraphModule, finding: SiteFinding, tp: int, rank: int) -> Plan:
@@ -132,13 +135,12 @@ def _megatron(gm: fx.GraphModule, finding: SiteFinding, tp: int, rank: int) -> P
 STRATEGIES: dict[Mode, Strategy] = {
     Mode.GATHER: Strategy(
         plan=lambda gm, finding, tp, rank: gather_plan(gm, finding, tp=tp, rank=rank),
-        rewrite=_gather_collectives, rewrite_other_form=_gather_collectives,
+        rewrite=lambda gm, plan, group: insert_collectives(gm, group=group), rewrite_other_form=_gather_other_form,
         report=lambda report, gm, plan: report),
     Mode.MEGATRON: Strategy(
         plan=_megatron,
         rewrite=lambda gm, plan, group: rewrite_pair_graph(gm, plan.pairing, tp=plan.tp, group=group),
-        rewrite_other_form=lambda traced, plan, group: rewrite_other_form(traced, plan.pairing, tp=plan.tp,
-                                                                          group=group),
+        rewrite_other_form=lambda traced, plan, group: rewrite_other_form(traced, plan, group=group),
         report=megatron_report, needs_shapes=True),
 }
 MODES = tuple(mode.value for mode in STRATEGIES)
@@ -306,6 +308,7 @@ def _compile(model: nn.Module, layout: Layout, *, strategy: Strategy, tracer: st
     warn_if_no_sites(type(model).__name__, finding, tp=layout.tp, stacklevel=3)  # 3: parallelize's caller
     plan = strategy.plan(gm, finding, layout.tp, layout.rank)  # raises before any change
     plan = dataclasses.replace(plan, sequence_parallel=strategy.sequence_parallel)
+    annotate_linears(gm, plan)  # node.meta["tpfx"]: what the rewrite does at each linear, from the plan
     strategy.rewrite(gm, plan, layout.key)
     shard_parameters(gm, plan, source=model)
     gm.tpfx_plan = plan  # what every parameter holds and why; reports and checkpoints read it
