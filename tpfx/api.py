@@ -17,11 +17,13 @@ import torch.nn as nn
 from tpfx.passes.column_shard import insert_collectives
 from tpfx.passes.fake_shapes import FakeShapes, propagate_fake_shapes
 from tpfx.passes.find_sites import SiteFinding, find_sites
+from tpfx.passes.find_vocab import find_vocab
 from tpfx.passes.meta_device import device_of_inputs, retarget_meta_device
 from tpfx.passes.pair_megatron import pair_sites
-from tpfx.passes.plan import Mode, Plan, gather_plan, megatron_plan
+from tpfx.passes.plan import LOGITS, Mode, Plan, gather_plan, megatron_plan, vocab_plan
 from tpfx.passes.row_shard import rewrite_other_form, rewrite_pair_graph
 from tpfx.passes.shard_parameters import shard_parameters
+from tpfx.passes.vocab_shard import rewrite_vocab_graph
 from tpfx.capture import forward_signature
 from tpfx.collectives import bind_group, group_key
 from tpfx.errors import ConfigError
@@ -137,10 +139,33 @@ STRATEGIES: dict[Mode, Strategy] = {
 MODES = tuple(mode.value for mode in STRATEGIES)
 
 
+@dataclass(frozen=True)
+class Step:
+    """A strategy step on top of a mode: it extends the mode's plan, then rewrites each graph after the
+    mode's rewrite (the program's and every other call form's). It reads sizes (fx captures get fake shapes)."""
+
+    plan: Callable[[fx.GraphModule, Plan], Plan]  # (gm, the mode's plan): raises before any change
+    rewrite: Callable[[fx.GraphModule, Plan, str], object]  # (gm, plan, group key): the graph only
+
+
+def _vocab_parallel(gm: fx.GraphModule, plan: Plan, logits: str) -> Plan:
+    # the linears the mode shards are no LM head; the finder decides on the rest
+    return vocab_plan(plan, find_vocab(gm, tp=plan.tp, taken=frozenset(plan.shard_specs())), logits=logits)
+
+
+def vocab_parallel_step(logits: str) -> Step:
+    """Split the vocabulary: embedding tables by rows, LM heads by output features, cross-entropy over
+    the split logits (:mod:`tpfx.passes.find_vocab`, :mod:`tpfx.passes.vocab_shard`)."""
+    return Step(plan=lambda gm, plan: _vocab_parallel(gm, plan, logits),
+                rewrite=lambda gm, plan, group: rewrite_vocab_graph(gm, plan.vocab, tp=plan.tp, group=group,
+                                                                     logits=plan.logits))
+
+
 def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessGroup | None = None,
                 rank: int | None = None, mode: Literal["gather", "megatron"] = "gather",
                 tracer: Literal["auto", "fx", "export"] = "auto",
-                example_inputs: ExampleInputs | None = None) -> TensorParallelModule:
+                example_inputs: ExampleInputs | None = None, vocab_parallel: bool = False,
+                logits: Literal["gathered", "sharded"] = "gathered") -> TensorParallelModule:
     """Make ``model`` tensor-parallel: return this rank's program as a GraphModule.
 
     The attention QKV projections and FFN first linears are found by graph structure and
@@ -168,6 +193,14 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
             torch.fx graphs take their symbolic shapes from it (dims 0 and 1 symbolic). Without it,
             fx assumes token ids or, for an input a linear or norm reads first, (batch, seq, width);
             ``gm.tpfx_report.tracer_note`` says which (see :mod:`tpfx.passes.fake_shapes`).
+        vocab_parallel: also split the vocabulary (either mode): the token embedding's table by rows
+            (one all-reduce of the lookup), the LM head by output features, and a cross-entropy over
+            its logits by the vocabulary-parallel one (max and sum of exponentials all-reduced), so no
+            rank holds the full logits for the loss. A vocabulary tp does not divide stays whole
+            (``tpfx explain`` says why). Default off (see the README).
+        logits: with ``vocab_parallel``, what the model output holds of the logits: ``"gathered"``
+            (default: the full logits, one all-gather of (tokens x vocab) per call) or ``"sharded"``
+            (this rank's contiguous vocab / tp columns, no gather; a loss in the graph is unaffected).
 
     Returns:
         A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts.
@@ -180,15 +213,20 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
     """
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is not a parallelization mode; use one of {', '.join(map(repr, MODES))}")
+    if logits not in LOGITS:
+        raise ConfigError(f"logits={logits!r} is not an option; use one of {', '.join(map(repr, LOGITS))}")
+    if logits != "gathered" and not vocab_parallel:
+        raise ConfigError(f"logits={logits!r} needs vocab_parallel=True (without it the LM head stays whole)")
     layout = resolve_layout(tp, group=group, rank=rank)
+    steps = (vocab_parallel_step(logits),) if vocab_parallel else ()
     with _collector_paused():
-        gm = _compile(model, layout, mode=mode, tracer=tracer, example_inputs=example_inputs)
+        gm = _compile(model, layout, mode=mode, tracer=tracer, example_inputs=example_inputs, steps=steps)
     _bind_process_group(layout, group)
     return gm
 
 
 def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
-             example_inputs: ExampleInputs | None) -> TensorParallelModule:
+             example_inputs: ExampleInputs | None, steps: tuple[Step, ...] = ()) -> TensorParallelModule:
     """capture -> find sites -> plan (the mode's strategy) -> rewrite the graph, shard the parameters -> report.
 
     The captured program is compiled in place: it is built over a weightless copy of the model, the
@@ -200,13 +238,18 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     retarget_meta_device(gm, device=device_of_inputs(example_inputs))
     strategy = STRATEGIES[Mode(mode)]
     # gather mode reads no sizes: shape propagation (a third of a small model's pass) is for pairing only
-    shapes = _fake_shapes(captured, forward_signature(model), example_inputs) if strategy.needs_shapes else None
+    needs_shapes = strategy.needs_shapes or bool(steps)
+    shapes = _fake_shapes(captured, forward_signature(model), example_inputs) if needs_shapes else None
     # every parameter of the model, also those this graph does not read: the plan lists them all
     adopt_missing(gm, captured.skeleton)
     finding = find_sites(gm, tp=layout.tp)
     warn_if_no_sites(type(model).__name__, finding, tp=layout.tp, stacklevel=3)  # 3: parallelize's caller
     plan = strategy.plan(gm, finding, layout.tp, layout.rank)  # raises before any change
+    for step in steps:
+        plan = step.plan(gm, plan)
     strategy.rewrite(gm, plan, layout.key)
+    for step in steps:
+        step.rewrite(gm, plan, layout.key)
     shard_parameters(gm, plan, source=model)
     gm.tpfx_plan = plan  # what every parameter holds and why; reports and checkpoints read it
     gm.tpfx_pairing = plan.pairing  # megatron mode: the pairs and the fallbacks with their reasons
@@ -214,9 +257,12 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     gm.graph.lint()
     gm.recompile()
     gm.train(model.training)
-    captured.serve_call_forms(forward_signature(model),
-                              lambda traced: strategy.rewrite_other_form(traced, plan, layout.key),
-                              _preparation(shapes, forward_signature(model)))
+    def rewrite_other_form(traced: fx.GraphModule) -> None:
+        strategy.rewrite_other_form(traced, plan, layout.key)
+        for step in steps:
+            step.rewrite(traced, plan, layout.key)
+
+    captured.serve_call_forms(forward_signature(model), rewrite_other_form, _preparation(shapes, forward_signature(model)))
     note = "; ".join(filter(None, [captured.note, shapes.note if shapes is not None else ""]))
     report = build_report(gm, model, plan=plan, group=layout.key, call_form=captured.form,
                           tracer=captured.tracer, tracer_note=note)
