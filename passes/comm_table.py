@@ -34,7 +34,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from tpfx.collectives import COLLECTIVES
 from tpfx.passes.ops import CollectiveRule, collective_rules
 from tpfx.errors import TpfxError, one_line
-from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part, take_part
+from tpfx.rank_parts import (attention_rank_part, dropout_module_rank_part, dropout_rank_part, embedding_rank_part,
+                             rank_part, take_part)
 
 
 class CommTableError(TpfxError):
@@ -130,12 +131,12 @@ def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -
     sites = frozenset(e.module_path for e in plan.parameters.values() if e.role) if plan is not None else frozenset()
     forward, backward = [], []
     for node in _collective_nodes(gm):
-        rule, local, needs_grad = RULES[COLLECTIVES[node.target]], *seen[node.name]
+        rule, (messages, needs_grad) = RULES[COLLECTIVES[node.target]], seen[node.name]
         if rule.forward:
-            forward.append(_row(gm, node, "forward", rule.forward, local, tp, sites))
+            forward += [_row(gm, node, "forward", rule.forward, message, tp, sites) for message in messages]
         if rule.backward and needs_grad:
             # the gradient handed backward has the shape of this node's output
-            backward.append(_row(gm, node, "backward", rule.backward, seen[node.name + ".out"][0], tp, sites))
+            backward.append(_row(gm, node, "backward", rule.backward, seen[node.name + ".out"][0][0], tp, sites))
     return CommTable(tp, tuple(forward + backward[::-1]))
 
 
@@ -152,7 +153,19 @@ def _row(gm: fx.GraphModule, node: fx.Node, direction: str, op: str, tensor: tor
 
 
 def served_module(gm: fx.GraphModule, node: fx.Node, sites: frozenset[str] = frozenset()) -> str:
-    """The sharded module next to a collective node (a :mod:`tpfx.layers` module or one of ``sites``), "" if none."""
+    """The sharded module next to a collective node (a :mod:`tpfx.layers` module or one of ``sites``), "" if none.
+
+    A loss over split logits serves the LM head its logits come from (through the views between them).
+    """
+    module = _next_to(gm, node, sites)
+    rule = RULES.get(COLLECTIVES.get(node.target, ""))
+    while not module and rule is not None and rule.row_statistics and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+        module = _next_to(gm, node, sites)
+    return module
+
+
+def _next_to(gm: fx.GraphModule, node: fx.Node, sites: frozenset[str]) -> str:
     neighbours = [a for a in node.args if isinstance(a, fx.Node)] + list(node.users)
     for neighbour in neighbours:
         if neighbour.op == "call_module" and (str(neighbour.target) in sites
@@ -177,10 +190,11 @@ class _FakeRun(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, tp: int) -> None:
         super().__init__(gm)
         self.tp = tp
-        self.observed: dict[str, tuple[torch.Tensor, bool]] = {}
+        self.observed: dict[str, tuple[list[torch.Tensor], bool]] = {}
 
-    def seen(self, inputs: dict[str, object]) -> dict[str, tuple[torch.Tensor, bool]]:
-        """node name -> (tensor handed in, whether it needs a gradient); ``name.out`` for outputs."""
+    def seen(self, inputs: dict[str, object]) -> dict[str, tuple[list[torch.Tensor], bool]]:
+        """node name -> (tensors handed to its collectives, whether its input needs a gradient); ``name.out``
+        for outputs. A loss over split logits hands its row statistics, one tensor per all-reduce."""
         mode = FakeTensorMode(allow_non_fake_inputs=True)  # parameters stay real; the mode fakes them on use
         with mode, torch.enable_grad():
             fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -213,13 +227,23 @@ class _FakeRun(fx.Interpreter):
             return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
                                                                     is_causal=is_causal, scale=scale,
                                                                     enable_gqa=kwargs.get("enable_gqa", False))
+        if target is embedding_rank_part:
+            return torch.nn.functional.embedding(args[0], args[1])
         if target not in COLLECTIVES:
             return super().call_function(target, args, kwargs)
         local = args[0]
         rule = RULES[COLLECTIVES[target]]
-        out = local.repeat(*([1] * (local.dim() - 1)), self.tp) if rule.gathers_last_dim else local.view_as(local)
-        self.observed[self._current] = (local, local.requires_grad)
-        self.observed[self._current + ".out"] = (out, out.requires_grad)
+        messages = [local]
+        if rule.row_statistics:  # per row of the split logits: its statistics, the loss as the op computes it
+            rows = local.numel() // local.shape[-1]
+            messages = [local.new_empty((rows,) if width == 1 else (rows, width)) for width in rule.row_statistics]
+            out = rule.local_equivalent(*args[:2], **kwargs)
+        elif rule.gathers_last_dim:
+            out = local.repeat(*([1] * (local.dim() - 1)), self.tp)
+        else:
+            out = local.view_as(local)
+        self.observed[self._current] = (messages, local.requires_grad)
+        self.observed[self._current + ".out"] = ([out], out.requires_grad)
         return out
 
 

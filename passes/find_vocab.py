@@ -78,6 +78,7 @@ class VocabHead:
     layout: str  # "out_in" (rows are the vocabulary) or "in_out" (columns are)
     functional: bool
     feeds_loss: bool  # a cross-entropy over its logits is replaced by the vocabulary-parallel one
+    outputs: bool = False  # the model output holds its logits (gathered, unless the caller asks for them sharded)
 
     @property
     def vocab_dim(self) -> int:
@@ -216,7 +217,7 @@ def _head(gm: fx.GraphModule, modules: dict[str, nn.Module], parameters: dict[st
     if not (region.losses or (region.outputs and (out_features in vocabularies or weight in table_names))):
         return None
     return VocabHead(key, path, weight, bias, node.name, parameters[weight], layout, functional is not None,
-                     bool(region.losses))
+                     bool(region.losses), bool(region.outputs))
 
 
 def _names_of(gm: fx.GraphModule, name: str) -> list[str]:
@@ -282,7 +283,7 @@ def _read_names(gm: fx.GraphModule, modules: dict[str, nn.Module]) -> set[str]:
     """The parameter names the graph reads: get_attr targets, and the parameters of the modules it calls."""
     read = set()
     for node in gm.graph.nodes:
-        if node.op == "get_attr":
+        if node.op == "get_attr" and node.users:  # export may leave an unused read of a tied name
             read.add(str(node.target))
         elif node.op == "call_module":
             read |= {f"{node.target}.{leaf}" for leaf, _ in modules[str(node.target)].named_parameters()}

@@ -66,9 +66,11 @@ class _Style:
 
 
 def parallelize_options() -> dict[str, inspect.Parameter]:
-    """Keyword options of :func:`tpfx.parallelize` with a string default (``mode``, ``tracer``): CLI options."""
+    """Keyword options of :func:`tpfx.parallelize` with a string or bool default (``mode``, ``tracer``,
+    ``vocab_parallel``, ...): CLI options (a bool one is a flag that turns it on)."""
     parameters = inspect.signature(tpfx.parallelize).parameters
-    return {name: p for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY and isinstance(p.default, str)}
+    return {name: p for name, p in parameters.items()
+            if p.kind is p.KEYWORD_ONLY and isinstance(p.default, (str, bool))}
 
 
 def _choices_of(name: str) -> list[str] | None:
@@ -100,7 +102,12 @@ def _common_options() -> argparse.ArgumentParser:
     common.add_argument("--batch", type=_count, help="batch size of the inputs (default: the example's, else 2)")
     common.add_argument("--seq", type=_count, help="sequence length of the inputs (default: the example's, else 16)")
     for name, parameter in parallelize_options().items():  # only what this tpfx.parallelize accepts
-        common.add_argument(f"--{name.replace('_', '-')}", dest=f"parallelize_{name}", choices=_choices_of(name),
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(parameter.default, bool):
+            common.add_argument(flag, dest=f"parallelize_{name}", action=f"store_{str(not parameter.default).lower()}",
+                                default=None, help=f"passed to tpfx.parallelize({name}={not parameter.default})")
+            continue
+        common.add_argument(flag, dest=f"parallelize_{name}", choices=_choices_of(name),
                             default=None, help=f"passed to tpfx.parallelize({name}=...); default {parameter.default!r}")
     common.add_argument("--no-color", action="store_true", help="never colour the output")
     common.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -137,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _passthrough(args: argparse.Namespace) -> dict[str, str]:
+def _passthrough(args: argparse.Namespace) -> dict[str, str | bool]:
     """The parallelize options given on the command line (the others keep parallelize's defaults)."""
     return {name: getattr(args, f"parallelize_{name}") for name in parallelize_options()
             if getattr(args, f"parallelize_{name}") is not None}
@@ -239,7 +246,14 @@ def _memory_text(document: dict, style: _Style) -> list[str]:
     return [style("Parameter memory", "bold"),
             f"single device: {single:,} bytes; rank {document['rank']}: {rank:,} bytes ({share:.1%})",
             f"sharded linears: {memory['sharded_linears_single_device_bytes']:,} bytes on one device, "
-            f"{memory['sharded_linears_rank_bytes']:,} bytes per rank"]
+            f"{memory['sharded_linears_rank_bytes']:,} bytes per rank"] + _vocab_memory_text(memory)
+
+
+def _vocab_memory_text(memory: dict) -> list[str]:
+    if "vocab_parallel_single_device_bytes" not in memory:
+        return []
+    return [f"vocab-parallel embeddings and LM heads: {memory['vocab_parallel_single_device_bytes']:,} bytes on one "
+            f"device, {memory['vocab_parallel_rank_bytes']:,} bytes per rank"]
 
 
 def _diff_colour(line: str, style: _Style) -> str:

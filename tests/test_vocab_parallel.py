@@ -1,0 +1,208 @@
+"""Vocabulary parallelism: the embedding split by rows, the LM head by vocabulary, the parallel cross-entropy.
+
+One spawn per tp (2 and 4) runs every model in real gloo processes (fp32) against the single-device
+model built from the same weights: the example GPT (untied) in both modes and several call forms, with
+logits gathered and sharded; a GPT with its embedding and head tied; a grouped-query model with gated
+FFNs whose loss is ``nll_loss(log_softmax(...))``; Hugging Face GPT-2 (tied) through torch.export; and
+three AdamW steps of the example GPT in train mode with dropout. Each rank also counts what its
+collectives are handed in one step and compares it with the communication table. The checks that
+need no process group (finding, plans, explain, the memory line, the graph's code) build one rank's
+program for inspection.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tpfx
+from examples.gpt import GPTModel, small_config
+from tests.models import GroupedLM, tie_embedding_and_head
+from tests.multiprocess import run_ranks
+from tests.parity import grad_diffs, max_diff
+from tpfx.collectives import add_observer
+from tpfx.passes.comm_table import comm_table
+
+HAVE_HF = importlib.util.find_spec("transformers") is not None
+TOL = 1e-5
+VOCAB = 96  # divisible by 2 and 4
+
+
+def _gpt(dropout: float = 0.0) -> GPTModel:
+    torch.manual_seed(0)
+    return GPTModel(small_config(vocab_size=VOCAB, d_model=32, n_heads=4, d_ff=64, max_position_embeddings=16,
+                                 dropout=dropout)).eval()
+
+
+def _tied_gpt() -> GPTModel:
+    return tie_embedding_and_head(_gpt(), "token_embedding", "lm_head")
+
+
+def _ids(batch: int = 2, seq: int = 8, seed: int = 7) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _outputs(out: object) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(logits, loss) of any of the models' outputs."""
+    if hasattr(out, "logits"):
+        return out.logits, out.loss
+    if isinstance(out, tuple):
+        return out
+    return (None, out) if out.dim() == 0 else (out, None)
+
+
+def _step(model: nn.Module, kwargs: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    model.zero_grad(set_to_none=True)
+    logits, loss = _outputs(model(**kwargs))
+    (loss if loss is not None else logits.pow(2).mean()).backward()
+    return logits, loss
+
+
+def _compare(gm: nn.Module, reference: nn.Module, kwargs: dict, *, rank: int, tp: int,
+             sharded: bool = False) -> dict[str, float]:
+    """Logits (this rank's columns when ``sharded``), loss and every gradient after one step of each."""
+    (ref_logits, ref_loss), (logits, loss) = _step(reference, kwargs), _step(gm, kwargs)
+    if sharded and ref_logits is not None:
+        width = ref_logits.shape[-1] // tp
+        ref_logits = ref_logits[..., rank * width:(rank + 1) * width]
+    diffs = {"logits": max_diff(logits, ref_logits), "loss": max_diff(loss, ref_loss)}
+    return diffs | {f"grad {name}": value for name, value in grad_diffs(gm, reference).items()}
+
+
+def _observed(gm: nn.Module, kwargs: dict) -> list[tuple[str, str, int]]:
+    """(direction, collective, bytes handed to it) of one forward and backward."""
+    seen: list[tuple[str, str, int]] = []
+    phase = ["forward"]
+    remove = add_observer(lambda name, t: seen.append((phase[0], name, t.numel() * t.element_size())))
+    try:
+        _, loss = _outputs(gm(**kwargs))
+        phase[0] = "backward"
+        loss.backward()
+    finally:
+        remove()
+    return seen
+
+
+def _models(rank: int, tp: int) -> dict[str, dict]:
+    ids, other = _ids(), _ids(3, 5, seed=9)
+    results: dict[str, dict] = {}
+    for mode in ("gather", "megatron"):
+        reference = _gpt()
+        gm = tpfx.parallelize(reference, tp=tp, mode=mode, vocab_parallel=True)
+        forms = {"ids+labels": {"input_ids": ids, "labels": ids}, "ids": {"input_ids": other}}
+        if mode == "megatron":
+            forms["ids+mask+labels"] = {"input_ids": other, "attention_mask": torch.ones_like(other), "labels": other}
+        results[f"gpt {mode}"] = {form: _compare(gm, reference, kwargs, rank=rank, tp=tp)
+                                  for form, kwargs in forms.items()}
+    reference = _gpt()
+    gm = tpfx.parallelize(reference, tp=tp, mode="megatron", vocab_parallel=True, logits="sharded")
+    results["gpt logits sharded"] = {"ids+labels": _compare(gm, reference, {"input_ids": ids, "labels": ids},
+                                                            rank=rank, tp=tp, sharded=True)}
+    kwargs = {"input_ids": ids, "labels": ids}
+    results["comm"] = {"observed": _observed(gm, kwargs),
+                       "table": [(r.direction, r.collective, r.op, r.tensor_bytes) for r in comm_table(gm, kwargs, tp=tp).rows]}
+    reference = _tied_gpt()
+    gm = tpfx.parallelize(reference, tp=tp, mode="megatron", vocab_parallel=True)
+    results["tied gpt"] = {"ids+labels": _compare(gm, reference, {"input_ids": ids, "labels": ids}, rank=rank, tp=tp),
+                           "tied": float(gm.token_embedding.weight is not gm.lm_head.weight)}
+    for mode in ("gather", "megatron"):
+        torch.manual_seed(0)
+        reference = GroupedLM(vocab=VOCAB).eval()
+        gm = tpfx.parallelize(reference, tp=tp, mode=mode, vocab_parallel=True)
+        results[f"grouped {mode}"] = {"ids+labels": _compare(gm, reference, {"ids": ids, "labels": ids}, rank=rank,
+                                                             tp=tp),
+                                      "ids": _compare(gm, reference, {"ids": other}, rank=rank, tp=tp)}
+    if HAVE_HF:
+        from examples import hf_models
+
+        reference = hf_models.build("gpt2", n_layer=1)
+        inputs = hf_models.example_inputs()
+        gm = tpfx.parallelize(reference, tp=tp, mode="megatron", vocab_parallel=True, example_inputs=inputs)
+        results["hf gpt2 export"] = {"example": _compare(gm, reference, inputs, rank=rank, tp=tp),
+                                     "other shape": _compare(gm, reference, hf_models.example_inputs(3, 5, seed=4),
+                                                             rank=rank, tp=tp),
+                                     "tracer": gm.tpfx_report.tracer}
+    return results
+
+
+def _adamw_steps(model: nn.Module, kwargs: dict, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """``steps`` AdamW steps in train mode, each from its own random state; the losses and the parameters.
+
+    eps=1e-6: a key bias's gradient is zero (softmax ignores a shift of the scores), so in floating point it
+    is rounding noise, which Adam's default eps (1e-8) would scale up to a full step of either sign.
+    """
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6)
+    losses = []
+    for step in range(steps):
+        torch.manual_seed(100 + step)
+        optimizer.zero_grad(set_to_none=True)
+        _, loss = _outputs(model(**kwargs))
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def _train(rank: int, tp: int) -> dict[str, float]:
+    """Three AdamW steps with dropout on (megatron + vocab): the losses and every parameter stay equal."""
+    reference = _gpt(dropout=0.1).train()
+    gm = tpfx.parallelize(reference, tp=tp, mode="megatron", vocab_parallel=True)
+    kwargs = {"input_ids": _ids(), "labels": _ids()}
+    (ref_losses, ref_params), (losses, params) = _adamw_steps(reference, kwargs, 3), _adamw_steps(gm, kwargs, 3)
+    specs = gm.tpfx_plan.shard_specs()
+    diffs = {f"loss step {i}": abs(a - b) for i, (a, b) in enumerate(zip(losses, ref_losses))}
+    for name, value in params.items():
+        expected = ref_params[name] if name not in specs else specs[name].take(ref_params[name])
+        diffs[f"param {name}"] = max_diff(value, expected)
+    return diffs
+
+
+def _world(rank: int, world_size: int) -> dict:
+    return {"models": _models(rank, world_size), "train": _train(rank, world_size)}
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
+def world(request) -> tuple[int, list[dict]]:
+    return request.param, run_ranks(_world, request.param, timeout_s=600)
+
+
+def _assert_close(diffs: dict[str, float], label: str) -> None:
+    bad = {k: v for k, v in diffs.items() if not v <= TOL}
+    assert not bad, f"{label}: {len(bad)} tensors differ by more than {TOL}: {bad}"
+
+
+def test_logits_loss_and_every_gradient_match_single_device(world):
+    tp, results = world
+    for rank, result in enumerate(results):
+        for model, forms in result["models"].items():
+            if model == "comm":
+                continue
+            for form, diffs in forms.items():
+                if isinstance(diffs, dict):
+                    assert len(diffs) > 10, (model, form)  # logits, loss and every parameter's gradient
+                    _assert_close(diffs, f"{model} {form} tp={tp} rank {rank}")
+        assert result["models"]["tied gpt"]["tied"] == 0.0  # the embedding and head hold one tensor
+        if HAVE_HF:
+            assert result["models"]["hf gpt2 export"]["tracer"] == "export"
+
+
+def test_adamw_steps_with_dropout_match_single_device(world):
+    tp, results = world
+    for rank, result in enumerate(results):
+        assert len(result["train"]) > 20
+        _assert_close(result["train"], f"train tp={tp} rank {rank}")
+
+
+def test_comm_table_is_what_a_real_run_hands_the_collectives(world):
+    tp, results = world
+    for result in results:
+        observed, table = result["models"]["comm"]["observed"], result["models"]["comm"]["table"]
+        assert Counter((d, op, size) for d, _, op, size in table) == Counter(observed)
+        vocab_rows = [row for row in table if row[1] == "vocab_parallel_cross_entropy"]
+        tokens = 2 * 7  # shifted labels of (2, 8)
+        assert [row[3] for row in vocab_rows] == [tokens * 4, tokens * 2 * 4]  # the row maxima, then (sum-exp, target)
+        assert not any(op == "all_gather" for _, _, op, _ in table)  # logits sharded, the loss in the graph
