@@ -13,17 +13,20 @@ program for inspection.
 from __future__ import annotations
 
 import importlib.util
+import json
 from collections import Counter
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import tpfx
 from examples.gpt import GPTModel, small_config
 from tests.models import GroupedLM, tie_embedding_and_head
 from tests.multiprocess import run_ranks
 from tests.parity import grad_diffs, max_diff
+from tpfx.cli import main
 from tpfx.collectives import add_observer
 from tpfx.passes.comm_table import comm_table
 
@@ -206,3 +209,125 @@ def test_comm_table_is_what_a_real_run_hands_the_collectives(world):
         tokens = 2 * 7  # shifted labels of (2, 8)
         assert [row[3] for row in vocab_rows] == [tokens * 4, tokens * 2 * 4]  # the row maxima, then (sum-exp, target)
         assert not any(op == "all_gather" for _, _, op, _ in table)  # logits sharded, the loss in the graph
+
+
+# ------------------------------------------------------------------------------- one rank, no process group
+
+
+def test_the_token_table_and_head_are_found_by_structure_and_the_positions_stay_whole():
+    plan = tpfx.parallelize(_gpt(), tp=2, rank=1, vocab_parallel=True).tpfx_plan
+    assert plan.vocab.keys() == (("token_embedding",), ("lm_head",))
+    assert plan.entry("token_embedding.weight").describe() == "vocab: dim 0 blocks [(48, 96)] of 96"
+    assert plan.entry("lm_head.weight").describe() == "column: dim 0 blocks [(48, 96)] of 96"
+    # positions are looked up by ids the model computes (arange), not by a graph input
+    assert plan.entry("position_embedding.weight").spec is None
+
+
+def test_tied_table_and_head_are_one_tensor_with_one_shard():
+    gm = tpfx.parallelize(_tied_gpt(), tp=2, rank=0, mode="megatron", vocab_parallel=True)
+    plan = gm.tpfx_plan
+    assert plan.tied == (("token_embedding.weight", "lm_head.weight"),)
+    assert plan.entry("token_embedding.weight").spec == plan.entry("lm_head.weight").spec is not None
+    assert gm.token_embedding.weight is gm.lm_head.weight and gm.lm_head.weight.shape == (48, 32)
+
+
+def test_with_the_loss_in_the_graph_no_logits_are_gathered():
+    ids = _ids()
+    torch.manual_seed(0)
+    for mode in ("gather", "megatron"):  # a model that returns only the loss when given labels
+        code = tpfx.parallelize(GroupedLM(vocab=VOCAB), tp=2, rank=0, mode=mode, vocab_parallel=True,
+                                example_inputs=(ids, ids)).code
+        assert "vocab_parallel_cross_entropy" in code and "nll_loss" not in code and "log_softmax" not in code
+        assert "gather_from_tp" not in code.partition("self.head(")[2], mode  # nothing after the head
+    # the example GPT returns the logits too: "sharded" leaves them split, so nothing is gathered anywhere
+    sharded = tpfx.parallelize(_gpt(), tp=2, rank=0, mode="megatron", vocab_parallel=True, logits="sharded",
+                               example_inputs=(ids, None, ids))
+    assert "gather_from_tp" not in sharded.code and "vocab_parallel_cross_entropy" in sharded.code
+    # gathered (default): one all-gather, for the output only; the loss reads this rank's logits
+    gathered = tpfx.parallelize(_gpt(), tp=2, rank=0, mode="megatron", vocab_parallel=True,
+                                example_inputs=(ids, None, ids))
+    (gather,) = [n for n in gathered.graph.nodes if getattr(n.target, "__name__", "") == "gather_from_tp"]
+    assert [user.op for user in gather.users] == ["output"]
+
+
+def test_parameter_bytes_per_rank_of_the_example_gpt_are_at_most_0_52_of_one_device(capsys):
+    from examples.gpt import tiny_gpt
+
+    model = tiny_gpt()
+    single = sum(p.numel() * p.element_size() for p in model.parameters())
+    for rank in (0, 1):
+        gm = tpfx.parallelize(model, tp=2, rank=rank, mode="megatron", vocab_parallel=True)
+        held = sum(p.numel() * p.element_size() for p in gm.parameters())
+        assert held <= 0.52 * single, held / single
+        assert gm.tpfx_report.memory()["rank_bytes"] == held
+    assert main(["dump", "examples/gpt.py:tiny_gpt", "--tp", "2", "--mode", "megatron", "--vocab-parallel"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("single device:"))
+    assert line == f"single device: {single:,} bytes; rank 0: {held:,} bytes ({held / single:.1%})"
+    assert held / single < 0.51
+
+
+def test_sites_table_explain_and_diff_show_the_vocabulary_parts(capsys):
+    options = ["--tp", "2", "--mode", "megatron", "--vocab-parallel"]
+    assert main(["dump", "examples/gpt.py:tiny_gpt_with_inputs", "--format", "json", *options]) == 0
+    document = json.loads(capsys.readouterr().out)
+    rows = {row["module"]: row for row in document["sites"]}
+    assert rows["token_embedding"] | {} == {"module": "token_embedding", "role": "embedding", "weight": [10000, 128],
+                                            "shard": [5000, 128], "collectives": ["reduce_from_tp"]}
+    assert rows["lm_head"]["shard"] == [5000, 128] and rows["lm_head"]["collectives"] == [
+        "copy_to_tp", "vocab_parallel_cross_entropy", "gather_from_tp"]
+    communication = document["communication"]["rows"]
+    statistics = [(r["module"], r["shape"]) for r in communication if r["collective"] == "vocab_parallel_cross_entropy"]
+    assert statistics == [("lm_head", [30]), ("lm_head", [30, 2])]  # 2 x 15 shifted tokens
+    assert document["memory"]["vocab_parallel_rank_bytes"] * 2 == document["memory"]["vocab_parallel_single_device_bytes"]
+    assert main(["explain", "examples/gpt.py:tiny_gpt_with_inputs", "--format", "json", *options]) == 0
+    linears = {row["module"]: row for row in json.loads(capsys.readouterr().out)["linears"]}
+    assert linears["token_embedding"]["sharded"] and "split by vocabulary (5000 per rank" in linears["token_embedding"]["reason"]
+    assert linears["lm_head"]["sharded"] and linears["lm_head"]["reason"].startswith(
+        "LM head: its 10000 output features are the vocabulary, column-split (5000 per rank, no gather); "
+        "cross-entropy over its logits replaced by the vocabulary-parallel one")
+    assert main(["dump", "examples/gpt.py:tiny_gpt_with_inputs", "--diff", *options]) == 0
+    added = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+")]
+    assert any("vocab_parallel_cross_entropy(" in line for line in added)
+    assert any("reduce_from_tp(token_embedding" in line for line in added)
+
+
+def test_a_vocabulary_tp_does_not_divide_stays_whole_with_the_reason(capsys):
+    torch.manual_seed(0)
+    model = GPTModel(small_config(vocab_size=97, d_model=32, n_heads=4, d_ff=64, max_position_embeddings=16))
+    gm = tpfx.parallelize(model, tp=2, rank=0, vocab_parallel=True)
+    for name in ("token_embedding.weight", "lm_head.weight"):
+        entry = gm.tpfx_plan.entry(name)
+        assert entry.spec is None and "not divisible by tp=2" in entry.reason, entry.reason
+    decisions = {row["module"]: row for row in gm.tpfx_report.linear_decisions()}
+    assert not decisions["lm_head"]["sharded"] and not decisions["token_embedding"]["sharded"]
+    assert decisions["lm_head"]["reason"].startswith("LM head kept whole: its 97 output features (the vocabulary) "
+                                                     "are not divisible by tp=2")
+    assert "cross_entropy(" in gm.code and "vocab_parallel" not in gm.code
+
+
+def test_options_are_checked():
+    with pytest.raises(tpfx.ConfigError, match="logits='sharded' needs vocab_parallel=True"):
+        tpfx.parallelize(_gpt(), tp=2, rank=0, logits="sharded")
+    with pytest.raises(tpfx.ConfigError, match="logits='all' is not an option"):
+        tpfx.parallelize(_gpt(), tp=2, rank=0, vocab_parallel=True, logits="all")
+
+
+def test_ops_the_region_does_not_know_read_gathered_logits():
+    class Sampler(nn.Module):  # softmax over the vocabulary, label smoothing: both need the full logits
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.head = nn.Embedding(VOCAB, 16), nn.Linear(16, VOCAB)
+
+        def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            logits = self.head(self.embed(ids)).float()
+            smoothed = F.cross_entropy(logits.view(-1, VOCAB), ids.view(-1), label_smoothing=0.1)
+            return logits, logits.softmax(dim=-1), smoothed
+
+    with pytest.warns(tpfx.NoSitesWarning):  # no attention or FFN: only the vocabulary is split
+        gm = tpfx.parallelize(Sampler(), tp=2, rank=0, vocab_parallel=True)
+    gathers = {n.args[0].target: sorted(str(getattr(u.target, "__name__", u.target)) for u in n.users)
+               for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "gather_from_tp"}
+    # the output and the softmax read the gathered float(); the label-smoothed loss the gathered view, which
+    # keeps the logits split (its literal vocabulary size is this rank's)
+    assert gathers == {"float": ["output", "softmax"], "view": ["cross_entropy"]}
+    assert "view(-1, 48)" in gm.code and "vocab_parallel" not in gm.code
