@@ -204,6 +204,8 @@ def _head(gm: fx.GraphModule, modules: dict[str, nn.Module], parameters: dict[st
     """
     if functional is None:
         module = modules[key]
+        if (rule := rule_of(node, modules)) is None or rule.kind is not Kind.LINEAR:
+            return None  # linear_applications lists every module call
         weight, bias = f"{key}.weight", f"{key}.bias" if getattr(module, "bias", None) is not None else ""
         layout, path = "out_in", key
     else:

@@ -31,6 +31,7 @@ the plan (:func:`tpfx.passes.plan.vocab_plan`, :func:`tpfx.passes.shard_paramete
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -52,14 +53,20 @@ class VocabShardResult:
 
 
 def rewrite_vocab_graph(gm: fx.GraphModule, finding: VocabFinding, *, tp: int, group: str,
-                        logits: str = "gathered") -> VocabShardResult:
+                        logits: str = "gathered", lookup_collective: Callable = reduce_from_tp,
+                        head_input_collective: Callable = copy_to_tp) -> VocabShardResult:
     """Split ``finding``'s lookups, heads and losses in ``gm.graph`` (any call form: found by key).
+
+    ``lookup_collective`` sums the parts of each lookup (an all-reduce; a sequence-parallel layout
+    would pass a reduce-scatter), ``head_input_collective`` feeds each head (identity forward,
+    all-reduce of the gradient; an all-gather of the sequence under sequence parallelism). Both
+    take ``(tensor, group)`` and are each inserted in one place.
 
     Only the graph changes: the caller recompiles. The heads' logits regions are worked out on this
     graph (:func:`tpfx.passes.find_vocab.logits_region`), so another call form gets its own.
     """
     table_keys, head_keys = finding.keys()
-    inserted = _sum_lookups(gm, set(table_keys), group)
+    inserted = _sum_lookups(gm, set(table_keys), group, lookup_collective)
     index = linear_applications(gm)
     widths = {head.key: head.weight_shape[head.vocab_dim] for head in finding.heads}
     regions = []
@@ -67,7 +74,7 @@ def rewrite_vocab_graph(gm: fx.GraphModule, finding: VocabFinding, *, tp: int, g
         key = functional.weight if functional is not None else str(node.target)
         region = logits_region(gm, node, width=widths[key], gather_outputs=logits == "gathered")
         with gm.graph.inserting_before(node):
-            copied = gm.graph.call_function(copy_to_tp, (node.args[data_index], group))
+            copied = gm.graph.call_function(head_input_collective, (node.args[data_index], group))
         node.update_arg(data_index, copied)
         inserted.append(copied.name)
         localize_shapes(gm, region.shape_edits, tp=tp)
@@ -78,8 +85,8 @@ def rewrite_vocab_graph(gm: fx.GraphModule, finding: VocabFinding, *, tp: int, g
     return VocabShardResult(tuple(sorted(inserted, key=ordered.__getitem__)), tuple(regions))
 
 
-def _sum_lookups(gm: fx.GraphModule, keys: set[str], group: str) -> list[str]:
-    """Each lookup into a split table gives this rank's part; one ``reduce_from_tp`` after it sums the parts.
+def _sum_lookups(gm: fx.GraphModule, keys: set[str], group: str, collective: Callable) -> list[str]:
+    """Each lookup into a split table gives this rank's part; one ``collective`` after it sums the parts.
 
     A module lookup's module is already the vocab-parallel layer; an op on the table's parameter
     becomes :func:`tpfx.rank_parts.embedding_rank_part` (the rank's rows, its start read from the group).
@@ -102,7 +109,7 @@ def _sum_lookups(gm: fx.GraphModule, keys: set[str], group: str) -> list[str]:
             node.replace_all_uses_with(lookup)
             gm.graph.erase_node(node)
         with gm.graph.inserting_after(lookup):
-            summed = gm.graph.call_function(reduce_from_tp, (lookup, group))
+            summed = gm.graph.call_function(collective, (lookup, group))
         lookup.replace_all_uses_with(summed, delete_user_cb=lambda user: user is not summed)
         inserted.append(summed.name)
     return inserted

@@ -331,3 +331,25 @@ def test_ops_the_region_does_not_know_read_gathered_logits():
     # keeps the logits split (its literal vocabulary size is this rank's)
     assert gathers == {"float": ["output", "softmax"], "view": ["cross_entropy"]}
     assert "view(-1, 48)" in gm.code and "vocab_parallel" not in gm.code
+
+
+def test_the_op_registry_reads_every_spelling_of_lookups_and_losses():
+    aten = torch.ops.aten
+
+    def losses(x, t, w):
+        return (F.cross_entropy(x, t, reduction="sum"), aten.cross_entropy_loss.default(x, t, None, 0, -1),
+                F.nll_loss(x, t, weight=w), aten.nll_loss_nd.default(x, t), F.cross_entropy(x, t, label_smoothing=0.2))
+
+    def lookups(ids, w):
+        return aten.embedding.default(w, ids, 3), aten.embedding.default(w, ids), F.embedding(ids, w, max_norm=1.0)
+
+    from tpfx.passes.ops import embedding_call, loss_call
+
+    calls = [loss_call(n) for n in torch.fx.symbolic_trace(losses).graph.nodes if loss_call(n) is not None]
+    assert [(c.reduction, c.ignore_index, c.log_probabilities, c.unsupported) for c in calls] == [
+        ("sum", -100, False, ""), ("none", -1, False, ""), ("mean", -100, True, "class weights"),
+        ("mean", -100, True, ""), ("mean", -100, False, "label smoothing")]
+    graph = torch.fx.symbolic_trace(lookups).graph
+    found = [embedding_call(n, {}) for n in graph.nodes if embedding_call(n, {}) is not None]
+    assert [(c.ids.name, c.weight.name, c.padding_idx, c.max_norm) for c in found] == [
+        ("ids", "w", 3, None), ("ids", "w", None, None), ("ids", "w", None, 1.0)]
