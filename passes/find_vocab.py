@@ -178,7 +178,9 @@ def _tables(gm: fx.GraphModule, modules: dict[str, nn.Module], parameters: dict[
                                               call.padding_idx))
         elif isinstance(call.weight, fx.Node) and call.weight.op == "get_attr" and call.weight.target in parameters:
             weight = str(call.weight.target)
-            found.setdefault(weight, VocabTable(weight, weight.rpartition(".")[0] or weight, weight, node.name,
+            # reports name it by its first name (export reads a tied table under the head's name)
+            first = _names_of(gm, weight)[0]
+            found.setdefault(weight, VocabTable(weight, first.rpartition(".")[0] or first, weight, node.name,
                                                 parameters[weight], True, call.padding_idx))
     return list(found.values())
 

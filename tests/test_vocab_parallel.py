@@ -90,6 +90,19 @@ def _observed(gm: nn.Module, kwargs: dict) -> list[tuple[str, str, int]]:
     return seen
 
 
+def _comm(gm: nn.Module, kwargs: dict, tp: int) -> dict[str, list]:
+    """What the collectives are handed in one step, and what the communication table says."""
+    return {"observed": _observed(gm, kwargs),
+            "table": [(r.direction, r.collective, r.op, r.tensor_bytes) for r in comm_table(gm, kwargs, tp=tp).rows]}
+
+
+def _state_diffs(gm: nn.Module, reference: nn.Module) -> dict[str, float]:
+    """The program's gathered state dict (original keys, full shapes) against the single-device one."""
+    state, expected = tpfx.full_state_dict(gm, rank0_only=False), reference.state_dict()
+    assert state.keys() == expected.keys()
+    return {name: max_diff(value, expected[name]) for name, value in state.items()}
+
+
 def _models(rank: int, tp: int) -> dict[str, dict]:
     ids, other = _ids(), _ids(3, 5, seed=9)
     results: dict[str, dict] = {}
@@ -101,17 +114,17 @@ def _models(rank: int, tp: int) -> dict[str, dict]:
             forms["ids+mask+labels"] = {"input_ids": other, "attention_mask": torch.ones_like(other), "labels": other}
         results[f"gpt {mode}"] = {form: _compare(gm, reference, kwargs, rank=rank, tp=tp)
                                   for form, kwargs in forms.items()}
+    results["comm"] = {"gathered": _comm(gm, forms["ids+labels"], tp)}  # megatron, logits gathered
     reference = _gpt()
     gm = tpfx.parallelize(reference, tp=tp, mode="megatron", vocab_parallel=True, logits="sharded")
     results["gpt logits sharded"] = {"ids+labels": _compare(gm, reference, {"input_ids": ids, "labels": ids},
                                                             rank=rank, tp=tp, sharded=True)}
-    kwargs = {"input_ids": ids, "labels": ids}
-    results["comm"] = {"observed": _observed(gm, kwargs),
-                       "table": [(r.direction, r.collective, r.op, r.tensor_bytes) for r in comm_table(gm, kwargs, tp=tp).rows]}
+    results["comm"]["sharded"] = _comm(gm, {"input_ids": ids, "labels": ids}, tp)
     reference = _tied_gpt()
     gm = tpfx.parallelize(reference, tp=tp, mode="megatron", vocab_parallel=True)
     results["tied gpt"] = {"ids+labels": _compare(gm, reference, {"input_ids": ids, "labels": ids}, rank=rank, tp=tp),
-                           "tied": float(gm.token_embedding.weight is not gm.lm_head.weight)}
+                           "tied": float(gm.token_embedding.weight is not gm.lm_head.weight),
+                           "full state dict": _state_diffs(gm, reference)}
     for mode in ("gather", "megatron"):
         torch.manual_seed(0)
         reference = GroupedLM(vocab=VOCAB).eval()
@@ -161,7 +174,7 @@ def _train(rank: int, tp: int) -> dict[str, float]:
     for name, value in params.items():
         expected = ref_params[name] if name not in specs else specs[name].take(ref_params[name])
         diffs[f"param {name}"] = max_diff(value, expected)
-    return diffs
+    return diffs | {f"state {name}": value for name, value in _state_diffs(gm, reference).items()}
 
 
 def _world(rank: int, world_size: int) -> dict:
@@ -184,7 +197,7 @@ def test_logits_loss_and_every_gradient_match_single_device(world):
         for model, forms in result["models"].items():
             if model == "comm":
                 continue
-            for form, diffs in forms.items():
+            for form, diffs in forms.items():  # "full state dict": the tied program gathered
                 if isinstance(diffs, dict):
                     assert len(diffs) > 10, (model, form)  # logits, loss and every parameter's gradient
                     _assert_close(diffs, f"{model} {form} tp={tp} rank {rank}")
@@ -202,13 +215,16 @@ def test_adamw_steps_with_dropout_match_single_device(world):
 
 def test_comm_table_is_what_a_real_run_hands_the_collectives(world):
     tp, results = world
+    tokens = 2 * 7  # shifted labels of (2, 8)
     for result in results:
-        observed, table = result["models"]["comm"]["observed"], result["models"]["comm"]["table"]
-        assert Counter((d, op, size) for d, _, op, size in table) == Counter(observed)
-        vocab_rows = [row for row in table if row[1] == "vocab_parallel_cross_entropy"]
-        tokens = 2 * 7  # shifted labels of (2, 8)
-        assert [row[3] for row in vocab_rows] == [tokens * 4, tokens * 2 * 4]  # the row maxima, then (sum-exp, target)
-        assert not any(op == "all_gather" for _, _, op, _ in table)  # logits sharded, the loss in the graph
+        for logits, measured in result["models"]["comm"].items():
+            observed, table = measured["observed"], measured["table"]
+            assert Counter((d, op, size) for d, _, op, size in table) == Counter(observed), logits
+            vocab_rows = [row for row in table if row[1] == "vocab_parallel_cross_entropy"]
+            assert [row[3] for row in vocab_rows] == [tokens * 4, tokens * 2 * 4]  # the row maxima, (sum-exp, target)
+            gathers = [size for _, _, op, size in table if op == "all_gather"]
+            # the loss in the graph: logits are gathered only for the output, and then once (2 x 8 x V/tp fp32)
+            assert gathers == ([] if logits == "sharded" else [2 * 8 * VOCAB // tp * 4]), logits
 
 
 # ------------------------------------------------------------------------------- one rank, no process group
