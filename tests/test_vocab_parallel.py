@@ -25,13 +25,12 @@ import tpfx
 from examples.gpt import GPTModel, small_config
 from tests.models import GroupedLM, tie_embedding_and_head
 from tests.multiprocess import run_ranks
-from tests.parity import grad_diffs, max_diff
+from tests.parity import assert_close, grad_diffs, max_diff
 from tpfx.cli import main
 from tpfx.collectives import add_observer
 from tpfx.passes.comm_table import comm_table
 
 HAVE_HF = importlib.util.find_spec("transformers") is not None
-TOL = 1e-5
 VOCAB = 96  # divisible by 2 and 4
 
 
@@ -186,11 +185,6 @@ def world(request) -> tuple[int, list[dict]]:
     return request.param, run_ranks(_world, request.param, timeout_s=600)
 
 
-def _assert_close(diffs: dict[str, float], label: str) -> None:
-    bad = {k: v for k, v in diffs.items() if not v <= TOL}
-    assert not bad, f"{label}: {len(bad)} tensors differ by more than {TOL}: {bad}"
-
-
 def test_logits_loss_and_every_gradient_match_single_device(world):
     tp, results = world
     for rank, result in enumerate(results):
@@ -200,7 +194,7 @@ def test_logits_loss_and_every_gradient_match_single_device(world):
             for form, diffs in forms.items():  # "full state dict": the tied program gathered
                 if isinstance(diffs, dict):
                     assert len(diffs) > 10, (model, form)  # logits, loss and every parameter's gradient
-                    _assert_close(diffs, f"{model} {form} tp={tp} rank {rank}")
+                    assert_close(diffs, f"{model} {form} tp={tp} rank {rank}")
         assert result["models"]["tied gpt"]["tied"] == 0.0  # the embedding and head hold one tensor
         if HAVE_HF:
             assert result["models"]["hf gpt2 export"]["tracer"] == "export"
@@ -210,7 +204,7 @@ def test_adamw_steps_with_dropout_match_single_device(world):
     tp, results = world
     for rank, result in enumerate(results):
         assert len(result["train"]) > 20
-        _assert_close(result["train"], f"train tp={tp} rank {rank}")
+        assert_close(result["train"], f"train tp={tp} rank {rank}")
 
 
 def test_comm_table_is_what_a_real_run_hands_the_collectives(world):
