@@ -243,13 +243,20 @@ def _decide(gm: fx.GraphModule, modules: dict[str, nn.Module], parameters: dict[
             reasons[name] = (f"its weight is also read by node '{elsewhere}', which is not a lookup or LM head; "
                              "splitting it would change what that node sees")
     read = _read_names(gm, modules)
-    for name in list(reasons):  # a tied tensor splits under all its names the graph reads, or none
-        for other in (other for other in _names_of(gm, name) if other in read):
-            if other != name and other not in reasons:
-                reasons[name] = reasons[name] or (f"it is one tensor with '{other}' (tied), which is not an "
-                                                  "embedding lookup or LM head tpfx splits")
-            elif other != name and reasons[other] and not reasons[name]:
-                reasons[name] = f"it is one tensor with '{other}' (tied), which stays whole: {reasons[other]}"
+    aliases = {name: [other for other in _names_of(gm, name) if other in read and other != name] for name in reasons}
+    changed = True
+    while changed:  # a tied tensor splits under all its names the graph reads, or none (until nothing changes)
+        changed = False
+        for name in (name for name in reasons if not reasons[name]):
+            for other in aliases[name]:
+                if other not in reasons:
+                    reasons[name] = (f"it is one tensor with '{other}' (tied), which is not an embedding lookup "
+                                     "or LM head tpfx splits")
+                elif reasons[other]:
+                    reasons[name] = f"it is one tensor with '{other}' (tied), which stays whole: {reasons[other]}"
+                changed = changed or bool(reasons[name])
+                if reasons[name]:
+                    break
     whole = [VocabWhole(role, r.module_path, r.weight_name, r.node_name,
                         r.shape if role == TABLE else r.weight_shape, reasons[r.weight_name])
              for role, records in ((TABLE, tables), (HEAD, heads)) for r in records if reasons[r.weight_name]]

@@ -347,9 +347,10 @@ def vocab_plan(plan: Plan, finding: VocabFinding, *, logits: str = "gathered") -
         for alias in tied.get(name, (name,)):  # a name the graph does not read is sliced with the tensor
             entries[alias] = decided.get(alias) or ParameterPlan(
                 alias, entry.full_shape, entry.placement, entry.spec, entry.role, alias.rpartition(".")[0])
+    own = {whole.weight_name for whole in finding.whole}  # a record's own reason, before a tied name's
     for whole in finding.whole:
         for alias in tied.get(whole.weight_name, (whole.weight_name,)):
-            if entries[alias].spec is None:
+            if entries[alias].spec is None and (alias == whole.weight_name or alias not in own):
                 entries[alias] = ParameterPlan(alias, entries[alias].full_shape, Placement.REPLICATED, None, "",
                                                alias.rpartition(".")[0], f"{whole.role} kept whole: {whole.reason}")
     return Plan(plan.mode, plan.tp, plan.rank, entries, plan.sites, plan.replicated, plan.pairing, plan.tied,

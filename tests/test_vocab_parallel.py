@@ -363,3 +363,14 @@ def test_the_op_registry_reads_every_spelling_of_lookups_and_losses():
     found = [embedding_call(n, {}) for n in graph.nodes if embedding_call(n, {}) is not None]
     assert [(c.ids.name, c.weight.name, c.padding_idx, c.max_norm) for c in found] == [
         ("ids", "w", 3, None), ("ids", "w", None, None), ("ids", "w", None, 1.0)]
+
+
+def test_a_tied_table_stays_whole_with_its_head_and_says_why():
+    model = _tied_gpt()
+    model.lm_head.register_forward_hook(lambda module, args, output: output)  # would see a shard of the logits
+    gm = tpfx.parallelize(model, tp=2, rank=0, vocab_parallel=True)
+    head, table = gm.tpfx_plan.entry("lm_head.weight"), gm.tpfx_plan.entry("token_embedding.weight")
+    assert head.spec is None and table.spec is None
+    assert "forward hook" in head.reason, head.reason
+    assert "it is one tensor with 'lm_head.weight' (tied), which stays whole" in table.reason, table.reason
+    assert "vocab_parallel" not in gm.code and "reduce_from_tp" not in gm.code
