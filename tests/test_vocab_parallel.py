@@ -1,13 +1,15 @@
 """Vocabulary parallelism: the embedding split by rows, the LM head by vocabulary, the parallel cross-entropy.
 
 One spawn per tp (2 and 4) runs every model in real gloo processes (fp32) against the single-device
-model built from the same weights: the example GPT (untied) in both modes and several call forms, with
-logits gathered and sharded; a GPT with its embedding and head tied; a grouped-query model with gated
-FFNs whose loss is ``nll_loss(log_softmax(...))``; Hugging Face GPT-2 (tied) through torch.export; and
-three AdamW steps of the example GPT in train mode with dropout. Each rank also counts what its
-collectives are handed in one step and compares it with the communication table. The checks that
-need no process group (finding, plans, explain, the memory line, the graph's code) build one rank's
-program for inspection.
+model built from the same weights: the example GPT (untied) in several call forms, with logits
+gathered and sharded; a GPT with its embedding and head tied; a grouped-query model with gated FFNs
+whose loss is ``nll_loss(log_softmax(...))``; Hugging Face GPT-2 (tied) through torch.export. All in
+megatron mode, and at tp=2 also in gather mode (the vocabulary rewrite is the same in both; tp=4 on
+two cores is the expensive spawn), with three AdamW steps of the example GPT in train mode with
+dropout, its gathered state dict and a sharded load. Each rank also counts what its collectives are
+handed in one step and compares it with the communication table. The checks that need no process
+group (finding, plans, explain, the memory line, the graph's code) build one rank's program for
+inspection.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ def _state_diffs(gm: nn.Module, reference: nn.Module) -> dict[str, float]:
 def _models(rank: int, tp: int) -> dict[str, dict]:
     ids, other = _ids(), _ids(3, 5, seed=9)
     results: dict[str, dict] = {}
-    for mode in ("gather", "megatron"):
+    modes = ("gather", "megatron") if tp == 2 else ("megatron",)
+    for mode in modes:
         reference = _gpt()
         gm = tpfx.parallelize(reference, tp=tp, mode=mode, vocab_parallel=True)
         forms = {"ids+labels": {"input_ids": ids, "labels": ids}, "ids": {"input_ids": other}}
@@ -124,7 +127,7 @@ def _models(rank: int, tp: int) -> dict[str, dict]:
     results["tied gpt"] = {"ids+labels": _compare(gm, reference, {"input_ids": ids, "labels": ids}, rank=rank, tp=tp),
                            "tied": float(gm.token_embedding.weight is not gm.lm_head.weight),
                            "full state dict": _state_diffs(gm, reference)}
-    for mode in ("gather", "megatron"):
+    for mode in modes:
         torch.manual_seed(0)
         reference = GroupedLM(vocab=VOCAB).eval()
         gm = tpfx.parallelize(reference, tp=tp, mode=mode, vocab_parallel=True)
@@ -163,7 +166,8 @@ def _adamw_steps(model: nn.Module, kwargs: dict, steps: int) -> tuple[list[float
 
 
 def _train(rank: int, tp: int) -> dict[str, float]:
-    """Three AdamW steps with dropout on (megatron + vocab): the losses and every parameter stay equal."""
+    """Three AdamW steps with dropout on (megatron + vocab): the losses and every parameter stay equal, the
+    gathered state dict is the single-device one, and loading that into a fresh program gives the same shards."""
     reference = _gpt(dropout=0.1).train()
     gm = tpfx.parallelize(reference, tp=tp, mode="megatron", vocab_parallel=True)
     kwargs = {"input_ids": _ids(), "labels": _ids()}
@@ -173,11 +177,16 @@ def _train(rank: int, tp: int) -> dict[str, float]:
     for name, value in params.items():
         expected = ref_params[name] if name not in specs else specs[name].take(ref_params[name])
         diffs[f"param {name}"] = max_diff(value, expected)
-    return diffs | {f"state {name}": value for name, value in _state_diffs(gm, reference).items()}
+    diffs |= {f"state {name}": value for name, value in _state_diffs(gm, reference).items()}
+    # a fresh program loads the trained single-device state dict: each rank reads its rows of the vocabulary
+    fresh = tpfx.parallelize(_gpt(dropout=0.1).train(), tp=tp, mode="megatron", vocab_parallel=True)
+    tpfx.load_state_dict(fresh, reference.state_dict())
+    held = dict(gm.named_parameters())
+    return diffs | {f"loaded {name}": max_diff(value, held[name]) for name, value in fresh.named_parameters()}
 
 
 def _world(rank: int, world_size: int) -> dict:
-    return {"models": _models(rank, world_size), "train": _train(rank, world_size)}
+    return {"models": _models(rank, world_size), "train": _train(rank, world_size) if world_size == 2 else {}}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
@@ -202,6 +211,8 @@ def test_logits_loss_and_every_gradient_match_single_device(world):
 
 def test_adamw_steps_with_dropout_match_single_device(world):
     tp, results = world
+    if tp != 2:
+        pytest.skip("trained at tp=2 only (the step is the one the parity test checks at tp=4)")
     for rank, result in enumerate(results):
         assert len(result["train"]) > 20
         assert_close(result["train"], f"train tp={tp} rank {rank}")
@@ -265,20 +276,18 @@ def test_parameter_bytes_per_rank_of_the_example_gpt_are_at_most_0_52_of_one_dev
 
     model = tiny_gpt()
     single = sum(p.numel() * p.element_size() for p in model.parameters())
-    for rank in (0, 1):
-        gm = tpfx.parallelize(model, tp=2, rank=rank, mode="megatron", vocab_parallel=True)
-        held = sum(p.numel() * p.element_size() for p in gm.parameters())
-        assert held <= 0.52 * single, held / single
-        assert gm.tpfx_report.memory()["rank_bytes"] == held
-    assert main(["dump", "examples/gpt.py:tiny_gpt", "--tp", "2", "--mode", "megatron", "--vocab-parallel"]) == 0
+    gm = tpfx.parallelize(model, tp=2, rank=1, mode="megatron", vocab_parallel=True)
+    held = sum(p.numel() * p.element_size() for p in gm.parameters())
+    assert held <= 0.52 * single and held / single < 0.51, held / single
+    assert main(["dump", "examples/gpt.py:tiny_gpt", "--tp", "2", "--rank", "1", "--mode", "megatron",
+                 "--vocab-parallel"]) == 0
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("single device:"))
-    assert line == f"single device: {single:,} bytes; rank 0: {held:,} bytes ({held / single:.1%})"
-    assert held / single < 0.51
+    assert line == f"single device: {single:,} bytes; rank 1: {held:,} bytes ({held / single:.1%})"
 
 
 def test_sites_table_explain_and_diff_show_the_vocabulary_parts(capsys):
     options = ["--tp", "2", "--mode", "megatron", "--vocab-parallel"]
-    assert main(["dump", "examples/gpt.py:tiny_gpt_with_inputs", "--format", "json", *options]) == 0
+    assert main(["dump", "examples/gpt.py:tiny_gpt_with_inputs", "--format", "json", "--diff", *options]) == 0
     document = json.loads(capsys.readouterr().out)
     rows = {row["module"]: row for row in document["sites"]}
     assert rows["token_embedding"] | {} == {"module": "token_embedding", "role": "embedding", "weight": [10000, 128],
@@ -295,8 +304,7 @@ def test_sites_table_explain_and_diff_show_the_vocabulary_parts(capsys):
     assert linears["lm_head"]["sharded"] and linears["lm_head"]["reason"].startswith(
         "LM head: its 10000 output features are the vocabulary, column-split (5000 per rank, no gather); "
         "cross-entropy over its logits replaced by the vocabulary-parallel one")
-    assert main(["dump", "examples/gpt.py:tiny_gpt_with_inputs", "--diff", *options]) == 0
-    added = [line for line in capsys.readouterr().out.splitlines() if line.startswith("+")]
+    added = [line for line in document["graph"]["diff"].splitlines() if line.startswith("+")]
     assert any("vocab_parallel_cross_entropy(" in line for line in added)
     assert any("reduce_from_tp(token_embedding" in line for line in added)
 
