@@ -174,7 +174,7 @@ class EmbeddingArguments:
     """
 
     ids: int
-    weight: int
+    weight: int | None  # None: a module's own ``weight``
     padding_idx: Argument | None = None
     max_norm: Argument | None = None
     scale_grad_by_freq: Argument | None = None
@@ -432,7 +432,7 @@ register(OpRule("embedding", Kind.EMBEDDING, embedding=EmbeddingArguments(  # em
     ids=1, weight=0, padding_idx=Argument(2, "padding_idx", -1),
     scale_grad_by_freq=Argument(3, "scale_grad_by_freq", False), sparse=Argument(4, "sparse", False))),
     functions=[aten.embedding])
-register(OpRule("embedding", Kind.EMBEDDING, embedding=EmbeddingArguments(ids=0, weight=-1)),
+register(OpRule("embedding", Kind.EMBEDDING, embedding=EmbeddingArguments(ids=0, weight=None)),
          modules=[nn.Embedding, VocabParallelEmbedding])
 register(OpRule("embedding_rank_part", Kind.EMBEDDING, embedding=EmbeddingArguments(
     ids=0, weight=1, padding_idx=Argument(3, "padding_idx"))), functions=[rank_parts.embedding_rank_part])
