@@ -126,7 +126,7 @@ def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -
     if unknown:
         raise CommTableError(f"collective(s) {sorted(unknown)} have no rule in the op registry (passes/ops.py); "
                              "register each with a CollectiveRule saying what it sends forward and backward")
-    seen = _FakeRun(gm, tp).seen(inputs)
+    seen = FakeRun(gm, tp).seen(inputs)
     plan = getattr(program, "tpfx_plan", None)  # the linears tpfx shards or pairs, kept whole or not, by module
     sites = frozenset(e.module_path for e in plan.parameters.values() if e.role) if plan is not None else frozenset()
     forward, backward = [], []
@@ -184,7 +184,7 @@ def is_sharded_module(module: torch.nn.Module) -> bool:
     return type(module).__module__ == "tpfx.layers"
 
 
-class _FakeRun(fx.Interpreter):
+class FakeRun(fx.Interpreter):
     """Runs a graph on fake tensors; collectives produce their output shape without communicating."""
 
     def __init__(self, gm: fx.GraphModule, tp: int) -> None:

@@ -281,8 +281,10 @@ def test_parameter_bytes_per_rank_of_the_example_gpt_are_at_most_0_52_of_one_dev
     assert held <= 0.52 * single and held / single < 0.51, held / single
     assert main(["dump", "examples/gpt.py:tiny_gpt", "--tp", "2", "--rank", "1", "--mode", "megatron",
                  "--vocab-parallel"]) == 0
-    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("single device:"))
+    lines = capsys.readouterr().out.splitlines()
+    line = next(line for line in lines if line.startswith("single device:"))
     assert line == f"single device: {single:,} bytes; rank 1: {held:,} bytes ({held / single:.1%})"
+    assert lines[-1].startswith("activations saved for backward in one training step at input_ids: int64[2, 16]: ")
 
 
 def test_sites_table_explain_and_diff_show_the_vocabulary_parts(capsys):
@@ -382,3 +384,24 @@ def test_a_tied_table_stays_whole_with_its_head_and_says_why():
     assert "forward hook" in head.reason, head.reason
     assert "it is one tensor with 'lm_head.weight' (tied), which stays whole" in table.reason, table.reason
     assert "vocab_parallel" not in gm.code and "reduce_from_tp" not in gm.code
+
+
+def test_activation_bytes_are_what_a_real_step_saves_and_shrink_with_the_vocabulary_split():
+    from tpfx.passes.activation_memory import activation_bytes
+
+    model, inputs = _gpt(), {"input_ids": _ids(), "labels": _ids()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if not (tensor.is_leaf and tensor.requires_grad):
+            saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**inputs)  # the single device, for real
+    whole = activation_bytes(tpfx.parallelize(model, tp=1, rank=0), inputs, tp=1)
+    assert whole == sum(saved.values()) > 0
+    split = {vocab: activation_bytes(tpfx.parallelize(model, tp=2, rank=0, mode="megatron", vocab_parallel=vocab),
+                                     inputs, tp=2) for vocab in (False, True)}
+    logits = 2 * 8 * VOCAB * 4  # saved by the head's consumers: halved with the vocabulary split
+    assert split[True] < split[False] - logits // 2, split

@@ -21,6 +21,7 @@ import typing
 from collections.abc import Callable, Sequence
 
 import tpfx
+from tpfx.passes.activation_memory import activation_bytes
 from tpfx.passes.comm_table import comm_table
 from tpfx.passes.draw import to_dot, to_svg
 from tpfx.errors import TpfxError, one_line
@@ -164,7 +165,8 @@ def dump_document(args: argparse.Namespace) -> tuple[dict[str, object], tpfx.Ten
     """Everything ``tpfx dump`` shows, as plain data (the JSON output), and the program it describes."""
     target, program = _inspect(args)
     report = program.tpfx_report
-    table = comm_table(program, target.inputs(batch=args.batch, seq=args.seq), tp=report.tp)
+    inputs = target.inputs(batch=args.batch, seq=args.seq)
+    table = comm_table(program, inputs, tp=report.tp)
     graph: dict[str, object] = {"call_form": report.call_form.describe(), "code": program.code.strip()}
     if args.tabular:
         graph["tabular"] = _node_rows(program)
@@ -178,7 +180,8 @@ def dump_document(args: argparse.Namespace) -> tuple[dict[str, object], tpfx.Ten
         "replicated": [row for row in report.linear_decisions() if not row["sharded"]],
         "graph": graph,
         "communication": {"inputs": target.describe_inputs(batch=args.batch, seq=args.seq), **table.to_dict()},
-        "memory": report.memory(),
+        # what one training step at these inputs saves for backward on this rank (fake tensors, no run)
+        "memory": report.memory() | {"activation_bytes_per_step": activation_bytes(program, inputs, tp=report.tp)},
     }, program
 
 
@@ -246,7 +249,9 @@ def _memory_text(document: dict, style: _Style) -> list[str]:
     return [style("Parameter memory", "bold"),
             f"single device: {single:,} bytes; rank {document['rank']}: {rank:,} bytes ({share:.1%})",
             f"sharded linears: {memory['sharded_linears_single_device_bytes']:,} bytes on one device, "
-            f"{memory['sharded_linears_rank_bytes']:,} bytes per rank"] + _vocab_memory_text(memory)
+            f"{memory['sharded_linears_rank_bytes']:,} bytes per rank"] + _vocab_memory_text(memory) + [
+            f"activations saved for backward in one training step at {document['communication']['inputs']}: "
+            f"{memory['activation_bytes_per_step']:,} bytes on rank {document['rank']}"]
 
 
 def _vocab_memory_text(memory: dict) -> list[str]:
