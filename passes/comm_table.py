@@ -37,7 +37,8 @@ from tpfx.collectives import COLLECTIVES
 from tpfx.passes.ops import CollectiveRule, collective_rules
 from tpfx.passes.plan import ParameterPlan
 from tpfx.errors import TpfxError, one_line
-from tpfx.rank_parts import attention_rank_part, dropout_module_rank_part, dropout_rank_part, rank_part, take_part
+from tpfx.rank_parts import (attention_rank_part, dropout_module_rank_part, dropout_rank_part, embedding_rank_part,
+                             rank_part, take_part)
 
 
 class CommTableError(TpfxError):
@@ -135,12 +136,12 @@ def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -
     sites = site_names(plan.parameters.values()) if plan is not None else {}
     forward, backward = [], []
     for node in _collective_nodes(gm):
-        rule, local, needs_grad = RULES[COLLECTIVES[node.target]], *seen[node.name]
+        rule, (messages, needs_grad) = RULES[COLLECTIVES[node.target]], seen[node.name]
         if rule.forward:
-            forward.append(_row(gm, node, "forward", rule.forward, local, tp, sites))
+            forward += [_row(gm, node, "forward", rule.forward, message, tp, sites) for message in messages]
         if rule.backward and needs_grad:
             # the gradient handed backward has the shape of this node's output
-            backward.append(_row(gm, node, "backward", rule.backward, seen[node.name + ".out"][0], tp, sites))
+            backward.append(_row(gm, node, "backward", rule.backward, seen[node.name + ".out"][0][0], tp, sites))
     return CommTable(tp, tuple(forward + backward[::-1]))
 
 
@@ -174,8 +175,20 @@ def site_names(entries: Iterable[ParameterPlan]) -> dict[str, str]:
 
 def served_module(gm: fx.GraphModule, node: fx.Node, sites: Mapping[str, str] | None = None) -> str:
     """The sharded linear next to a collective node, "" if none: a :mod:`tpfx.layers` module, or one of
-    ``sites`` (:func:`site_names`: module paths and weight names, with the name to show)."""
+    ``sites`` (:func:`site_names`: module paths and weight names, with the name to show).
+
+    A loss over split logits serves the LM head its logits come from (through the views between them).
+    """
     sites = sites or {}
+    module = _next_to(gm, node, sites)
+    rule = RULES.get(COLLECTIVES.get(node.target, ""))
+    while not module and rule is not None and rule.row_statistics and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+        module = _next_to(gm, node, sites)
+    return module
+
+
+def _next_to(gm: fx.GraphModule, node: fx.Node, sites: Mapping[str, str]) -> str:
     neighbours = [a for a in node.args if isinstance(a, fx.Node)] + list(node.users)
     for neighbour in neighbours:
         if neighbour.op == "call_module" and (str(neighbour.target) in sites
@@ -206,10 +219,11 @@ class FakeRun(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, tp: int, context: Any = contextlib.nullcontext) -> None:
         super().__init__(gm)
         self.tp, self.context = tp, context
-        self.observed: dict[str, tuple[torch.Tensor, bool]] = {}
+        self.observed: dict[str, tuple[list[torch.Tensor], bool]] = {}
 
-    def seen(self, inputs: dict[str, object]) -> dict[str, tuple[torch.Tensor, bool]]:
-        """node name -> (tensor handed in, whether it needs a gradient); ``name.out`` for outputs."""
+    def seen(self, inputs: dict[str, object]) -> dict[str, tuple[list[torch.Tensor], bool]]:
+        """node name -> (tensors handed to its collectives, whether its input needs a gradient); ``name.out``
+        for outputs. A loss over split logits hands its row statistics, one tensor per all-reduce."""
         mode = FakeTensorMode(allow_non_fake_inputs=True)  # parameters stay real; the mode fakes them on use
         with mode, torch.enable_grad(), self.context():
             fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
@@ -243,13 +257,21 @@ class FakeRun(fx.Interpreter):
             return torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask,
                                                                     is_causal=is_causal, scale=scale,
                                                                     enable_gqa=kwargs.get("enable_gqa", False))
+        if target is embedding_rank_part:
+            return torch.nn.functional.embedding(args[0], args[1])
         if target not in COLLECTIVES:
             return super().call_function(target, args, kwargs)
         local = args[0]
         rule = RULES[COLLECTIVES[target]]
-        out = _output_like(local, rule, args, self.tp)
-        self.observed[self._current] = (local, local.requires_grad)
-        self.observed[self._current + ".out"] = (out, out.requires_grad)
+        messages = [local]
+        if rule.row_statistics:  # per row of the split logits: its statistics, the loss as the op computes it
+            rows = local.numel() // local.shape[-1]
+            messages = [local.new_empty((rows,) if width == 1 else (rows, width)) for width in rule.row_statistics]
+            out = rule.local_equivalent(*args[:2], **kwargs)
+        else:
+            out = _output_like(local, rule, args, self.tp)
+        self.observed[self._current] = (messages, local.requires_grad)
+        self.observed[self._current + ".out"] = ([out], out.requires_grad)
         return out
 
 

@@ -49,8 +49,9 @@ import torch.nn.functional as F
 
 from tpfx import rank_parts
 from tpfx.collectives import (copy_to_tp, gather_from_sequence, gather_from_tp, gather_sequence_whole,
-                              reduce_from_tp, reduce_scatter_to_sequence, split_to_sequence)
-from tpfx.layers import ColumnParallelLinear, RowParallelLinear
+                              reduce_from_tp, reduce_scatter_to_sequence, split_to_sequence,
+                              vocab_parallel_cross_entropy)
+from tpfx.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
 aten = torch.ops.aten
 
@@ -70,6 +71,8 @@ class Kind(enum.Enum):
     REDUCTION = "reduction"  # mean, sum, ... over given dims
     META = "meta"  # returns Python values (sizes, dtypes), not tensors
     COLLECTIVE = "collective"  # tpfx's own collectives in a rewritten graph
+    EMBEDDING = "embedding"  # a lookup of integer ids into the rows of a table
+    LOSS = "loss"  # a classification loss over the last dim of its input (cross-entropy, nll)
     OTHER = "other"  # no rule: an op tpfx knows nothing about
 
     def __str__(self) -> str:
@@ -167,12 +170,52 @@ class ReductionArguments:
 
 
 @dataclass(frozen=True)
+class EmbeddingArguments:
+    """Where an embedding lookup has its ids, its table and its options (None: the module's attribute).
+
+    ``padding_idx`` is None or, for ATen's ``embedding``, -1 when there is none. ``max_norm`` renormalizes
+    looked-up rows in place, ``scale_grad_by_freq`` and ``sparse`` change the table's gradient: None
+    where the spelling cannot have them.
+    """
+
+    ids: int
+    weight: int | None  # None: a module's own ``weight``
+    padding_idx: Argument | None = None
+    max_norm: Argument | None = None
+    scale_grad_by_freq: Argument | None = None
+    sparse: Argument | None = None
+
+
+@dataclass(frozen=True)
+class LossArguments:
+    """Where a classification loss has its target and options.
+
+    ``reduction`` is a string (``F.cross_entropy``) or ATen's enum (0 none, 1 mean, 2 sum).
+    ``legacy``: ``size_average``/``reduce``, which must be None. ``label_smoothing`` None where the
+    op has none (nll). ``log_probabilities``: the input is already log-softmaxed (``nll_loss``).
+    """
+
+    target: Argument
+    weight: Argument
+    ignore_index: Argument
+    reduction: Argument
+    label_smoothing: Argument | None = None
+    legacy: tuple[Argument, ...] = ()
+    log_probabilities: bool = False
+
+
+@dataclass(frozen=True)
 class CollectiveRule:
     """What one tpfx collective communicates: the op in each direction, and its output width."""
 
     forward: str | None  # "all_gather", "all_reduce", "reduce_scatter" or None (no communication)
     backward: str | None
     gathers_last_dim: bool = False  # the forward output is tp times wider on the last dim
+    # a loss over a last dim split across ranks: its forward all-reduces per row of the input (all dims
+    # but the last) one tensor of each of these widths (1: the row shape itself), and the output has the
+    # shape of ``local_equivalent`` (the single-device op) on the same arguments
+    row_statistics: tuple[int, ...] = ()
+    local_equivalent: object = None
     # +1: the forward output is tp times longer along the dim given as argument 1; -1: tp times shorter
     resizes_dim: int = 0
     # sequence parallelism (tpfx.passes.sequence_parallel): the collective that takes this one's place where
@@ -199,6 +242,8 @@ class OpRule:
     collective: CollectiveRule | None = None
     reduction: ReductionArguments | None = None  # a REDUCE or NORM flow: where its dims are
     numbers: bool = False  # on Python numbers it computes a Python number (operator.floordiv on sizes)
+    embedding: EmbeddingArguments | None = None
+    loss: LossArguments | None = None
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -209,6 +254,10 @@ class OpRule:
             raise ValueError(f"op rule {self.name}: a collective rule needs its communication, and only it")
         if self.flow is Flow.REDUCE and (self.reduction is None or self.reduction.dims is None):
             raise ValueError(f"op rule {self.name}: a reduction needs the position of its dims")
+        if (self.embedding is not None) != (self.kind is Kind.EMBEDDING):
+            raise ValueError(f"op rule {self.name}: an embedding rule needs where its ids and table are, and only it")
+        if self.loss is not None and self.kind is not Kind.LOSS:
+            raise ValueError(f"op rule {self.name}: only a loss rule carries loss arguments")
 
     @property
     def is_pointwise(self) -> bool:
@@ -396,6 +445,35 @@ register(OpRule("addmm", Kind.LINEAR, linear=LinearOperands(data=1, weight=2, bi
          functions=[torch.addmm, aten.addmm])
 register(OpRule("linear", Kind.LINEAR, linear=_OUT_IN), modules=[nn.Linear, ColumnParallelLinear, RowParallelLinear])
 
+# embeddings: a lookup of ids into a table (the module's options are its attributes)
+register(OpRule("embedding", Kind.EMBEDDING, embedding=EmbeddingArguments(
+    ids=0, weight=1, padding_idx=Argument(2, "padding_idx"), max_norm=Argument(3, "max_norm"),
+    scale_grad_by_freq=Argument(5, "scale_grad_by_freq", False), sparse=Argument(6, "sparse", False))),
+    functions=[F.embedding])
+register(OpRule("embedding", Kind.EMBEDDING, embedding=EmbeddingArguments(  # embedding(weight, indices, ...)
+    ids=1, weight=0, padding_idx=Argument(2, "padding_idx", -1),
+    scale_grad_by_freq=Argument(3, "scale_grad_by_freq", False), sparse=Argument(4, "sparse", False))),
+    functions=[aten.embedding])
+register(OpRule("embedding", Kind.EMBEDDING, embedding=EmbeddingArguments(ids=0, weight=None)),
+         modules=[nn.Embedding, VocabParallelEmbedding])
+register(OpRule("embedding_rank_part", Kind.EMBEDDING, embedding=EmbeddingArguments(
+    ids=0, weight=1, padding_idx=Argument(3, "padding_idx"))), functions=[rank_parts.embedding_rank_part])
+
+# classification losses over the last dim: F's spellings (reduction a string, legacy options), ATen's (an enum)
+_F_LEGACY = (Argument(3, "size_average"), Argument(5, "reduce"))
+register(OpRule("cross_entropy", Kind.LOSS, loss=LossArguments(
+    Argument(1, "target"), Argument(2, "weight"), Argument(4, "ignore_index", -100), Argument(6, "reduction", "mean"),
+    Argument(7, "label_smoothing", 0.0), _F_LEGACY)), functions=[F.cross_entropy])
+register(OpRule("cross_entropy", Kind.LOSS, loss=LossArguments(
+    Argument(1, "target"), Argument(2, "weight"), Argument(4, "ignore_index", -100), Argument(3, "reduction", 1),
+    Argument(5, "label_smoothing", 0.0))), functions=[aten.cross_entropy_loss])
+register(OpRule("nll_loss", Kind.LOSS, loss=LossArguments(
+    Argument(1, "target"), Argument(2, "weight"), Argument(4, "ignore_index", -100), Argument(6, "reduction", "mean"),
+    legacy=_F_LEGACY, log_probabilities=True)), functions=[F.nll_loss])
+register(OpRule("nll_loss", Kind.LOSS, loss=LossArguments(
+    Argument(1, "target"), Argument(2, "weight"), Argument(4, "ignore_index", -100), Argument(3, "reduction", 1),
+    log_probabilities=True)), functions=[aten.nll_loss, aten.nll_loss_nd])
+
 # Python values: sizes and other metadata
 register(OpRule("size", Kind.META, Flow.SIZE), functions=[aten.sym_size, aten.sym_numel, aten.sym_stride],
          methods=["size", "dim", "numel"], attributes=["shape", "ndim"])
@@ -428,6 +506,9 @@ register(OpRule("gather_from_sequence", Kind.COLLECTIVE, None,
 register(OpRule("gather_sequence_whole", Kind.COLLECTIVE, None,
                 collective=CollectiveRule("all_gather", None, resizes_dim=1)),
          functions=[gather_sequence_whole])
+register(OpRule("vocab_parallel_cross_entropy", Kind.COLLECTIVE, None, collective=CollectiveRule(
+    "all_reduce", None, row_statistics=(1, 2), local_equivalent=F.cross_entropy)),
+    functions=[vocab_parallel_cross_entropy])
 register(OpRule("rank_part", Kind.SHAPE, None), functions=[rank_parts.rank_part])
 register(OpRule("dropout_rank_part", Kind.DROPOUT, None), functions=[rank_parts.dropout_rank_part,
                                                                     rank_parts.dropout_module_rank_part])
@@ -549,6 +630,75 @@ def dropout_probability(node: fx.Node, modules: dict[str, nn.Module]) -> float |
         return None
     p = modules[str(node.target)].p if rule.dropout.p is None else rule.dropout.p.read(node)
     return None if isinstance(p, (int, float)) and p == 0 else p
+
+
+@dataclass(frozen=True)
+class EmbeddingCall:
+    """An embedding lookup's operands and options, as one node spells them (a module's from its attributes)."""
+
+    ids: object
+    weight: object  # a node (the table's get_attr), or None for a module call (its ``weight``)
+    padding_idx: int | None
+    max_norm: object
+    scale_grad_by_freq: object
+    sparse: object
+
+
+def embedding_call(node: fx.Node, modules: dict[str, nn.Module]) -> EmbeddingCall | None:
+    """The operands and options of an embedding lookup ``node`` (None when it is not one)."""
+    rule = rule_of(node, modules)
+    if rule is None or rule.embedding is None:
+        return None
+    arguments = rule.embedding
+    if node.op == "call_module":
+        module = modules[str(node.target)]
+        return EmbeddingCall(Argument(0, "input").read(node), None, module.padding_idx, module.max_norm,
+                             module.scale_grad_by_freq, module.sparse)
+
+    def read(argument: Argument | None, default: object = None) -> object:
+        return default if argument is None else argument.read(node)
+
+    padding = read(arguments.padding_idx)
+    padding = None if padding is None or (isinstance(padding, int) and padding < 0) else padding
+    return EmbeddingCall(node.args[arguments.ids] if len(node.args) > arguments.ids else None,
+                         node.args[arguments.weight] if len(node.args) > arguments.weight else None, padding,
+                         read(arguments.max_norm), read(arguments.scale_grad_by_freq, False), read(arguments.sparse, False))
+
+
+_REDUCTIONS = {0: "none", 1: "mean", 2: "sum"}  # ATen's enum
+
+
+@dataclass(frozen=True)
+class LossCall:
+    """A classification loss's operands and options; ``unsupported`` names an option tpfx cannot split ("" if none)."""
+
+    input: object
+    target: object
+    ignore_index: object
+    reduction: str
+    log_probabilities: bool
+    unsupported: str
+
+
+def loss_call(node: fx.Node) -> LossCall | None:
+    """The operands and options of a cross-entropy or nll loss ``node`` (None when it is not one)."""
+    rule = rule_of(node, {})
+    if rule is None or rule.loss is None:
+        return None
+    arguments = rule.loss
+    reduction = arguments.reduction.read(node)
+    reduction = _REDUCTIONS.get(reduction, reduction) if isinstance(reduction, int) else reduction
+    unsupported = ""
+    if arguments.weight.read(node) is not None:
+        unsupported = "class weights"
+    elif any(legacy.read(node) is not None for legacy in arguments.legacy):
+        unsupported = "size_average/reduce"
+    elif arguments.label_smoothing is not None and arguments.label_smoothing.read(node) not in (0, 0.0):
+        unsupported = "label smoothing"
+    elif reduction not in ("none", "mean", "sum"):
+        unsupported = f"reduction {reduction!r}"
+    return LossCall(node.args[0] if node.args else node.kwargs.get("input"), arguments.target.read(node),
+                    arguments.ignore_index.read(node), str(reduction), arguments.log_probabilities, unsupported)
 
 
 def collective_rules() -> dict[object, OpRule]:

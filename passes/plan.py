@@ -21,7 +21,7 @@ the plan alone; the report, ``parameter_shard_specs`` and checkpoints read it an
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from types import MappingProxyType
@@ -31,12 +31,16 @@ import torch.fx as fx
 from tpfx.errors import ShardingError
 from tpfx.layers import Placement, ShardSpec, shard_range
 from tpfx.passes.find_sites import ROLES, Replicated, Site, SiteFinding, require_divisible
+from tpfx.passes.find_vocab import HEAD, TABLE, VocabFinding
 from tpfx.passes.graph_view import functional_linear
 from tpfx.passes.ops import op_label
 from tpfx.passes.pair_megatron import Pair, Pairing
 
 ROW = "row"  # the role of a row-parallel partner's parameters (megatron mode)
-PLAN_ROLES = (*ROLES, ROW)
+PLAN_ROLES = (*ROLES, ROW, TABLE, HEAD)  # TABLE, HEAD: a vocab-parallel embedding table and LM head
+
+
+LOGITS = ("gathered", "sharded")  # what the model output holds of vocab-parallel logits
 
 
 class Mode(Enum):
@@ -102,8 +106,10 @@ class Plan:
     """Every parameter of one rank's program and what it holds, plus the analysis records it came from.
 
     ``parameters`` lists each name of the program's parameters (a tied tensor under each of its
-    names, ``tied`` groups them) in the program's order. ``sites``, ``replicated`` and (megatron)
-    ``pairing`` are the analysis records, kept for reports.
+    names, ``tied`` groups them) in the program's order. ``sites``, ``replicated``, (megatron)
+    ``pairing`` and (vocab parallelism) ``vocab`` are the analysis records, kept for reports and for
+    rewriting another call form; ``logits`` says whether the model output holds the logits gathered
+    (``"gathered"``) or this rank's vocabulary columns (``"sharded"``).
     """
 
     mode: Mode
@@ -115,6 +121,8 @@ class Plan:
     pairing: Pairing | None = None
     tied: tuple[tuple[str, ...], ...] = ()
     sequence_parallel: bool = False  # megatron mode: the residual stream between the pairs split along the sequence
+    vocab: VocabFinding | None = None
+    logits: str = "gathered"
 
     def __post_init__(self) -> None:
         if not isinstance(self.mode, Mode):
@@ -132,12 +140,14 @@ class Plan:
             specs = {self.parameters[name].spec for name in names}
             if len(specs) != 1:
                 raise ValueError(f"tied parameters {list(names)} are one tensor but have different specs")
+        if self.logits not in LOGITS:
+            raise ValueError(f"plan logits={self.logits!r}; expected one of {LOGITS}")
         object.__setattr__(self, "parameters", MappingProxyType(dict(self.parameters)))
 
     def __reduce__(self) -> tuple:
         # a mappingproxy neither pickles nor deep-copies: rebuild the plan from a plain dict
         return type(self), (self.mode, self.tp, self.rank, dict(self.parameters), self.sites, self.replicated,
-                            self.pairing, self.tied, self.sequence_parallel)
+                            self.pairing, self.tied, self.sequence_parallel, self.vocab, self.logits)
 
     @property
     def gathered(self) -> tuple[Site, ...]:
@@ -171,10 +181,17 @@ class Plan:
         Args:
             element_size: bytes per element of each parameter, by name; a tied tensor counts once.
         """
+        return self._bytes(element_size, lambda role: role not in ("", TABLE, HEAD))
+
+    def vocab_bytes(self, element_size: Mapping[str, int]) -> tuple[int, int]:
+        """Bytes of the vocab-parallel embedding tables and LM heads (a tied one once): whole, and this rank's."""
+        return self._bytes(element_size, lambda role: role in (TABLE, HEAD))
+
+    def _bytes(self, element_size: Mapping[str, int], counts: Callable[[str], bool]) -> tuple[int, int]:
         single = local = 0
         counted = {name for names in self.tied for name in names[1:]}
         for name, entry in self.parameters.items():
-            if entry.role and name not in counted:
+            if counts(entry.role) and name not in counted:
                 single += math.prod(entry.full_shape) * element_size[name]
                 local += math.prod(entry.local_shape) * element_size[name]
         return single, local
@@ -298,6 +315,50 @@ def _pair_entries(pair: Pair, shapes: dict[str, tuple[int, ...]], tp: int, rank:
     once = f"it is the bias of row-parallel '{pair.row_module_path}': added once, after the all-reduce"
     return entries | _linear_entries((weight, bias), shapes, role=ROW, layer=not pair.row_weight_name,
                                      placements=((Placement.ROW, spec, ""), (Placement.REPLICATED, None, once)))
+
+
+def vocab_plan(plan: Plan, finding: VocabFinding, *, logits: str = "gathered") -> Plan:
+    """``plan`` with the vocabulary split too: each table's rows and each LM head's vocabulary (its output
+    features) in this rank's contiguous 1/tp, tied names alike; tables and heads kept whole say why.
+
+    Args:
+        plan: a mode's plan (gather or megatron) of the program.
+        finding: :func:`tpfx.passes.find_vocab.find_vocab` of the program, with ``plan``'s shards as taken.
+        logits: ``"gathered"`` (the output holds the full logits) or ``"sharded"`` (this rank's columns).
+
+    Returns:
+        A new plan; the entries of the split parameters (under every name of a tied tensor) replaced.
+    """
+    entries = dict(plan.parameters)
+    tied = {name: names for names in plan.tied for name in names}
+    decided: dict[str, ParameterPlan] = {}
+    for table in finding.tables:
+        rows = table.shape[0]
+        spec = ShardSpec.contiguous(0, *shard_range(rows, plan.tp, plan.rank), rows)
+        decided[table.weight_name] = ParameterPlan(table.weight_name, table.shape, Placement.VOCAB, spec, TABLE,
+                                                   table.weight_name.rpartition(".")[0], "",
+                                                   held_by_layer=not table.functional)
+    for head in finding.heads:
+        vocab = head.weight_shape[head.vocab_dim]
+        start, stop = shard_range(vocab, plan.tp, plan.rank)
+        names = (head.weight_name, head.bias_name)
+        specs = (ShardSpec.contiguous(head.vocab_dim, start, stop, vocab), ShardSpec.contiguous(0, start, stop, vocab))
+        for name, spec in zip(names, specs):
+            if name:
+                decided[name] = ParameterPlan(name, entries[name].full_shape, Placement.COLUMN, spec, HEAD,
+                                              name.rpartition(".")[0], "", held_by_layer=not head.functional)
+    for name, entry in decided.items():
+        for alias in tied.get(name, (name,)):  # a name the graph does not read is sliced with the tensor
+            entries[alias] = decided.get(alias) or ParameterPlan(
+                alias, entry.full_shape, entry.placement, entry.spec, entry.role, alias.rpartition(".")[0])
+    own = {whole.weight_name for whole in finding.whole}  # a record's own reason, before a tied name's
+    for whole in finding.whole:
+        for alias in tied.get(whole.weight_name, (whole.weight_name,)):
+            if entries[alias].spec is None and (alias == whole.weight_name or alias not in own):
+                entries[alias] = ParameterPlan(alias, entries[alias].full_shape, Placement.REPLICATED, None, "",
+                                               alias.rpartition(".")[0], f"{whole.role} kept whole: {whole.reason}")
+    return Plan(plan.mode, plan.tp, plan.rank, entries, plan.sites, plan.replicated, plan.pairing, plan.tied,
+                finding, logits)
 
 
 # ------------------------------------------------------------------------------- every other parameter

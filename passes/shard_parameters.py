@@ -30,7 +30,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.errors import ShardingError
-from tpfx.layers import BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, shard_range
+from tpfx.layers import (BlockColumnParallelLinear, ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                         shard_range)
 from tpfx.passes.module_hooks import carry_hooks
 from tpfx.passes.plan import ParameterPlan, Placement, Plan
 
@@ -63,7 +64,8 @@ def shard_parameters(gm: fx.GraphModule, plan: Plan, *, source: nn.Module | None
     for name, entry in plan.parameters.items():
         if entry.spec is not None:
             _check_shape(source, name, entry)
-    layers = {path: _parallel_layer(_linear(source, path, entry), entry, plan) for path, entry in plan.layers().items()}
+    layers = {path: _vocab_layer(source, path, entry, plan) if entry.placement is Placement.VOCAB
+              else _parallel_layer(_linear(source, path, entry), entry, plan) for path, entry in plan.layers().items()}
     parts: dict[int, nn.Parameter] = {}  # one part per source tensor: a tensor under two names stays one
     sliced: dict[str, nn.Parameter] = {}
     for name, entry in plan.parameters.items():
@@ -78,7 +80,29 @@ def shard_parameters(gm: fx.GraphModule, plan: Plan, *, source: nn.Module | None
     for name, part in sliced.items():
         owner, _, leaf = name.rpartition(".")
         setattr(gm.get_submodule(owner), leaf, part)
+    _retie(gm, plan)
     return ShardedParameters(tuple(layers), tuple(sliced))
+
+
+def _retie(gm: fx.GraphModule, plan: Plan) -> None:
+    """A tied tensor split by two layers (a vocab-parallel embedding and LM head) stays one tensor: the
+    first name's part, held under every name (each layer cloned its own part of the same rows)."""
+    for names in plan.tied:
+        if plan.parameters[names[0]].spec is None:
+            continue
+        part = gm.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, leaf = name.rpartition(".")
+            setattr(gm.get_submodule(owner), leaf, part)
+
+
+def _vocab_layer(source: nn.Module, path: str, entry: ParameterPlan, plan: Plan) -> VocabParallelEmbedding:
+    """The vocab-parallel layer holding ``entry``'s rows of the Embedding at ``path``."""
+    module = source.get_submodule(path)
+    if not isinstance(module, nn.Embedding):
+        raise ShardingError(f"'{path}' is a {type(module).__name__}, not an nn.Embedding; only Embedding modules "
+                            "can be split by vocabulary rows")
+    return VocabParallelEmbedding(module, spec=entry.spec, tp=plan.tp, rank=plan.rank)
 
 
 def _check_shape(source: nn.Module, name: str, entry: ParameterPlan) -> None:

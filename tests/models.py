@@ -349,3 +349,33 @@ class ShortcutWithoutScale(nn.Module):
         bsz, seq, _ = x.shape
         q, k, v = (proj(x).view(bsz, seq, HEADS, HEAD).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
         return self.o_proj(_attend(q * scale, k, v).transpose(1, 2).reshape(bsz, seq, WIDTH))
+
+
+class GroupedLM(nn.Module):
+    """A token embedding, two grouped-query blocks with gated FFNs (:class:`Grouped`), an RMSNorm and an LM head.
+
+    With labels it returns only the loss, spelled ``nll_loss(log_softmax(logits))``; without, the logits.
+    """
+
+    def __init__(self, vocab: int = 64, kv_heads: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, WIDTH)
+        self.blocks = nn.ModuleList(Grouped(kv_heads) for _ in range(2))
+        self.norm = nn.RMSNorm(WIDTH)
+        self.head = nn.Linear(WIDTH, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.embed(ids)
+        for block in self.blocks:
+            h = block(h)
+        logits = self.head(self.norm(h))  # (B, T, V)
+        if labels is None:
+            return logits
+        log_probs = F.log_softmax(logits.flatten(0, 1), dim=-1)  # (B*T, V)
+        return F.nll_loss(log_probs, labels.flatten())
+
+
+def tie_embedding_and_head(model: nn.Module, embedding: str, head: str) -> nn.Module:
+    """``model`` with its LM head's weight made the embedding's table (GPT-2 and nanoGPT tie them)."""
+    model.get_submodule(head).weight = model.get_submodule(embedding).weight
+    return model

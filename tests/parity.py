@@ -21,6 +21,12 @@ def max_diff(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
     return (a.detach().float() - b.detach().float()).abs().max().item()
 
 
+def assert_close(diffs: dict[str, float], label: str, tol: float = 1e-5) -> None:
+    """Assert that every difference (tensor name -> max |difference|) is at most ``tol``, naming those that are not."""
+    bad = {k: v for k, v in diffs.items() if not v <= tol}
+    assert not bad, f"{label}: {len(bad)} tensors differ by more than {tol}: {bad}"
+
+
 def grad_diffs(program: nn.Module, reference: nn.Module) -> dict[str, float]:
     """For every parameter of ``program``: max |grad - matching part of the single-device grad|."""
     full = dict(reference.named_parameters())

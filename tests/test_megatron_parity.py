@@ -21,13 +21,12 @@ import tpfx
 from examples.gpt import GPTModel, small_config
 from tpfx.passes.comm_table import comm_table
 from tests.multiprocess import run_ranks
-from tests.parity import grad_diffs, max_diff, observed_collectives
+from tests.parity import assert_close, grad_diffs, max_diff, observed_collectives
 from tests.models import WIDTH, DropoutInside, FusedLastDim, Grouped, HeadMixing, Interleaved
 from tpfx.collectives import add_observer
 
 HAVE_HF = importlib.util.find_spec("transformers") is not None
 
-TOL = 1e-5
 BATCH, SEQ = 2, 16
 
 
@@ -203,17 +202,12 @@ def world(request) -> tuple[int, list[dict]]:
     return request.param, run_ranks(_world, request.param)
 
 
-def _assert_close(diffs: dict[str, float], label: str) -> None:
-    bad = {k: v for k, v in diffs.items() if not v <= TOL}
-    assert not bad, f"{label}: {len(bad)} tensors differ by more than {TOL}: {bad}"
-
-
 def test_gpt_logits_loss_and_every_gradient_match_single_device(world):
     tp, results = world
     for rank, result in enumerate(results):
         gpt = result["gpt"]
         assert len(gpt["diffs"]) > 100  # 4 call forms: output, loss and every parameter's gradient
-        _assert_close(gpt["diffs"], f"GPT tp={tp} rank {rank}")
+        assert_close(gpt["diffs"], f"GPT tp={tp} rank {rank}")
         assert gpt["fallbacks"] == 0 and len(gpt["pairs"]) == 4
 
 
@@ -221,7 +215,7 @@ def test_every_layout_matches_single_device(world):
     tp, results = world
     for rank, result in enumerate(results):
         for label, checked in result["layouts"].items():
-            _assert_close(checked["diffs"], f"{label} tp={tp} rank {rank}")
+            assert_close(checked["diffs"], f"{label} tp={tp} rank {rank}")
             measured, table = checked["bytes"]
             assert measured == table > 0, (label, tp, rank)  # the comm table is exact here too
     if tp == 4:  # whole keys and values: their output gradients are all-reduced too (2 more per step)
@@ -234,12 +228,12 @@ def test_hugging_face_models_match_single_device_with_every_linear_paired(world)
     for rank, result in enumerate(results):
         for name, checked in result["hf"].items():
             assert len(checked["diffs"]) > 10  # logits, loss and every parameter's gradient
-            _assert_close(checked["diffs"], f"{name} tp={tp} rank {rank}")
+            assert_close(checked["diffs"], f"{name} tp={tp} rank {rank}")
             assert checked["pairs"] == 2 and not checked["fallbacks"], (name, checked["fallbacks"])
             assert checked["narrows"] == (2 if name == "llama kv=2" else 0)  # k and v, before the attention
             if name in ("gpt2", "llama"):
                 assert len(checked["other form diffs"]) == len(checked["diffs"])
-                _assert_close(checked["other form diffs"], f"{name} with a mask, tp={tp} rank {rank}")
+                assert_close(checked["other form diffs"], f"{name} with a mask, tp={tp} rank {rank}")
 
 
 def test_layouts_pair_or_fall_back_with_a_reason(world):
@@ -295,4 +289,4 @@ def test_train_mode_dropout_between_pairs_matches_single_device(world):
             assert dropouts == {"gpt": 2, "dropout inside": 2, "dropout inside, exported": 2, "hf gpt2": 1}[label]
             assert tracer == ("export" if label.startswith("hf") or label.endswith("exported") else "fx")
             assert len(diffs) > 10
-            _assert_close(diffs, f"train mode {label} tp={tp} rank {rank}")
+            assert_close(diffs, f"train mode {label} tp={tp} rank {rank}")

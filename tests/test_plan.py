@@ -66,7 +66,7 @@ def test_gather_plan_of_the_gpt_lists_every_parameter_with_its_spec_or_reason():
     assert _summary(out_proj) == (REPLICATED, None, "", False, (128, 128))
     assert out_proj.describe().startswith("replicated, because its linear 'blocks.0.attn.out_proj' stays whole: "
                                           "feeds dropout -> the residual add only")
-    assert p["lm_head.weight"].reason.startswith("its linear 'lm_head' stays whole: feeds op 'cross_entropy'")
+    assert p["lm_head.weight"].reason.startswith("its linear 'lm_head' stays whole: feeds loss 'cross_entropy'")
     assert p["token_embedding.weight"].reason == (
         "no sharded linear reads it (first read by module 'token_embedding' (Embedding))")
     assert p["blocks.1.ln2.bias"].reason == "no sharded linear reads it (first read by module 'blocks.1.ln2' (LayerNorm))"

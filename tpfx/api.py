@@ -19,14 +19,16 @@ import torch.nn as nn
 from tpfx.passes.column_shard import insert_collectives
 from tpfx.passes.fake_shapes import FakeShapes, propagate_fake_shapes
 from tpfx.passes.find_sites import SiteFinding, find_sites
+from tpfx.passes.find_vocab import find_vocab
 from tpfx.passes.meta_device import device_of_inputs, retarget_meta_device
 from tpfx.passes.node_placements import annotate_linears
 from tpfx.passes.pair_megatron import pair_sites
-from tpfx.passes.plan import Mode, Plan, gather_plan, megatron_plan
+from tpfx.passes.plan import LOGITS, Mode, Plan, gather_plan, megatron_plan, vocab_plan
 from tpfx.passes.row_shard import rewrite_other_form, rewrite_pair_graph
 from tpfx.passes.lift_flattened_collectives import lift_flattened_collectives
 from tpfx.passes.sequence_parallel import SequenceRegion, find_sequence_region, shard_sequence
 from tpfx.passes.shard_parameters import shard_parameters
+from tpfx.passes.vocab_shard import rewrite_vocab_graph
 from tpfx.capture import forward_signature
 from tpfx.collectives import bind_group, group_key
 from tpfx.errors import ConfigError
@@ -160,13 +162,9 @@ def _sequence_report(report: Report, gm: fx.GraphModule, plan: Plan) -> Report:
 
 
 # megatron mode with sequence parallelism: the megatron strategy, then the sequence split on each graph
-SEQUENCE_PARALLEL = dataclasses.replace(
-    STRATEGIES[Mode.MEGATRON],
-    rewrite=lambda gm, plan, group: (STRATEGIES[Mode.MEGATRON].rewrite(gm, plan, group),
-                                     _split_sequence(gm, plan, group)),
-    rewrite_other_form=lambda traced, plan, group: (STRATEGIES[Mode.MEGATRON].rewrite_other_form(traced, plan, group),
-                                                    _split_sequence(traced, plan, group)),
-    report=_sequence_report, sequence_parallel=True)
+# (_rewrite splits the sequence after the mode's and the steps' rewrites: a vocab-parallel lookup's sum then
+# enters the region as a reduce-scatter)
+SEQUENCE_PARALLEL = dataclasses.replace(STRATEGIES[Mode.MEGATRON], report=_sequence_report, sequence_parallel=True)
 
 
 def strategy_for(mode: str, *, sequence_parallel: bool = False) -> Strategy:
@@ -185,11 +183,34 @@ def strategy_for(mode: str, *, sequence_parallel: bool = False) -> Strategy:
     return SEQUENCE_PARALLEL
 
 
+@dataclass(frozen=True)
+class Step:
+    """A strategy step on top of a mode: it extends the mode's plan, then rewrites each graph after the
+    mode's rewrite (the program's and every other call form's). It reads sizes (fx captures get fake shapes)."""
+
+    plan: Callable[[fx.GraphModule, Plan], Plan]  # (gm, the mode's plan): raises before any change
+    rewrite: Callable[[fx.GraphModule, Plan, str], object]  # (gm, plan, group key): the graph only
+
+
+def _vocab_parallel(gm: fx.GraphModule, plan: Plan, logits: str) -> Plan:
+    # the linears the mode shards are no LM head; the finder decides on the rest
+    return vocab_plan(plan, find_vocab(gm, tp=plan.tp, taken=frozenset(plan.shard_specs())), logits=logits)
+
+
+def vocab_parallel_step(logits: str) -> Step:
+    """Split the vocabulary: embedding tables by rows, LM heads by output features, cross-entropy over
+    the split logits (:mod:`tpfx.passes.find_vocab`, :mod:`tpfx.passes.vocab_shard`)."""
+    return Step(plan=lambda gm, plan: _vocab_parallel(gm, plan, logits),
+                rewrite=lambda gm, plan, group: rewrite_vocab_graph(gm, plan.vocab, tp=plan.tp, group=group,
+                                                                     logits=plan.logits))
+
+
 def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessGroup | None = None,
                 mesh: DeviceMesh | None = None, rank: int | None = None,
                 mode: Literal["gather", "megatron"] = "gather", tracer: Literal["auto", "fx", "export"] = "auto",
-                example_inputs: ExampleInputs | None = None,
-                sequence_parallel: bool = False) -> TensorParallelModule | DeferredProgram:
+                example_inputs: ExampleInputs | None = None, sequence_parallel: bool = False,
+                vocab_parallel: bool = False,
+                logits: Literal["gathered", "sharded"] = "gathered") -> TensorParallelModule | DeferredProgram:
     """Make ``model`` tensor-parallel: return this rank's program as a GraphModule.
 
     The attention QKV projections and FFN first linears are found by graph structure and
@@ -225,6 +246,14 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
             sequence (norms, dropouts and residual adds run on 1/tp of the tokens); a reduce-scatter
             after each row-parallel linear and an all-gather before each pair replace the all-reduce
             (:mod:`tpfx.passes.sequence_parallel`). The sequence length must be a multiple of tp.
+        vocab_parallel: also split the vocabulary (either mode): the token embedding's table by rows
+            (one all-reduce of the lookup), the LM head by output features, and a cross-entropy over
+            its logits by the vocabulary-parallel one (max and sum of exponentials all-reduced), so no
+            rank holds the full logits for the loss. A vocabulary tp does not divide stays whole
+            (``tpfx explain`` says why). Default off (see the README).
+        logits: with ``vocab_parallel``, what the model output holds of the logits: ``"gathered"``
+            (default: the full logits, one all-gather of (tokens x vocab) per call) or ``"sharded"``
+            (this rank's contiguous vocab / tp columns, no gather; a loss in the graph is unaffected).
 
     Returns:
         A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts;
@@ -241,13 +270,19 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
     strategy = strategy_for(mode, sequence_parallel=sequence_parallel)
     if tracer not in TRACERS:
         raise ConfigError(f"tracer={tracer!r} is not a tracer; use one of {', '.join(map(repr, TRACERS))}")
+    if logits not in LOGITS:
+        raise ConfigError(f"logits={logits!r} is not an option; use one of {', '.join(map(repr, LOGITS))}")
+    if logits != "gathered" and not vocab_parallel:
+        raise ConfigError(f"logits={logits!r} needs vocab_parallel=True (without it the LM head stays whole)")
     group = _group_of(mesh, group)
     layout = resolve_layout(tp, group=group, rank=rank)
+    steps = (vocab_parallel_step(logits),) if vocab_parallel else ()
     try:
         with _collector_paused():
-            gm = _compile(model, layout, strategy=strategy, tracer=tracer, example_inputs=example_inputs)
+            gm = _compile(model, layout, strategy=strategy, tracer=tracer, example_inputs=example_inputs,
+                          steps=steps)
     except NeedsCall as needs:  # fx cannot trace it and there is no example call: capture from the first call
-        gm = _deferred(model, layout, strategy=strategy, reason=needs.reason)
+        gm = _deferred(model, layout, strategy=strategy, steps=steps, reason=needs.reason)
     _bind_process_group(layout, group)
     return gm
 
@@ -266,13 +301,14 @@ def _group_of(mesh: DeviceMesh | None, group: dist.ProcessGroup | None) -> dist.
     return mesh.get_group()
 
 
-def _deferred(model: nn.Module, layout: Layout, *, strategy: Strategy, reason: str) -> DeferredProgram:
+def _deferred(model: nn.Module, layout: Layout, *, strategy: Strategy, steps: tuple[Step, ...],
+              reason: str) -> DeferredProgram:
     """The program captured with torch.export from its first call's arguments (see :mod:`tpfx.deferred`)."""
     def compile_from(args: tuple, kwargs: dict, training: bool) -> TensorParallelModule:
         call = bind_call(forward_signature(model), args, kwargs)
         with _collector_paused(), _in_mode(model, training):
             return _compile(model, layout, strategy=strategy, tracer="export", example_inputs=call,
-                            fx_failure=reason)
+                            steps=steps, fx_failure=reason)
 
     return DeferredProgram(type(model).__name__, reason, compile_from, training=model.training)
 
@@ -290,7 +326,8 @@ def _in_mode(model: nn.Module, training: bool) -> Iterator[None]:
 
 
 def _compile(model: nn.Module, layout: Layout, *, strategy: Strategy, tracer: str,
-             example_inputs: ExampleInputs | None, fx_failure: str = "") -> TensorParallelModule:
+             example_inputs: ExampleInputs | None, steps: tuple[Step, ...] = (),
+             fx_failure: str = "") -> TensorParallelModule:
     """capture -> find sites -> plan (the mode's strategy) -> rewrite the graph, shard the parameters -> report.
 
     The captured program is compiled in place: it is built over a weightless copy of the model, the
@@ -301,15 +338,18 @@ def _compile(model: nn.Module, layout: Layout, *, strategy: Strategy, tracer: st
     # a model built with parameters on meta was traced on meta: its device constants must say the inputs' device
     retarget_meta_device(gm, device=device_of_inputs(example_inputs))
     # gather mode reads no sizes: shape propagation (a third of a small model's pass) is for pairing only
-    shapes = _fake_shapes(captured, forward_signature(model), example_inputs) if strategy.needs_shapes else None
+    needs_shapes = strategy.needs_shapes or bool(steps)
+    shapes = _fake_shapes(captured, forward_signature(model), example_inputs) if needs_shapes else None
     # every parameter of the model, also those this graph does not read: the plan lists them all
     adopt_missing(gm, captured.skeleton)
     finding = find_sites(gm, tp=layout.tp)
     warn_if_no_sites(type(model).__name__, finding, tp=layout.tp, stacklevel=3)  # 3: parallelize's caller
     plan = strategy.plan(gm, finding, layout.tp, layout.rank)  # raises before any change
+    for step in steps:
+        plan = step.plan(gm, plan)
     plan = dataclasses.replace(plan, sequence_parallel=strategy.sequence_parallel)
     annotate_linears(gm, plan)  # node.meta["tpfx"]: what the rewrite does at each linear, from the plan
-    strategy.rewrite(gm, plan, layout.key)
+    _rewrite(gm, plan, layout.key, strategy, steps, other_form=False)
     shard_parameters(gm, plan, source=model)
     gm.tpfx_plan = plan  # what every parameter holds and why; reports and checkpoints read it
     gm.tpfx_pairing = plan.pairing  # megatron mode: the pairs and the fallbacks with their reasons
@@ -318,13 +358,24 @@ def _compile(model: nn.Module, layout: Layout, *, strategy: Strategy, tracer: st
     gm.recompile()
     gm.train(model.training)
     captured.serve_call_forms(forward_signature(model),
-                              lambda traced: strategy.rewrite_other_form(traced, plan, layout.key),
+                              lambda traced: _rewrite(traced, plan, layout.key, strategy, steps, other_form=True),
                               _preparation(shapes, forward_signature(model)))
     note = " ".join(filter(None, [captured.note, shapes.note if shapes is not None else ""]))  # sentences
     report = build_report(gm, model, plan=plan, group=layout.key, call_form=captured.form,
                           tracer=captured.tracer, tracer_note=note)
     gm.tpfx_report = strategy.report(report, gm, plan)
     return gm
+
+
+def _rewrite(gm: fx.GraphModule, plan: Plan, group: str, strategy: Strategy, steps: tuple[Step, ...], *,
+             other_form: bool) -> None:
+    """The mode's rewrite of one graph (the program's, or another call form's mapped onto the plan), then
+    the steps', then (sequence parallelism) the split of the residual stream, which sees every sum."""
+    (strategy.rewrite_other_form if other_form else strategy.rewrite)(gm, plan, group)
+    for step in steps:
+        step.rewrite(gm, plan, group)
+    if strategy.sequence_parallel:
+        _split_sequence(gm, plan, group)
 
 
 def _fake_shapes(captured: Captured, signature: inspect.Signature,

@@ -72,8 +72,8 @@ class _Style:
 
 
 def parallelize_options() -> dict[str, inspect.Parameter]:
-    """Keyword options of :func:`tpfx.parallelize` with a string default (``mode``, ``tracer``) or a boolean
-    one (``sequence_parallel``, a flag): CLI options."""
+    """Keyword options of :func:`tpfx.parallelize` with a string or bool default (``mode``, ``tracer``,
+    ``vocab_parallel``, ...): CLI options (a bool one is a flag that turns it on)."""
     parameters = inspect.signature(tpfx.parallelize).parameters
     return {name: p for name, p in parameters.items()
             if p.kind is p.KEYWORD_ONLY and isinstance(p.default, (str, bool))}
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _passthrough(args: argparse.Namespace) -> dict[str, str]:
+def _passthrough(args: argparse.Namespace) -> dict[str, str | bool]:
     """The parallelize options given on the command line (the others keep parallelize's defaults)."""
     return {name: getattr(args, f"parallelize_{name}") for name in parallelize_options()
             if getattr(args, f"parallelize_{name}") is not None}
@@ -263,9 +263,16 @@ def _memory_text(document: dict, style: _Style) -> list[str]:
     return [style("Parameter memory", "bold"),
             f"single device: {single:,} bytes; rank {document['rank']}: {rank:,} bytes ({share:.1%})",
             f"sharded linears: {memory['sharded_linears_single_device_bytes']:,} bytes on one device, "
-            f"{memory['sharded_linears_rank_bytes']:,} bytes per rank",
+            f"{memory['sharded_linears_rank_bytes']:,} bytes per rank"] + _vocab_memory_text(memory) + [
             f"activations of one training step at {memory['activation_inputs']}: {memory['activation_bytes']:,} bytes "
             f"on rank {document['rank']} (tensors saved for backward)"]
+
+
+def _vocab_memory_text(memory: dict) -> list[str]:
+    if "vocab_parallel_single_device_bytes" not in memory:
+        return []
+    return [f"vocab-parallel embeddings and LM heads: {memory['vocab_parallel_single_device_bytes']:,} bytes on one "
+            f"device, {memory['vocab_parallel_rank_bytes']:,} bytes per rank"]
 
 
 def _diff_colour(line: str, style: _Style) -> str:

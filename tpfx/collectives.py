@@ -24,6 +24,11 @@ Sequence parallelism (Megatron's sequence-parallel region: between the pairs eve
 region, ``gather_from_sequence`` replaces ``copy_to_tp`` where a column-parallel linear reads it;
 ``split_to_sequence`` and ``gather_sequence_whole`` enter and leave it from and to computation every
 rank does whole (the embedding before it, the LM head after it).
+
+and the loss over logits whose vocabulary is split across the group:
+
+* ``vocab_parallel_cross_entropy``: all-reduce (max) of each row's largest logit, then one all-reduce (sum)
+  of each row's sum of exponentials and target logit (from the rank that holds the target) / no communication
 """
 
 from __future__ import annotations
@@ -189,6 +194,68 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of logits whose last dim holds this rank's contiguous 1/tp of the vocabulary.
+
+    Forward: the row maximum and the row's sum of exponentials are all-reduced, and the target logit
+    comes from the rank that holds it (the others add zero), so the loss equals the single-device one
+    and no rank holds the full logits. Backward is local: softmax minus the one-hot target, of this
+    rank's columns, times the loss gradient (every rank has the whole loss, so the same gradient).
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, key: str, ignore_index: int,
+                reduction: str) -> torch.Tensor:
+        group = _group(key)
+        width = logits.shape[-1]
+        start = dist.get_rank(group) * width
+        rows, labels = logits.detach().reshape(-1, width), target.reshape(-1)
+        top = rows.amax(dim=-1)  # any common shift keeps the softmax; the largest keeps exp() finite
+        _notify("all_reduce", top)
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        exp = (rows - top.unsqueeze(-1)).exp()
+        local = labels - start
+        held = (local >= 0) & (local < width)
+        index = local.masked_fill(~held, 0).unsqueeze(-1)
+        picked = (rows.gather(-1, index).squeeze(-1) - top).masked_fill(~held, 0.0)
+        statistics = torch.stack([exp.sum(dim=-1), picked], dim=-1)  # (rows, 2): one all-reduce for both
+        _notify("all_reduce", statistics)
+        dist.all_reduce(statistics, group=group)
+        total, target_logit = statistics.unbind(-1)
+        valid = labels != ignore_index
+        losses = (total.log() - target_logit).masked_fill(~valid, 0.0)
+        ctx.save_for_backward(exp / total.unsqueeze(-1), index, held & valid, valid)
+        ctx.reduction, ctx.shape = reduction, logits.shape
+        if reduction == "none":
+            return losses.view(target.shape)
+        count = valid.sum()
+        ctx.count = count
+        return losses.sum() if reduction == "sum" else losses.sum() / count
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        softmax, index, hit, valid = ctx.saved_tensors
+        scale = grad.reshape(-1) if ctx.reduction == "none" else grad.expand(valid.shape)
+        if ctx.reduction == "mean":
+            scale = scale / ctx.count
+        scale = scale * valid
+        grad_logits = softmax * scale.unsqueeze(-1)
+        grad_logits.scatter_add_(-1, index, -(scale * hit).unsqueeze(-1).to(grad_logits.dtype))
+        return grad_logits.view(ctx.shape), None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, group: str, *, ignore_index: int = -100,
+                                 reduction: str = "mean") -> torch.Tensor:
+    """``F.cross_entropy(full_logits, target)`` from this rank's contiguous 1/tp of the vocabulary (last dim).
+
+    ``logits`` is (..., vocab / tp), ``target`` the class indices (...) of the full vocabulary; the
+    result (every rank the same) and the logits' gradient equal the single-device ones.
+    """
+    if reduction not in ("none", "mean", "sum"):
+        raise ConfigError(f"vocab_parallel_cross_entropy: reduction={reduction!r}; use 'none', 'mean' or 'sum'")
+    return _VocabParallelCrossEntropy.apply(logits, target, group, ignore_index, reduction)
+
+
 def copy_to_tp(x: torch.Tensor, group: str) -> torch.Tensor:
     """Identity forward; all-reduce (sum) of the gradient backward. Precedes a column-parallel linear."""
     return _CopyToTP.apply(x, group)
@@ -246,6 +313,7 @@ COLLECTIVES: dict[Callable[..., torch.Tensor], str] = {
     reduce_scatter_to_sequence: "reduce_scatter_to_sequence",
     gather_from_sequence: "gather_from_sequence",
     gather_sequence_whole: "gather_sequence_whole",
+    vocab_parallel_cross_entropy: "vocab_parallel_cross_entropy",
 }
 
 

@@ -16,10 +16,12 @@ import torch.nn.functional as F
 
 
 class Placement(Enum):
-    """Where a parameter's rank-local part lies: split with a column- or a row-parallel linear, or whole."""
+    """Where a parameter's rank-local part lies: split with a column- or a row-parallel linear, split by
+    vocabulary rows (an embedding table), or whole."""
 
     COLUMN = "column"
     ROW = "row"
+    VOCAB = "vocab"  # an embedding table's rows: each rank holds its 1/tp of the vocabulary
     REPLICATED = "replicated"
 
 
@@ -182,3 +184,51 @@ class RowParallelLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (columns {list(self.spec.ranges)} of {self.full_in_features}), "
                 f"out_features={self.out_features}, bias={self.bias is not None} (added after the all-reduce)")
+
+
+def lookup_rows(ids: torch.Tensor, weight: torch.Tensor, start: int, padding_idx: int | None = None) -> torch.Tensor:
+    """This rank's part of ``F.embedding(ids, full_table)``: rows ``[start, start + len(weight))`` looked up, zeros
+    for ids outside them (another rank holds those rows). Summed over the group, the parts are the full lookup.
+
+    ``padding_idx`` is the full table's; it applies here when this rank holds that row. Backward gives
+    each held row the gradient of its ids only: the ids outside the range reach no row of this rank.
+    """
+    local = ids - start
+    outside = (local < 0) | (local >= weight.shape[0])
+    held_padding = padding_idx - start if padding_idx is not None and 0 <= padding_idx - start < weight.shape[0] else None
+    rows = F.embedding(local.masked_fill(outside, 0), weight, held_padding)
+    return rows.masked_fill(outside.unsqueeze(-1), 0.0)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """This rank's rows of an Embedding's table (num_embeddings / tp of them, the vocabulary split in order).
+
+    ``forward(ids)`` returns this rank's part of the lookup (zeros for ids another rank holds); the graph
+    sums the parts over the group (``reduce_from_tp``).
+    """
+
+    def __init__(self, embedding: nn.Embedding, *, spec: ShardSpec, tp: int, rank: int) -> None:
+        super().__init__()
+        if spec.dim != 0 or len(spec.ranges) != 1 or spec.full_size != embedding.num_embeddings:
+            raise ValueError(f"vocabulary rows {spec} do not fit an Embedding of {embedding.num_embeddings} rows")
+        self.full_num_embeddings = embedding.num_embeddings
+        self.embedding_dim = embedding.embedding_dim
+        self.padding_idx = embedding.padding_idx  # of the full table
+        self.max_norm, self.scale_grad_by_freq, self.sparse = None, False, False  # what a split table supports
+        self.tp, self.rank, self.spec = tp, rank, spec
+        self.start = spec.ranges[0][0]
+        self.num_embeddings = spec.local_size
+        self.weight = _owned_part(embedding.weight, spec)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return lookup_rows(ids, self.weight, self.start, self.padding_idx)
+
+    def shard_spec(self, param_name: str) -> ShardSpec | None:
+        """``weight``: the rows of ``spec`` (dim 0)."""
+        if param_name != "weight":
+            raise KeyError(f"VocabParallelEmbedding has no parameter {param_name!r}")
+        return self.spec
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings} of {self.full_num_embeddings} rows {list(self.spec.ranges)}, "
+                f"embedding_dim={self.embedding_dim}, padding_idx={self.padding_idx}")

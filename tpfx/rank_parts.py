@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from tpfx.collectives import rank_and_size
+from tpfx.layers import lookup_rows
 
 
 def rank_part(x: torch.Tensor, dim: int, group: str, *, block: int | None = None) -> torch.Tensor:
@@ -112,3 +113,13 @@ def attention_rank_part(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
     probabilities = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # a row with every key masked attends to none
     probabilities = probabilities * _mask_part(probabilities, dropout_p, dim, group)
     return probabilities @ value
+
+
+def embedding_rank_part(ids: torch.Tensor, weight: torch.Tensor, group: str, padding_idx: int | None = None
+                        ) -> torch.Tensor:
+    """``F.embedding(ids, full_table)`` where this rank holds the ``weight`` rows of its 1/tp of the vocabulary.
+
+    Returns this rank's part of the lookup (zeros for ids another rank holds); the graph sums the parts.
+    """
+    rank, _ = rank_and_size(group)
+    return lookup_rows(ids, weight, rank * weight.shape[0], padding_idx)

@@ -36,6 +36,8 @@ class Report:
     tracer: str = "fx"  # how the model was captured: "fx" or "export"
     tracer_note: str = ""  # why tracer="auto" chose export, which dims stayed dynamic; fx: where shapes came from
     mode: str = "gather"  # the parallelization mode; MegatronReport says "megatron"
+    vocab_bytes_single: int = 0  # the vocab-parallel embedding tables and LM heads, unsharded
+    vocab_bytes_rank: int = 0  # ... and this rank's parts of them
 
     def sites_table(self) -> list[dict[str, object]]:
         """One row per site: module path, role, full weight shape, shard shape (the plan's), collectives around it."""
@@ -46,6 +48,21 @@ class Report:
             rows.append({"module": site.module_path, "role": site.role, "weight": list(weight.full_shape),
                          "shard": list(weight.local_shape),
                          "collectives": list(around.get(site.module_path, ("copy_to_tp", "gather_from_tp")))})
+        return rows + self._vocab_rows()
+
+    def _vocab_rows(self) -> list[dict[str, object]]:
+        """The vocab-parallel tables and heads (``vocab_parallel=True``): weight and shard from the plan."""
+        vocab = self.plan.vocab
+        if vocab is None:
+            return []
+        rows = [{"module": t.module_path, "role": "embedding", "weight": list(t.shape),
+                 "shard": list(self.plan.entry(t.weight_name).local_shape), "collectives": ["reduce_from_tp"]}
+                for t in vocab.tables]
+        for head in vocab.heads:
+            collectives = ["copy_to_tp"] + ["vocab_parallel_cross_entropy"] * head.feeds_loss
+            collectives += ["gather_from_tp"] * (head.outputs and self.plan.logits == "gathered")
+            rows.append({"module": head.module_path, "role": "lm_head", "weight": list(head.weight_shape),
+                         "shard": list(self.plan.entry(head.weight_name).local_shape), "collectives": collectives})
         return rows
 
     def linear_decisions(self) -> list[dict[str, object]]:
@@ -55,13 +72,46 @@ class Report:
         rows += [{"module": r.module_path, "weight": list(r.weight_shape), "sharded": False, "role": "",
                   "reason": r.reason} for r in self.replicated]
         order = {path: index for index, path in enumerate(self.linear_order)}
-        return sorted(rows, key=lambda row: order.get(row["module"], len(order)))
+        rows = sorted(rows, key=lambda row: order.get(row["module"], len(order)))
+        return self._vocab_decisions(rows) if self.plan.vocab is not None else rows
+
+    def _vocab_decisions(self, rows: list[dict[str, object]]) -> list[dict[str, object]]:
+        """The LM heads' rows say how the vocabulary is split (or why not); the embedding tables come first."""
+        vocab, tp = self.plan.vocab, self.tp
+        heads = {head.module_path: head for head in vocab.heads}
+        whole = {record.module_path: record for record in vocab.whole if record.role == "lm_head"}
+        decided = []
+        for row in rows:
+            head = heads.get(row["module"])
+            if head is not None:
+                size = head.weight_shape[head.vocab_dim]
+                loss = "; cross-entropy over its logits replaced by the vocabulary-parallel one" * head.feeds_loss
+                output = {"gathered": "; the output's logits all-gathered", "sharded": "; the output holds this "
+                          "rank's vocabulary columns"}[self.plan.logits] if head.outputs else ""
+                row = row | {"sharded": True, "role": "lm_head", "reason": (
+                    f"LM head: its {size} output features are the vocabulary, column-split ({size // tp} per rank, "
+                    f"no gather){loss}{output}")}
+            elif row["module"] in whole:
+                row = row | {"reason": f"LM head kept whole: {whole[row['module']].reason}"}
+            decided.append(row)
+        tables = [{"module": t.module_path, "weight": list(t.shape), "sharded": True, "role": "embedding",
+                   "reason": f"embedding of token ids: {t.shape[0]} rows split by vocabulary ({t.shape[0] // tp} "
+                             "per rank, other ids looked up as zeros), one all-reduce of the lookup"}
+                  for t in vocab.tables]
+        tables += [{"module": w.module_path, "weight": list(w.weight_shape), "sharded": False, "role": "",
+                    "reason": f"embedding kept whole: {w.reason}"} for w in vocab.whole if w.role == "embedding"]
+        return tables + decided
 
     def memory(self) -> dict[str, int]:
-        """Parameter bytes: the whole single-device model, this rank, and the sharded linears of each."""
-        return {"single_device_bytes": self.param_bytes_single, "rank_bytes": self.param_bytes_rank,
-                "sharded_linears_single_device_bytes": self.site_bytes_single,
-                "sharded_linears_rank_bytes": self.site_bytes_rank}
+        """Parameter bytes: the whole single-device model, this rank, and the sharded linears of each (and,
+        with vocab parallelism, the embedding tables and LM heads split by vocabulary)."""
+        memory = {"single_device_bytes": self.param_bytes_single, "rank_bytes": self.param_bytes_rank,
+                  "sharded_linears_single_device_bytes": self.site_bytes_single,
+                  "sharded_linears_rank_bytes": self.site_bytes_rank}
+        if self.plan.vocab is not None:
+            memory |= {"vocab_parallel_single_device_bytes": self.vocab_bytes_single,
+                       "vocab_parallel_rank_bytes": self.vocab_bytes_rank}
+        return memory
 
 
 _OPERANDS = {"q": "query", "k": "key", "v": "value"}
@@ -108,6 +158,7 @@ def build_report(gm: fx.GraphModule, model: nn.Module, *, plan: Plan, group: str
     for name, parameter in gm.named_parameters(remove_duplicate=False):
         parameters[name], sizes[name] = tuple(parameter.shape), parameter.element_size()
     linears_single, linears_rank = plan.linear_bytes(sizes)
+    vocab_single, vocab_rank = plan.vocab_bytes(sizes)
     return Report(
         model_name=type(model).__name__, tp=plan.tp, rank=plan.rank, group=group, call_form=call_form,
         sites=plan.sites, replicated=plan.replicated, collective_nodes=collectives,
@@ -116,6 +167,7 @@ def build_report(gm: fx.GraphModule, model: nn.Module, *, plan: Plan, group: str
         linear_order=tuple(dict.fromkeys(path for n in gm.graph.nodes if (path := _linear_path(n, parameters)))),
         collectives_by_module=_collectives_by_module(gm, {s.module_path for s in plan.sites}, parameters),
         tracer=tracer, tracer_note=tracer_note, mode=plan.mode.value,
+        vocab_bytes_single=vocab_single, vocab_bytes_rank=vocab_rank,
     )
 
 
