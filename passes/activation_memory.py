@@ -24,7 +24,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 import torch.fx as fx
 
-from tpfx.passes.comm_table import FakeRun, graph_module_for_call
+from tpfx.passes.comm_table import FakeRun, graph_inputs, graph_module_for_call
 
 
 def activation_bytes(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -> int:
@@ -46,6 +46,7 @@ def activation_bytes(program: fx.GraphModule, inputs: dict[str, object], *, tp: 
             storages.setdefault(StorageWeakRef(storage).cdata, storage.nbytes())
         return tensor
 
+    inputs = graph_inputs(program, inputs)
     FakeRun(graph_module_for_call(program, inputs), tp,
             context=lambda: saved_tensors_hooks(pack, lambda tensor: tensor)).seen(inputs)
     return sum(storages.values())

@@ -124,8 +124,7 @@ def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -
     Raises:
         CommTableError: a collective has no rule in :data:`RULES`, or shapes cannot be propagated.
     """
-    # an exported program hands its graph more than the call gives (its cache switches, set to off)
-    inputs = program.call_arguments(**inputs) if hasattr(program, "call_arguments") else inputs
+    inputs = graph_inputs(program, inputs)
     gm = graph_module_for_call(program, inputs)
     unknown = {COLLECTIVES[n.target] for n in _collective_nodes(gm)} - RULES.keys()
     if unknown:
@@ -143,6 +142,12 @@ def comm_table(program: fx.GraphModule, inputs: dict[str, object], *, tp: int) -
             # the gradient handed backward has the shape of this node's output
             backward.append(_row(gm, node, "backward", rule.backward, seen[node.name + ".out"][0][0], tp, sites))
     return CommTable(tp, tuple(forward + backward[::-1]))
+
+
+def graph_inputs(program: fx.GraphModule, inputs: dict[str, object]) -> dict[str, object]:
+    """The arguments ``program``'s graph gets for the call ``program(**inputs)``: an exported program hands
+    its graph more than the call gives (its cache switches, set to off)."""
+    return program.call_arguments(**inputs) if hasattr(program, "call_arguments") else inputs
 
 
 def _collective_nodes(gm: fx.GraphModule) -> list[fx.Node]:
