@@ -20,6 +20,8 @@ the plan alone; the report, ``parameter_shard_specs`` and checkpoints read it an
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -357,8 +359,7 @@ def vocab_plan(plan: Plan, finding: VocabFinding, *, logits: str = "gathered") -
             if entries[alias].spec is None and (alias == whole.weight_name or alias not in own):
                 entries[alias] = ParameterPlan(alias, entries[alias].full_shape, Placement.REPLICATED, None, "",
                                                alias.rpartition(".")[0], f"{whole.role} kept whole: {whole.reason}")
-    return Plan(plan.mode, plan.tp, plan.rank, entries, plan.sites, plan.replicated, plan.pairing, plan.tied,
-                finding, logits)
+    return dataclasses.replace(plan, parameters=entries, vocab=finding, logits=logits)
 
 
 # ------------------------------------------------------------------------------- every other parameter

@@ -284,7 +284,7 @@ def test_parameter_bytes_per_rank_of_the_example_gpt_are_at_most_0_52_of_one_dev
     lines = capsys.readouterr().out.splitlines()
     line = next(line for line in lines if line.startswith("single device:"))
     assert line == f"single device: {single:,} bytes; rank 1: {held:,} bytes ({held / single:.1%})"
-    assert lines[-1].startswith("activations saved for backward in one training step at input_ids: int64[2, 16]: ")
+    assert lines[-1].startswith("activations of one training step at input_ids: int64[2, 16]: ")
 
 
 def test_sites_table_explain_and_diff_show_the_vocabulary_parts(capsys):
