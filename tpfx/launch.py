@@ -66,7 +66,7 @@ def _entry(rank: int, world_size: int, store_path: str, out_dir: str, worker: Ca
 
 
 def launch(worker: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300,
-           group_timeout_s: float = GROUP_TIMEOUT.total_seconds()) -> list[Any]:
+           group_timeout_s: float = GROUP_TIMEOUT.total_seconds(), start_method: str = "spawn") -> list[Any]:
     """Run ``worker(rank, world_size, *args)`` on ``world_size`` local gloo ranks; return their results.
 
     Args:
@@ -75,6 +75,9 @@ def launch(worker: Callable[..., Any], world_size: int, *args: Any, timeout_s: f
         args: further picklable arguments of ``worker``.
         timeout_s: wall-clock limit for the whole run; the ranks are killed after it.
         group_timeout_s: limit for one collective to wait on the others.
+        start_method: ``"spawn"`` (default: each rank a fresh interpreter) or ``"forkserver"`` (ranks
+            forked from one server process that imported the modules set with
+            ``multiprocessing.set_forkserver_preload`` once: what a test suite with many runs wants).
 
     Returns:
         The workers' return values in rank order.
@@ -86,7 +89,7 @@ def launch(worker: Callable[..., Any], world_size: int, *args: Any, timeout_s: f
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
         context = mp.start_processes(_entry, args=(world_size, store, tmp, worker, args, group_timeout_s),
-                                     nprocs=world_size, join=False, start_method="spawn")
+                                     nprocs=world_size, join=False, start_method=start_method)
         deadline = time.monotonic() + timeout_s
         while not context.join(timeout=1):
             if time.monotonic() > deadline:
