@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ import torch.nn as nn
 import tpfx
 from benchmarks import results
 from benchmarks.dtensor_baseline import dtensor_gpt
-from benchmarks.step_time import MEDIUM, SMALL, ModelSize, _time_rounds, training_step
+from benchmarks.step_time import MEDIUM, SMALL, ModelSize, _time_rounds, slowest_rank_medians_ms, training_step
 from examples.gpt import GPTModel
 from tpfx.launch import launch
 
@@ -60,8 +59,7 @@ def rank_worker(rank: int, world_size: int, size: ModelSize, warmup: int, rounds
 
 def summarize(per_rank: list[dict], size: ModelSize) -> dict:
     """Median of the slower rank per step; the ratios the targets name."""
-    medians = {name: 1e3 * statistics.median(max(step) for step in zip(*(r["times"][name] for r in per_rank)))
-               for name in per_rank[0]["times"]}
+    medians = slowest_rank_medians_ms(per_rank)
     ratios = {}
     for label, target in TARGETS.items():
         numerator, denominator = label.split(" / ")

@@ -152,13 +152,18 @@ def rank_worker(rank: int, world_size: int, spec: StepSpec) -> dict[str, dict]:
     return {size.name: measure_size(size, spec) for size in spec.sizes}
 
 
+def slowest_rank_medians_ms(per_rank: list[dict]) -> dict[str, float]:
+    """Per variant, in ms: the median over timed steps of the slowest rank's time for that step."""
+    return {name: 1e3 * statistics.median(max(step) for step in zip(*(r["times"][name] for r in per_rank)))
+            for name in per_rank[0]["times"]}
+
+
 def summarize(rank_results: list[dict[str, dict]], spec: StepSpec) -> dict:
     """Combine the ranks: per step the slowest rank, then the median; ratios to tpfx of the same mode."""
     summary = {}
     for size in spec.sizes:
         per_rank = [result[size.name] for result in rank_results]
-        medians = {name: 1e3 * statistics.median(max(step) for step in zip(*(r["times"][name] for r in per_rank)))
-                   for name in per_rank[0]["times"]}
+        medians = slowest_rank_medians_ms(per_rank)
         summary[size.name] = {
             "size": asdict(size), "median_ms": medians, "ratio_to_tpfx": _ratios_to_tpfx(medians),
             "max_loss_diff": {name: max(r["loss_diff"][name] for r in per_rank) for name in medians},
