@@ -86,11 +86,9 @@ class DeferredProgram(nn.Module):
         return type(self).__call__(self, *args, **kwargs)  # the program's own call, now that this is the program
 
     # torch.compile: capture before dynamo traces the first call (see TensorParallelModule._infer_parameters)
-    _initialize_hook = None
-
-    @staticmethod
-    def _infer_parameters(module: nn.Module, args: tuple, kwargs: dict | None = None) -> None:
-        module.module_for_call(*args, **(kwargs or {}))
+    # (the same hook: it calls module_for_call, which here captures first)
+    _initialize_hook = TensorParallelModule._initialize_hook
+    _infer_parameters = staticmethod(TensorParallelModule._infer_parameters)
 
     def module_for_call(self, *args: Any, **kwargs: Any) -> nn.Module:
         """Capture from this call's arguments (see :meth:`prepare`), then the graph such a call runs."""
