@@ -1,15 +1,17 @@
 """torch.compile(program, fullgraph=True) on tpfx programs: no graph break, the collectives in the graph, parity.
 
-One spawn of world 2 compiles, with ``backend="aot_eager"`` and ``fullgraph=True``, the programs of the
-example GPT (torch.fx) in gather and megatron mode and with sequence parallelism, of a Hugging Face
-LLaMA (torch.export) in megatron mode, and of a model captured on its first call. Each is
-first called in a call form it was not built with (the form is traced on first use, before dynamo
-traces the frame), then in a second form; logits, loss and every gradient are compared with the
-single-device model, and dynamo's graphs are read: one graph per form, holding the tensor-parallel
-collectives. A second spawn checks one program under Inductor on CPU.
+One spawn of world 2 compiles, with ``backend="aot_eager"`` and ``fullgraph=True``, the megatron
+programs of the example GPT (torch.fx), of a Hugging Face LLaMA (torch.export) and of a nanoGPT-style
+model captured on its first call, each called in two call forms (the first traced when called, before
+dynamo traces the frame; the second on its first call), the GPT with sequence parallelism, and every
+model of tests/models.py (megatron; the first two in gather mode too). Logits, loss and every gradient
+are compared with the single-device model, and dynamo's graphs are read: one graph per form, holding
+the tensor-parallel collectives. A second spawn checks one program under Inductor on CPU.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -48,12 +50,16 @@ def _llama_calls() -> list[dict[str, torch.Tensor]]:
 
 
 def _loss(out: object) -> torch.Tensor:
-    """The model's own loss when it computed one, else a loss on its logits."""
+    """The model's own loss when it computed one, else a loss on its logits (or its output)."""
+    if isinstance(out, torch.Tensor):
+        return out if out.dim() == 0 else out.float().square().mean()
     logits, loss = (out.logits, out.loss) if hasattr(out, "logits") else out
     return loss if loss is not None else logits.float().square().mean()
 
 
 def _logits(out: object) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
     return out.logits if hasattr(out, "logits") else out[0]
 
 
@@ -90,24 +96,52 @@ def _compiled_parity(reference: nn.Module, calls: list[dict], *, mode: str, trac
     return {"diffs": diffs, "distinct calls": len({tuple(sorted(call)) for call in calls})}
 
 
+def _test_model_cases() -> dict[str, tuple[Callable[[], nn.Module], list[dict]]]:
+    """Every model of tests/models.py with one call: (a factory, the calls)."""
+    from tests import models
+    x = torch.randn(2, 8, models.WIDTH, generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, models.VOCAB, (2, 8), generator=torch.Generator().manual_seed(2))
+    return {
+        "FusedLastDim": (models.FusedLastDim, [{"x": x}]),
+        "Interleaved": (models.Interleaved, [{"x": x}]),
+        "Grouped kv=2": (lambda: models.Grouped(kv_heads=2), [{"x": x}]),
+        "DropoutInside (eval)": (lambda: models.DropoutInside().eval(), [{"x": x}]),
+        "HeadMixing": (models.HeadMixing, [{"x": x}]),
+        "ReluFFN": (models.ReluFFN, [{"x": x[..., :16]}]),
+        "FlatTokens": (models.FlatTokens, [{"x": x}]),
+        "TokenMixing": (models.TokenMixing, [{"x": x}]),
+        "GroupsFromShapes": (models.GroupsFromShapes, [{"x": x}]),
+        "ShortcutWithoutScale": (models.ShortcutWithoutScale, [{"x": x, "scale": torch.tensor(0.5)}]),
+        "CachingLM": (models.CachingLM, [{"ids": ids, "use_cache": False}]),
+        "GroupedLM": (models.GroupedLM, [{"ids": ids, "labels": ids}]),
+        "LlamaStyle (first call)": (lambda: models.LlamaStyle(n_layer=1), [{"tokens": ids}]),
+    }
+
+
 def _aot_eager_worker(rank: int, world_size: int) -> dict:
+    import torch._dynamo
     results = {}
-    cases = [("gpt", _gpt, _gpt_calls, "fx", None)]
+    # fx and export captures, and a program captured on its first call, each called in two forms:
+    # the first is traced when called (before dynamo traces the frame), the second on its first call
+    cases = [("gpt", _gpt, _gpt_calls, "fx", None), ("nanogpt-style, first call", _nano, _nano_calls, "auto", None)]
     try:
         from examples import hf_models  # needs transformers
         cases.append(("llama", _llama, _llama_calls, "export", hf_models.example_inputs(2, 8)))
     except ImportError:
         pass
-    for name, make, calls, tracer, example in cases:  # fx in both modes; export in megatron mode (its rewrite is the larger)
-        for mode in ("gather", "megatron") if tracer == "fx" else ("megatron",):
-            results[(name, mode)] = _recorded(make(), calls(), mode=mode, tracer=tracer, example=example)
-    # sequence parallelism's collectives; a program captured on its first call (no example inputs)
-    results[("gpt", "megatron, sequence parallel")] = _recorded(_gpt(), _gpt_calls()[:1] + [_gpt_calls()[0]],
-                                                                 mode="megatron", tracer="fx", example=None,
-                                                                 sequence_parallel=True)
-    # (its other forms are not compiled yet: dynamo binds an exported form's call to the primary forward)
-    results[("nanogpt-style, first call", "megatron")] = _recorded(_nano(), _nano_calls()[:1], mode="megatron",
-                                                                    tracer="auto", example=None)
+    for name, make, calls, tracer, example in cases:  # megatron mode: its rewrite is the larger
+        torch._dynamo.reset()  # every program's frame is TensorParallelModule's call: one recompile limit
+        results[(name, "megatron")] = _recorded(make(), calls(), mode="megatron", tracer=tracer, example=example)
+    # sequence parallelism's collectives
+    torch._dynamo.reset()
+    results[("gpt", "megatron, sequence parallel")] = _recorded(_gpt(), _gpt_calls()[:1], mode="megatron",
+                                                                 tracer="fx", example=None, sequence_parallel=True)
+    # every test model, in megatron mode, and the first two in gather mode too
+    for index, (name, (make, calls)) in enumerate(_test_model_cases().items()):
+        for mode in ("megatron", "gather") if index < 2 else ("megatron",):
+            torch._dynamo.reset()
+            torch.manual_seed(0)  # the same weights on both ranks
+            results[(name, mode)] = _recorded(make(), calls, mode=mode, tracer="auto", example=None)
     return results
 
 

@@ -83,7 +83,14 @@ class DeferredProgram(nn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if isinstance(self, DeferredProgram):  # not captured yet (torch.compile may call this after it was)
             self.prepare(*args, **kwargs)
-        return type(self).__call__(self, *args, **kwargs)  # the program's own call, now that this is the program
+        return self.call_program(*args, **kwargs)  # the program's own call, now that this is the program
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The program's call (captures first). Defined here so that ``torch.compile(gm)`` compiles this
+        object's ``__call__``, which picks the graph of each call form, as it does for a captured
+        program; with nn.Module's placeholder forward it would inline ``nn.Module._call_impl``, which
+        calls the first form's graph for every form."""
+        return self(*args, **kwargs)
 
     # torch.compile: capture before dynamo traces the first call (see TensorParallelModule._infer_parameters)
     # (the same hook: it calls module_for_call, which here captures first)

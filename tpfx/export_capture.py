@@ -241,7 +241,8 @@ class ExportedTensorParallelModule(TensorParallelModule):
         """
         return bind_call(self.__dict__["_tpfx_export"][0], args, kwargs)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def call_program(self, *args: Any, **kwargs: Any) -> Any:
+        """What ``self(*args, **kwargs)`` does: run the graph exported for this call (exported on first use)."""
         signature, _ = self.__dict__["_tpfx_export"]
         call = bind_call(signature, args, kwargs)
         module = self._module_for(call)

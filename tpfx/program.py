@@ -134,6 +134,14 @@ class TensorParallelModule(fx.GraphModule):
         module.module_for_call(*args, **(kwargs or {}))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.call_program(*args, **kwargs)
+
+    def call_program(self, *args: Any, **kwargs: Any) -> Any:
+        """What ``self(*args, **kwargs)`` does: run the graph of this call's form (built on its first use).
+
+        A method of its own because torch.fx gives each GraphModule a class whose ``__call__`` is a
+        wrapper dynamo will not trace into: code traced by torch.compile calls this instead.
+        """
         module = self.module_for_call(*args, **kwargs)
         if module is self:
             return super().__call__(*args, **kwargs)
