@@ -123,9 +123,12 @@ def _hf(tp: int, rank: int) -> dict:
     kv_heads = {2: 2, 4: 1}[tp]
     result = {}
     one_layer = {"num_hidden_layers": 1}  # one block says all a pair can say; export time grows with depth
-    models = [("gpt2", {"n_layer": 1}), ("llama", {"num_key_value_heads": kv_heads, **one_layer}), ("neox", one_layer)]
-    if tp == 4:  # 2 key/value heads for 4 ranks: kept whole, narrowed to each rank's heads after the repeat
-        models.append(("llama", {"num_key_value_heads": 2, **one_layer}))
+    if tp == 2:
+        models = [("gpt2", {"n_layer": 1}), ("llama", {"num_key_value_heads": kv_heads, **one_layer}), ("neox", one_layer)]
+    else:  # what tp=4 adds: 1 key/value head for 4 ranks, and 2 (kept whole, narrowed to each rank's heads after
+        # the repeat); GPT-2's and NeoX's rewrites are the same at every tp (4 ranks on 2 cores: the dear spawn)
+        models = [("llama", {"num_key_value_heads": kv_heads, **one_layer}),
+                  ("llama", {"num_key_value_heads": 2, **one_layer})]
     for name, overrides in models:
         label = name if name not in result else f"{name} kv={overrides['num_key_value_heads']}"
         reference = hf_models.build(name, **overrides)
@@ -139,7 +142,7 @@ def _hf(tp: int, rank: int) -> dict:
         result[label] = {"diffs": diffs, "pairs": len(gm.tpfx_pairing.pairs),
                          "fallbacks": [f.reason for f in gm.tpfx_pairing.fallbacks],
                          "narrows": sum(len(p.narrows) for p in gm.tpfx_pairing.pairs)}
-        if label in ("gpt2", "llama"):  # a padding mask: a call form exported (and paired again) on first use
+        if label in ("gpt2", "llama") and tp == 2:  # a padding mask: a call form exported (and paired) on first use
             result[label]["other form diffs"] = _masked_call_diffs(gm, reference, hf_models.example_inputs(3, 6, seed=5))
     return result
 
@@ -231,7 +234,7 @@ def test_hugging_face_models_match_single_device_with_every_linear_paired(world)
             assert_close(checked["diffs"], f"{name} tp={tp} rank {rank}")
             assert checked["pairs"] == 2 and not checked["fallbacks"], (name, checked["fallbacks"])
             assert checked["narrows"] == (2 if name == "llama kv=2" else 0)  # k and v, before the attention
-            if name in ("gpt2", "llama"):
+            if name in ("gpt2", "llama") and tp == 2:
                 assert len(checked["other form diffs"]) == len(checked["diffs"])
                 assert_close(checked["other form diffs"], f"{name} with a mask, tp={tp} rank {rank}")
 
