@@ -33,6 +33,10 @@ import torch.nn as nn
 
 from tpfx.passes.ops import Kind, rule_of
 
+# gm.meta key: how messages name the call form a graph was traced for (another form than the program's),
+# e.g. "(eval, without labels)"; set by the program before the passes rewrite that trace
+CALL_FORM = "tpfx_call_form"
+
 # the kinds, as the finder names them (see tpfx.passes.ops.Kind)
 LINEAR, SHAPE, MATMUL, SOFTMAX, ATTENTION, ACTIVATION, ELEMENTWISE, DROPOUT, NORM, REDUCTION, META, OTHER = (
     Kind.LINEAR, Kind.SHAPE, Kind.MATMUL, Kind.SOFTMAX, Kind.ATTENTION, Kind.ACTIVATION, Kind.ELEMENTWISE,

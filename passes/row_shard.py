@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from tpfx.passes.column_shard import insert_collectives
 from tpfx.passes.find_sites import SiteFinding
-from tpfx.passes.graph_view import FunctionalLinear, LinearApplication
+from tpfx.passes.graph_view import CALL_FORM, FunctionalLinear, LinearApplication
 from tpfx.passes.factors import FeatureLayout
 from tpfx.passes.localize_shapes import localize_shapes, restore_full_sizes
 from tpfx.passes.ops import SDPA_GQA, function_rule, rule_of
@@ -351,6 +351,6 @@ def rewrite_other_form(traced: fx.GraphModule, plan: Plan, *, group: str) -> Pai
     Raises:
         ShardingError: the trace uses a parameter of a pair differently from the plan (one line, naming it).
     """
-    pairing = map_pairing(traced, plan.pairing, tp=plan.tp, form=type(traced).__name__)
+    pairing = map_pairing(traced, plan.pairing, tp=plan.tp, form=traced.meta.get(CALL_FORM, type(traced).__name__))
     annotate_linears(traced, plan)
     return rewrite_pair_graph(traced, pairing, tp=plan.tp, group=group)

@@ -105,7 +105,7 @@ def test_a_call_form_that_uses_a_pairs_linears_differently_is_refused_in_one_lin
     with pytest.raises(tpfx.ShardingError) as refused:
         gm.module_for_call(x)
     message = str(refused.value)
-    assert message.startswith("call form ShortcutWithoutScale applies only some of the column linears of pair "
+    assert message.startswith("call form (train, without scale) applies only some of the column linears of pair "
                               "q_proj [4*, 8]") and "\n" not in message
 
 

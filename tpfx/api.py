@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import DeviceMesh
 import torch.fx as fx
 import torch.nn as nn
 
+from tpfx.passes.graph_view import CALL_FORM
 from tpfx.passes.column_shard import insert_collectives
 from tpfx.passes.fake_shapes import FakeShapes, propagate_fake_shapes
 from tpfx.passes.find_sites import SiteFinding, find_sites
@@ -24,6 +25,7 @@ from tpfx.passes.meta_device import device_of_inputs, retarget_meta_device
 from tpfx.passes.node_placements import annotate_linears
 from tpfx.passes.pair_megatron import pair_sites
 from tpfx.passes.plan import LOGITS, Mode, Plan, gather_plan, megatron_plan, vocab_plan
+from tpfx.passes.check_sharded_reads import check_sharded_reads
 from tpfx.passes.row_shard import rewrite_other_form, rewrite_pair_graph
 from tpfx.passes.lift_flattened_collectives import lift_flattened_collectives
 from tpfx.passes.sequence_parallel import SequenceRegion, find_sequence_region, shard_sequence
@@ -371,6 +373,8 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, group: str, strategy: Strategy, ste
              other_form: bool) -> None:
     """The mode's rewrite of one graph (the program's, or another call form's mapped onto the plan), then
     the steps', then (sequence parallelism) the split of the residual stream, which sees every sum."""
+    if other_form:  # mapped by name: a read of a sharded weight this form adds would see the rank's shard
+        check_sharded_reads(gm, plan, form=gm.meta.get(CALL_FORM, type(gm).__name__))
     (strategy.rewrite_other_form if other_form else strategy.rewrite)(gm, plan, group)
     for step in steps:
         step.rewrite(gm, plan, group)

@@ -34,6 +34,7 @@ from torch.utils._pytree import keystr, tree_flatten_with_path
 from tpfx.capture import (CallForm, cache_note, cache_switches, call_form_of, capture, check_cache_off,
                           forward_signature, weightless_copy)
 from tpfx.errors import CaptureError, ConfigError, one_line
+from tpfx.passes.graph_view import CALL_FORM
 from tpfx.passes.inline_grad_regions import inline_grad_regions
 from tpfx.passes.module_hooks import hooks_lost_in_capture
 from tpfx.passes.meta_device import device_of_call
@@ -276,6 +277,7 @@ class ExportedTensorParallelModule(TensorParallelModule):
             exported = export_capture(reexport.source, example)
         finally:
             reexport.source.train(was_training)
+        exported.gm.meta[CALL_FORM] = f"({given.describe()})"  # what messages of the passes call it
         reexport.rewrite(exported.gm, device_of_call(call.values()))
         # parameters and buffers are this program's (sharded where the passes sharded them); the rest
         # (constants, export's guard module) belongs to the new export, and must not be a placeholder

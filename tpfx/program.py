@@ -26,6 +26,7 @@ import torch.nn as nn
 
 from tpfx.capture import TRACED_CONSTANTS, CallForm, call_form_of, capture
 from tpfx.errors import ConfigError
+from tpfx.passes.graph_view import CALL_FORM
 from tpfx.passes.meta_device import device_of_call
 
 
@@ -173,6 +174,7 @@ class TensorParallelModule(fx.GraphModule):
         finally:
             for module, training in modes:
                 module.training = training
+        traced.meta[CALL_FORM] = f"({form.describe()})"  # what messages of the passes call it
         forms.rewrite(traced, device)
         # every module, parameter and buffer is this program's own, shared, not copied; the tensor
         # constants are this trace's (another form's constant may have the same name)
