@@ -106,6 +106,8 @@ def _sum_lookups(gm: fx.GraphModule, keys: set[str], group: str, collective: Cal
                 continue
             with gm.graph.inserting_before(node):
                 lookup = gm.graph.call_function(embedding_rank_part, (call.ids, call.weight, group, call.padding_idx))
+            if "val" in node.meta:  # the rank's part has the whole lookup's shape: the sequence pass reads it
+                lookup.meta["val"] = node.meta["val"]
             node.replace_all_uses_with(lookup)
             gm.graph.erase_node(node)
         with gm.graph.inserting_after(lookup):

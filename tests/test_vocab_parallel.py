@@ -1,15 +1,15 @@
 """Vocabulary parallelism: the embedding split by rows, the LM head by vocabulary, the parallel cross-entropy.
 
 One spawn per tp (2 and 4) runs every model in real gloo processes (fp32) against the single-device
-model built from the same weights: the example GPT (untied) in several call forms, with logits
+model built from the same weights, in megatron mode with and without sequence parallelism
+(``LAYOUTS``): the example GPT (untied) in several call forms, also in gather mode, with logits
 gathered and sharded; a GPT with its embedding and head tied; a grouped-query model with gated FFNs
-whose loss is ``nll_loss(log_softmax(...))``; Hugging Face GPT-2 (tied) through torch.export. All in
-megatron mode, and at tp=2 also in gather mode (the vocabulary rewrite is the same in both; tp=4 on
-two cores is the expensive spawn), with three AdamW steps of the example GPT in train mode with
-dropout, its gathered state dict and a sharded load. Each rank also counts what its collectives are
-handed in one step and compares it with the communication table. The checks that need no process
-group (finding, plans, explain, the memory line, the graph's code) build one rank's program for
-inspection.
+whose loss is ``nll_loss(log_softmax(...))`` (also in gather mode at tp=2); Hugging Face GPT-2 (tied)
+through torch.export. The example GPT trains 20 AdamW steps with dropout on (megatron at tp=2,
+megatron with sequence parallelism at both tp), every step's loss and gradients compared, then its
+gathered state dict and a sharded load. Each rank also counts what its collectives are handed in one
+step and compares it with the communication table. The checks that need no process group (finding,
+plans, explain, the memory line, the graph's code) build one rank's program for inspection.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from tests.models import GroupedLM, tie_embedding_and_head
 from tests.multiprocess import run_ranks
 from tests.parity import assert_close, grad_diffs, max_diff
 from tpfx.cli import main
-from tpfx.collectives import add_observer
+from tpfx.collectives import add_observer, gather_from_sequence, gather_from_tp, reduce_scatter_to_sequence
 from tpfx.passes.comm_table import comm_table
+from tpfx.rank_parts import embedding_rank_part
 
 HAVE_HF = importlib.util.find_spec("transformers") is not None
 VOCAB = 96  # divisible by 2 and 4
@@ -104,89 +105,115 @@ def _state_diffs(gm: nn.Module, reference: nn.Module) -> dict[str, float]:
     return {name: max_diff(value, expected[name]) for name, value in state.items()}
 
 
+# the layouts every model runs in, by name: the vocabulary rewrite is the same in each, the collectives
+# around it are not (under sequence parallelism the lookup's sum is a reduce-scatter along the sequence
+# and the head reads an all-gather of it)
+LAYOUTS = {"gather": {"mode": "gather"}, "megatron": {"mode": "megatron"},
+           "megatron+sp": {"mode": "megatron", "sequence_parallel": True}}
+
+
+def _other_ids(layout: str) -> torch.Tensor:
+    """A second call form's ids: 5 tokens, or 4 under sequence parallelism (tp must divide the sequence)."""
+    return _ids(3, 4 if LAYOUTS[layout].get("sequence_parallel") else 5, seed=9)
+
+
 def _models(rank: int, tp: int) -> dict[str, dict]:
-    ids, other = _ids(), _ids(3, 5, seed=9)
+    ids = _ids()
     results: dict[str, dict] = {}
-    modes = ("gather", "megatron") if tp == 2 else ("megatron",)
-    for mode in modes:
-        reference = _gpt()
-        gm = tpfx.parallelize(reference, tp=tp, mode=mode, vocab_parallel=True)
+    for layout, options in LAYOUTS.items():
+        reference, other = _gpt(), _other_ids(layout)
+        gm = tpfx.parallelize(reference, tp=tp, vocab_parallel=True, **options)
         forms = {"ids+labels": {"input_ids": ids, "labels": ids}, "ids": {"input_ids": other}}
-        if mode == "megatron":
+        if layout != "gather":
             forms["ids+mask+labels"] = {"input_ids": other, "attention_mask": torch.ones_like(other), "labels": other}
-        results[f"gpt {mode}"] = {form: _compare(gm, reference, kwargs, rank=rank, tp=tp)
-                                  for form, kwargs in forms.items()}
-    results["comm"] = {"gathered": _comm(gm, forms["ids+labels"], tp)}  # megatron, logits gathered
+        results[f"gpt {layout}"] = {form: _compare(gm, reference, kwargs, rank=rank, tp=tp)
+                                    for form, kwargs in forms.items()}
+        if layout != "gather":
+            results.setdefault("comm", {})[f"gathered, {layout}"] = _comm(gm, forms["ids+labels"], tp)
     reference = _gpt()
     gm = tpfx.parallelize(reference, tp=tp, mode="megatron", vocab_parallel=True, logits="sharded")
     results["gpt logits sharded"] = {"ids+labels": _compare(gm, reference, {"input_ids": ids, "labels": ids},
                                                             rank=rank, tp=tp, sharded=True)}
-    results["comm"]["sharded"] = _comm(gm, {"input_ids": ids, "labels": ids}, tp)
-    reference = _tied_gpt()
-    gm = tpfx.parallelize(reference, tp=tp, mode="megatron", vocab_parallel=True)
-    results["tied gpt"] = {"ids+labels": _compare(gm, reference, {"input_ids": ids, "labels": ids}, rank=rank, tp=tp),
-                           "tied": float(gm.token_embedding.weight is not gm.lm_head.weight),
-                           "full state dict": _state_diffs(gm, reference)}
-    for mode in modes:
+    results["comm"]["sharded, megatron"] = _comm(gm, {"input_ids": ids, "labels": ids}, tp)
+    for layout in ("megatron", "megatron+sp"):
+        reference = _tied_gpt()
+        gm = tpfx.parallelize(reference, tp=tp, vocab_parallel=True, **LAYOUTS[layout])
+        results[f"tied gpt {layout}"] = {
+            "ids+labels": _compare(gm, reference, {"input_ids": ids, "labels": ids}, rank=rank, tp=tp),
+            "tied": float(gm.token_embedding.weight is not gm.lm_head.weight),
+            "full state dict": _state_diffs(gm, reference)}
+    for layout in ("gather", "megatron", "megatron+sp") if tp == 2 else ("megatron", "megatron+sp"):
         torch.manual_seed(0)
         reference = GroupedLM(vocab=VOCAB).eval()
-        gm = tpfx.parallelize(reference, tp=tp, mode=mode, vocab_parallel=True)
-        results[f"grouped {mode}"] = {"ids+labels": _compare(gm, reference, {"ids": ids, "labels": ids}, rank=rank,
-                                                             tp=tp),
-                                      "ids": _compare(gm, reference, {"ids": other}, rank=rank, tp=tp)}
+        gm = tpfx.parallelize(reference, tp=tp, vocab_parallel=True, **LAYOUTS[layout])
+        results[f"grouped {layout}"] = {"ids+labels": _compare(gm, reference, {"ids": ids, "labels": ids}, rank=rank,
+                                                               tp=tp),
+                                        "ids": _compare(gm, reference, {"ids": _other_ids(layout)}, rank=rank, tp=tp)}
     if HAVE_HF:
         from examples import hf_models
 
-        reference = hf_models.build("gpt2", n_layer=1)
-        inputs = hf_models.example_inputs()
-        gm = tpfx.parallelize(reference, tp=tp, mode="megatron", vocab_parallel=True, example_inputs=inputs)
-        results["hf gpt2 export"] = {"example": _compare(gm, reference, inputs, rank=rank, tp=tp),
-                                     "other shape": _compare(gm, reference, hf_models.example_inputs(3, 5, seed=4),
-                                                             rank=rank, tp=tp),
-                                     "tracer": gm.tpfx_report.tracer}
+        for layout in ("megatron", "megatron+sp"):
+            reference = hf_models.build("gpt2", n_layer=1)
+            inputs = hf_models.example_inputs()
+            gm = tpfx.parallelize(reference, tp=tp, vocab_parallel=True, example_inputs=inputs, **LAYOUTS[layout])
+            other = hf_models.example_inputs(3, _other_ids(layout).shape[1], seed=4)
+            results[f"hf gpt2 export {layout}"] = {"example": _compare(gm, reference, inputs, rank=rank, tp=tp),
+                                                   "other shape": _compare(gm, reference, other, rank=rank, tp=tp),
+                                                   "tracer": gm.tpfx_report.tracer}
     return results
 
 
-def _adamw_steps(model: nn.Module, kwargs: dict, steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
-    """``steps`` AdamW steps in train mode, each from its own random state; the losses and the parameters.
+ADAMW_STEPS = 20
+
+
+def _adamw_steps(program: nn.Module, reference: nn.Module, kwargs: dict, steps: int) -> dict[str, float]:
+    """``steps`` AdamW steps of each model in train mode, each step from its own random state (so the same
+    dropout masks): the largest difference over the steps of the loss and of every gradient, and of every
+    parameter after the last step.
 
     eps=1e-6: a key bias's gradient is zero (softmax ignores a shift of the scores), so in floating point it
     is rounding noise, which Adam's default eps (1e-8) would scale up to a full step of either sign.
     """
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6)
-    losses = []
+    optimizers = [torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-6) for model in (program, reference)]
+    worst: dict[str, float] = {}
     for step in range(steps):
-        torch.manual_seed(100 + step)
-        optimizer.zero_grad(set_to_none=True)
-        _, loss = _outputs(model(**kwargs))
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses, {name: p.detach().clone() for name, p in model.named_parameters()}
+        losses = []
+        for model, optimizer in zip((program, reference), optimizers):
+            torch.manual_seed(100 + step)
+            optimizer.zero_grad(set_to_none=True)
+            _, loss = _outputs(model(**kwargs))
+            loss.backward()
+            losses.append(loss)
+        diffs = {"loss": max_diff(*losses)} | {f"grad {k}": v for k, v in grad_diffs(program, reference).items()}
+        worst = {k: max(v, worst.get(k, 0.0)) for k, v in diffs.items()}
+        for optimizer in optimizers:  # the next step starts from the weights each model updated
+            optimizer.step()
+    specs = program.tpfx_plan.shard_specs()
+    full = dict(reference.named_parameters())
+    for name, value in program.named_parameters():
+        worst[f"param {name}"] = max_diff(value, specs[name].take(full[name]) if name in specs else full[name])
+    return worst
 
 
-def _train(rank: int, tp: int) -> dict[str, float]:
-    """Three AdamW steps with dropout on (megatron + vocab): the losses and every parameter stay equal, the
-    gathered state dict is the single-device one, and loading that into a fresh program gives the same shards."""
+def _train(rank: int, tp: int, layout: str) -> dict[str, float]:
+    """ADAMW_STEPS AdamW steps with dropout on (vocab parallel, in ``layout``): the loss, every gradient of
+    every step and the parameters stay equal, the gathered state dict is the single-device one, and loading
+    that into a fresh program gives the same shards."""
     reference = _gpt(dropout=0.1).train()
-    gm = tpfx.parallelize(reference, tp=tp, mode="megatron", vocab_parallel=True)
-    kwargs = {"input_ids": _ids(), "labels": _ids()}
-    (ref_losses, ref_params), (losses, params) = _adamw_steps(reference, kwargs, 3), _adamw_steps(gm, kwargs, 3)
-    specs = gm.tpfx_plan.shard_specs()
-    diffs = {f"loss step {i}": abs(a - b) for i, (a, b) in enumerate(zip(losses, ref_losses))}
-    for name, value in params.items():
-        expected = ref_params[name] if name not in specs else specs[name].take(ref_params[name])
-        diffs[f"param {name}"] = max_diff(value, expected)
+    gm = tpfx.parallelize(reference, tp=tp, vocab_parallel=True, **LAYOUTS[layout])
+    diffs = _adamw_steps(gm, reference, {"input_ids": _ids(), "labels": _ids(seed=8)}, ADAMW_STEPS)
     diffs |= {f"state {name}": value for name, value in _state_diffs(gm, reference).items()}
     # a fresh program loads the trained single-device state dict: each rank reads its rows of the vocabulary
-    fresh = tpfx.parallelize(_gpt(dropout=0.1).train(), tp=tp, mode="megatron", vocab_parallel=True)
+    fresh = tpfx.parallelize(_gpt(dropout=0.1).train(), tp=tp, vocab_parallel=True, **LAYOUTS[layout])
     tpfx.load_state_dict(fresh, reference.state_dict())
     held = dict(gm.named_parameters())
     return diffs | {f"loaded {name}": max_diff(value, held[name]) for name, value in fresh.named_parameters()}
 
 
 def _world(rank: int, world_size: int) -> dict:
-    return {"models": _models(rank, world_size), "train": _train(rank, world_size) if world_size == 2 else {}}
+    trained = ("megatron", "megatron+sp") if world_size == 2 else ("megatron+sp",)
+    return {"models": _models(rank, world_size), "train": {layout: _train(rank, world_size, layout)
+                                                           for layout in trained}}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["tp2", "tp4"])
@@ -204,32 +231,45 @@ def test_logits_loss_and_every_gradient_match_single_device(world):
                 if isinstance(diffs, dict):
                     assert len(diffs) > 10, (model, form)  # logits, loss and every parameter's gradient
                     assert_close(diffs, f"{model} {form} tp={tp} rank {rank}")
-        assert result["models"]["tied gpt"]["tied"] == 0.0  # the embedding and head hold one tensor
-        if HAVE_HF:
-            assert result["models"]["hf gpt2 export"]["tracer"] == "export"
+        expected = {"comm", "gpt logits sharded", *(f"{model} {layout}" for layout in ("megatron", "megatron+sp")
+                                                    for model in ("gpt", "tied gpt", "grouped", "hf gpt2 export"))}
+        expected |= {"gpt gather"} | ({"grouped gather"} if tp == 2 else set())
+        assert set(result["models"]) == expected - (set() if HAVE_HF else {"hf gpt2 export megatron",
+                                                                          "hf gpt2 export megatron+sp"})
+        for layout in ("megatron", "megatron+sp"):
+            assert result["models"][f"tied gpt {layout}"]["tied"] == 0.0  # the embedding and head hold one tensor
+            if HAVE_HF:
+                assert result["models"][f"hf gpt2 export {layout}"]["tracer"] == "export"
 
 
 def test_adamw_steps_with_dropout_match_single_device(world):
     tp, results = world
-    if tp != 2:
-        pytest.skip("trained at tp=2 only (the step is the one the parity test checks at tp=4)")
     for rank, result in enumerate(results):
-        assert len(result["train"]) > 20
-        assert_close(result["train"], f"train tp={tp} rank {rank}")
+        assert set(result["train"]) == ({"megatron", "megatron+sp"} if tp == 2 else {"megatron+sp"})
+        for layout, diffs in result["train"].items():
+            assert len(diffs) > 40  # the loss, every gradient, parameter, state entry and loaded shard
+            assert_close(diffs, f"{ADAMW_STEPS} AdamW steps, {layout} tp={tp} rank {rank}")
 
 
 def test_comm_table_is_what_a_real_run_hands_the_collectives(world):
     tp, results = world
     tokens = 2 * 7  # shifted labels of (2, 8)
     for result in results:
+        assert set(result["models"]["comm"]) == {"gathered, megatron", "gathered, megatron+sp", "sharded, megatron"}
         for logits, measured in result["models"]["comm"].items():
             observed, table = measured["observed"], measured["table"]
             assert Counter((d, op, size) for d, _, op, size in table) == Counter(observed), logits
             vocab_rows = [row for row in table if row[1] == "vocab_parallel_cross_entropy"]
             assert [row[3] for row in vocab_rows] == [tokens * 4, tokens * 2 * 4]  # the row maxima, (sum-exp, target)
             gathers = [size for _, _, op, size in table if op == "all_gather"]
+            logits_gathers = [] if logits.startswith("sharded") else [2 * 8 * VOCAB // tp * 4]
+            if logits.endswith("megatron+sp"):  # and slices of the stream (2 x 8/tp x 32 fp32), the gradient of the
+                # position rows (8/tp x 32) split where they join it
+                slices = {2 * 8 // tp * 32 * 4, 8 // tp * 32 * 4}
+                assert set(gathers) - slices == set(logits_gathers) and slices <= set(gathers), gathers
+                gathers = [size for size in gathers if size not in slices]
             # the loss in the graph: logits are gathered only for the output, and then once (2 x 8 x V/tp fp32)
-            assert gathers == ([] if logits == "sharded" else [2 * 8 * VOCAB // tp * 4]), logits
+            assert gathers == logits_gathers, logits
 
 
 # ------------------------------------------------------------------------------- one rank, no process group
@@ -252,23 +292,55 @@ def test_tied_table_and_head_are_one_tensor_with_one_shard():
     assert gm.token_embedding.weight is gm.lm_head.weight and gm.lm_head.weight.shape == (48, 32)
 
 
+def _gathers_downstream(gm: nn.Module, module: str) -> list[str]:
+    """The all-gathers (of the vocabulary or of the sequence) that read ``module``'s output, at any distance."""
+    (start,) = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == module]
+    reached, work = set(), [start]
+    while work:
+        for user in work.pop().users:
+            if user not in reached:
+                reached.add(user)
+                work.append(user)
+    return [n.name for n in reached if getattr(n.target, "__name__", "") in
+            ("gather_from_tp", "gather_from_sequence", "gather_sequence_whole")]
+
+
 def test_with_the_loss_in_the_graph_no_logits_are_gathered():
     ids = _ids()
+    for layout, options in LAYOUTS.items():  # a model that returns only the loss when given labels
+        torch.manual_seed(0)
+        gm = tpfx.parallelize(GroupedLM(vocab=VOCAB), tp=2, rank=0, vocab_parallel=True, example_inputs=(ids, ids),
+                              **options)
+        assert "vocab_parallel_cross_entropy" in gm.code and "nll_loss" not in gm.code and "log_softmax" not in gm.code
+        assert _gathers_downstream(gm, "head") == [], layout
+    for layout in ("megatron", "megatron+sp"):
+        # the example GPT returns the logits too: "sharded" leaves them split, so nothing is gathered after the head
+        sharded = tpfx.parallelize(_gpt(), tp=2, rank=0, vocab_parallel=True, logits="sharded",
+                                   example_inputs=(ids, None, ids), **LAYOUTS[layout])
+        assert "gather_from_tp" not in sharded.code and "vocab_parallel_cross_entropy" in sharded.code
+        assert _gathers_downstream(sharded, "lm_head") == [], layout
+        # gathered (default): one all-gather, for the output only; the loss reads this rank's logits
+        gathered = tpfx.parallelize(_gpt(), tp=2, rank=0, vocab_parallel=True, example_inputs=(ids, None, ids),
+                                    **LAYOUTS[layout])
+        (gather,) = gathered.graph.find_nodes(op="call_function", target=gather_from_tp)
+        assert _gathers_downstream(gathered, "lm_head") == [gather.name], layout
+        assert [user.op for user in gather.users] == ["output"]
+    # under sequence parallelism the head reads the sequence gathered (its input), never the logits
+    assert sharded.graph.find_nodes(op="call_module", target="lm_head")[0].args[0].target is gather_from_sequence
+
+
+def test_an_exported_lookup_is_reduce_scattered_along_the_sequence():
+    # torch.export spells the lookup aten.embedding; its rank part keeps the lookup's shape, so under sequence
+    # parallelism its sum is the region's first reduce-scatter (Hugging Face GPT-2 crashed when it was not:
+    # the all-reduced whole sequence met the position rows already split)
+    ids = _ids()
     torch.manual_seed(0)
-    for mode in ("gather", "megatron"):  # a model that returns only the loss when given labels
-        code = tpfx.parallelize(GroupedLM(vocab=VOCAB), tp=2, rank=0, mode=mode, vocab_parallel=True,
-                                example_inputs=(ids, ids)).code
-        assert "vocab_parallel_cross_entropy" in code and "nll_loss" not in code and "log_softmax" not in code
-        assert "gather_from_tp" not in code.partition("self.head(")[2], mode  # nothing after the head
-    # the example GPT returns the logits too: "sharded" leaves them split, so nothing is gathered anywhere
-    sharded = tpfx.parallelize(_gpt(), tp=2, rank=0, mode="megatron", vocab_parallel=True, logits="sharded",
-                               example_inputs=(ids, None, ids))
-    assert "gather_from_tp" not in sharded.code and "vocab_parallel_cross_entropy" in sharded.code
-    # gathered (default): one all-gather, for the output only; the loss reads this rank's logits
-    gathered = tpfx.parallelize(_gpt(), tp=2, rank=0, mode="megatron", vocab_parallel=True,
-                                example_inputs=(ids, None, ids))
-    (gather,) = [n for n in gathered.graph.nodes if getattr(n.target, "__name__", "") == "gather_from_tp"]
-    assert [user.op for user in gather.users] == ["output"]
+    gm = tpfx.parallelize(GroupedLM(vocab=VOCAB), tp=2, rank=0, mode="megatron", vocab_parallel=True,
+                          sequence_parallel=True, tracer="export", example_inputs=(ids, ids))
+    (lookup,) = gm.graph.find_nodes(op="call_function", target=embedding_rank_part)
+    assert [user.target for user in lookup.users] == [reduce_scatter_to_sequence]
+    assert gm.tpfx_report.sequence_summary().startswith("sequence parallel: 10 ops on 1/tp of the sequence; "
+                                                        "5 reduce-scatter(s) in")
 
 
 def test_parameter_bytes_per_rank_of_the_example_gpt_are_at_most_0_52_of_one_device(capsys):
