@@ -12,9 +12,6 @@ tpfx compiled <= 1.0 x tpfx eager, at the medium size. Writes ``compiled.json`` 
 
 from __future__ import annotations
 
-import argparse
-import json
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -81,18 +78,12 @@ def markdown(summary: dict, machine: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and write compiled.json / compiled.md under ``--out``."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.compiled", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the small GPT, fewer rounds (a smoke run)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results folder")
-    options = parser.parse_args(argv)
+    options = results.quick_and_out_options(argv, prog="python -m benchmarks.compiled", doc=__doc__,
+                                            quick_help="the small GPT, fewer rounds (a smoke run)")
     size, warmup, rounds = (SMALL, 3, 10) if options.quick else (MEDIUM, 4, 30)
     summary = summarize(launch(rank_worker, 2, size, warmup, rounds, timeout_s=3600), size)
-    name = "compiled-quick" if options.quick else "compiled"
-    options.out.mkdir(parents=True, exist_ok=True)
-    (options.out / f"{name}.json").write_text(json.dumps(summary | {"machine": results.machine()}, indent=2))
-    text = markdown(summary, results.machine())
-    (options.out / f"{name}.md").write_text(text + "\n")
-    print(text)
+    results.write_summary(options.out, "compiled-quick" if options.quick else "compiled", summary,
+                          markdown(summary, results.machine()))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -20,6 +21,24 @@ def machine() -> dict[str, object]:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def quick_and_out_options(argv: list[str] | None, *, prog: str, doc: str, quick_help: str) -> argparse.Namespace:
+    """The command line of one benchmark module: ``--quick`` (a smoke run) and ``--out`` (the results folder,
+    ``benchmarks/results/`` by default)."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results", help="results folder")
+    return parser.parse_args(argv)
+
+
+def write_summary(out_dir: Path, name: str, document: dict, text: str) -> None:
+    """Write one benchmark's ``name.json`` (``document`` and the machine) and ``name.md`` (``text``) under
+    ``out_dir``, and print the text."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{name}.json").write_text(json.dumps(document | {"machine": machine()}, indent=2) + "\n")
+    (out_dir / f"{name}.md").write_text(text + "\n")
+    print(text)
 
 
 def write(results: dict, out_dir: Path) -> list[Path]:

@@ -10,6 +10,7 @@ collective traffic during one step.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import statistics
 import time
@@ -93,10 +94,12 @@ def build_variants(reference: GPTModel) -> dict[str, nn.Module]:
 
 
 def training_step(model: nn.Module, input_ids: torch.Tensor) -> float:
-    """One forward + backward with labels; returns the loss."""
+    """One forward + backward with labels; returns the loss. A model that carries a ``step_context`` (DTensor's
+    ``loss_parallel``) runs the whole step inside it."""
     model.zero_grad(set_to_none=True)
-    _, loss = model(input_ids, labels=input_ids)
-    loss.backward()
+    with getattr(model, "step_context", contextlib.nullcontext)():
+        _, loss = model(input_ids, labels=input_ids)
+        loss.backward()
     return loss.item()
 
 

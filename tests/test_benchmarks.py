@@ -6,13 +6,15 @@ One spawn of 2 gloo ranks; no timing is asserted anywhere.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from benchmarks import memory, pass_cost, results, step_time
+from benchmarks import memory, pass_cost, results, step_time, vocab_step_time
 from benchmarks.handwritten import handwritten_gpt, local_part_of_grad
+from benchmarks.handwritten_vocab import HandwrittenVocabGPT
 from examples.gpt import GPTConfig, GPTModel, small_config
 from tests.multiprocess import run_ranks
 from tests.parity import max_diff
@@ -20,6 +22,7 @@ from tests.parity import max_diff
 TOL = 1e-5
 TOY = step_time.ModelSize("toy", n_layers=2, n_heads=4, d_model=32, d_ff=64, vocab_size=97, batch=2, seq=8)
 TOY_SPEC = step_time.StepSpec(sizes=(TOY,), warmup=1, rounds=2)
+TOY_VOCAB = dataclasses.replace(TOY, name="toy vocab", vocab_size=96)  # tp divides the vocabulary
 
 
 def _handwritten_diffs(mode: str) -> dict[str, float]:
@@ -44,6 +47,24 @@ def _handwritten_diffs(mode: str) -> dict[str, float]:
     return diffs
 
 
+def _handwritten_vocab_diffs(sequence_parallel: bool) -> dict[str, float]:
+    """This rank's logits, the loss and every gradient of the hand-written vocab-parallel model against the
+    single-device one."""
+    torch.manual_seed(0)
+    reference = GPTModel(TOY_VOCAB.config()).train()
+    model = HandwrittenVocabGPT(reference, sequence_parallel=sequence_parallel)
+    ids = torch.randint(0, TOY_VOCAB.vocab_size, (2, 8), generator=torch.Generator().manual_seed(3))
+    (logits, loss), (local_logits, local_loss) = reference(ids, labels=ids), model(ids, labels=ids)
+    loss.backward()
+    local_loss.backward()
+    diffs = {"logits": max_diff(local_logits, logits[..., model.vocab_rows]), "loss": max_diff(local_loss, loss)}
+    full = dict(reference.named_parameters())
+    for name, parameter in model.named_parameters():
+        expected = model.local_part_of_grad(name, full[model.single_device_name(name)].grad)
+        diffs[f"grad {name}"] = max_diff(parameter.grad, expected)
+    return diffs
+
+
 TOY_GPT = GPTConfig(vocab_size=97, max_position_embeddings=16, n_layers=2, n_heads=4, d_model=32, d_ff=64, dropout=0.0)
 
 
@@ -52,7 +73,9 @@ def _worker(rank: int, world_size: int, folder: str) -> dict:
     directory = {name: memory._tpfx_path(rank, world_size, f"{folder}/model", TOY_GPT, mode, f"{folder}/saved_{mode}")
                  for name, mode in memory.DIRECTORY_PATHS.items()}
     return {"gather": _handwritten_diffs("gather"), "megatron": _handwritten_diffs("megatron"),
-            "steps": step_time.rank_worker(rank, world_size, TOY_SPEC), "directory": directory}
+            "megatron+vocab": _handwritten_vocab_diffs(False), "megatron+vocab+sp": _handwritten_vocab_diffs(True),
+            "steps": step_time.rank_worker(rank, world_size, TOY_SPEC), "directory": directory,
+            "vocab steps": vocab_step_time.rank_worker(rank, world_size, (TOY_VOCAB,), 1, 1)}
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +89,7 @@ def ranks(folder) -> list[dict]:
     return run_ranks(_worker, 2, str(folder))
 
 
-@pytest.mark.parametrize("mode", ["gather", "megatron"])
+@pytest.mark.parametrize("mode", ["gather", "megatron", "megatron+vocab", "megatron+vocab+sp"])
 def test_handwritten_matches_single_device(ranks, mode):
     for rank, result in enumerate(ranks):
         diffs = result[mode]
@@ -83,6 +106,18 @@ def test_every_variant_runs_and_computes_the_single_device_loss(ranks):
     assert all(value > 0 for value in summary["median_ms"].values())
     assert summary["ratio_to_tpfx"]["tpfx gather"] == 1.0
     assert all(diff <= TOL for diff in summary["max_loss_diff"].values()), summary["max_loss_diff"]
+
+
+def test_every_vocab_variant_runs_and_computes_the_single_device_loss(ranks):
+    summary = vocab_step_time.summarize([r["vocab steps"] for r in ranks], (TOY_VOCAB,))["toy vocab"]
+    assert set(summary["median_ms"]) == {"single", "tpfx megatron", *(f"{who} {layout}" for layout in
+                                                                      vocab_step_time.LAYOUTS
+                                                                      for who in ("tpfx", "handwritten", "dtensor"))}
+    assert summary["ratio_to_tpfx"]["tpfx megatron+vocab+sp"] == 1.0 and "single" not in summary["ratio_to_tpfx"]
+    assert all(diff <= TOL for diff in summary["max_loss_diff"].values()), summary["max_loss_diff"]
+    table = vocab_step_time.markdown({"toy vocab": summary}, results.machine())
+    assert "| L2 d32 V96 B2×T8 | dtensor megatron+vocab+sp |" in table
+    assert "| L2 d32 V96 B2×T8 | tpfx megatron+vocab+sp / tpfx megatron+vocab |" in table
 
 
 def test_counted_traffic_equals_the_communication_table_and_the_closed_form(ranks):
