@@ -30,6 +30,7 @@ is memory-mapped by ``torch.load``, so its touched pages stay resident until the
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import struct
@@ -45,7 +46,8 @@ import torch.nn as nn
 
 from tpfx.passes.plan import Plan
 from tpfx.collectives import _group as bound_group  # the process group behind a program's group key
-from tpfx.errors import ConfigError, LoadError, first_line
+from tpfx.arguments import require_bool, require_device, require_module, require_source
+from tpfx.errors import ConfigError, LoadError, first_line, one_line
 from tpfx.layers import ShardSpec
 
 StateSource = Mapping[str, torch.Tensor] | str | os.PathLike
@@ -88,6 +90,7 @@ def parameter_shard_specs(gm: nn.Module) -> dict[str, ShardSpec]:
     Parameters not listed are replicated. ``spec.take(full)`` gives a rank's part of a full tensor or
     of its gradient, e.g. to compare with a single-device model.
     """
+    require_module(gm, "gm", "tpfx.parameter_shard_specs")
     plan = getattr(gm, "tpfx_plan", None)
     specs = {name: _shard_spec_of(gm, name, plan) for name, _ in gm.named_parameters()}
     return {name: spec for name, spec in specs.items() if spec is not None}
@@ -116,6 +119,11 @@ class _Source(Protocol):
 
     def shape(self, key: str) -> tuple[int, ...]: ...
 
+    def dtype(self, key: str) -> torch.dtype: ...
+
+    def problem(self, key: str) -> str | None:
+        """Why the stored tensor under ``key`` holds no data that can be read (meta, sparse), or None."""
+
     def read_into(self, key: str, spec: ShardSpec | None, out: torch.Tensor) -> None: ...
 
     def close(self) -> None: ...
@@ -137,6 +145,17 @@ class _TensorSource:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key].shape)
 
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].dtype
+
+    def problem(self, key: str) -> str | None:
+        tensor = self.tensors[key]
+        if tensor.is_meta:
+            return f"{key!r} is on the meta device (it holds no values)"
+        if tensor.layout != torch.strided:
+            return f"{key!r} is a {str(tensor.layout).removeprefix('torch.')} tensor, not a dense one"
+        return None
+
     def read_into(self, key: str, spec: ShardSpec | None, out: torch.Tensor) -> None:
         full = self.tensors[key]
         if spec is None:
@@ -152,7 +171,8 @@ class _TensorSource:
 _SAFETENSORS_DTYPES = {name: getattr(torch, attr) for name, attr in (
     ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
     ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"), ("U16", "uint16"),
-    ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+    ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+    ("C64", "complex64"))
     if hasattr(torch, attr)}
 
 
@@ -193,21 +213,30 @@ class _SafetensorsSource:
             if length > size - 8:
                 raise ValueError(f"header length {length} exceeds the file size {size}")
             header = json.loads(self.file.read(length))
-            data_start = 8 + length
-            if any(data_start + info["data_offsets"][1] > size for key, info in header.items() if key != "__metadata__"):
-                raise ValueError(f"a tensor ends past the file size {size} (truncated file)")
-            return {key: _Entry(_SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]),
-                                data_start + info["data_offsets"][0])
-                    for key, info in header.items() if key != "__metadata__"}
-        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise LoadError(f"{self.where} has no readable safetensors header ({type(error).__name__}: {error}); "
-                            "fix: pass a file written by safetensors' save_file, or a torch.save file") from None
+        except (struct.error, ValueError) as error:
+            header, problem = None, f"{type(error).__name__}: {error}"
+        else:
+            problem = None if isinstance(header, dict) else f"the header is a JSON {type(header).__name__}"
+        if problem is not None:
+            raise LoadError(f"{self.where} has no readable safetensors header ({problem}); "
+                            "fix: pass a file written by safetensors' save_file, or a torch.save file")
+        data_start = 8 + length
+        spans = {key: _span(key, info, size - data_start, self.where)
+                 for key, info in header.items() if key != "__metadata__"}
+        _check_disjoint(spans, self.where)
+        return {key: _Entry(dtype, shape, data_start + begin) for key, (dtype, shape, begin, _) in spans.items()}
 
     def keys(self) -> set[str]:
         return set(self.entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.entries[key].dtype
+
+    def problem(self, key: str) -> str | None:
+        return None  # every entry's byte range was checked with the header
 
     def read_into(self, key: str, spec: ShardSpec | None, out: torch.Tensor) -> None:
         entry = self.entries[key]
@@ -264,6 +293,49 @@ class _SafetensorsSource:
     def close(self) -> None:
         self.file.close()
         self.scratch = None
+
+
+def _span(key: str, info: object, data_length: int, where: str
+          ) -> tuple[torch.dtype, tuple[int, ...], int, int]:
+    """(dtype, shape, begin, end) of one header entry, its byte range checked against its size and the data.
+
+    Raises:
+        LoadError: naming the key: an unknown dtype, a malformed shape or offsets, a range outside the
+            data, or a range whose length is not the tensor's size (a wrong or truncated file).
+    """
+    fix = "fix: the file is damaged or not a safetensors file; write it again with safetensors' save_file"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise LoadError(f"{where}: header entry {key!r} lacks dtype, shape or data_offsets; {fix}")
+    dtype = _SAFETENSORS_DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise LoadError(f"{where}: tensor {key!r} has dtype {info['dtype']!r}, which torch "
+                        f"{torch.__version__} cannot hold; fix: save it as one of "
+                        f"{', '.join(sorted(_SAFETENSORS_DTYPES))}")
+
+    def naturals(value: object, count: int | None) -> bool:
+        return (isinstance(value, list) and (count is None or len(value) == count)
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value))
+
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not naturals(shape, None) or not naturals(offsets, 2):
+        raise LoadError(f"{where}: tensor {key!r} has shape {shape!r} and data_offsets {offsets!r}; both must be "
+                        f"lists of non-negative integers (two offsets); {fix}")
+    begin, end = offsets
+    nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+    if begin > end or end > data_length or end - begin != nbytes:
+        raise LoadError(f"{where}: tensor {key!r} has data_offsets [{begin}, {end}] but its {info['dtype']} "
+                        f"shape {list(shape)} needs {nbytes} bytes within the {data_length} bytes of data; {fix}")
+    return dtype, tuple(shape), begin, end
+
+
+def _check_disjoint(spans: Mapping[str, tuple[torch.dtype, tuple[int, ...], int, int]], where: str) -> None:
+    """Raise a LoadError naming two tensors whose byte ranges overlap (each would read the other's bytes)."""
+    ordered = sorted((begin, end, key) for key, (_, _, begin, end) in spans.items() if end > begin)
+    for (_, end, before), (begin, _, after) in itertools.pairwise(ordered):
+        if begin < end:
+            raise LoadError(f"{where}: the bytes of tensors {before!r} and {after!r} overlap (one starts at "
+                            f"{begin}, before the other ends at {end}); fix: the file is damaged, write it again "
+                            "with safetensors' save_file")
 
 
 def _open_source(source: StateSource) -> _Source:
@@ -329,25 +401,92 @@ def _meta_buffer_problems(module: nn.Module, source: _Source) -> tuple[list[str]
              "so that buffers computed by the constructor stay real"])
 
 
+def _castable(stored: torch.dtype, wanted: torch.dtype) -> bool:
+    """The dtype policy: the same dtype, or one floating dtype into another (bf16 checkpoint, fp32 model)."""
+    return stored == wanted or (stored.is_floating_point and wanted.is_floating_point)
+
+
+def _stored_problems(reads: list[tuple[_Target, str]], source: _Source) -> tuple[list[str], list[str]]:
+    """Stored tensors that hold no readable values (meta, sparse) or whose dtype may not be cast to the model's."""
+    empty = [problem for _, key in reads if (problem := source.problem(key)) is not None]
+    refused = [f"{key!r} is {str(source.dtype(key)).removeprefix('torch.')} in the checkpoint but "
+               f"{str(target.tensor.dtype).removeprefix('torch.')} in the model"
+               for target, key in reads if not _castable(source.dtype(key), target.tensor.dtype)]
+    problems, fixes = [], []
+    if empty:
+        problems.append(empty[0] + (f" (+{len(empty) - 1} more)" if len(empty) > 1 else ""))
+        fixes.append("save real dense tensors (tensor.to_dense(), weights loaded before saving)")
+    if refused:
+        problems.append("dtype mismatch: " + refused[0] + (f" (+{len(refused) - 1} more)" if len(refused) > 1 else ""))
+        fixes.append("only floating dtypes are cast into each other; save the tensor in the model's dtype")
+    return problems, fixes
+
+
+def _device_problems(reads: list[tuple[_Target, str]], device: torch.device) -> tuple[list[str], list[str]]:
+    """A ``device`` that cannot hold the meta tensors this load materializes."""
+    if not any(target.tensor.is_meta for target, _ in reads):
+        return [], []
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # torch raises either for an absent backend or index
+        return [f"device={str(device)!r} is not usable here ({first_line(error)})"], ["pass an available device"]
+    return [], []
+
+
+def _checked_reads(gm: nn.Module, source: _Source, *, strict: bool,
+                   device: torch.device) -> list[tuple[_Target, str]]:
+    """Every check of ``source`` against ``gm``, all before anything is written: (tensor, key to read) pairs.
+
+    Raises:
+        LoadError: one line listing every kind of problem found (keys, shapes, dtypes, stored layouts,
+            meta buffers, device) with their fixes.
+    """
+    targets = _targets(gm)
+    available = source.keys()
+    reads = [(target, next(key for key in target.keys if key in available))
+             for target in targets if available.intersection(target.keys)]
+    problems, fixes = _problems(targets, source, strict=strict)
+    for more_problems, more_fixes in (_stored_problems(reads, source), _meta_buffer_problems(gm, source),
+                                      _device_problems(reads, device)):
+        problems, fixes = problems + more_problems, fixes + more_fixes
+    if problems:
+        raise LoadError(f"cannot load {source.where} into {type(gm).__name__}: "
+                        f"{'; '.join(problems)}; fix: {'; '.join(fixes)}")
+    return reads
+
+
 # ----------------------------------------------------------------------------------------- loading
 
-def _load_target(target: _Target, source: _Source, key: str, device: torch.device) -> None:
-    """Fill one tensor in place (a real one) or replace a meta one's storage, keeping the object."""
+def _stage(target: _Target, source: _Source, key: str, device: torch.device) -> torch.Tensor:
+    """This rank's part of ``key`` in a new tensor of the target's dtype: on ``device`` for a meta target."""
     tensor = target.tensor
-    with torch.no_grad():
-        if not tensor.is_meta and tensor.device.type == "cpu" and tensor.is_contiguous():
-            source.read_into(key, target.spec, tensor.detach())  # straight into the live tensor
-            return
-        staged = torch.empty(tuple(tensor.shape), dtype=tensor.dtype)
-        source.read_into(key, target.spec, staged)
-        if not tensor.is_meta:
-            tensor.copy_(staged)
-            return
-        loaded = staged.to(device)
-        if isinstance(tensor, nn.Parameter):
-            loaded = type(tensor)(loaded, requires_grad=tensor.requires_grad)
-        # swap, not re-register: the same object stays in every module, call form and optimizer
-        torch.utils.swap_tensors(tensor, loaded)
+    staged = torch.empty(tuple(tensor.shape), dtype=tensor.dtype)
+    source.read_into(key, target.spec, staged)
+    if not tensor.is_meta:
+        return staged
+    loaded = staged.to(device)
+    return type(tensor)(loaded, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else loaded
+
+
+def _commit(staged: list[tuple[_Target, torch.Tensor]]) -> None:
+    """Put every staged tensor into the program: fill a real tensor in place, swap a meta one's storage.
+
+    Swapping, not re-registering, keeps the same object in every module, call form and optimizer. A
+    failure undoes the swaps already made (a swapped-out meta tensor holds no values to lose).
+    """
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for target, new in staged:
+                if target.tensor.is_meta:
+                    torch.utils.swap_tensors(target.tensor, new)
+                    swapped.append((target.tensor, new))
+                else:
+                    target.tensor.copy_(new)
+    except BaseException:
+        for tensor, old in reversed(swapped):
+            torch.utils.swap_tensors(tensor, old)
+        raise
 
 
 def load_state_dict(gm: nn.Module, source: StateSource, *, strict: bool = True,
@@ -359,6 +498,13 @@ def load_state_dict(gm: nn.Module, source: StateSource, *, strict: bool = True,
     :func:`tpfx.parameters_on_meta`) are materialized on ``device``; real tensors are filled in place.
     Tied parameters are loaded once, from whichever of their keys the checkpoint holds.
 
+    All or nothing: every check (keys, shapes, dtypes, stored layouts, a safetensors file's byte
+    ranges) runs before the first read, and every tensor is read before the first one is written, so
+    a failed read (an I/O error) leaves the program exactly as it was. The price is a second copy of
+    the real tensors being replaced while they are read; meta tensors cost nothing extra.
+    Dtypes: a floating checkpoint tensor is cast to the model's floating dtype; any other difference
+    (integer, bool or complex into float, or the reverse) is refused.
+
     Args:
         gm: the program from :func:`tpfx.parallelize` (any ``nn.Module`` works; without sharded
             layers it loads like ``nn.Module.load_state_dict``).
@@ -368,21 +514,27 @@ def load_state_dict(gm: nn.Module, source: StateSource, *, strict: bool = True,
         device: where meta tensors are materialized.
 
     Raises:
-        LoadError: missing or unexpected keys, a shape mismatch, a meta buffer the checkpoint cannot
-            fill, or an unreadable source; raised before any tensor is changed.
+        ConfigError: an argument of the wrong type.
+        LoadError: missing or unexpected keys, a shape or dtype mismatch, a meta or sparse stored
+            tensor, a damaged safetensors header, a meta buffer the checkpoint cannot fill, an
+            unusable device or an unreadable source: raised before any tensor is changed. A read that
+            fails later raises a LoadError too, with every tensor as it was.
     """
-    targets = _targets(gm)
+    where = "tpfx.load_state_dict"
+    require_module(gm, "gm", where)
+    require_source(source, "source", where)
+    require_bool(strict, "strict", where)
+    device = require_device(device, "device", where)
     with closing(_open_source(source)) as opened:
-        problems, fixes = _problems(targets, opened, strict=strict)
-        buffer_problems, buffer_fixes = _meta_buffer_problems(gm, opened)
-        if problems or buffer_problems:
-            raise LoadError(f"cannot load {opened.where} into {type(gm).__name__}: "
-                            f"{'; '.join(problems + buffer_problems)}; fix: {'; '.join(fixes + buffer_fixes)}")
-        available = opened.keys()
-        for target in targets:
-            present = [key for key in target.keys if key in available]
-            if present:
-                _load_target(target, opened, present[0], torch.device(device))
+        reads = _checked_reads(gm, opened, strict=strict, device=device)
+        staged, key = [], None
+        try:
+            for target, key in reads:
+                staged.append((target, _stage(target, opened, key, device)))
+        except Exception as error:  # I/O after the checks: nothing has been written yet
+            raise LoadError(f"reading {key!r} from {opened.where} failed ({one_line(error)}); the program is "
+                            "unchanged; fix: check that the file is complete and readable, then load again") from error
+        _commit(staged)
 
 
 # ----------------------------------------------------------------------------------------- gathering
@@ -441,8 +593,11 @@ def full_state_dict(gm: nn.Module, *, rank0_only: bool = True) -> dict[str, torc
 
     Raises:
         LoadError: a tensor is still on meta (nothing has been loaded into the program).
-        ConfigError: the program was built for inspection (no process group to gather over).
+        ConfigError: an argument of the wrong type; the program was built for inspection (no process
+            group to gather over).
     """
+    require_module(gm, "gm", "tpfx.full_state_dict")
+    require_bool(rank0_only, "rank0_only", "tpfx.full_state_dict")
     targets = _targets(gm)
     on_meta = [t.keys[0] for t in targets if t.tensor.is_meta]
     if on_meta:
