@@ -22,7 +22,8 @@ import tpfx
 import tpfx.checkpoint
 from examples.gpt import GPTModel, small_config
 
-CONFIG = dict(vocab_size=64, max_position_embeddings=16, n_layers=1, n_heads=4, d_model=32, d_ff=64, dropout=0.0)
+CONFIG = {"vocab_size": 64, "max_position_embeddings": 16, "n_layers": 1, "n_heads": 4, "d_model": 32, "d_ff": 64,
+          "dropout": 0.0}
 
 
 def _model(seed: int = 0) -> GPTModel:

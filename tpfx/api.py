@@ -24,6 +24,7 @@ from tpfx.passes.row_shard import rewrite_other_form, rewrite_pair_graph
 from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.capture import forward_signature
 from tpfx.collectives import bind_group, group_key
+from tpfx.arguments import require_choice, require_count, require_module
 from tpfx.errors import ConfigError
 from tpfx.export_capture import Captured, ExampleInputs, capture_for_parallelize, example_arguments
 from tpfx.megatron_report import megatron_report
@@ -135,6 +136,7 @@ STRATEGIES: dict[Mode, Strategy] = {
         report=megatron_report, needs_shapes=True),
 }
 MODES = tuple(mode.value for mode in STRATEGIES)
+TRACERS = ("auto", "fx", "export")
 
 
 def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessGroup | None = None,
@@ -173,18 +175,36 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
         A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts.
 
     Raises:
-        ConfigError: bad tp, group or rank, or no process group without ``rank=``.
+        ConfigError: an argument of the wrong type or value (``tp`` must be an int >= 1, not a bool,
+            float or string; ``model`` an ``nn.Module``), bad group or rank, or no process group
+            without ``rank=``.
         CaptureError: the model cannot be traced.
         ShardingError: tp does not divide a site's out_features.
         All are raised before any collective runs and leave nothing changed.
     """
-    if mode not in MODES:
-        raise ConfigError(f"mode={mode!r} is not a parallelization mode; use one of {', '.join(map(repr, MODES))}")
+    _check_arguments(model, tp, group=group, rank=rank, mode=mode, tracer=tracer, example_inputs=example_inputs)
     layout = resolve_layout(tp, group=group, rank=rank)
     with _collector_paused():
         gm = _compile(model, layout, mode=mode, tracer=tracer, example_inputs=example_inputs)
     _bind_process_group(layout, group)
     return gm
+
+
+def _check_arguments(model: object, tp: object, *, group: object, rank: object, mode: object, tracer: object,
+                     example_inputs: object) -> None:
+    """One line naming the argument, for every argument of :func:`parallelize` of the wrong type or value."""
+    where = "tpfx.parallelize"
+    require_module(model, "model", where)
+    require_count(tp, "tp", where, optional=True)
+    require_count(rank, "rank", where, optional=True, minimum=0)
+    require_choice(mode, "mode", where, MODES, kind="parallelization mode")
+    require_choice(tracer, "tracer", where, TRACERS, kind="tracer")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise ConfigError(f"{where}: group must be a torch.distributed ProcessGroup or None, got "
+                          f"{type(group).__name__}; fix: pass dist.new_group(ranks) or omit it")
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, dict, torch.Tensor)):
+        raise ConfigError(f"{where}: example_inputs is a {type(example_inputs).__name__}; pass a tuple of "
+                          "positional arguments, a dict of keyword arguments, or one tensor")
 
 
 def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,

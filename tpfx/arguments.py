@@ -42,7 +42,8 @@ def require_count(value: object, name: str, where: str, *, optional: bool = Fals
         raise ConfigError(f"{where}: {name} must be an int >= {minimum}, got {_shown(value)} "
                           f"({type(value).__name__}){hint}")
     if value < minimum:
-        raise ConfigError(f"{where}: {name}={value} must be >= {minimum}; fix: pass an int >= {minimum}")
+        kind = "a positive integer" if minimum == 1 else "a non-negative integer" if minimum == 0 else f">= {minimum}"
+        raise ConfigError(f"{where}: {name}={value} must be {kind}; fix: pass an int >= {minimum}")
     return value
 
 
@@ -53,10 +54,10 @@ def require_bool(value: object, name: str, where: str) -> bool:
     return value
 
 
-def require_choice(value: object, name: str, where: str, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of the strings ``choices``."""
+def require_choice(value: object, name: str, where: str, choices: tuple[str, ...], *, kind: str) -> str:
+    """``value`` if it is one of the strings ``choices`` (``kind`` names what they are, e.g. "tracer")."""
     if not isinstance(value, str) or value not in choices:
-        raise ConfigError(f"{where}: {name}={_shown(value)} is not one of {', '.join(map(repr, choices))}")
+        raise ConfigError(f"{where}: {name}={_shown(value)} is not a {kind}; use one of {', '.join(map(repr, choices))}")
     return value
 
 

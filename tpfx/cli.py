@@ -18,6 +18,7 @@ import os
 import sys
 import traceback
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 
 import tpfx
@@ -339,6 +340,8 @@ def _colour_enabled(args: argparse.Namespace) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tpfx`` command line; returns the exit code (0 ok, 1 verification failed, 2 bad input)."""
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        _quiet_libraries()
     run: Callable[[argparse.Namespace, _Style], int] = args.run
     try:
         return run(args, _Style(_colour_enabled(args)))
@@ -351,6 +354,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # a bug in tpfx or in the model's code: one line unless --debug
         return _report_error(args, error, f"{one_line(error)} (rerun with --debug for the traceback)",
                              internal=True)
+
+
+def _quiet_libraries() -> None:
+    """Silence torch's (and transformers') logging and deprecation chatter: the CLI prints its own one line.
+
+    A failing shape propagation makes torch log a 40-line traceback of its fake-tensor dispatch before
+    tpfx's one-line error; ``--debug`` keeps all of it. tpfx's own warnings still show.
+    """
+    import logging
+
+    import torch._logging
+
+    torch._logging.set_logs(all=logging.CRITICAL)
+    for name in ("torch", "transformers"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's C++ warnings in spawned ranks
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers)\.")
 
 
 def _report_error(args: argparse.Namespace, error: BaseException, message: str, *, internal: bool) -> int:

@@ -119,13 +119,16 @@ def load_target(spec: str) -> Target:
         The model and its argument recipes (from the factory's example inputs, else inferred).
 
     Raises:
-        TargetError: bad spelling, missing file, module or factory, a factory that raises or returns
-            something else than a model; inputs that cannot be inferred.
+        TargetError: bad spelling, missing file, module or factory, a factory that raises (or calls
+            ``sys.exit``) or returns something else than a model; inputs that cannot be inferred.
         CaptureError: inputs must be inferred and the model cannot be captured.
     """
     factory = _resolve_factory(spec)
     try:
         produced = factory()
+    except SystemExit as error:  # sys.exit() in user code must not end the CLI silently with its status
+        raise TargetError(f"factory {spec!r} called sys.exit({error.code!r}) instead of returning a model; "
+                          "fix the factory so that it returns a model") from error
     except Exception as error:  # any failure of user code becomes one line naming the factory
         raise TargetError(f"factory {spec!r} raised {one_line(error)}; "
                           "fix the factory so that it returns a model") from error
@@ -165,10 +168,11 @@ def _import_file(path_text: str, spec: str) -> object:
         sys.path.insert(0, str(path.parent))  # like running the file: its sibling imports work
     try:
         module_spec.loader.exec_module(module)
-    except Exception as error:  # the user's file; one line with its error
+    except (Exception, SystemExit) as error:  # the user's file (sys.exit at import too); one line with its error
         del sys.modules[name]
-        raise TargetError(f"importing {path_text!r} raised {one_line(error)}; "
-                          "fix the file so that it imports") from error
+        what = f"sys.exit({error.code!r})" if isinstance(error, SystemExit) else one_line(error)
+        raise TargetError(f"importing {path_text!r} raised {what}; fix the file so that it imports "
+                          "(guard its script part with `if __name__ == '__main__':`)") from error
     return module
 
 
@@ -178,8 +182,9 @@ def _import_module(name: str, spec: str) -> object:
     except ModuleNotFoundError as error:
         raise TargetError(f"module {name!r} of TARGET {spec!r} cannot be found ({first_line(error)}); "
                           "install it or give a path/to/file.py") from error
-    except Exception as error:  # the user's module
-        raise TargetError(f"importing module {name!r} raised {one_line(error)}") from error
+    except (Exception, SystemExit) as error:  # the user's module (sys.exit at import too)
+        what = f"sys.exit({error.code!r})" if isinstance(error, SystemExit) else one_line(error)
+        raise TargetError(f"importing module {name!r} raised {what}") from error
 
 
 def _recipes_from_example(model: nn.Module, example: object, spec: str) -> tuple[ArgumentRecipe, ...]:

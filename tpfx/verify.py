@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from tpfx.arguments import require_count
 from tpfx.checkpoint import parameter_shard_specs
 from tpfx.errors import ConfigError
 from tpfx.launch import launch
@@ -39,8 +40,11 @@ class VerifyOptions:
     parallelize_options: dict[str, Any] = field(default_factory=dict)  # e.g. mode= where parallelize has it
 
     def __post_init__(self) -> None:
-        if self.tp < 1:
-            raise ConfigError(f"--tp {self.tp} must be a positive integer")
+        where = "tpfx.verify.VerifyOptions"
+        require_count(self.tp, "tp", where)
+        require_count(self.batch, "batch", where, optional=True)
+        require_count(self.seq, "seq", where, optional=True)
+        require_count(self.seed, "seed", where, minimum=0)
         if self.atol < 0 or self.rtol < 0:
             raise ConfigError(f"tolerances must be >= 0, got atol={self.atol} rtol={self.rtol}")
         if self.timeout_s <= 0:
