@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import gc
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+import torch.distributed.constants as dist_constants
 import torch.fx as fx
 import torch.nn as nn
 
@@ -23,14 +26,20 @@ from tpfx.passes.plan import Mode, Plan, gather_plan, megatron_plan
 from tpfx.passes.row_shard import rewrite_other_form, rewrite_pair_graph
 from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.capture import forward_signature
-from tpfx.collectives import bind_group, group_key
-from tpfx.arguments import require_choice, require_count, require_module
-from tpfx.errors import ConfigError
+from tpfx.collectives import bind_group, control_group, group_key, group_timeout
+from tpfx.arguments import require_bool, require_choice, require_count, require_module
+from tpfx.errors import ConfigError, DefaultTimeoutWarning
 from tpfx.export_capture import Captured, ExampleInputs, capture_for_parallelize, example_arguments
 from tpfx.megatron_report import megatron_report
 from tpfx.no_sites import warn_if_no_sites
 from tpfx.program import TensorParallelModule, adopt_missing, take_weights
+from tpfx.replicas import Summary, graph_signature, model_fingerprints, uses_dropout
+from tpfx.replicas import check_replicas as replica_check
 from tpfx.report import Report, build_report
+
+# torch's defaults: the gloo/world default (30 min) and, where it has one, NCCL's
+_DEFAULT_TIMEOUTS = tuple(t for t in (dist_constants.default_pg_timeout, dist_constants.default_pg_nccl_timeout) if t)
+_REPLICA_SUMMARY = "tpfx_replica_summary"  # gm.meta key, from capture to the check after the group is bound
 
 
 @dataclass(frozen=True)
@@ -90,16 +99,39 @@ def resolve_layout(tp: int | None, *, group: dist.ProcessGroup | None, rank: int
 
 
 def _bind_process_group(layout: Layout, group: dist.ProcessGroup | None) -> None:
-    """Create (collectively, on every rank) the tp groups if needed, and bind this rank's group key."""
+    """Create (collectively, on every rank) the tp groups if needed, and bind this rank's group key.
+
+    New groups get the timeout of the group they are carved from (torch would give them its default
+    30 minutes). Each tp group also gets a control group of the same ranks, made by its members
+    alone, for tpfx's own checks (the replica check, the call check): their collectives never pair
+    with the program's, so ranks out of step time out with a message instead of aborting in gloo.
+    """
     if layout.inspection:
         return
+    timeout = group_timeout(group)
+    _warn_if_default_timeout(timeout, layout.key)
     if group is None and layout.tp != dist.get_world_size():
         world = dist.get_world_size()
         for first in range(0, world, layout.tp):  # every rank must create every group, in the same order
-            created = dist.new_group(list(range(first, first + layout.tp)))
+            created = dist.new_group(list(range(first, first + layout.tp)), timeout=timeout)
             if first == layout.ranks[0]:
                 group = created
-    bind_group(layout.key, group)
+    control = dist.new_group(list(layout.ranks), timeout=timeout, use_local_synchronization=True)
+    bind_group(layout.key, group, control=control)
+
+
+_warned_default_timeout: list[str] = []  # group keys warned about: once per process is enough
+
+
+def _warn_if_default_timeout(timeout: datetime.timedelta | None, key: str) -> None:
+    if timeout is None or timeout not in _DEFAULT_TIMEOUTS or _warned_default_timeout:
+        return
+    _warned_default_timeout.append(key)
+    warnings.warn(DefaultTimeoutWarning(
+        f"tpfx.parallelize: the process group of {key} has torch's default timeout ({timeout}), so a rank "
+        "that fails or skips a collective leaves the others waiting that long; fix: pass "
+        "timeout=datetime.timedelta(minutes=5) (longer than your slowest step) to dist.init_process_group"),
+        stacklevel=3)  # 3: parallelize's caller
 
 
 @dataclass(frozen=True)
@@ -142,7 +174,7 @@ TRACERS = ("auto", "fx", "export")
 def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessGroup | None = None,
                 rank: int | None = None, mode: Literal["gather", "megatron"] = "gather",
                 tracer: Literal["auto", "fx", "export"] = "auto",
-                example_inputs: ExampleInputs | None = None) -> TensorParallelModule:
+                example_inputs: ExampleInputs | None = None, check_replicas: bool = True) -> TensorParallelModule:
     """Make ``model`` tensor-parallel: return this rank's program as a GraphModule.
 
     The attention QKV projections and FFN first linears are found by graph structure and
@@ -170,6 +202,12 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
             torch.fx graphs take their symbolic shapes from it (dims 0 and 1 symbolic). Without it,
             fx assumes token ids or, for an input a linear or norm reads first, (batch, seq, width);
             ``gm.tpfx_report.tracer_note`` says which (see :mod:`tpfx.passes.fake_shapes`).
+        check_replicas: check that every rank of the group holds the same model (weights, buffers,
+            captured graph, build options and, for a model in training mode with dropout, the random
+            state): one small collective (``all_gather_object`` of a fingerprint per tensor and graph
+            node), the only collective parallelize runs, at about the cost of reading the weights
+            once (see :mod:`tpfx.replicas`). Pass False only where you guarantee identical replicas
+            yourself and reading every weight once is too slow.
 
     Returns:
         A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts.
@@ -181,12 +219,21 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
         CaptureError: the model cannot be traced.
         ShardingError: tp does not divide a site's out_features.
         All are raised before any collective runs and leave nothing changed.
+        ReplicaError: (after the replica check's collective) the ranks do not hold the same model;
+            the message names the first differing tensor, graph node or option and the ranks.
     """
     _check_arguments(model, tp, group=group, rank=rank, mode=mode, tracer=tracer, example_inputs=example_inputs)
+    require_bool(check_replicas, "check_replicas", "tpfx.parallelize")
     layout = resolve_layout(tp, group=group, rank=rank)
+    summarize = check_replicas and not layout.inspection
     with _collector_paused():
-        gm = _compile(model, layout, mode=mode, tracer=tracer, example_inputs=example_inputs)
+        gm = _compile(model, layout, mode=mode, tracer=tracer, example_inputs=example_inputs, summarize=summarize)
+    summary = gm.meta.pop(_REPLICA_SUMMARY, None)
     _bind_process_group(layout, group)
+    if summary is not None:
+        replica_check(summary, group=control_group(layout.key), key=layout.key)
+    if not layout.inspection:
+        gm.check_calls_in(layout.key)
     return gm
 
 
@@ -208,7 +255,7 @@ def _check_arguments(model: object, tp: object, *, group: object, rank: object, 
 
 
 def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
-             example_inputs: ExampleInputs | None) -> TensorParallelModule:
+             example_inputs: ExampleInputs | None, summarize: bool = False) -> TensorParallelModule:
     """capture -> find sites -> plan (the mode's strategy) -> rewrite the graph, shard the parameters -> report.
 
     The captured program is compiled in place: it is built over a weightless copy of the model, the
@@ -216,6 +263,8 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
     """
     captured = capture_for_parallelize(model, tracer=tracer, example_inputs=example_inputs)
     gm = captured.gm
+    if summarize:  # what the replica check compares, taken from the graph before any rewrite
+        gm.meta[_REPLICA_SUMMARY] = _replica_summary(model, captured, mode=mode, tp=layout.tp)
     # a model built with parameters on meta was traced on meta: its device constants must say the inputs' device
     retarget_meta_device(gm, device=device_of_inputs(example_inputs))
     strategy = STRATEGIES[Mode(mode)]
@@ -242,6 +291,17 @@ def _compile(model: nn.Module, layout: Layout, *, mode: str, tracer: str,
                           tracer=captured.tracer, tracer_note=note)
     gm.tpfx_report = strategy.report(report, gm, plan)
     return gm
+
+
+def _replica_summary(model: nn.Module, captured: Captured, *, mode: str, tp: int) -> Summary:
+    """This rank's side of the replica check: build options, the captured graph, every tensor's fingerprint.
+
+    The random state is compared only for a model in training mode whose graph drops something: in
+    eval mode dropout draws nothing, and unseeded ranks are fine.
+    """
+    build = (("mode", mode), ("tp", str(tp)), ("tracer", captured.tracer), ("call form", captured.form.describe()))
+    with_random_state = model.training and uses_dropout(captured.gm)
+    return Summary(build, graph_signature(captured.gm), model_fingerprints(model, with_random_state=with_random_state))
 
 
 def _fake_shapes(captured: Captured, signature: inspect.Signature,

@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.capture import TRACED_CONSTANTS, CallForm, call_form_of, capture
+from tpfx.collectives import check_same_call
 from tpfx.errors import ConfigError
 from tpfx.passes.meta_device import device_of_call
 
@@ -100,7 +101,26 @@ class TensorParallelModule(fx.GraphModule):
         built = forms.built.get(form)  # every call after the first: no device look-up on the step's path
         return built if built is not None else self._module_for(forms, form, device_of_call([*args, *kwargs.values()]))
 
+    def check_calls_in(self, key: str) -> None:
+        """Before every call, check that the ranks of group ``key`` make the same call (batch and
+        sequence sizes, optional arguments, train/eval): one all-gather of 48 bytes on the group's
+        control group (see :func:`tpfx.collectives.check_same_call`). Ranks that differ would hand
+        the program's collectives tensors of different sizes, which gloo cannot report (it aborts).
+        """
+        self.__dict__["_tpfx_call_check"] = key
+
+    def _check_call(self, key: str, args: tuple, kwargs: dict) -> None:
+        values = [*args, *(kwargs[name] for name in sorted(kwargs))]
+        shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in values]
+        simple = [v if isinstance(v, (bool, int, float, str, type(None))) else type(v).__name__
+                  for v in values if not isinstance(v, torch.Tensor)]
+        form = f"{'train' if self.training else 'eval'}, keywords {sorted(kwargs)}, values {simple}"
+        check_same_call(key, shapes, form)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = self.__dict__.get("_tpfx_call_check")
+        if key is not None:
+            self._check_call(key, args, kwargs)
         module = self.module_for_call(*args, **kwargs)
         if module is self:
             return super().__call__(*args, **kwargs)
