@@ -40,9 +40,11 @@ examples:
   tpfx dump examples/gpt.py:tiny_gpt --format svg -o gpt.svg   (needs graphviz: apt-get install graphviz)
   tpfx explain examples/gpt.py:tiny_gpt                  every linear and why it is (not) sharded
   tpfx verify examples/gpt.py:tiny_gpt --tp 2            forward+backward in 2 gloo processes vs one device
+  tpfx verify mymodel.py:build --forms all               also every optional argument at a non-default value
 
 TARGET is path/to/file.py:factory or package.module:factory; the factory takes no arguments and
-returns a model, or (model, example_inputs). Without example inputs tpfx makes the required
+returns a model, (model, example_inputs), or (model, [example_inputs, ...]) for several call forms
+(verify checks each). Without example inputs tpfx makes the required
 arguments itself (token ids for an Embedding, features for a Linear) at --batch x --seq.
 """
 
@@ -134,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to the largest value (1e-4)")
     check.add_argument("--seed", type=int, default=0, help="seed of the random inputs and dropout (default 0)")
     check.add_argument("--timeout", type=float, default=300, help="seconds before the ranks are stopped (300)")
+    check.add_argument("--forms", choices=("declared", "all"), default="declared",
+                       help="call forms to check: every call the factory declares (default), or also each "
+                            "optional argument of forward set to a non-default value tpfx can make")
     check.set_defaults(run=_run_verify)
     return parser
 
@@ -277,7 +282,8 @@ def _run_explain(args: argparse.Namespace, style: _Style) -> int:
 
 def _run_verify(args: argparse.Namespace, style: _Style) -> int:
     options = VerifyOptions(tp=args.tp, batch=args.batch, seq=args.seq, seed=args.seed, atol=args.atol,
-                            rtol=args.rtol, timeout_s=args.timeout, parallelize_options=_passthrough(args))
+                            rtol=args.rtol, timeout_s=args.timeout, parallelize_options=_passthrough(args),
+                            forms=args.forms)
     result = verify(args.target, options)
     _emit("\n".join(_verify_text(result, style)) + "\n", None)
     return EXIT_OK if result.passed else EXIT_FAILED
@@ -370,6 +376,7 @@ def _quiet_libraries() -> None:
     for name in ("torch", "transformers"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's C++ warnings in spawned ranks
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")  # and theirs
     for category in (FutureWarning, DeprecationWarning):
         warnings.filterwarnings("ignore", category=category)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers)\.")

@@ -101,11 +101,12 @@ class TensorParallelModule(fx.GraphModule):
         built = forms.built.get(form)  # every call after the first: no device look-up on the step's path
         return built if built is not None else self._module_for(forms, form, device_of_call([*args, *kwargs.values()]))
 
-    def check_calls_in(self, key: str) -> None:
+    def check_calls_in(self, key: str | None) -> None:
         """Before every call, check that the ranks of group ``key`` make the same call (batch and
         sequence sizes, optional arguments, train/eval): one all-gather of 48 bytes on the group's
         control group (see :func:`tpfx.collectives.check_same_call`). Ranks that differ would hand
         the program's collectives tensors of different sizes, which gloo cannot report (it aborts).
+        ``parallelize`` turns it on; ``None`` turns it off (``gm.check_calls_in(None)``).
         """
         self.__dict__["_tpfx_call_check"] = key
 
