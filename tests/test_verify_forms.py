@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 
 import pytest
+import torch
 
 from tpfx.cli import main
 from tpfx.targets import _non_default, load_target
@@ -60,7 +61,7 @@ def test_declared_calls_and_every_optional_argument_become_call_forms(scaled):
 
 def test_non_default_values_are_made_only_where_the_annotation_allows():
     def f(a, b: int = 3, c: float = 0.0, d: bool = False, e: float | None = None, t: object = None,
-          m: "torch.Tensor | None" = None):  # noqa: F821 - a string annotation, never evaluated
+          m: torch.Tensor | None = None):
         ...
     made = {name: _non_default(p) for name, p in inspect.signature(f).parameters.items()}
     assert (made["b"], made["c"], made["d"], made["e"]) == (6, 0.5, True, 0.5)
