@@ -244,7 +244,7 @@ def time_replica_check(model: torch.nn.Module, *, real_mb: int = 64) -> dict[str
         finally:
             if started_group:
                 dist.destroy_process_group()
-    weights = torch.randn(real_mb << 18)  # real_mb MB of fp32
+    weights = torch.randn(real_mb << 8, 1024)  # real_mb MB of fp32, a weight's rows
     start = time.perf_counter()
     fingerprint(weights)
     rate = weights.numel() * 4 / (time.perf_counter() - start) / 1e9

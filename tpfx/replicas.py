@@ -11,9 +11,10 @@ tensor and per graph node), the one collective :func:`tpfx.parallelize` runs::
         -> ReplicaError: 'blocks.0.attn.qkv.weight' differs between rank 0 and rank(s) 1 ...
 
 A tensor's fingerprint is the xor-hash of the bits of each row (exact, cheap: ``torch.hash_tensor``)
-combined with odd weights by row position, plus its float64 sum and sum of magnitudes, so that equal
-values that cancel in a xor (a constant-filled row) still differ by their sum. Sums are compared
-with a relative tolerance (reduction order may differ between devices); the hash must match exactly.
+combined with odd weights by row position, plus its sum, so that equal values that cancel in a xor
+(a row filled with one constant) still differ by their sum. Sums are compared with a tolerance
+relative to the largest magnitude times the count (reduction order may differ between devices); the
+hash must match exactly.
 Meta tensors (a model built under :func:`tpfx.parameters_on_meta`) have no values yet: only their
 names, shapes and dtypes are compared; a checkpoint loaded on every rank fills them alike.
 """
@@ -31,7 +32,7 @@ from tpfx.errors import ReplicaError
 from tpfx.passes.ops import dropout_probability
 
 RNG_STATE = "<torch random state>"  # the entry of the dropout random state among the tensors
-_SUM_TOLERANCE = 1e-6  # relative to the sum of magnitudes; bit-level differences are the hash's job
+_SUM_TOLERANCE = 1e-5  # relative to largest magnitude x count; bit-level differences are the hash's job
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class Fingerprint:
     dtype: str
     row_hash: int | None  # None: a meta tensor (no values)
     total: float = 0.0
-    magnitude: float = 0.0
+    magnitude: float = 0.0  # the largest magnitude times the count: what bounds the sum's rounding
 
     def differs_from(self, other: Fingerprint) -> str | None:
         """How ``other`` differs from this one (shape, dtype or values), or None when they agree."""
@@ -57,7 +58,11 @@ class Fingerprint:
 
 
 def fingerprint(tensor: torch.Tensor) -> Fingerprint:
-    """The :class:`Fingerprint` of one tensor (one pass of hashing and one of summing over its values)."""
+    """The :class:`Fingerprint` of one tensor: a xor-hash per row, a sum and the largest magnitude.
+
+    About 1 GB/s on one CPU core (the hash reads every byte once; the sum and the extremes run in the
+    tensor's own dtype, without a widened copy).
+    """
     dtype = str(tensor.dtype).removeprefix("torch.")
     shape = tuple(tensor.shape)
     if tensor.is_meta:
@@ -65,14 +70,27 @@ def fingerprint(tensor: torch.Tensor) -> Fingerprint:
     values = tensor.detach()
     if values.is_complex():
         values = torch.view_as_real(values)
+    if values.dtype == torch.bool:
+        values = values.to(torch.uint8)
     if values.numel() == 0:
         return Fingerprint(shape, dtype, 0)
-    rows = torch.hash_tensor(values.reshape(values.shape[0] if values.dim() else 1, -1), dim=1)
+    rows = torch.cat([torch.hash_tensor(block, dim=1) for block in _row_blocks(values)])
     weights = torch.arange(rows.numel(), dtype=torch.int64, device=rows.device) * 2 + 1
     row_hash = int((rows.view(torch.int64) * weights).sum())  # wraps around in int64: still deterministic
-    wide = values.to(torch.float64) if not values.is_floating_point() else values
-    total, magnitude = float(wide.sum(dtype=torch.float64)), float(wide.abs().sum(dtype=torch.float64))
-    return Fingerprint(shape, dtype, row_hash, total, magnitude)
+    low, high = torch.aminmax(values)
+    largest = max(abs(float(low)), abs(float(high)))
+    total = float(values.sum(dtype=torch.int64) if not values.is_floating_point() else values.sum())
+    return Fingerprint(shape, dtype, row_hash, total, largest * values.numel())
+
+
+def _row_blocks(values: torch.Tensor) -> list[torch.Tensor]:
+    """The tensor as 2-D blocks whose rows are hashed: its own rows (dim 0), or for a vector rows of 64."""
+    if values.dim() >= 2:
+        return [values.reshape(values.shape[0], -1)]
+    flat = values.reshape(-1)
+    bulk = flat.numel() - flat.numel() % 64
+    blocks = [flat[:bulk].view(-1, 64)] if bulk else []
+    return blocks + ([flat[bulk:].view(1, -1)] if bulk < flat.numel() else [])
 
 
 def model_fingerprints(model: nn.Module, *, with_random_state: bool) -> dict[str, Fingerprint]:
