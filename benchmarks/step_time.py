@@ -204,8 +204,8 @@ def _call_check_rank(rank: int, world_size: int, size: ModelSize, rounds: int) -
 def call_check_cost(size: ModelSize = SMALL, *, rounds: int = 40, world_size: int = 2) -> dict[str, float]:
     """Median training-step ms of the tpfx gather program with and without its per-call input check.
 
-    The check is one all-gather of 48 bytes on the group's control group before every call (see
-    :func:`tpfx.collectives.check_same_call`); ``overhead`` is (on - off) / off.
+    The check is one asynchronous all-gather of 48 bytes on the group's control group per call (see
+    :func:`tpfx.collectives.start_call_check`); ``overhead`` is (on - off) / off.
     """
     per_rank = launch(_call_check_rank, world_size, size, rounds)
     medians = {label: 1e3 * statistics.median(max(values) for values in zip(*(r[label] for r in per_rank)))

@@ -21,6 +21,7 @@ import linecache
 import re
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -47,7 +48,7 @@ def group_key(ranks: list[int]) -> str:
 def bind_group(key: str, group: dist.ProcessGroup | None, *, control: dist.ProcessGroup | None = None) -> None:
     """Bind a group key to a process group (None = the default group) for this process.
 
-    ``control``: a second group of the same ranks on which :func:`check_same_call` runs (without one,
+    ``control``: a second group of the same ranks on which :func:`start_call_check` runs (without one,
     the call check is off).
     """
     _GROUPS[key] = group
@@ -135,6 +136,7 @@ def _run(collective: Callable[[], object], name: str, key: str, site: tuple[str,
 
 def _all_reduce(tensor: torch.Tensor, key: str, name: str, site: tuple[str, int] | None,
                 *, backward: bool = False) -> torch.Tensor:
+    settle_call_check(key)
     out = tensor.contiguous().clone()
     _notify(name, out)
     group = _group(key)
@@ -143,6 +145,7 @@ def _all_reduce(tensor: torch.Tensor, key: str, name: str, site: tuple[str, int]
 
 
 def _all_gather_last_dim(tensor: torch.Tensor, key: str, name: str, site: tuple[str, int] | None) -> torch.Tensor:
+    settle_call_check(key)
     group = _group(key)
     local = tensor.contiguous()
     _notify(name, local)
@@ -151,38 +154,68 @@ def _all_gather_last_dim(tensor: torch.Tensor, key: str, name: str, site: tuple[
     return torch.cat(parts, dim=-1)
 
 
-def check_same_call(key: str, shapes: Sequence[tuple[int, ...] | None], form: str) -> None:
-    """Check, in one tiny collective on the group's control group, that every rank makes the same call.
+@dataclass
+class _PendingCheck:
+    """A call check on its way: the all-gather's handle, its buffers, and what to say if it fails."""
+
+    work: dist.Work
+    everyone: list[torch.Tensor]
+    form: str
+    first: tuple[int, ...]
+
+
+_PENDING: dict[str, _PendingCheck] = {}  # group key -> the call check the next collective waits for
+
+
+def start_call_check(key: str, shapes: Sequence[tuple[int, ...] | None], form: str) -> None:
+    """Start checking, in one tiny collective on the group's control group, that every rank makes the same call.
 
     Ranks called with other batch or sequence sizes would hand gloo collectives of different sizes,
     which it cannot report (it aborts the process); ranks called for another call form would run
-    other collectives. Each rank sends the first tensor's shape and a digest of every argument's
-    shape and of the call form (48 bytes), always the same size, so the check itself cannot abort.
+    other collectives; a rank that skipped a backward would pair its next forward's collectives with
+    the others' backward ones. Each rank sends the first tensor's shape and a digest of every
+    argument's shape and of the call form (48 bytes), always the same size, so the check itself
+    cannot abort. It runs asynchronously, while the program computes up to its first collective,
+    which waits for it (:func:`settle_call_check`): a rank out of step fails there, on the control
+    group, before any of the program's collectives can pair with the wrong one.
 
     Args:
         key: the program's group key.
         shapes: every argument's shape (None for a non-tensor), in signature order.
         form: the call form's description.
-
-    Raises:
-        CollectiveError: the ranks' calls differ (naming the first tensor's shapes per rank), or a
-            rank did not come to this call within the group timeout.
     """
     control = _CONTROL.get(key)
     if control is None:
         return
+    settle_call_check(key)  # the previous call ran no collective: its check is still open
     first = next((shape for shape in shapes if shape is not None), ())
     digest = _stable_digest(repr((tuple(shapes), form)))  # not hash(): str hashes differ between processes
     mine = torch.tensor([digest, len(first), *(list(first[:4]) + [-1] * (4 - len(first[:4])))], dtype=torch.int64)
     everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(control))]
-    _run(lambda: dist.all_gather(everyone, mine, group=control), "the call check", key,
-         "the start of a call of the program")
-    if all(torch.equal(row, everyone[0]) for row in everyone):
+    work = dist.all_gather(everyone, mine, group=control, async_op=True)
+    _PENDING[key] = _PendingCheck(work, everyone, form, tuple(first))
+
+
+def settle_call_check(key: str) -> None:
+    """Wait for the open call check of group ``key`` (if any) and compare the ranks' calls.
+
+    Raises:
+        CollectiveError: the ranks' calls differ (naming the first tensor's shapes per rank), or a
+            rank did not come to this call within the group timeout (it raised, skipped a backward
+            or is still in another collective).
+    """
+    pending = _PENDING.pop(key, None)
+    if pending is None:
         return
-    described = "; ".join(f"rank {rank}: {_shape_of(row)}" for rank, row in enumerate(everyone))
+    _run(pending.work.wait, "the call check", key,
+         f"the start of a call of the program ({pending.form}, first tensor {list(pending.first)})")
+    rows = pending.everyone
+    if all(torch.equal(row, rows[0]) for row in rows):
+        return
+    described = "; ".join(f"rank {rank}: {_shape_of(row)}" for rank, row in enumerate(rows))
     raise CollectiveError(f"the ranks of group {key} called the program with different inputs ({described}, "
-                          f"this rank: {form}); fix: call it with the same batch and sequence sizes and the same "
-                          "optional arguments on every rank of a tensor-parallel group")
+                          f"this rank: {pending.form}); fix: call it with the same batch and sequence sizes and "
+                          "the same optional arguments on every rank of a tensor-parallel group")
 
 
 def _stable_digest(text: str) -> int:

@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.capture import TRACED_CONSTANTS, CallForm, call_form_of, capture
-from tpfx.collectives import check_same_call
+from tpfx.collectives import start_call_check
 from tpfx.errors import ConfigError
 from tpfx.passes.meta_device import device_of_call
 
@@ -102,10 +102,12 @@ class TensorParallelModule(fx.GraphModule):
         return built if built is not None else self._module_for(forms, form, device_of_call([*args, *kwargs.values()]))
 
     def check_calls_in(self, key: str | None) -> None:
-        """Before every call, check that the ranks of group ``key`` make the same call (batch and
-        sequence sizes, optional arguments, train/eval): one all-gather of 48 bytes on the group's
-        control group (see :func:`tpfx.collectives.check_same_call`). Ranks that differ would hand
-        the program's collectives tensors of different sizes, which gloo cannot report (it aborts).
+        """Check that the ranks of group ``key`` make the same calls (tensor shapes, optional
+        arguments, train/eval): ranks that differ would hand the program's collectives tensors of
+        different sizes, which gloo cannot report (it aborts the process).
+
+        Every call starts one all-gather of 48 bytes on the group's control group, asynchronously;
+        the program's first collective waits for it (see :func:`tpfx.collectives.start_call_check`).
         ``parallelize`` turns it on; ``None`` turns it off (``gm.check_calls_in(None)``).
         """
         self.__dict__["_tpfx_call_check"] = key
@@ -116,7 +118,7 @@ class TensorParallelModule(fx.GraphModule):
         simple = [v if isinstance(v, (bool, int, float, str, type(None))) else type(v).__name__
                   for v in values if not isinstance(v, torch.Tensor)]
         form = f"{'train' if self.training else 'eval'}, keywords {sorted(kwargs)}, values {simple}"
-        check_same_call(key, shapes, form)
+        start_call_check(key, shapes, form)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         key = self.__dict__.get("_tpfx_call_check")
