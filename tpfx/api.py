@@ -116,7 +116,8 @@ def _bind_process_group(layout: Layout, group: dist.ProcessGroup | None) -> None
             created = dist.new_group(list(range(first, first + layout.tp)), timeout=timeout)
             if first == layout.ranks[0]:
                 group = created
-    control = dist.new_group(list(layout.ranks), timeout=timeout, use_local_synchronization=True)
+    # gloo whatever the group's backend: the checks exchange a few CPU tensors and pickled objects
+    control = dist.new_group(list(layout.ranks), timeout=timeout, backend="gloo", use_local_synchronization=True)
     bind_group(layout.key, group, control=control)
 
 

@@ -16,8 +16,9 @@ Which part of a full tensor a rank holds is read from the program's plan (``gm.t
 :class:`tpfx.passes.plan.Plan`): a :class:`tpfx.layers.ShardSpec` for every sharded parameter, whether a
 parallel layer holds it or a pass sliced it in place (an op on a parameter of an exported graph). A
 module without a plan falls back to its layers' ``shard_spec(param_name)``, the runtime contract every
-sharded layer keeps. Every other tensor is replicated. The checkpoint is checked against the program
-(missing, unexpected and mis-shaped keys) before a single tensor is loaded.
+sharded layer keeps. Every other tensor is replicated. Loading is all or nothing: the checkpoint is
+checked against the program (keys, shapes, dtypes, stored layouts, a safetensors file's byte ranges)
+before the first read, and every tensor is read before the first one is written.
 
 Sources: a state dict; a ``torch.save`` file (opened with ``mmap=True``); a ``.safetensors`` file.
 A safetensors file is read without mmap, on purpose: pages of a mapped file count in the process's
