@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tpfx.arguments import require_count
 from tpfx.errors import ConfigError
 
+
 class Placement(Enum):
     """Where a parameter's rank-local part lies: split with a column- or a row-parallel linear, or whole."""
 
