@@ -205,7 +205,51 @@ def measure(layer_counts: tuple[int, ...], *, config_for: Callable[[int], GPTCon
         row["export_s"] = min(time_export(model) for _ in range(repeats)) if export else None
         rows.append(row)
     profiles = {mode: profile_parallelize(model, mode=mode) for mode in _modes()}
-    return {"rows": rows, "growth": growth(rows), "profile_at_most_layers": profiles}
+    result = {"rows": rows, "growth": growth(rows), "profile_at_most_layers": profiles}
+    if hasattr(tpfx.api, "_replica_summary"):
+        result["replica_check"] = time_replica_check(model) | {"layers": layer_counts[-1]}
+    return result
+
+
+def time_replica_check(model: torch.nn.Module, *, real_mb: int = 64) -> dict[str, float]:
+    """Seconds of the replica check ``parallelize`` runs in a process group (``check_replicas=True``).
+
+    ``summary_s``: this rank's summary (a digest per graph node, a fingerprint per tensor: on the
+    meta model only names, shapes and dtypes). ``exchange_s``: pickling it, the collective
+    (``all_gather_object`` on a 1-rank gloo group here: the wire time of a real group comes on top)
+    and the comparison. ``payload_bytes``: what each rank sends. ``fingerprint_gb_per_s``: how fast
+    real weights are fingerprinted (a ``real_mb`` MB fp32 tensor), so that a model with real weights
+    costs about its parameter bytes / this rate on top.
+    """
+    import pickle
+    import tempfile
+
+    import torch.distributed as dist
+
+    from tpfx.export_capture import capture_for_parallelize
+    from tpfx.replicas import check_replicas, fingerprint
+
+    captured = capture_for_parallelize(model, tracer="fx", example_inputs=None)
+    start = _clock()
+    summary = tpfx.api._replica_summary(model, captured, (("mode", "gather"), ("tp", "2")))
+    summary_s = _clock() - start
+    with tempfile.TemporaryDirectory() as folder:
+        started_group = not dist.is_initialized()
+        if started_group:
+            dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=0, world_size=1)
+        try:
+            start = _clock()
+            check_replicas(summary, group=None, key="tp:0-0")
+            exchange_s = _clock() - start
+        finally:
+            if started_group:
+                dist.destroy_process_group()
+    weights = torch.randn(real_mb << 8, 1024)  # real_mb MB of fp32, a weight's rows
+    start = time.perf_counter()
+    fingerprint(weights)
+    rate = weights.numel() * 4 / (time.perf_counter() - start) / 1e9
+    return {"summary_s": summary_s, "exchange_s": exchange_s, "total_s": summary_s + exchange_s,
+            "payload_bytes": len(pickle.dumps(summary)), "fingerprint_gb_per_s": rate}
 
 
 def _warm_up(config: GPTConfig) -> None:

@@ -151,6 +151,12 @@ def _pass_table(pass_cost: dict) -> list[str]:
     for mode, profile in pass_cost.get("profile_at_most_layers", {}).items():
         shares = ", ".join(f"{entry['function']} {100 * entry['share']:.0f}%" for entry in profile)
         lines.append(f"- where {mode} mode spends it at {last['layers']} layers (cProfile shares): {shares}")
+    check = pass_cost.get("replica_check")
+    if check:
+        lines.append(f"- replica check (in a process group, check_replicas=True) at {check['layers']} layers: "
+                     f"{check['total_s']:.3f} s ({check['summary_s']:.3f} s summary, {check['exchange_s']:.3f} s "
+                     f"exchange and comparison), {check['payload_bytes'] / 1e3:.0f} kB sent per rank; real weights "
+                     f"add their bytes / {check['fingerprint_gb_per_s']:.1f} GB/s (fingerprinting rate here)")
     return lines + [""]
 
 

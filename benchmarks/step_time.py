@@ -189,3 +189,32 @@ def _ratios_to_tpfx(medians: dict[str, float]) -> dict[str, float | None]:
 def run(spec: StepSpec, *, world_size: int = 2) -> dict:
     """Time ``spec`` on ``world_size`` gloo ranks (tp = world size) and summarize."""
     return summarize(launch(rank_worker, world_size, spec, timeout_s=1800), spec)
+
+
+def _call_check_rank(rank: int, world_size: int, size: ModelSize, rounds: int) -> dict[str, list[float]]:
+    torch.manual_seed(0)
+    reference = GPTModel(size.config())
+    program = tpfx.parallelize(reference)
+    key = program.tpfx_report.group
+    input_ids = torch.randint(0, size.vocab_size, (size.batch, size.seq), generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {"call check on": [], "call check off": []}
+    for round_index in range(rounds + 2):  # two warm-up rounds
+        for label in (("call check on", "call check off") if round_index % 2 else ("call check off", "call check on")):
+            program.check_calls_in(key if label.endswith("on") else None)
+            dist.barrier()
+            start = time.perf_counter()
+            training_step(program, input_ids)
+            if round_index >= 2:
+                times[label].append(time.perf_counter() - start)
+    return times
+
+
+def call_check_cost(size: ModelSize = SMALL, *, rounds: int = 40, world_size: int = 2) -> dict[str, float]:
+    """Median training-step ms of the tpfx gather program with and without its per-call input check.
+
+    The check is one asynchronous all-gather of 48 bytes on the group's control group per call (see
+    :func:`tpfx.collectives.start_call_check`); ``overhead`` is (on - off) / off.
+    """
+    per_rank = [{"times": times} for times in launch(_call_check_rank, world_size, size, rounds)]
+    medians = slowest_rank_medians_ms(per_rank)
+    return medians | {"overhead": medians["call check on"] / medians["call check off"] - 1}

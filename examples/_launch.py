@@ -1,4 +1,10 @@
-"""Process-group set-up shared by the examples: NCCL on GPUs, gloo on CPU, always with a timeout."""
+"""Process-group set-up shared by the examples: NCCL on GPUs, gloo on CPU, always with a timeout.
+
+Why a timeout: if one rank raises, skips a backward or is fed other inputs, the others wait in their
+next collective. With a timeout they fail after it with a one-line ``tpfx.CollectiveError`` naming
+the collective and the program line; without one torch waits 30 minutes (tpfx warns about that).
+Choose it longer than your slowest step (and checkpoint save), e.g. 5 minutes.
+"""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ Tests import models from this file only, never from another test file.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -215,6 +216,28 @@ class NanoGPTStyle(nn.Module):
         return logits, loss
 
 
+@dataclass(frozen=True)
+class GPTShape:
+    """A small GPT-like configuration, as the randomised parity test draws it."""
+
+    heads: int = 4
+    kv_heads: int = 4  # fewer than heads: grouped-query attention (k and v repeated to the query heads)
+    head_dim: int = 8
+    ffn: int = 64
+    bias: bool = True
+    gated: bool = False  # SwiGLU (gate * up -> down) instead of GELU (fc1 -> fc2)
+    rotary: bool = False  # rotary embeddings on q and k instead of learned positions
+    fused_qkv: bool = True
+    tied: bool = False  # the output head shares the token embedding's weight
+    layers: int = 1
+    vocab: int = 64
+    positions: int = 16
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
@@ -379,3 +402,80 @@ def tie_embedding_and_head(model: nn.Module, embedding: str, head: str) -> nn.Mo
     """``model`` with its LM head's weight made the embedding's table (GPT-2 and nanoGPT tie them)."""
     model.get_submodule(head).weight = model.get_submodule(embedding).weight
     return model
+
+
+class ShapedBlock(nn.Module):
+    """Pre-norm attention (fused or separate q/k/v, grouped or not, rotary or not) and FFN (gated or not)."""
+
+    def __init__(self, shape: GPTShape) -> None:
+        super().__init__()
+        self.shape = shape
+        width, kv_width = shape.width, shape.kv_heads * shape.head_dim
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        if shape.fused_qkv:
+            self.qkv = nn.Linear(width, width + 2 * kv_width, bias=shape.bias)
+        else:
+            self.q = nn.Linear(width, width, bias=shape.bias)
+            self.k, self.v = (nn.Linear(width, kv_width, bias=shape.bias) for _ in range(2))
+        self.o = nn.Linear(width, width, bias=shape.bias)
+        if shape.gated:
+            self.gate, self.up = (nn.Linear(width, shape.ffn, bias=shape.bias) for _ in range(2))
+        else:
+            self.up = nn.Linear(width, shape.ffn, bias=shape.bias)
+        self.down = nn.Linear(shape.ffn, width, bias=shape.bias)
+        if shape.rotary:
+            inverse = 1.0 / (10000 ** (torch.arange(0, shape.head_dim, 2).float() / shape.head_dim))
+            angles = torch.outer(torch.arange(shape.positions).float(), inverse)
+            angles = torch.cat((angles, angles), dim=-1)  # (T, Dh)
+            self.register_buffer("cos", angles.cos(), persistent=False)
+            self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def _heads(self, x: torch.Tensor, count: int) -> torch.Tensor:
+        bsz, seq, _ = x.shape
+        return x.view(bsz, seq, count, self.shape.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        shape, (bsz, seq, width) = self.shape, x.shape
+        if shape.fused_qkv:
+            kv_width = shape.kv_heads * shape.head_dim
+            q, k, v = self.qkv(x).split([width, kv_width, kv_width], dim=-1)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        q, k, v = self._heads(q, shape.heads), self._heads(k, shape.kv_heads), self._heads(v, shape.kv_heads)
+        if shape.rotary:
+            cos, sin = self.cos[:seq], self.sin[:seq]
+            q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        if shape.kv_heads != shape.heads:
+            repeat = shape.heads // shape.kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o(out.transpose(1, 2).reshape(bsz, seq, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.ln1(x))
+        h = self.ln2(x)
+        h = F.silu(self.gate(h)) * self.up(h) if self.shape.gated else F.gelu(self.up(h))
+        return x + self.down(h)
+
+
+class ShapedGPT(nn.Module):
+    """A GPT built from a :class:`GPTShape`: embeddings, blocks, final norm, output head (tied or not)."""
+
+    def __init__(self, shape: GPTShape) -> None:
+        super().__init__()
+        self.shape = shape
+        self.embed = nn.Embedding(shape.vocab, shape.width)
+        self.position = None if shape.rotary else nn.Embedding(shape.positions, shape.width)
+        self.blocks = nn.ModuleList(ShapedBlock(shape) for _ in range(shape.layers))
+        self.norm = nn.LayerNorm(shape.width)
+        self.head = nn.Linear(shape.width, shape.vocab, bias=False)
+        if shape.tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        if self.position is not None:
+            x = x + self.position(torch.arange(ids.shape[1], device=ids.device))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))

@@ -5,7 +5,9 @@ interpreter exit, where their teardown races Python's finalization and now and t
 (SIGABRT, "terminate called without an active exception"): the flake seen in megatron parity runs and
 ``tpfx verify``. Each round here builds programs through the paths that pulled the leak in (megatron
 with fx shape propagation, torch.export of a Hugging Face model), runs a training step, tears the
-group down and reads the process's thread list; then it starts a fresh group for the next round.
+group down and reads the process's thread list; then it starts a fresh group for the next round. The
+first round also runs a program at tp below the world size: tpfx creates its groups (and every
+program's control group), and holds them only weakly, so that destroy_process_group frees them.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def _teardown_rounds(rank: int, world_size: int, store_dir: str, rounds: int, wi
         model = GPTModel(GPTConfig(vocab_size=64, max_position_embeddings=16, n_layers=2, n_heads=4, d_model=32,
                                    d_ff=64, dropout=0.0))
         _one_training_step(tpfx.parallelize(model, tp=world_size, mode="megatron"), ids)
+        if round_index == 0:  # groups tpfx creates (tp below the world size, the control groups) are freed too
+            _one_training_step(tpfx.parallelize(model, tp=1, check_replicas=False), ids)
         if with_hf and round_index == rounds - 1:
             from examples.hf_models import tiny_gpt2
             hf_model, inputs = tiny_gpt2()

@@ -16,7 +16,8 @@ from tpfx.capture import CallForm, capture
 from tpfx.checkpoint import full_state_dict, load_state_dict, parameter_shard_specs, save_pretrained
 from tpfx.dcp import dcp_state_dict
 from tpfx.deferred import DeferredProgram
-from tpfx.errors import CaptureError, ConfigError, LoadError, NoSitesWarning, ShardingError, TpfxError, TpfxWarning
+from tpfx.errors import (CaptureError, CollectiveError, ConfigError, DefaultTimeoutWarning, LoadError, NoSitesWarning,
+                         ReplicaError, ShardingError, TpfxError, TpfxWarning)
 from tpfx.layers import ColumnParallelLinear, ShardSpec
 from tpfx.meta_init import parameters_on_meta
 from tpfx.program import TensorParallelModule
@@ -24,6 +25,7 @@ from tpfx.program import TensorParallelModule
 __version__ = "0.1.0"
 
 __all__ = ["parallelize", "capture", "CallForm", "ColumnParallelLinear", "TensorParallelModule", "DeferredProgram",
-           "TpfxError", "CaptureError", "ConfigError", "ShardingError", "LoadError", "TpfxWarning", "NoSitesWarning",
+           "TpfxError", "CaptureError", "ConfigError", "ShardingError", "LoadError", "ReplicaError",
+           "CollectiveError", "TpfxWarning", "NoSitesWarning", "DefaultTimeoutWarning",
            "__version__",
            "load_state_dict", "full_state_dict", "save_pretrained", "dcp_state_dict", "parameter_shard_specs", "parameters_on_meta", "ShardSpec"]

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import gc
 import inspect
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +14,7 @@ from typing import Literal
 
 import torch
 import torch.distributed as dist
+import torch.distributed.constants as dist_constants
 from torch.distributed.device_mesh import DeviceMesh
 import torch.fx as fx
 import torch.nn as nn
@@ -32,15 +35,22 @@ from tpfx.passes.sequence_parallel import SequenceRegion, find_sequence_region, 
 from tpfx.passes.shard_parameters import shard_parameters
 from tpfx.passes.vocab_shard import rewrite_vocab_graph
 from tpfx.capture import forward_signature
-from tpfx.collectives import bind_group, group_key
-from tpfx.errors import ConfigError
+from tpfx.arguments import require_bool, require_choice, require_count, require_module
+from tpfx.collectives import bind_group, control_group, group_key, group_timeout
+from tpfx.errors import ConfigError, DefaultTimeoutWarning
 from tpfx.deferred import DeferredProgram
 from tpfx.export_capture import (TRACERS, Captured, ExampleInputs, NeedsCall, bind_call, capture_for_parallelize,
                                  example_arguments)
 from tpfx.megatron_report import megatron_report
 from tpfx.no_sites import warn_if_no_sites
 from tpfx.program import TensorParallelModule, adopt_missing, take_weights
+from tpfx.replicas import Summary, graph_signature, model_fingerprints, uses_dropout
+from tpfx.replicas import check_replicas as replica_check
 from tpfx.report import Report, build_report
+
+# torch's defaults: the gloo/world default (30 min) and, where it has one, NCCL's
+_DEFAULT_TIMEOUTS = tuple(t for t in (dist_constants.default_pg_timeout, dist_constants.default_pg_nccl_timeout) if t)
+_REPLICA_SUMMARY = "tpfx_replica_summary"  # gm.meta key, from capture to the check after the group is bound
 
 
 @dataclass(frozen=True)
@@ -100,16 +110,40 @@ def resolve_layout(tp: int | None, *, group: dist.ProcessGroup | None, rank: int
 
 
 def _bind_process_group(layout: Layout, group: dist.ProcessGroup | None) -> None:
-    """Create (collectively, on every rank) the tp groups if needed, and bind this rank's group key."""
+    """Create (collectively, on every rank) the tp groups if needed, and bind this rank's group key.
+
+    New groups get the timeout of the group they are carved from (torch would give them its default
+    30 minutes). Each tp group also gets a control group of the same ranks, made by its members
+    alone, for tpfx's own checks (the replica check, the call check): their collectives never pair
+    with the program's, so ranks out of step time out with a message instead of aborting in gloo.
+    """
     if layout.inspection:
         return
+    timeout = group_timeout(group)
+    _warn_if_default_timeout(timeout, layout.key)
     if group is None and layout.tp != dist.get_world_size():
         world = dist.get_world_size()
         for first in range(0, world, layout.tp):  # every rank must create every group, in the same order
-            created = dist.new_group(list(range(first, first + layout.tp)))
+            created = dist.new_group(list(range(first, first + layout.tp)), timeout=timeout)
             if first == layout.ranks[0]:
                 group = created
-    bind_group(layout.key, group)
+    # gloo whatever the group's backend: the checks exchange a few CPU tensors and pickled objects
+    control = dist.new_group(list(layout.ranks), timeout=timeout, backend="gloo", use_local_synchronization=True)
+    bind_group(layout.key, group, control=control)
+
+
+_warned_default_timeout: list[str] = []  # group keys warned about: once per process is enough
+
+
+def _warn_if_default_timeout(timeout: datetime.timedelta | None, key: str) -> None:
+    if timeout is None or timeout not in _DEFAULT_TIMEOUTS or _warned_default_timeout:
+        return
+    _warned_default_timeout.append(key)
+    warnings.warn(DefaultTimeoutWarning(
+        f"tpfx.parallelize: the process group of {key} has torch's default timeout ({timeout}), so a rank "
+        "that fails or skips a collective leaves the others waiting that long; fix: pass "
+        "timeout=datetime.timedelta(minutes=5) (longer than your slowest step) to dist.init_process_group"),
+        stacklevel=3)  # 3: parallelize's caller
 
 
 @dataclass(frozen=True)
@@ -211,8 +245,8 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
                 mesh: DeviceMesh | None = None, rank: int | None = None,
                 mode: Literal["gather", "megatron"] = "gather", tracer: Literal["auto", "fx", "export"] = "auto",
                 example_inputs: ExampleInputs | None = None, sequence_parallel: bool = False,
-                vocab_parallel: bool = False,
-                logits: Literal["gathered", "sharded"] = "gathered") -> TensorParallelModule | DeferredProgram:
+                vocab_parallel: bool = False, logits: Literal["gathered", "sharded"] = "gathered",
+                check_replicas: bool = True) -> TensorParallelModule | DeferredProgram:
     """Make ``model`` tensor-parallel: return this rank's program as a GraphModule.
 
     The attention QKV projections and FFN first linears are found by graph structure and
@@ -256,6 +290,13 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
         logits: with ``vocab_parallel``, what the model output holds of the logits: ``"gathered"``
             (default: the full logits, one all-gather of (tokens x vocab) per call) or ``"sharded"``
             (this rank's contiguous vocab / tp columns, no gather; a loss in the graph is unaffected).
+        check_replicas: check that every rank of the group holds the same model (weights, buffers,
+            captured graph, build options and, for a model in training mode with dropout, the random
+            state): one small collective (``all_gather_object`` of a fingerprint per tensor and graph
+            node), the only collective parallelize runs, at about the cost of reading the weights
+            once (see :mod:`tpfx.replicas`); a program captured on its first call runs it in that call
+            (not while torch.compile traces an enclosing model: then it is skipped). Pass False only
+            where you guarantee identical replicas yourself and reading every weight once is too slow.
 
     Returns:
         A :class:`tpfx.program.TensorParallelModule` that accepts every call form the model accepts;
@@ -263,30 +304,69 @@ def parallelize(model: nn.Module, tp: int | None = None, *, group: dist.ProcessG
         :class:`tpfx.deferred.DeferredProgram` that becomes one on its first call or ``prepare``.
 
     Raises:
-        ConfigError: bad tp, group, rank, mode or tracer, or no process group without ``rank=``.
+        ConfigError: an argument of the wrong type or value (``tp`` must be an int >= 1, not a bool,
+            float or string; ``model`` an ``nn.Module``), bad group, mesh, rank, mode, tracer or logits,
+            or no process group without ``rank=``.
         CaptureError: the model cannot be traced.
         ShardingError: tp does not divide a site's out_features.
         All are raised before any collective runs and leave nothing changed; for a program captured
         on its first call, CaptureError and ShardingError come from that call (or ``prepare``).
+        ReplicaError: (after the replica check's collective) the ranks do not hold the same model;
+            the message names the first differing tensor, graph node or option and the ranks.
     """
+    _check_arguments(model, tp, group=group, rank=rank, mode=mode, tracer=tracer, example_inputs=example_inputs,
+                     flags={"sequence_parallel": sequence_parallel, "vocab_parallel": vocab_parallel,
+                            "check_replicas": check_replicas}, logits=logits)
     strategy = strategy_for(mode, sequence_parallel=sequence_parallel)
-    if tracer not in TRACERS:
-        raise ConfigError(f"tracer={tracer!r} is not a tracer; use one of {', '.join(map(repr, TRACERS))}")
-    if logits not in LOGITS:
-        raise ConfigError(f"logits={logits!r} is not an option; use one of {', '.join(map(repr, LOGITS))}")
     if logits != "gathered" and not vocab_parallel:
         raise ConfigError(f"logits={logits!r} needs vocab_parallel=True (without it the LM head stays whole)")
     group = _group_of(mesh, group)
     layout = resolve_layout(tp, group=group, rank=rank)
     steps = (vocab_parallel_step(logits),) if vocab_parallel else ()
+    # what the replica check compares besides the model: every option that changes the program
+    replica_build = None if not check_replicas or layout.inspection else (
+        ("mode", mode), ("tp", str(layout.tp)), ("sequence_parallel", str(sequence_parallel)),
+        ("vocab_parallel", str(vocab_parallel)), ("logits", logits))
     try:
         with _collector_paused():
             gm = _compile(model, layout, strategy=strategy, tracer=tracer, example_inputs=example_inputs,
-                          steps=steps)
+                          steps=steps, replica_build=replica_build)
     except NeedsCall as needs:  # fx cannot trace it and there is no example call: capture from the first call
-        gm = _deferred(model, layout, strategy=strategy, steps=steps, reason=needs.reason)
+        gm = _deferred(model, layout, strategy=strategy, steps=steps, reason=needs.reason, replica_build=replica_build)
     _bind_process_group(layout, group)
+    if not layout.inspection and isinstance(gm, TensorParallelModule):  # a deferred program: in its first call
+        _check_replicas_and_calls(gm, layout)
     return gm
+
+
+def _check_replicas_and_calls(gm: TensorParallelModule, layout: Layout) -> None:
+    """Once the group is bound: the replica check (where :func:`_compile` left this rank's summary), then
+    the call check turned on for every call (see :meth:`TensorParallelModule.check_calls_in`)."""
+    summary = gm.meta.pop(_REPLICA_SUMMARY, None)
+    if summary is not None:
+        replica_check(summary, group=control_group(layout.key), key=layout.key)
+    gm.check_calls_in(layout.key)
+
+
+def _check_arguments(model: object, tp: object, *, group: object, rank: object, mode: object, tracer: object,
+                     example_inputs: object, flags: dict[str, object], logits: object) -> None:
+    """One line naming the argument, for every argument of :func:`parallelize` of the wrong type or value
+    (``flags``: the options that must be True or False, by name)."""
+    where = "tpfx.parallelize"
+    require_module(model, "model", where)
+    require_count(tp, "tp", where, optional=True)
+    require_count(rank, "rank", where, optional=True, minimum=0)
+    require_choice(mode, "mode", where, MODES, kind="a parallelization mode")
+    require_choice(tracer, "tracer", where, TRACERS, kind="a tracer")
+    require_choice(logits, "logits", where, LOGITS, kind="an option")
+    for name, value in flags.items():
+        require_bool(value, name, where)
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise ConfigError(f"{where}: group must be a torch.distributed ProcessGroup or None, got "
+                          f"{type(group).__name__}; fix: pass dist.new_group(ranks) or omit it")
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, dict, torch.Tensor)):
+        raise ConfigError(f"{where}: example_inputs is a {type(example_inputs).__name__}; pass a tuple of "
+                          "positional arguments, a dict of keyword arguments, or one tensor")
 
 
 def _group_of(mesh: DeviceMesh | None, group: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
@@ -304,13 +384,21 @@ def _group_of(mesh: DeviceMesh | None, group: dist.ProcessGroup | None) -> dist.
 
 
 def _deferred(model: nn.Module, layout: Layout, *, strategy: Strategy, steps: tuple[Step, ...],
-              reason: str) -> DeferredProgram:
-    """The program captured with torch.export from its first call's arguments (see :mod:`tpfx.deferred`)."""
+              reason: str, replica_build: tuple[tuple[str, str], ...] | None) -> DeferredProgram:
+    """The program captured with torch.export from its first call's arguments (see :mod:`tpfx.deferred`).
+
+    The replica and call checks start with that call; the replica check is skipped when torch.compile
+    captures the program while it traces an enclosing model (with fake arguments: no collective there).
+    """
     def compile_from(args: tuple, kwargs: dict, training: bool) -> TensorParallelModule:
         call = bind_call(forward_signature(model), args, kwargs)
+        build = None if torch.compiler.is_compiling() else replica_build
         with _collector_paused(), _in_mode(model, training):
-            return _compile(model, layout, strategy=strategy, tracer="export", example_inputs=call,
-                            steps=steps, fx_failure=reason)
+            program = _compile(model, layout, strategy=strategy, tracer="export", example_inputs=call,
+                               steps=steps, fx_failure=reason, replica_build=build)
+        if not layout.inspection:
+            _check_replicas_and_calls(program, layout)
+        return program
 
     return DeferredProgram(type(model).__name__, reason, compile_from, training=model.training)
 
@@ -328,8 +416,8 @@ def _in_mode(model: nn.Module, training: bool) -> Iterator[None]:
 
 
 def _compile(model: nn.Module, layout: Layout, *, strategy: Strategy, tracer: str,
-             example_inputs: ExampleInputs | None, steps: tuple[Step, ...] = (),
-             fx_failure: str = "") -> TensorParallelModule:
+             example_inputs: ExampleInputs | None, steps: tuple[Step, ...] = (), fx_failure: str = "",
+             replica_build: tuple[tuple[str, str], ...] | None = None) -> TensorParallelModule:
     """capture -> find sites -> plan (the mode's strategy) -> rewrite the graph, shard the parameters -> report.
 
     The captured program is compiled in place: it is built over a weightless copy of the model, the
@@ -337,6 +425,8 @@ def _compile(model: nn.Module, layout: Layout, *, strategy: Strategy, tracer: st
     """
     captured = capture_for_parallelize(model, tracer=tracer, example_inputs=example_inputs, fx_failure=fx_failure)
     gm = captured.gm
+    if replica_build is not None:  # what the replica check compares, taken from the graph before any rewrite
+        gm.meta[_REPLICA_SUMMARY] = _replica_summary(model, captured, replica_build)
     # a model built with parameters on meta was traced on meta: its device constants must say the inputs' device
     retarget_meta_device(gm, device=device_of_inputs(example_inputs))
     # gather mode reads no sizes: shape propagation (a third of a small model's pass) is for pairing only
@@ -380,6 +470,18 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, group: str, strategy: Strategy, ste
         step.rewrite(gm, plan, group)
     if strategy.sequence_parallel:
         _split_sequence(gm, plan, group)
+
+
+def _replica_summary(model: nn.Module, captured: Captured, build: tuple[tuple[str, str], ...]) -> Summary:
+    """This rank's side of the replica check: build options (``build`` and how the model was captured), the
+    captured graph, every tensor's fingerprint.
+
+    The random state is compared only for a model in training mode whose graph drops something: in
+    eval mode dropout draws nothing, and unseeded ranks are fine.
+    """
+    build = (*build, ("tracer", captured.tracer), ("call form", captured.form.describe()))
+    with_random_state = model.training and uses_dropout(captured.gm)
+    return Summary(build, graph_signature(captured.gm), model_fingerprints(model, with_random_state=with_random_state))
 
 
 def _fake_shapes(captured: Captured, signature: inspect.Signature,

@@ -22,6 +22,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from tpfx.arguments import require_module
 from tpfx.errors import CaptureError, ConfigError, one_line
 from tpfx.passes.module_hooks import hooks_lost_in_capture, shared_hook_objects
 
@@ -226,8 +227,13 @@ def capture(model: nn.Module, form: CallForm | None = None, *, leaf_types: tuple
         A GraphModule whose graph is valid for ``form`` only.
 
     Raises:
+        ConfigError: ``model`` is not an ``nn.Module`` or ``form`` not a :class:`CallForm`.
         CaptureError: the model cannot be traced; the message names the module and the reason.
     """
+    require_module(model, "model", "tpfx.capture")
+    if form is not None and not isinstance(form, CallForm):
+        raise ConfigError(f"tpfx.capture: form must be a tpfx.CallForm or None, got {type(form).__name__}; "
+                          "fix: pass tpfx.CallForm(absent=frozenset({'labels'}), training=False)")
     form = form or CallForm(training=model.training)
     tracer = _PathTracer(leaf_types)
     if lost := hooks_lost_in_capture(model, is_leaf=tracer.is_leaf_module):

@@ -17,14 +17,16 @@ Which part of a full tensor a rank holds is read from the program's plan (``gm.t
 :class:`tpfx.passes.plan.Plan`): a :class:`tpfx.layers.ShardSpec` for every sharded parameter, whether a
 parallel layer holds it or a pass sliced it in place (an op on a parameter of an exported graph). A
 module without a plan falls back to its layers' ``shard_spec(param_name)``, the runtime contract every
-sharded layer keeps. Every other tensor is replicated. The checkpoint is checked against the program
-(missing, unexpected and mis-shaped keys) before a single tensor is loaded.
+sharded layer keeps. Every other tensor is replicated. Loading is all or nothing: the checkpoint is
+checked against the program (keys, shapes, dtypes, stored layouts, a safetensors file's byte ranges)
+before the first read, and every tensor is read before the first one is written.
 
 Sources: a state dict; a ``torch.save`` file (opened with ``mmap=True``: its touched pages stay
 resident until the load returns); a ``.safetensors`` file; a checkpoint directory as transformers
 writes it (``model.safetensors.index.json`` + ``model-0000k-of-0000n.safetensors``, or one
-``model.safetensors``). Safetensors files are read a rank's byte ranges at a time, never through a
-mapping (see :mod:`tpfx.safetensors_io`): peak memory is the rank's own tensors plus one 8 MB buffer.
+``model.safetensors``); a ``torch.distributed.checkpoint`` directory (see :mod:`tpfx.dcp`). Safetensors
+files are read a rank's byte ranges at a time, never through a mapping (see :mod:`tpfx.safetensors_io`):
+peak memory is the rank's own tensors plus one 8 MB buffer.
 
 Saving a directory (:func:`save_pretrained`) gathers one tensor at a time onto the writing rank and
 appends its bytes to the file laid out for it, so the writer never holds more than one full tensor
@@ -46,7 +48,8 @@ import torch.nn as nn
 
 from tpfx.passes.plan import Plan
 from tpfx.collectives import _group as bound_group  # the process group behind a program's group key
-from tpfx.errors import ConfigError, LoadError, first_line
+from tpfx.arguments import require_bool, require_device, require_module, require_source
+from tpfx.errors import ConfigError, LoadError, first_line, one_line
 from tpfx.layers import ShardSpec
 from tpfx.safetensors_io import (DirectoryWriter, Planned, SafetensorsDirectory, SafetensorsFile, Scratch, parse_size,
                                 plan_files)
@@ -90,6 +93,7 @@ def parameter_shard_specs(gm: nn.Module) -> dict[str, ShardSpec]:
     Parameters not listed are replicated. ``spec.take(full)`` gives a rank's part of a full tensor or
     of its gradient, e.g. to compare with a single-device model.
     """
+    require_module(gm, "gm", "tpfx.parameter_shard_specs")
     plan = getattr(gm, "tpfx_plan", None)
     specs = {name: _shard_spec_of(gm, name, plan) for name, _ in gm.named_parameters()}
     return {name: spec for name, spec in specs.items() if spec is not None}
@@ -118,6 +122,12 @@ class _Source(Protocol):
 
     def shape(self, key: str) -> tuple[int, ...]: ...
 
+    def problem(self, key: str) -> str | None:
+        """Why the stored entry under ``key`` holds no data that can be read (meta, sparse, not a tensor), or None."""
+
+    def dtype(self, key: str) -> torch.dtype:
+        """The stored dtype of ``key`` (asked only where :meth:`problem` is None)."""
+
     def read_into(self, key: str, spec: ShardSpec | None, out: torch.Tensor) -> None: ...
 
     def close(self) -> None: ...
@@ -139,6 +149,17 @@ class _TensorSource:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self.tensors[key].shape)
 
+    def dtype(self, key: str) -> torch.dtype:
+        return self.tensors[key].dtype
+
+    def problem(self, key: str) -> str | None:
+        tensor = self.tensors[key]
+        if tensor.is_meta:
+            return f"{key!r} is on the meta device (it holds no values)"
+        if tensor.layout != torch.strided:
+            return f"{key!r} is a {str(tensor.layout).removeprefix('torch.')} tensor, not a dense one"
+        return None
+
     def read_into(self, key: str, spec: ShardSpec | None, out: torch.Tensor) -> None:
         full = self.tensors[key]
         if spec is None:
@@ -152,7 +173,8 @@ class _TensorSource:
 
 
 def _open_source(source: StateSource) -> _Source:
-    """Open a state dict, a torch.save file, a .safetensors file or a checkpoint directory as a source of tensors.
+    """Open a state dict, a torch.save file, a .safetensors file, a checkpoint directory or a
+    ``torch.distributed.checkpoint`` directory as a source of tensors.
 
     Raises:
         LoadError: the file does not exist, cannot be read, or does not hold a flat state dict.
@@ -160,13 +182,18 @@ def _open_source(source: StateSource) -> _Source:
     if isinstance(source, Mapping):
         return _TensorSource(source, "the given state dict")
     path = Path(source)
+    if path.is_dir() and (path / ".metadata").is_file():
+        from tpfx.dcp import DcpDirectory  # tpfx.dcp reads the program's tensors through this module
+
+        return DcpDirectory(path)
     if path.is_dir():
         return SafetensorsDirectory(path)
     if path.name.endswith(".safetensors.index.json"):
         return SafetensorsDirectory(path.parent)
     if not path.is_file():
         raise LoadError(f"checkpoint '{path}' does not exist; fix: pass the path of a checkpoint directory "
-                        "(model.safetensors.index.json + shards), a .safetensors or torch.save file, or a state dict")
+                        "(model.safetensors.index.json + shards, or a dcp.save directory), a .safetensors or "
+                        "torch.save file, or a state dict")
     if path.suffix == ".safetensors":
         return SafetensorsFile(path)
     try:
@@ -218,25 +245,94 @@ def _meta_buffer_problems(module: nn.Module, source: _Source) -> tuple[list[str]
              "so that buffers computed by the constructor stay real"])
 
 
+def _castable(stored: torch.dtype, wanted: torch.dtype) -> bool:
+    """The dtype policy: the same dtype, or one floating dtype into another (bf16 checkpoint, fp32 model)."""
+    return stored == wanted or (stored.is_floating_point and wanted.is_floating_point)
+
+
+def _stored_problems(reads: list[tuple[_Target, str]], source: _Source) -> tuple[list[str], list[str]]:
+    """Stored tensors that hold no readable values (meta, sparse) or whose dtype may not be cast to the model's."""
+    problems_of = {key: source.problem(key) for _, key in reads}
+    empty = [problem for problem in problems_of.values() if problem is not None]
+    refused = [f"{key!r} is {str(source.dtype(key)).removeprefix('torch.')} in the checkpoint but "
+               f"{str(target.tensor.dtype).removeprefix('torch.')} in the model"
+               for target, key in reads
+               if problems_of[key] is None and not _castable(source.dtype(key), target.tensor.dtype)]
+    problems, fixes = [], []
+    if empty:
+        problems.append(empty[0] + (f" (+{len(empty) - 1} more)" if len(empty) > 1 else ""))
+        fixes.append("save real dense tensors (tensor.to_dense(), weights loaded before saving)")
+    if refused:
+        problems.append("dtype mismatch: " + refused[0] + (f" (+{len(refused) - 1} more)" if len(refused) > 1 else ""))
+        fixes.append("only floating dtypes are cast into each other; save the tensor in the model's dtype")
+    return problems, fixes
+
+
+def _device_problems(reads: list[tuple[_Target, str]], device: torch.device) -> tuple[list[str], list[str]]:
+    """A ``device`` that cannot hold the meta tensors this load materializes."""
+    if not any(target.tensor.is_meta for target, _ in reads):
+        return [], []
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:  # torch raises either for an absent backend or index
+        return [f"device={str(device)!r} is not usable here ({first_line(error)})"], ["pass an available device"]
+    return [], []
+
+
+def _checked_reads(gm: nn.Module, source: _Source, *, strict: bool,
+                   device: torch.device) -> list[tuple[_Target, str]]:
+    """Every check of ``source`` against ``gm``, all before anything is written: (tensor, key to read) pairs.
+
+    Raises:
+        LoadError: one line listing every kind of problem found (keys, shapes, dtypes, stored layouts,
+            meta buffers, device) with their fixes.
+    """
+    targets = _targets(gm)
+    available = source.keys()
+    reads = [(target, next(key for key in target.keys if key in available))
+             for target in targets if available.intersection(target.keys)]
+    problems, fixes = _problems(targets, source, strict=strict)
+    for more_problems, more_fixes in (_stored_problems(reads, source), _meta_buffer_problems(gm, source),
+                                      _device_problems(reads, device)):
+        problems, fixes = problems + more_problems, fixes + more_fixes
+    if problems:
+        raise LoadError(f"cannot load {source.where} into {type(gm).__name__}: "
+                        f"{'; '.join(problems)}; fix: {'; '.join(fixes)}")
+    return reads
+
+
 # ----------------------------------------------------------------------------------------- loading
 
-def _load_target(target: _Target, source: _Source, key: str, device: torch.device) -> None:
-    """Fill one tensor in place (a real one) or replace a meta one's storage, keeping the object."""
+def _stage(target: _Target, source: _Source, key: str, device: torch.device) -> torch.Tensor:
+    """This rank's part of ``key`` in a new tensor of the target's dtype: on ``device`` for a meta target."""
     tensor = target.tensor
-    with torch.no_grad():
-        if not tensor.is_meta and tensor.device.type == "cpu" and tensor.is_contiguous():
-            source.read_into(key, target.spec, tensor.detach())  # straight into the live tensor
-            return
-        staged = torch.empty(tuple(tensor.shape), dtype=tensor.dtype)
-        source.read_into(key, target.spec, staged)
-        if not tensor.is_meta:
-            tensor.copy_(staged)
-            return
-        loaded = staged.to(device)
-        if isinstance(tensor, nn.Parameter):
-            loaded = type(tensor)(loaded, requires_grad=tensor.requires_grad)
-        # swap, not re-register: the same object stays in every module, call form and optimizer
-        torch.utils.swap_tensors(tensor, loaded)
+    staged = torch.empty(tuple(tensor.shape), dtype=tensor.dtype)
+    source.read_into(key, target.spec, staged)
+    if not tensor.is_meta:
+        return staged
+    loaded = staged.to(device)
+    return type(tensor)(loaded, requires_grad=tensor.requires_grad) if isinstance(tensor, nn.Parameter) else loaded
+
+
+def _commit(staged: list[tuple[_Target, torch.Tensor]]) -> None:
+    """Put every staged tensor into the program: fill a real tensor in place, swap a meta one's storage.
+
+    Swapping, not re-registering, keeps the same object in every module, call form and optimizer. A
+    failure undoes the swaps already made (a swapped-out meta tensor holds no values to lose).
+    """
+    swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for target, new in staged:
+                if target.tensor.is_meta:
+                    torch.utils.swap_tensors(target.tensor, new)
+                    swapped.append((target.tensor, new))
+                else:
+                    target.tensor.copy_(new)
+    except BaseException:
+        for tensor, old in reversed(swapped):
+            torch.utils.swap_tensors(tensor, old)
+        raise
 
 
 def load_state_dict(gm: nn.Module, source: StateSource, *, strict: bool = True,
@@ -248,32 +344,46 @@ def load_state_dict(gm: nn.Module, source: StateSource, *, strict: bool = True,
     :func:`tpfx.parameters_on_meta`) are materialized on ``device``; real tensors are filled in place.
     Tied parameters are loaded once, from whichever of their keys the checkpoint holds.
 
+    All or nothing, from every source: every check (keys, shapes, dtypes, stored layouts, each
+    safetensors header's byte ranges, a directory's index) runs before the first read, and every tensor is read before the first one is written, so
+    a failed read (an I/O error) leaves the program exactly as it was. The price is a second copy of
+    the real tensors being replaced while they are read; meta tensors cost nothing extra.
+    Dtypes: a floating checkpoint tensor is cast to the model's floating dtype; any other difference
+    (integer, bool or complex into float, or the reverse) is refused.
+
     Args:
         gm: the program from :func:`tpfx.parallelize` (any ``nn.Module`` works; without sharded
             layers it loads like ``nn.Module.load_state_dict``).
         source: a single-device state dict, a ``torch.save`` file, a ``.safetensors`` file, or a
             checkpoint directory as transformers writes it (``model.safetensors.index.json`` and the
-            files it names, or one ``model.safetensors``; the index file's path works too).
+            files it names, or one ``model.safetensors``; the index file's path works too), or a
+            ``torch.distributed.checkpoint`` directory (``dcp.save``; read without collectives).
         strict: when False, unexpected keys are ignored and missing keys keep their current values
             (a missing key whose tensor is still on meta is an error all the same).
         device: where meta tensors are materialized.
 
     Raises:
-        LoadError: missing or unexpected keys, a shape mismatch, a meta buffer the checkpoint cannot
-            fill, or an unreadable source; raised before any tensor is changed.
+        ConfigError: an argument of the wrong type.
+        LoadError: missing or unexpected keys, a shape or dtype mismatch, a meta or sparse stored
+            tensor, a damaged safetensors header, a meta buffer the checkpoint cannot fill, an
+            unusable device or an unreadable source: raised before any tensor is changed. A read that
+            fails later raises a LoadError too, with every tensor as it was.
     """
-    targets = _targets(gm)
+    where = "tpfx.load_state_dict"
+    require_module(gm, "gm", where)
+    require_source(source, "source", where)
+    require_bool(strict, "strict", where)
+    device = require_device(device, "device", where)
     with closing(_open_source(source)) as opened:
-        problems, fixes = _problems(targets, opened, strict=strict)
-        buffer_problems, buffer_fixes = _meta_buffer_problems(gm, opened)
-        if problems or buffer_problems:
-            raise LoadError(f"cannot load {opened.where} into {type(gm).__name__}: "
-                            f"{'; '.join(problems + buffer_problems)}; fix: {'; '.join(fixes + buffer_fixes)}")
-        available = opened.keys()
-        for target in targets:
-            present = [key for key in target.keys if key in available]
-            if present:
-                _load_target(target, opened, present[0], torch.device(device))
+        reads = _checked_reads(gm, opened, strict=strict, device=device)
+        staged, key = [], None
+        try:
+            for target, key in reads:
+                staged.append((target, _stage(target, opened, key, device)))
+        except Exception as error:  # I/O after the checks: nothing has been written yet
+            raise LoadError(f"reading {key!r} from {opened.where} failed ({one_line(error)}); the program is "
+                            "unchanged; fix: check that the file is complete and readable, then load again") from error
+        _commit(staged)
 
 
 # ----------------------------------------------------------------------------------------- gathering
@@ -371,8 +481,11 @@ def full_state_dict(gm: nn.Module, *, rank0_only: bool = True) -> dict[str, torc
 
     Raises:
         LoadError: a tensor is still on meta (nothing has been loaded into the program).
-        ConfigError: the program was built for inspection (no process group to gather over).
+        ConfigError: an argument of the wrong type; the program was built for inspection (no process
+            group to gather over).
     """
+    require_module(gm, "gm", "tpfx.full_state_dict")
+    require_bool(rank0_only, "rank0_only", "tpfx.full_state_dict")
     targets = _loaded_targets(gm)
     sharded = [t for t in targets if t.spec is not None]
     group = _tp_group(gm) if sharded else None

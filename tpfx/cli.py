@@ -20,6 +20,7 @@ import sys
 import textwrap
 import traceback
 import typing
+import warnings
 from collections.abc import Callable, Sequence
 
 import tpfx
@@ -45,9 +46,11 @@ examples:
   tpfx dump examples/gpt.py:tiny_gpt --format svg -o gpt.svg   (needs graphviz: apt-get install graphviz)
   tpfx explain examples/gpt.py:tiny_gpt                  every linear and why it is (not) sharded
   tpfx verify examples/gpt.py:tiny_gpt --tp 2            forward+backward in 2 gloo processes vs one device
+  tpfx verify mymodel.py:build --forms all               also every optional argument at a non-default value
 
 TARGET is path/to/file.py:factory or package.module:factory; the factory takes no arguments and
-returns a model, or (model, example_inputs). Without example inputs tpfx makes the required
+returns a model, (model, example_inputs), or (model, [example_inputs, ...]) for several call forms
+(verify checks each). Without example inputs tpfx makes the required
 arguments itself (token ids for an Embedding, features for a Linear) at --batch x --seq.
 """
 
@@ -146,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--rtol", type=float, default=1e-4, help="tolerance relative to the largest value (1e-4)")
     check.add_argument("--seed", type=int, default=0, help="seed of the random inputs and dropout (default 0)")
     check.add_argument("--timeout", type=float, default=300, help="seconds before the ranks are stopped (300)")
+    check.add_argument("--forms", choices=("declared", "all"), default="declared",
+                       help="call forms to check: every call the factory declares (default), or also each "
+                            "optional argument of forward set to a non-default value tpfx can make")
     check.set_defaults(run=_run_verify)
     return parser
 
@@ -311,7 +317,8 @@ def _run_explain(args: argparse.Namespace, style: _Style) -> int:
 
 def _run_verify(args: argparse.Namespace, style: _Style) -> int:
     options = VerifyOptions(tp=args.tp, batch=args.batch, seq=args.seq, seed=args.seed, atol=args.atol,
-                            rtol=args.rtol, timeout_s=args.timeout, parallelize_options=_passthrough(args))
+                            rtol=args.rtol, timeout_s=args.timeout, parallelize_options=_passthrough(args),
+                            forms=args.forms)
     result = verify(args.target, options)
     _emit("\n".join(_verify_text(result, style)) + "\n", None)
     return EXIT_OK if result.passed else EXIT_FAILED
@@ -391,6 +398,8 @@ def _colour_enabled(args: argparse.Namespace) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``tpfx`` command line; returns the exit code (0 ok, 1 verification failed, 2 bad input)."""
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        _quiet_libraries()
     run: Callable[[argparse.Namespace, _Style], int] = args.run
     try:
         return run(args, _Style(_colour_enabled(args)))
@@ -403,6 +412,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # a bug in tpfx or in the model's code: one line unless --debug
         return _report_error(args, error, f"{one_line(error)} (rerun with --debug for the traceback)",
                              internal=True)
+
+
+def _quiet_libraries() -> None:
+    """Silence torch's (and transformers') logging and deprecation chatter: the CLI prints its own one line.
+
+    A failing shape propagation makes torch log a 40-line traceback of its fake-tensor dispatch before
+    tpfx's one-line error; ``--debug`` keeps all of it. tpfx's own warnings still show.
+    """
+    import logging
+
+    import torch._logging
+
+    torch._logging.set_logs(all=logging.CRITICAL)
+    for name in ("torch", "transformers"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10d's C++ warnings in spawned ranks
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::DeprecationWarning")  # and theirs
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(torch|transformers)\.")
 
 
 def _report_error(args: argparse.Namespace, error: BaseException, message: str, *, internal: bool) -> int:

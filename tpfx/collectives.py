@@ -29,19 +29,38 @@ and the loss over logits whose vocabulary is split across the group:
 
 * ``vocab_parallel_cross_entropy``: all-reduce (max) of each row's largest logit, then one all-reduce (sum)
   of each row's sum of exponentials and target logit (from the rank that holds the target) / no communication
+
+Every one of them, forward and backward, runs its torch.distributed call through :func:`_communicate`:
+it first settles the program's open call check (:func:`start_call_check`), and a call that fails (a
+rank that never joined within the group timeout) raises one :class:`tpfx.errors.CollectiveError` line
+naming the collective and its *site*, the program line that called it. Under torch.compile both are
+left out (dynamo traces the bare collective into the graph).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import datetime
+import hashlib
+import linecache
+import re
+import sys
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from tpfx.errors import ConfigError, ShardingError
+from tpfx.errors import CollectiveError, ConfigError, ShardingError, first_line
 
-# group key -> process group (None stands for the default world group)
-_GROUPS: dict[str, dist.ProcessGroup | None] = {}
+# Process groups are held by weak reference: torch's registry owns them, and destroy_process_group must
+# free them. A group kept alive here keeps its gloo threads running into interpreter exit, where their
+# teardown can abort the process (SIGABRT, "terminate called without an active exception").
+# group key -> the process group (None stands for the default world group)
+_GROUPS: dict[str, weakref.ref[dist.ProcessGroup] | None] = {}
+# group key -> a second group of the same ranks for tpfx's own checks (the call check): its collectives
+# never pair with the program's, so a rank that is one collective ahead times out instead of aborting gloo
+_CONTROL: dict[str, weakref.ref[dist.ProcessGroup]] = {}
 
 # Observers see every collective call: (name, tensor handed to it). Used by tests and benchmarks to
 # count the bytes that really cross the wire; empty in normal runs so the cost is one truth test.
@@ -54,9 +73,40 @@ def group_key(ranks: list[int]) -> str:
     return f"tp:{ranks[0]}-{ranks[-1]}" if consecutive else "tp:" + ",".join(map(str, ranks))
 
 
-def bind_group(key: str, group: dist.ProcessGroup | None) -> None:
-    """Bind a group key to a process group (None = the default group) for this process."""
-    _GROUPS[key] = group
+def bind_group(key: str, group: dist.ProcessGroup | None, *, control: dist.ProcessGroup | None = None) -> None:
+    """Bind a group key to a process group (None = the default group) for this process.
+
+    ``control``: a second group of the same ranks on which :func:`start_call_check` runs (without one,
+    the call check is off).
+    """
+    _GROUPS[key] = None if group is None else weakref.ref(group)
+    if control is not None:
+        _CONTROL[key] = weakref.ref(control)
+    else:
+        _CONTROL.pop(key, None)
+
+
+def _control(key: str) -> dist.ProcessGroup | None:
+    """The live control group bound with ``key``, or None (none bound, or destroyed with the process group)."""
+    reference = _CONTROL.get(key)
+    return None if reference is None else reference()
+
+
+def control_group(key: str) -> dist.ProcessGroup | None:
+    """The control group bound with ``key`` (see :func:`bind_group`); the group itself when there is none."""
+    control = _control(key)
+    return control if control is not None else _group(key)
+
+
+def group_timeout(group: dist.ProcessGroup | None) -> datetime.timedelta | None:
+    """How long a collective of ``group`` (None: the world) waits for the other ranks, where torch tells."""
+    process_group = group if group is not None else dist.group.WORLD
+    for device in ("cpu", "cuda"):
+        try:
+            return process_group._get_backend(torch.device(device)).options._timeout
+        except (RuntimeError, AttributeError, ValueError):  # no backend for that device, or another torch
+            continue
+    return None
 
 
 def add_observer(observer: Callable[[str, torch.Tensor], None]) -> Callable[[], None]:
@@ -72,7 +122,12 @@ def _group(key: str) -> dist.ProcessGroup | None:
             "inspection (rank= without a process group); call tpfx.parallelize inside an initialized "
             "torch.distributed process group to run it"
         )
-    return _GROUPS[key]
+    reference = _GROUPS[key]
+    group = None if reference is None else reference()
+    if reference is not None and group is None:
+        raise ConfigError(f"the process group of tensor-parallel group {key!r} was destroyed "
+                          "(dist.destroy_process_group); call tpfx.parallelize again in the new process group")
+    return group
 
 
 def _notify(name: str, tensor: torch.Tensor) -> None:
@@ -80,20 +135,86 @@ def _notify(name: str, tensor: torch.Tensor) -> None:
         observer(name, tensor)
 
 
-def _all_reduce(tensor: torch.Tensor, key: str, name: str) -> torch.Tensor:
+# ------------------------------------------------------------------------------ where a collective runs
+
+_GENERATED = "<eval_with_key>"  # the file name torch.fx gives the code it generates for a graph
+# where a collective runs: (file, line) of the program's code, a description, or None (unknown, compiled)
+Site = tuple[str, int] | str | None
+
+
+def _program_site() -> Site:
+    """(file, line) of the nearest frame of a program's generated code: the graph node calling us.
+
+    None under torch.compile: dynamo cannot trace frame inspection, and a compiled graph's failure
+    is reported by the compiled code's own traceback.
+    """
+    if torch.compiler.is_compiling():
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_GENERATED):
+            return frame.f_code.co_filename, frame.f_lineno
+        frame = frame.f_back
+    return None
+
+
+def _site_text(site: Site) -> str:
+    """The program's line for a site: ``gather_from_tp_1 = tpfx_collectives_gather_from_tp(fc1, 'tp:0-1')``."""
+    if isinstance(site, str):
+        return site
+    if site is None:
+        return "outside a tpfx program"
+    line = linecache.getline(*site).strip().split(";")[0]
+    return f"program line {line!r}" if line else f"{site[0]} line {site[1]}"
+
+
+def _run(collective: Callable[[], object], name: str, key: str, site: Site) -> None:
+    """Run one torch.distributed call; a failure (a rank that never joined) becomes one CollectiveError line.
+
+    Under torch.compile the call is made as it is: dynamo traces it into the graph (a try block around
+    it would not trace), and a compiled collective fails with the compiled code's error.
+    """
+    if torch.compiler.is_compiling():
+        collective()
+        return
+    try:
+        collective()
+    except RuntimeError as error:  # gloo and NCCL raise RuntimeError (DistBackendError) on timeouts and lost peers
+        reference = _GROUPS.get(key)
+        timeout = group_timeout(None if reference is None else reference())
+        # gloo's message starts with its source location and ends with advice for its own developers
+        reason = re.sub(r"^\[[^\]]*:\d+\] ", "", first_line(error)).split(". ")[0]
+        raise CollectiveError(
+            f"{name} of group {key} at {_site_text(site)} failed: {reason}; another rank did not "
+            f"join it within the group timeout ({timeout or 'unknown'}): it raised, skipped a forward or "
+            "backward, or was called with other inputs; fix that rank (its own error says why)") from error
+
+
+def _communicate(collective: Callable[[], object], name: str, key: str, site: Site, *, backward: bool = False) -> None:
+    """Run one of a program's collectives: first the open call check (see :func:`settle_call_check`), then
+    ``collective`` through :func:`_run`; ``backward`` says so in a failure's message."""
+    settle_call_check(key)
+    _run(collective, f"{name} (backward)" if backward else name, key, site)
+
+
+def _all_reduce(tensor: torch.Tensor, key: str, name: str, site: Site, *, backward: bool = False,
+                op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM) -> torch.Tensor:
+    """``op`` (sum unless told) of ``tensor`` over the group, in a new tensor."""
     out = tensor.contiguous().clone()
     _notify(name, out)
-    dist.all_reduce(out, group=_group(key))
+    group = _group(key)
+    _communicate(lambda: dist.all_reduce(out, op=op, group=group), name, key, site, backward=backward)
     return out
 
 
-def _all_gather_last_dim(tensor: torch.Tensor, key: str, name: str) -> torch.Tensor:
+def _all_gather(tensor: torch.Tensor, dim: int, key: str, site: Site, *, backward: bool = False) -> torch.Tensor:
+    """Every rank's ``tensor`` concatenated along ``dim``, in rank order."""
     group = _group(key)
     local = tensor.contiguous()
-    _notify(name, local)
+    _notify("all_gather", local)
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local, group=group)
-    return torch.cat(parts, dim=-1)
+    _communicate(lambda: dist.all_gather(parts, local, group=group), "all_gather", key, site, backward=backward)
+    return torch.cat(parts, dim=dim)
 
 
 def _check_divisible(tensor: torch.Tensor, dim: int, tp: int) -> None:
@@ -105,8 +226,11 @@ def _check_divisible(tensor: torch.Tensor, dim: int, tp: int) -> None:
             f"of {tp} or parallelize without sequence_parallel")
 
 
-def _slice_of(tensor: torch.Tensor, dim: int, key: str) -> torch.Tensor:
-    """This rank's contiguous 1/tp of ``tensor`` along ``dim`` (a copy: a view would keep the whole alive)."""
+def _slice_of(tensor: torch.Tensor, dim: int, key: str, site: Site, *, backward: bool = False) -> torch.Tensor:
+    """This rank's contiguous 1/tp of ``tensor`` along ``dim`` (a copy: a view would keep the whole alive).
+
+    No communication: ``site`` and ``backward`` are taken only to fit :func:`_along_sequence`.
+    """
     group = _group(key)
     tp = dist.get_world_size(group)
     _check_divisible(tensor, dim, tp)
@@ -114,16 +238,8 @@ def _slice_of(tensor: torch.Tensor, dim: int, key: str) -> torch.Tensor:
     return tensor.narrow(dim, dist.get_rank(group) * length, length).clone(memory_format=torch.contiguous_format)
 
 
-def _all_gather_dim(tensor: torch.Tensor, dim: int, key: str) -> torch.Tensor:
-    group = _group(key)
-    local = tensor.contiguous()
-    _notify("all_gather", local)
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, local, group=group)
-    return torch.cat(parts, dim=dim)
-
-
-def _reduce_scatter_dim(tensor: torch.Tensor, dim: int, key: str) -> torch.Tensor:
+def _reduce_scatter(tensor: torch.Tensor, dim: int, key: str, site: Site, *, backward: bool = False) -> torch.Tensor:
+    """The sum over the group of ``tensor``, this rank's 1/tp of it along ``dim``."""
     group = _group(key)
     tp = dist.get_world_size(group)
     _check_divisible(tensor, dim, tp)
@@ -132,41 +248,120 @@ def _reduce_scatter_dim(tensor: torch.Tensor, dim: int, key: str) -> torch.Tenso
     # the tensor form along dim 0 (one flat buffer, not a list of parts): torch.compile traces it
     front = whole.movedim(dim, 0).contiguous()
     out = front.new_empty((front.shape[0] // tp, *front.shape[1:]))
-    dist.reduce_scatter_tensor(out, front, group=group)
+    _communicate(lambda: dist.reduce_scatter_tensor(out, front, group=group), "reduce_scatter", key, site,
+                 backward=backward)
     return out.movedim(0, dim).contiguous()
 
 
-def _along_sequence(name: str, forward: Callable[[torch.Tensor, int, str], torch.Tensor],
-                    backward: Callable[[torch.Tensor, int, str], torch.Tensor]) -> type[torch.autograd.Function]:
-    """An autograd function ``(x, dim, group key)``: ``forward`` on the tensor, ``backward`` on its gradient."""
+_SequenceStep = Callable[..., torch.Tensor]  # (tensor, dim, group key, site, *, backward) -> tensor
+
+
+def _along_sequence(name: str, forward: _SequenceStep, backward: _SequenceStep) -> type[torch.autograd.Function]:
+    """An autograd function ``(x, dim, group key)``: ``forward`` on the tensor, ``backward`` on its gradient.
+
+    Both are told the program line that called the function (backward runs outside the program's code).
+    """
 
     def run_forward(ctx, x: torch.Tensor, dim: int, key: str) -> torch.Tensor:
-        ctx.dim, ctx.key = dim, key
-        return forward(x, dim, key)
+        ctx.dim, ctx.key, ctx.site = dim, key, _program_site()
+        return forward(x, dim, key, ctx.site)
 
     def run_backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        return backward(grad, ctx.dim, ctx.key), None, None
+        return backward(grad, ctx.dim, ctx.key, ctx.site, backward=True), None, None
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(run_forward),
                                                    "backward": staticmethod(run_backward)})
 
 
-_SplitToSequence = _along_sequence("_SplitToSequence", _slice_of, _all_gather_dim)
-_ReduceScatterToSequence = _along_sequence("_ReduceScatterToSequence", _reduce_scatter_dim, _all_gather_dim)
-_GatherFromSequence = _along_sequence("_GatherFromSequence", _all_gather_dim, _reduce_scatter_dim)
+_SplitToSequence = _along_sequence("_SplitToSequence", _slice_of, _all_gather)
+_ReduceScatterToSequence = _along_sequence("_ReduceScatterToSequence", _reduce_scatter, _all_gather)
+_GatherFromSequence = _along_sequence("_GatherFromSequence", _all_gather, _reduce_scatter)
 # every rank computed the same whole-sequence result from it: the gradient is the same, keep this rank's slice
-_GatherSequenceWhole = _along_sequence("_GatherSequenceWhole", _all_gather_dim, _slice_of)
+_GatherSequenceWhole = _along_sequence("_GatherSequenceWhole", _all_gather, _slice_of)
+
+
+@dataclass
+class _PendingCheck:
+    """A call check on its way: the all-gather's handle, its buffers, and what to say if it fails."""
+
+    work: dist.Work
+    everyone: list[torch.Tensor]
+    form: str
+    first: tuple[int, ...]
+
+
+_PENDING: dict[str, _PendingCheck] = {}  # group key -> the call check the next collective waits for
+
+
+def start_call_check(key: str, shapes: Sequence[tuple[int, ...] | None], form: str) -> None:
+    """Start checking, in one tiny collective on the group's control group, that every rank makes the same call.
+
+    Ranks called with other batch or sequence sizes would hand gloo collectives of different sizes,
+    which it cannot report (it aborts the process); ranks called for another call form would run
+    other collectives; a rank that skipped a backward would pair its next forward's collectives with
+    the others' backward ones. Each rank sends the first tensor's shape and a digest of every
+    argument's shape and of the call form (48 bytes), always the same size, so the check itself
+    cannot abort. It runs asynchronously, while the program computes up to its first collective,
+    which waits for it (:func:`settle_call_check`): a rank out of step fails there, on the control
+    group, before any of the program's collectives can pair with the wrong one.
+
+    Args:
+        key: the program's group key.
+        shapes: every argument's shape (None for a non-tensor), in signature order.
+        form: the call form's description.
+    """
+    control = _control(key)
+    if control is None:
+        return
+    settle_call_check(key)  # the previous call ran no collective: its check is still open
+    first = next((shape for shape in shapes if shape is not None), ())
+    digest = _stable_digest(repr((tuple(shapes), form)))  # not hash(): str hashes differ between processes
+    mine = torch.tensor([digest, len(first), *(list(first[:4]) + [-1] * (4 - len(first[:4])))], dtype=torch.int64)
+    everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size(control))]
+    work = dist.all_gather(everyone, mine, group=control, async_op=True)
+    _PENDING[key] = _PendingCheck(work, everyone, form, tuple(first))
+
+
+def settle_call_check(key: str) -> None:
+    """Wait for the open call check of group ``key`` (if any) and compare the ranks' calls.
+
+    Raises:
+        CollectiveError: the ranks' calls differ (naming the first tensor's shapes per rank), or a
+            rank did not come to this call within the group timeout (it raised, skipped a backward
+            or is still in another collective).
+    """
+    pending = _PENDING.pop(key, None)
+    if pending is None:
+        return
+    _run(pending.work.wait, "the call check", key,
+         f"the start of a call of the program ({pending.form}, first tensor {list(pending.first)})")
+    rows = pending.everyone
+    if all(torch.equal(row, rows[0]) for row in rows):
+        return
+    described = "; ".join(f"rank {rank}: {_shape_of(row)}" for rank, row in enumerate(rows))
+    raise CollectiveError(f"the ranks of group {key} called the program with different inputs ({described}, "
+                          f"this rank: {pending.form}); fix: call it with the same batch and sequence sizes and "
+                          "the same optional arguments on every rank of a tensor-parallel group")
+
+
+def _stable_digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=7).digest(), "little")
+
+
+def _shape_of(row: torch.Tensor) -> str:
+    digest, ndim, *dims = row.tolist()
+    return f"first tensor {[d for d in dims[:ndim]]}, call digest {digest:x}"
 
 
 class _CopyToTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, key: str) -> torch.Tensor:
-        ctx.key = key
+        ctx.key, ctx.site = key, _program_site()  # backward runs outside the program's code
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _all_reduce(grad, ctx.key, "all_reduce"), None
+        return _all_reduce(grad, ctx.key, "all_reduce", ctx.site, backward=True), None
 
 
 class _GatherFromTP(torch.autograd.Function):
@@ -174,7 +369,7 @@ class _GatherFromTP(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, key: str) -> torch.Tensor:
         ctx.key = key
         ctx.local_width = x.shape[-1]
-        return _all_gather_last_dim(x, key, "all_gather")
+        return _all_gather(x, -1, key, _program_site())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -187,7 +382,7 @@ class _GatherFromTP(torch.autograd.Function):
 class _ReduceFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, key: str) -> torch.Tensor:
-        return _all_reduce(x, key, "all_reduce")
+        return _all_reduce(x, key, "all_reduce", _program_site())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
@@ -206,22 +401,19 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: torch.Tensor, target: torch.Tensor, key: str, ignore_index: int,
                 reduction: str) -> torch.Tensor:
-        group = _group(key)
+        site = _program_site()
         width = logits.shape[-1]
-        start = dist.get_rank(group) * width
+        start = dist.get_rank(_group(key)) * width
         rows, labels = logits.detach().reshape(-1, width), target.reshape(-1)
-        top = rows.amax(dim=-1)  # any common shift keeps the softmax; the largest keeps exp() finite
-        _notify("all_reduce", top)
-        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        # any common shift keeps the softmax; the largest keeps exp() finite
+        top = _all_reduce(rows.amax(dim=-1), key, "all_reduce", site, op=dist.ReduceOp.MAX)
         exp = (rows - top.unsqueeze(-1)).exp()
         local = labels - start
         held = (local >= 0) & (local < width)
         index = local.masked_fill(~held, 0).unsqueeze(-1)
         picked = (rows.gather(-1, index).squeeze(-1) - top).masked_fill(~held, 0.0)
         statistics = torch.stack([exp.sum(dim=-1), picked], dim=-1)  # (rows, 2): one all-reduce for both
-        _notify("all_reduce", statistics)
-        dist.all_reduce(statistics, group=group)
-        total, target_logit = statistics.unbind(-1)
+        total, target_logit = _all_reduce(statistics, key, "all_reduce", site).unbind(-1)
         valid = labels != ignore_index
         losses = (total.log() - target_logit).masked_fill(~valid, 0.0)
         ctx.save_for_backward(exp / total.unsqueeze(-1), index, held & valid, valid)

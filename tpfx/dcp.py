@@ -13,6 +13,12 @@ saved chunks with each rank's), into the single-device model (``dcp.load`` witho
 or ``torch.distributed.checkpoint.format_utils.dcp_to_torch_save``), and from a DCP save of the
 single-device model. No format of tpfx's own is involved.
 
+``dcp.load`` writes into the program as it reads, so a checkpoint that does not fit (a missing key,
+another shape) leaves it half loaded. ``tpfx.load_state_dict(gm, "ckpt/step100")`` reads the same
+directory all or nothing (:class:`DcpDirectory`): keys, shapes and dtypes are checked against DCP's
+metadata before the first read, and every read lands in a staged tensor before the first write. It
+runs without collectives (each rank reads its own blocks).
+
 A sharded parameter is presented to DCP as a :class:`RankPieces`: a tensor of the full shape that
 holds no storage of its own and implements DCP's checkpointable protocol (``__create_write_items__``,
 ``__create_chunk_list__``, ``__get_tensor_shard__``): its chunks are the blocks of the rank's
@@ -24,14 +30,19 @@ tensors and loading writes into them, through the views.
 
 from __future__ import annotations
 
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 import torch.nn as nn
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties,
+                                                   TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
 from tpfx.checkpoint import _targets
+from tpfx.errors import LoadError, one_line
 from tpfx.layers import ShardSpec
 
 
@@ -120,3 +131,61 @@ def _materialize(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
         made = type(tensor)(made, requires_grad=tensor.requires_grad)
     torch.utils.swap_tensors(tensor, made)
     return tensor
+
+
+class _MetadataOnce(dcp.FileSystemReader):
+    """A DCP directory reader that reads its metadata file once (``dcp.load`` asks for it at every call)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self._metadata: Metadata | None = None
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        if self._metadata is None:
+            self._metadata = super().read_metadata(*args, **kwargs)
+        return self._metadata
+
+
+class DcpDirectory:
+    """A ``torch.distributed.checkpoint`` directory as a source of :func:`tpfx.load_state_dict`.
+
+    Keys, full shapes and dtypes come from DCP's metadata (read when it is opened, so every check runs
+    before the first read); ``read_into`` loads this rank's blocks of one tensor with ``dcp.load``
+    without collectives (``no_dist``), through the same :class:`RankPieces` a DCP load of
+    :func:`dcp_state_dict` uses.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.where = f"torch.distributed.checkpoint directory '{path}'"
+        self.reader = _MetadataOnce(path)
+        try:
+            self.entries = self.reader.read_metadata().state_dict_metadata
+        except Exception as error:  # a missing, truncated or foreign .metadata file: pickle raises anything
+            raise LoadError(f"{self.where}: cannot read its .metadata ({one_line(error)}); fix: pass a directory "
+                            "written by dcp.save(tpfx.dcp_state_dict(gm), checkpoint_id=...) and copied whole") from None
+
+    def keys(self) -> set[str]:
+        return set(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        entry = self.entries[key]
+        return tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else ()
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.entries[key].properties.dtype  # asked only of tensors (problem() is None)
+
+    def problem(self, key: str) -> str | None:
+        """A saved object that is no tensor (DCP stores other objects as pickled bytes)."""
+        if isinstance(self.entries[key], TensorStorageMetadata):
+            return None
+        return f"{key!r} is a pickled object in the DCP checkpoint, not a tensor"
+
+    def read_into(self, key: str, spec: ShardSpec | None, out: torch.Tensor) -> None:
+        """Fill ``out`` with this rank's part (``spec``; None: the whole tensor) of ``key``."""
+        value = out if spec is None else RankPieces(out, spec)
+        with warnings.catch_warnings():  # that no_dist reads in one process is what we ask for, not news
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load({key: value}, storage_reader=self.reader, no_dist=True)
+
+    def close(self) -> None:
+        self.entries = {}

@@ -83,7 +83,9 @@ class DeferredProgram(nn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if isinstance(self, DeferredProgram):  # not captured yet (torch.compile may call this after it was)
             self.prepare(*args, **kwargs)
-        return self.call_program(*args, **kwargs)  # the program's own call, now that this is the program
+        # the program's own call, now that this is the program (its class's: fx's per-instance wrapper is not
+        # traced by torch.compile)
+        return TensorParallelModule.__call__(self, *args, **kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The program's call (captures first). Defined here so that ``torch.compile(gm)`` compiles this

@@ -26,6 +26,14 @@ class LoadError(TpfxError):
     """A checkpoint does not match the parallelized program."""
 
 
+class ReplicaError(TpfxError):
+    """The ranks of a tensor-parallel group do not hold the same model (weights, configuration, random state)."""
+
+
+class CollectiveError(TpfxError):
+    """A collective of a tensor-parallel program failed or timed out: a rank did not join it."""
+
+
 def first_line(error: BaseException) -> str:
     """The first line of an exception's message (its type's name when the message is empty)."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
@@ -43,3 +51,7 @@ class TpfxWarning(UserWarning):
 
 class NoSitesWarning(TpfxWarning):
     """``parallelize`` found no linear to shard: every rank holds and computes the whole model."""
+
+
+class DefaultTimeoutWarning(TpfxWarning):
+    """The tensor-parallel group has torch's default timeout (30 minutes): a hang would last that long."""

@@ -14,6 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from tpfx.arguments import require_count
+from tpfx.errors import ConfigError
+
 
 class Placement(Enum):
     """Where a parameter's rank-local part lies: split with a column- or a row-parallel linear, split by
@@ -88,6 +91,12 @@ class ColumnParallelLinear(nn.Module):
 
     def __init__(self, linear: nn.Linear, *, tp: int, rank: int) -> None:
         super().__init__()
+        where = "tpfx.ColumnParallelLinear"
+        if not isinstance(linear, nn.Linear):
+            raise ConfigError(f"{where}: linear must be a torch.nn.Linear, got {type(linear).__name__}")
+        require_count(tp, "tp", where)
+        if require_count(rank, "rank", where, minimum=0) >= tp:
+            raise ConfigError(f"{where}: rank={rank} is outside 0..{tp - 1} (tp={tp})")
         start, stop = shard_range(linear.out_features, tp, rank)
         self.in_features = linear.in_features
         self.full_out_features = linear.out_features

@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.capture import TRACED_CONSTANTS, CallForm, call_form_of, capture
+from tpfx.collectives import start_call_check
 from tpfx.errors import ConfigError
 from tpfx.passes.graph_view import CALL_FORM
 from tpfx.passes.meta_device import device_of_call
@@ -134,14 +135,39 @@ class TensorParallelModule(fx.GraphModule):
     def _infer_parameters(module: TensorParallelModule, args: tuple, kwargs: dict | None = None) -> None:
         module.module_for_call(*args, **(kwargs or {}))
 
+    def check_calls_in(self, key: str | None) -> None:
+        """Check that the ranks of group ``key`` make the same calls (tensor shapes, optional
+        arguments, train/eval): ranks that differ would hand the program's collectives tensors of
+        different sizes, which gloo cannot report (it aborts the process).
+
+        Every call starts one all-gather of 48 bytes on the group's control group, asynchronously;
+        the program's first collective waits for it (see :func:`tpfx.collectives.start_call_check`).
+        ``parallelize`` turns it on; ``None`` turns it off (``gm.check_calls_in(None)``).
+        """
+        self.__dict__["_tpfx_call_check"] = key
+
+    def _check_call(self, key: str, args: tuple, kwargs: dict) -> None:
+        values = [*args, *(kwargs[name] for name in sorted(kwargs))]
+        shapes = [tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in values]
+        simple = [v if isinstance(v, (bool, int, float, str, type(None))) else type(v).__name__
+                  for v in values if not isinstance(v, torch.Tensor)]
+        form = f"{'train' if self.training else 'eval'}, keywords {sorted(kwargs)}, values {simple}"
+        start_call_check(key, shapes, form)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = self.__dict__.get("_tpfx_call_check")
+        # not while torch.compile traces this call: the check's asynchronous all-gather and its Python
+        # comparison would break the graph (fullgraph=True refuses that); a compiled program runs unchecked
+        if key is not None and not torch.compiler.is_compiling():
+            self._check_call(key, args, kwargs)
         return self.call_program(*args, **kwargs)
 
     def call_program(self, *args: Any, **kwargs: Any) -> Any:
-        """What ``self(*args, **kwargs)`` does: run the graph of this call's form (built on its first use).
+        """What ``self(*args, **kwargs)`` does after the call check: run the graph of this call's form
+        (built on its first use).
 
         A method of its own because torch.fx gives each GraphModule a class whose ``__call__`` is a
-        wrapper dynamo will not trace into: code traced by torch.compile calls this instead.
+        wrapper dynamo will not trace into, and the exported program's differs here only.
         """
         module = self.module_for_call(*args, **kwargs)
         if module is self:

@@ -8,9 +8,11 @@ A checkpoint directory is what ``transformers`` writes and loads::
 
 or, when it fits in one file, ``model.safetensors`` alone.
 
-Reading: a file is read without mmap, on purpose: pages of a mapped file count in the process's
-resident memory for as long as the mapping lives, so reading through a mapping holds every touched
-byte twice (mapped page + tensor). The JSON header gives each tensor's byte range; ``readinto``
+Reading: every header is checked when a file is opened, before anything is read: each entry's dtype,
+shape and byte range (inside the data, as long as the tensor, disjoint from the others), so a
+damaged file is refused naming the key instead of loading garbage. A file is read without mmap, on
+purpose: pages of a mapped file count in the process's resident memory for as long as the mapping
+lives, so reading through a mapping holds every touched byte twice (mapped page + tensor). The JSON header gives each tensor's byte range; ``readinto``
 fills the destination tensor straight from the rank's rows, one tensor at a time. A shard along
 dim >= 1 reads whole rows a block at a time into one scratch buffer (8 MB, shared by every file of a
 directory) and keeps the rank's columns, so no full tensor is ever held.
@@ -22,6 +24,7 @@ so the writer holds one full tensor at a time, never a whole file.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -43,7 +46,8 @@ SHARD_NAME = "model-{index:05d}-of-{count:05d}.safetensors"
 DTYPES = {name: getattr(torch, attr) for name, attr in (
     ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"), ("I64", "int64"),
     ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"), ("BOOL", "bool"), ("U16", "uint16"),
-    ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"))
+    ("U32", "uint32"), ("U64", "uint64"), ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"),
+    ("C64", "complex64"))
     if hasattr(torch, attr)}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
@@ -97,26 +101,43 @@ class SafetensorsFile:
             raise
 
     def _read_header(self) -> dict[str, Entry]:
+        """Every entry of the header, each one's byte range checked against its size, the data and the others.
+
+        Raises:
+            LoadError: an unreadable header, or an entry naming its key (see :func:`_span`,
+                :func:`_check_disjoint`): nothing is read from a file whose header does not add up.
+        """
         size = os.fstat(self.file.fileno()).st_size
         try:
             (length,) = struct.unpack("<Q", self.file.read(8))
             if length > size - 8:
                 raise ValueError(f"header length {length} exceeds the file size {size}")
             header = json.loads(self.file.read(length))
-            data_start = 8 + length
-            if any(data_start + info["data_offsets"][1] > size for key, info in header.items() if key != "__metadata__"):
-                raise ValueError(f"a tensor ends past the file size {size} (truncated file)")
-            return {key: Entry(DTYPES[info["dtype"]], tuple(info["shape"]), data_start + info["data_offsets"][0])
-                    for key, info in header.items() if key != "__metadata__"}
-        except (struct.error, ValueError, KeyError, TypeError, AttributeError) as error:
-            raise LoadError(f"{self.where} has no readable safetensors header ({type(error).__name__}: {error}); "
-                            "fix: pass a file written by safetensors' save_file, or a torch.save file") from None
+        except (struct.error, ValueError) as error:
+            header, problem = None, f"{type(error).__name__}: {error}"
+        else:
+            problem = None if isinstance(header, dict) else f"the header is a JSON {type(header).__name__}"
+        if problem is not None:
+            raise LoadError(f"{self.where} has no readable safetensors header ({problem}); "
+                            "fix: pass a file written by safetensors' save_file, or a torch.save file")
+        data_start = 8 + length
+        spans = {key: _span(key, info, size - data_start, self.where)
+                 for key, info in header.items() if key != "__metadata__"}
+        _check_disjoint(spans, self.where)
+        return {key: Entry(dtype, shape, data_start + begin) for key, (dtype, shape, begin, _) in spans.items()}
 
     def keys(self) -> set[str]:
         return set(self.entries)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.entries[key].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.entries[key].dtype
+
+    def problem(self, key: str) -> str | None:
+        """None: every entry's byte range was checked with the header."""
+        return None
 
     def read_into(self, key: str, spec: ShardSpec | None, out: torch.Tensor) -> None:
         """Fill ``out`` with this rank's part (``spec``; None: the whole tensor) of the tensor ``key``."""
@@ -168,6 +189,50 @@ class SafetensorsFile:
         self.file.close()
 
 
+_Span = tuple[torch.dtype, tuple[int, ...], int, int]  # dtype, shape, first and end byte within the data
+
+
+def _span(key: str, info: object, data_length: int, where: str) -> _Span:
+    """(dtype, shape, begin, end) of one header entry, its byte range checked against its size and the data.
+
+    Raises:
+        LoadError: naming the key: an unknown dtype, a malformed shape or offsets, a range outside the
+            data, or a range whose length is not the tensor's size (a wrong or truncated file).
+    """
+    fix = "fix: the file is damaged or not a safetensors file; write it again with safetensors' save_file"
+    if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
+        raise LoadError(f"{where}: header entry {key!r} lacks dtype, shape or data_offsets; {fix}")
+    dtype = DTYPES.get(info["dtype"]) if isinstance(info["dtype"], str) else None
+    if dtype is None:
+        raise LoadError(f"{where}: tensor {key!r} has dtype {info['dtype']!r}, which torch "
+                        f"{torch.__version__} cannot hold; fix: save it as one of {', '.join(sorted(DTYPES))}")
+
+    def naturals(value: object, count: int | None) -> bool:
+        return (isinstance(value, list) and (count is None or len(value) == count)
+                and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in value))
+
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not naturals(shape, None) or not naturals(offsets, 2):
+        raise LoadError(f"{where}: tensor {key!r} has shape {shape!r} and data_offsets {offsets!r}; both must be "
+                        f"lists of non-negative integers (two offsets); {fix}")
+    begin, end = offsets
+    nbytes = torch.Size(shape).numel() * _element_size(dtype)
+    if begin > end or end > data_length or end - begin != nbytes:
+        raise LoadError(f"{where}: tensor {key!r} has data_offsets [{begin}, {end}] but its {info['dtype']} "
+                        f"shape {list(shape)} needs {nbytes} bytes within the {data_length} bytes of data; {fix}")
+    return dtype, tuple(shape), begin, end
+
+
+def _check_disjoint(spans: dict[str, _Span], where: str) -> None:
+    """Raise a LoadError naming two tensors whose byte ranges overlap (each would read the other's bytes)."""
+    ordered = sorted((begin, end, key) for key, (_, _, begin, end) in spans.items() if end > begin)
+    for (_, end, before), (begin, _, after) in itertools.pairwise(ordered):
+        if begin < end:
+            raise LoadError(f"{where}: the bytes of tensors {before!r} and {after!r} overlap (one starts at "
+                            f"{begin}, before the other ends at {end}); fix: the file is damaged, write it again "
+                            "with safetensors' save_file")
+
+
 class SafetensorsDirectory:
     """A checkpoint directory: ``model.safetensors.index.json`` and the files it names, or one ``.safetensors`` file.
 
@@ -200,9 +265,6 @@ class SafetensorsDirectory:
         indexes = sorted(path.glob("*.safetensors.index.json"))
         if not indexes:
             singles = sorted(path.glob("*.safetensors"))
-            if not singles and (path / ".metadata").is_file():
-                raise LoadError(f"{self.where} is a torch.distributed.checkpoint (DCP) save, not safetensors; fix: "
-                                "dcp.load(tpfx.dcp_state_dict(gm), checkpoint_id=...) loads it")
             if len(singles) != 1:
                 raise LoadError(f"{self.where} has no {INDEX_NAME} and {len(singles)} .safetensors files; fix: pass "
                                 f"a directory written by save_pretrained ({INDEX_NAME} + shards, or one {SINGLE_NAME})")
@@ -224,6 +286,13 @@ class SafetensorsDirectory:
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.file_of[key].shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.file_of[key].dtype(key)
+
+    def problem(self, key: str) -> str | None:
+        """None: every file's header was checked when the directory was opened."""
+        return None
 
     def read_into(self, key: str, spec: ShardSpec | None, out: torch.Tensor) -> None:
         """Fill ``out`` with this rank's part of ``key``, from the file the index names."""

@@ -1,7 +1,9 @@
 """Load what the CLI works on: ``path/to/file.py:factory`` or ``package.module:factory``.
 
 The factory takes no arguments and returns a model, or ``(model, example_inputs)`` where
-``example_inputs`` is a tuple of positional arguments, a dict of keyword arguments or one tensor.
+``example_inputs`` is a tuple of positional arguments, a dict of keyword arguments or one tensor, or
+``(model, [example_inputs, ...])``: several example calls, one per call form ``tpfx verify`` checks
+(the first is the one ``dump`` and ``explain`` use).
 Without example inputs, tpfx infers the required arguments of ``forward`` from their first use in
 the captured graph (an Embedding takes token ids, a Linear or LayerNorm takes features).
 
@@ -71,14 +73,36 @@ class Target:
 
     spec: str
     model: nn.Module
-    recipes: tuple[ArgumentRecipe, ...]
+    recipes: tuple[ArgumentRecipe, ...]  # the first (or only) call
     inputs_from_factory: bool
+    more_calls: tuple[tuple[ArgumentRecipe, ...], ...] = ()  # further example calls the factory declares
 
     def inputs(self, *, batch: int | None = None, seq: int | None = None,
                seed: int | None = None) -> dict[str, object]:
         """Keyword arguments for ``model(**inputs)``: seeded random with ``seed``, else zeros."""
         generator = None if seed is None else torch.Generator().manual_seed(seed)
         return {r.name: r.make(batch=batch, seq=seq, generator=generator) for r in self.recipes}
+
+    def calls(self, *, batch: int | None = None, seq: int | None = None, seed: int | None = None,
+              every_form: bool = False) -> list[tuple[str, dict[str, object]]]:
+        """(label, keyword arguments) of every call to check: the declared ones, and with ``every_form``
+        also one per optional argument of ``forward`` that tpfx can give a non-default value
+        (a bool flipped, a number changed, ``None`` replaced by a number its annotation allows).
+
+        A graph is traced per call form, so a branch that only a non-default argument takes runs a
+        graph no other call checks.
+        """
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        calls = [{r.name: r.make(batch=batch, seq=seq, generator=generator) for r in recipes}
+                 for recipes in (self.recipes, *self.more_calls)]
+        labelled = [(_label(call), call) for call in calls]
+        if every_form:
+            given = set().union(*(call for call in calls))
+            for name, parameter in inspect.signature(self.model.forward).parameters.items():
+                value = _non_default(parameter)
+                if name not in given and value is not _NONE:
+                    labelled.append((f"{name}={value!r}", {**calls[0], name: value}))
+        return labelled
 
     def describe_inputs(self, *, batch: int | None = None, seq: int | None = None) -> str:
         """A one-line description such as ``input_ids: int64[2, 16]``."""
@@ -121,23 +145,58 @@ def load_target(spec: str) -> Target:
         The model and its argument recipes (from the factory's example inputs, else inferred).
 
     Raises:
-        TargetError: bad spelling, missing file, module or factory, a factory that raises or returns
-            something else than a model; inputs that cannot be inferred.
+        TargetError: bad spelling, missing file, module or factory, a factory that raises (or calls
+            ``sys.exit``) or returns something else than a model; inputs that cannot be inferred.
         CaptureError: inputs must be inferred and the model cannot be captured.
     """
     factory = _resolve_factory(spec)
     try:
         produced = factory()
+    except SystemExit as error:  # sys.exit() in user code must not end the CLI silently with its status
+        raise TargetError(f"factory {spec!r} called sys.exit({error.code!r}) instead of returning a model; "
+                          "fix the factory so that it returns a model") from error
     except Exception as error:  # any failure of user code becomes one line naming the factory
         raise TargetError(f"factory {spec!r} raised {one_line(error)}; "
                           "fix the factory so that it returns a model") from error
     model, example = produced if isinstance(produced, tuple) and len(produced) == 2 else (produced, None)
     if not isinstance(model, nn.Module):
-        raise TargetError(f"factory {spec!r} returned {type(produced).__name__}, expected an nn.Module or "
-                          "(nn.Module, example_inputs)")
+        raise TargetError(f"factory {spec!r} returned {type(produced).__name__}, expected an nn.Module, "
+                          "(nn.Module, example_inputs) or (nn.Module, [example_inputs, ...])")
     if example is None:
         return Target(spec, model, _inferred_recipes(model, spec), inputs_from_factory=False)
+    if isinstance(example, list):  # several example calls: one per call form to check
+        if not example:
+            raise TargetError(f"factory {spec!r} returned an empty list of example calls; give at least one")
+        first, *more = (_recipes_from_example(model, call, spec) for call in example)
+        return Target(spec, model, first, inputs_from_factory=True, more_calls=tuple(more))
     return Target(spec, model, _recipes_from_example(model, example, spec), inputs_from_factory=True)
+
+
+_NONE = object()  # no non-default value can be made for a parameter
+
+
+def _non_default(parameter: inspect.Parameter) -> object:
+    """A value other than the default of an optional, non-tensor ``forward`` parameter, or ``_NONE``."""
+    default = parameter.default
+    if default is inspect.Parameter.empty or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+        return _NONE
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, float):
+        return default * 2 if default else 0.5
+    if isinstance(default, int):
+        return default * 2 if default else 2
+    if default is None:
+        annotation = str(parameter.annotation)
+        for word, value in (("float", 0.5), ("int", 2), ("bool", True)):
+            if word in annotation and "Tensor" not in annotation:
+                return value
+    return _NONE
+
+
+def _label(call: dict[str, object]) -> str:
+    """How a call is named in verify's table: its arguments, non-tensors with their values."""
+    return ", ".join(name if isinstance(value, torch.Tensor) else f"{name}={value!r}" for name, value in call.items())
 
 
 def _resolve_factory(spec: str) -> Callable[[], object]:
@@ -170,10 +229,11 @@ def _import_file(path_text: str, spec: str) -> object:
     except ModuleNotFoundError as error:  # a package the file needs is not installed: say which to install
         del sys.modules[name]
         raise TargetError(f"importing {path_text!r} needs {missing_package_fix(error)}") from error
-    except Exception as error:  # the user's file; one line with its error
+    except (Exception, SystemExit) as error:  # the user's file (sys.exit at import too); one line with its error
         del sys.modules[name]
-        raise TargetError(f"importing {path_text!r} raised {one_line(error)}; "
-                          "fix the file so that it imports") from error
+        what = f"sys.exit({error.code!r})" if isinstance(error, SystemExit) else one_line(error)
+        raise TargetError(f"importing {path_text!r} raised {what}; fix the file so that it imports "
+                          "(guard its script part with `if __name__ == '__main__':`)") from error
     return module
 
 
@@ -216,8 +276,9 @@ def _import_module(name: str, spec: str) -> object:
             raise TargetError(f"importing module {name!r} needs {missing_package_fix(error)}") from error
         raise TargetError(f"module {name!r} of TARGET {spec!r} cannot be found ({first_line(error)}); "
                           "install it or give a path/to/file.py") from error
-    except Exception as error:  # the user's module
-        raise TargetError(f"importing module {name!r} raised {one_line(error)}") from error
+    except (Exception, SystemExit) as error:  # the user's module (sys.exit at import too)
+        what = f"sys.exit({error.code!r})" if isinstance(error, SystemExit) else one_line(error)
+        raise TargetError(f"importing module {name!r} raised {what}") from error
 
 
 def _recipes_from_example(model: nn.Module, example: object, spec: str) -> tuple[ArgumentRecipe, ...]:

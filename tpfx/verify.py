@@ -19,10 +19,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from tpfx.arguments import require_choice, require_count
 from tpfx.checkpoint import parameter_shard_specs
 from tpfx.errors import ConfigError
 from tpfx.launch import launch
 from tpfx.targets import load_target, parallelize_target
+
+
+FORMS = ("declared", "all")
 
 
 @dataclass(frozen=True)
@@ -37,10 +41,15 @@ class VerifyOptions:
     rtol: float = 1e-4
     timeout_s: float = 300
     parallelize_options: dict[str, Any] = field(default_factory=dict)  # e.g. mode= where parallelize has it
+    forms: str = "declared"  # "declared": every call the factory declares; "all": also each optional argument
 
     def __post_init__(self) -> None:
-        if self.tp < 1:
-            raise ConfigError(f"--tp {self.tp} must be a positive integer")
+        where = "tpfx.verify.VerifyOptions"
+        require_count(self.tp, "tp", where)
+        require_count(self.batch, "batch", where, optional=True)
+        require_count(self.seq, "seq", where, optional=True)
+        require_count(self.seed, "seed", where, minimum=0)
+        require_choice(self.forms, "forms", where, FORMS, kind="a choice of call forms")
         if self.atol < 0 or self.rtol < 0:
             raise ConfigError(f"tolerances must be >= 0, got atol={self.atol} rtol={self.rtol}")
         if self.timeout_s <= 0:
@@ -118,12 +127,20 @@ def _verify_rank(rank: int, world_size: int, spec: str, options: VerifyOptions) 
         dist.broadcast(tensor.data, src=0)  # every rank holds rank 0's model, seeded factory or not
     program = parallelize_target(target, tp=world_size, batch=options.batch, seq=options.seq,
                                  options=options.parallelize_options)
-    inputs = target.inputs(batch=options.batch, seq=options.seq, seed=options.seed)
-    outputs = [_forward_backward(model, inputs, options.seed) for model in (reference, program)]
+    calls = target.calls(batch=options.batch, seq=options.seq, seed=options.seed, every_form=options.forms == "all")
     figures: dict[str, list[float]] = {}
-    single_outputs, parallel_outputs = outputs
+    for label, inputs in calls:  # every call form runs a graph of its own: check each
+        prefix = f"[{label}] " if len(calls) > 1 else ""
+        _compare_call(figures, prefix, reference, program, inputs, options.seed)
+    return {group: tuple(values) for group, values in figures.items()}
+
+
+def _compare_call(figures: dict[str, list[float]], prefix: str, reference: nn.Module, program: nn.Module,
+                  inputs: dict[str, object], seed: int) -> None:
+    """Forward and backward of one call in both models; the outputs' and gradients' errors into ``figures``."""
+    single_outputs, parallel_outputs = (_forward_backward(model, inputs, seed) for model in (reference, program))
     for name, single in single_outputs.items():
-        _accumulate(figures, name, parallel_outputs.get(name), single)
+        _accumulate(figures, prefix + name, parallel_outputs.get(name), single)
     sites = {site.module_path: site.role for site in program.tpfx_report.sites}
     full = dict(reference.named_parameters())
     specs = parameter_shard_specs(program)
@@ -135,8 +152,7 @@ def _verify_rank(rank: int, world_size: int, spec: str, options: VerifyOptions) 
             expected = specs[name].take(expected)  # this rank's part of the full gradient
         group = (f"grad sharded {sites.get(owner_path, type(owner).__name__)}" if owner_path in sites
                  else f"grad {type(owner).__name__}")
-        _accumulate(figures, group, parameter.grad, expected)
-    return {group: tuple(values) for group, values in figures.items()}
+        _accumulate(figures, prefix + group, parameter.grad, expected)
 
 
 def _forward_backward(model: nn.Module, inputs: dict[str, object], seed: int) -> dict[str, torch.Tensor]:
