@@ -1,9 +1,10 @@
 """``tpfx verify`` checks every call form: the calls a factory declares, or with ``--forms all`` each
 optional argument at a non-default value.
 
-The model below is wrong under tpfx only when ``scale=`` is given: that branch reads fc1's weight
-outside the linear, and a call form traced after fc1 was sharded reads this rank's rows only.
-verify used to check the one default call and pass it.
+The model below differs under tpfx only when ``scale=`` is given: that branch reads fc1's weight
+outside the linear, and a call form traced after fc1 was sharded would read this rank's rows only.
+verify used to check the one default call and pass it; the program now refuses that form in one
+line (tpfx.passes.check_sharded_reads), and verify reports the refusal as that form's failure.
 """
 
 from __future__ import annotations
@@ -79,5 +80,9 @@ def test_verify_forms_all_fails_the_form_only_a_non_default_argument_takes(scale
     table = capsys.readouterr().out
     assert code == 1, table
     rows = {line.split("  ")[0]: line.split()[-1] for line in table.splitlines() if line.startswith("[")}
-    assert rows["[x] logits"] == "PASS" and rows["[scale=0.5] logits"] == "FAIL", table
-    assert rows["[bias=False] logits"] == "PASS", table
+    assert rows["[x] logits"] == "PASS" and rows["[bias=False] logits"] == "PASS", table
+    # the scale form reads fc1's sharded weight outside its linear: its program is refused, not silently wrong
+    assert "[scale=0.5] logits" not in rows, table
+    refused = [line for line in table.splitlines() if line.startswith("FAIL [scale=0.5]: tpfx refuses this call form")]
+    assert len(refused) == 1 and "reads the sharded parameter 'fc1.weight'" in refused[0], table
+    assert table.rstrip().splitlines()[-1].endswith("; 1 call form(s) refused"), table

@@ -332,9 +332,12 @@ def _verify_text(result: VerifyResult, style: _Style) -> list[str]:
     lines += _table(("tensor group", "tensors (all ranks)", "max abs error", "max rel error", "result"),
                     [(row.group, str(row.tensors), f"{row.max_abs:.3e}", f"{row.max_rel:.3e}",
                       style("PASS", "green") if row.passed else style("FAIL", "red")) for row in result.rows])
+    lines += [f"{style('FAIL', 'red')} [{form}]: tpfx refuses this call form: {reason}" for form, reason in result.refused]
     verdict = style("PASS", "green") if result.passed else style("FAIL", "red")
     failed = sum(1 for row in result.rows if not row.passed)
-    lines.append(f"{verdict}: {len(result.rows) - failed} of {len(result.rows)} tensor groups within tolerance")
+    refused = f"; {len(result.refused)} call form(s) refused" if result.refused else ""
+    lines.append(f"{verdict}: {len(result.rows) - failed} of {len(result.rows)} tensor groups within tolerance"
+                 f"{refused}")
     return lines
 
 

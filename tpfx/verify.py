@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from tpfx.arguments import require_choice, require_count
 from tpfx.checkpoint import parameter_shard_specs
-from tpfx.errors import ConfigError
+from tpfx.errors import ConfigError, ShardingError
 from tpfx.launch import launch
 from tpfx.targets import load_target, parallelize_target
 
@@ -75,11 +75,12 @@ class VerifyResult:
     options: VerifyOptions
     inputs: str
     rows: tuple[ErrorRow, ...]
+    refused: tuple[tuple[str, str], ...] = ()  # (call form, tpfx's one-line reason): forms the program refuses
 
     @property
     def passed(self) -> bool:
-        """Whether every group is within tolerance."""
-        return all(row.passed for row in self.rows)
+        """Whether every group is within tolerance and the program ran every call form."""
+        return all(row.passed for row in self.rows) and not self.refused
 
 
 def verify(spec: str, options: VerifyOptions) -> VerifyResult:
@@ -102,14 +103,16 @@ def verify(spec: str, options: VerifyOptions) -> VerifyResult:
                        options=options.parallelize_options)
     per_rank = launch(_verify_rank, options.tp, spec, options, timeout_s=options.timeout_s)
     merged: dict[str, list[float]] = {}
-    for figures in per_rank:
-        for group, (count, max_abs, scale) in figures.items():
+    refused = dict(per_rank[0]["refused"])  # the same on every rank: the passes decide alike
+    for result in per_rank:
+        for group, (count, max_abs, scale) in result["figures"].items():
             previous = merged.setdefault(group, [0, 0.0, 0.0])
             merged[group] = [previous[0] + count, max(previous[1], max_abs), max(previous[2], scale)]
     rows = tuple(ErrorRow(group, int(count), max_abs, _relative(max_abs, scale),
                           max_abs <= options.atol + options.rtol * scale)
                  for group, (count, max_abs, scale) in merged.items())
-    return VerifyResult(spec, options, target.describe_inputs(batch=options.batch, seq=options.seq), rows)
+    return VerifyResult(spec, options, target.describe_inputs(batch=options.batch, seq=options.seq), rows,
+                        tuple(refused.items()))
 
 
 def _relative(max_abs: float, scale: float) -> float:
@@ -118,8 +121,9 @@ def _relative(max_abs: float, scale: float) -> float:
     return float("inf") if max_abs > 0 else 0.0
 
 
-def _verify_rank(rank: int, world_size: int, spec: str, options: VerifyOptions) -> dict[str, tuple[int, float, float]]:
-    """One rank: group -> (tensor count, max |tp - single|, max |single|)."""
+def _verify_rank(rank: int, world_size: int, spec: str, options: VerifyOptions) -> dict[str, Any]:
+    """One rank: ``figures``: group -> (tensor count, max |tp - single|, max |single|); ``refused``: call
+    form -> the one-line error of a form the program refuses (tpfx's own error, before any collective)."""
     torch.manual_seed(options.seed)
     target = load_target(spec)
     reference = target.model
@@ -129,10 +133,14 @@ def _verify_rank(rank: int, world_size: int, spec: str, options: VerifyOptions) 
                                  options=options.parallelize_options)
     calls = target.calls(batch=options.batch, seq=options.seq, seed=options.seed, every_form=options.forms == "all")
     figures: dict[str, list[float]] = {}
+    refused: dict[str, str] = {}
     for label, inputs in calls:  # every call form runs a graph of its own: check each
         prefix = f"[{label}] " if len(calls) > 1 else ""
-        _compare_call(figures, prefix, reference, program, inputs, options.seed)
-    return {group: tuple(values) for group, values in figures.items()}
+        try:
+            _compare_call(figures, prefix, reference, program, inputs, options.seed)
+        except (ShardingError, ConfigError) as error:  # the form's program is refused: a failure of that form
+            refused[label] = str(error)
+    return {"figures": {group: tuple(values) for group, values in figures.items()}, "refused": refused}
 
 
 def _compare_call(figures: dict[str, list[float]], prefix: str, reference: nn.Module, program: nn.Module,
