@@ -2,11 +2,14 @@
 
 Process starts cost seconds on 2 cores, so a few cases that only check parsing and error lines call
 :func:`tpfx.cli.main` in this process; everything the terminal sees (exit codes, stdout/stderr,
-colour on a TTY, the console script, ``verify``'s processes) runs in real subprocesses.
+colour on a TTY, the console script, ``verify``'s processes) runs in real subprocesses; verify of a
+Hugging Face model runs in this process with its ranks forked from the tests' server (transformers
+imported once), after the example GPT's verify ran as a user runs it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pty
@@ -18,8 +21,11 @@ from pathlib import Path
 
 import pytest
 
+import tests.multiprocess  # noqa: F401 - its fork server, with torch and tpfx imported once
 import tpfx
+import tpfx.verify
 from tpfx.cli import main
+from tpfx.launch import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 GPT = "examples/gpt.py:tiny_gpt"
@@ -330,11 +336,13 @@ def test_verify_passes_on_the_example_gpt():
     assert done.stdout.rstrip().splitlines()[-1] == "PASS: 7 of 7 tensor groups within tolerance"
 
 
-def test_verify_passes_on_an_exported_hugging_face_model_in_megatron_mode():
+def test_verify_passes_on_an_exported_hugging_face_model_in_megatron_mode(capsys, monkeypatch):
     # the sharded parameters of an exported program are sliced in place: no layer knows their shard
-    done = tpfx_command("verify", "examples/hf_models.py:tiny_gpt2", "--tp", "2", "--mode", "megatron")
-    assert done.returncode == 0, done.stdout + done.stderr
-    rows = table_rows(done.stdout, "tensor group")
+    # (in this process, ranks forked from the tests' server: verify's own processes are the case above)
+    monkeypatch.setattr(tpfx.verify, "launch", functools.partial(launch, start_method="forkserver"))
+    code, out, err = run_main(capsys, "verify", "examples/hf_models.py:tiny_gpt2", "--tp", "2", "--mode", "megatron")
+    assert code == 0, out + err
+    rows = table_rows(out, "tensor group")
     assert {"grad sharded qkv", "grad sharded fc1"} <= set(rows)
     assert all(row[-1] == "PASS" and float(row[2]) <= 1e-5 for row in rows.values())
 
