@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ import torch.distributed as dist
 import tpfx
 from examples.gpt import GPTConfig, GPTModel
 from tests.multiprocess import run_ranks
+from tpfx.collectives import control_group
 from tpfx.launch import GROUP_TIMEOUT
 
 GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
@@ -50,8 +52,11 @@ def _one_training_step(gm: torch.nn.Module, ids: torch.Tensor) -> None:
     logits.float().square().mean().backward()
 
 
-def _teardown_rounds(rank: int, world_size: int, store_dir: str, rounds: int, with_hf: bool) -> list[list[str]]:
+def _teardown_rounds(rank: int, world_size: int, store_dir: str, rounds: int,
+                     with_hf: bool) -> tuple[list[list[str]], list[tuple[bool, bool]]]:
     left: list[list[str]] = []
+    reused: list[tuple[bool, bool]] = []  # (the second program reused the control group, last round's is alive)
+    previous: weakref.ref | None = None
     for round_index in range(rounds):
         if round_index:  # the launcher made the first group; later rounds make their own
             dist.init_process_group("gloo", init_method=f"file://{store_dir}/store{round_index}", rank=rank,
@@ -61,6 +66,13 @@ def _teardown_rounds(rank: int, world_size: int, store_dir: str, rounds: int, wi
         model = GPTModel(GPTConfig(vocab_size=64, max_position_embeddings=16, n_layers=2, n_heads=4, d_model=32,
                                    d_ff=64, dropout=0.0))
         _one_training_step(tpfx.parallelize(model, tp=world_size, mode="megatron"), ids)
+        # a second program of the same ranks reuses the control group the first one made (made anew after
+        # the previous round destroyed the process group: that one is gone)
+        control = weakref.ref(control_group(f"tp:0-{world_size - 1}"))  # weak: a strong one would keep it alive
+        _one_training_step(tpfx.parallelize(model, tp=world_size, mode="gather"), ids)
+        reused.append((control_group(f"tp:0-{world_size - 1}") is control(),
+                       previous is not None and previous() is not None))
+        previous = control
         if round_index == 0:  # groups tpfx creates (tp below the world size, the control groups) are freed too
             _one_training_step(tpfx.parallelize(model, tp=1, check_replicas=False), ids)
         if with_hf and round_index == rounds - 1:
@@ -70,11 +82,12 @@ def _teardown_rounds(rank: int, world_size: int, store_dir: str, rounds: int, wi
             _one_training_step(gm, inputs["input_ids"])
         dist.destroy_process_group()
         left.append(_gloo_threads_after_teardown())
-    return left
+    return left, reused
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads the thread list from /proc")
 def test_destroy_process_group_stops_every_gloo_thread_after_megatron_and_export_programs(tmp_path):
     pytest.importorskip("transformers")
-    for rank, left in enumerate(run_ranks(_teardown_rounds, 2, str(tmp_path), 3, True)):
+    for rank, (left, reused) in enumerate(run_ranks(_teardown_rounds, 2, str(tmp_path), 3, True)):
         assert left == [[]] * 3, f"rank {rank}: gloo threads still running after destroy_process_group: {left}"
+        assert reused == [(True, False)] * 3, f"rank {rank}: (control group reused, last round's still alive): {reused}"

@@ -7,6 +7,7 @@ import datetime
 import gc
 import inspect
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -122,14 +123,41 @@ def _bind_process_group(layout: Layout, group: dist.ProcessGroup | None) -> None
     timeout = group_timeout(group)
     _warn_if_default_timeout(timeout, layout.key)
     if group is None and layout.tp != dist.get_world_size():
-        world = dist.get_world_size()
-        for first in range(0, world, layout.tp):  # every rank must create every group, in the same order
-            created = dist.new_group(list(range(first, first + layout.tp)), timeout=timeout)
-            if first == layout.ranks[0]:
-                group = created
-    # gloo whatever the group's backend: the checks exchange a few CPU tensors and pickled objects
-    control = dist.new_group(list(layout.ranks), timeout=timeout, backend="gloo", use_local_synchronization=True)
+        group = _made_earlier("tp", layout.key, timeout)
+        if group is None:
+            world = dist.get_world_size()
+            for first in range(0, world, layout.tp):  # every rank must create every group, in the same order
+                created = dist.new_group(list(range(first, first + layout.tp)), timeout=timeout)
+                if first == layout.ranks[0]:
+                    group = created
+            _MADE[("tp", layout.key)] = weakref.ref(group)
+    control = _made_earlier("control", layout.key, timeout)
+    if control is None:
+        # gloo whatever the group's backend: the checks exchange a few CPU tensors and pickled objects
+        control = dist.new_group(list(layout.ranks), timeout=timeout, backend="gloo", use_local_synchronization=True)
+        _MADE[("control", layout.key)] = weakref.ref(control)
     bind_group(layout.key, group, control=control)
+
+
+# The groups earlier parallelize calls made, by (purpose, group key): another program of the same ranks
+# reuses them instead of creating groups anew (a rendezvous each, and groups that pile up in a process
+# that builds many programs). Weak references: torch's registry owns the groups, and after
+# destroy_process_group they are gone (or no longer registered), so the next call makes new ones. Every
+# rank makes the same calls, so every rank reuses, or creates, alike.
+_MADE: dict[tuple[str, str], weakref.ref[dist.ProcessGroup]] = {}
+
+
+def _made_earlier(purpose: str, key: str, timeout: datetime.timedelta | None) -> dist.ProcessGroup | None:
+    """The live group an earlier call made for ``purpose`` and ``key`` with ``timeout``, or None."""
+    reference = _MADE.get((purpose, key))
+    group = reference() if reference is not None else None
+    if group is None:
+        return None
+    try:
+        dist.get_process_group_ranks(group)  # still registered (not destroyed with the process group)
+    except (KeyError, RuntimeError, ValueError):
+        return None
+    return group if group_timeout(group) == timeout else None
 
 
 _warned_default_timeout: list[str] = []  # group keys warned about: once per process is enough
