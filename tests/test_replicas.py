@@ -53,7 +53,7 @@ def _world2(rank: int, world_size: int) -> dict[str, str]:
     results: dict[str, str] = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        gm = tpfx.parallelize(_model(), tp=2, tracer="fx")
+        gm = tpfx.parallelize(_model(), tp=2, tracer="fx", check_calls=True)  # the call check: a debug mode
     results["same model"] = _error(lambda: None)
     results["warned (group with a timeout)"] = str(any(issubclass(w.category, tpfx.DefaultTimeoutWarning)
                                                        for w in caught))
