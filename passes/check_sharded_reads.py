@@ -19,8 +19,8 @@ from __future__ import annotations
 import torch.fx as fx
 
 from tpfx.errors import ShardingError
-from tpfx.passes.graph_view import functional_linear, parameter_shapes
-from tpfx.passes.ops import embedding_call, op_label
+from tpfx.passes.graph_view import parameter_shapes, read_as_layer_operand
+from tpfx.passes.ops import op_label
 from tpfx.passes.plan import Plan
 
 
@@ -44,27 +44,9 @@ def check_sharded_reads(gm: fx.GraphModule, plan: Plan, *, form: str) -> None:
         if str(getter.target) not in sharded:
             continue
         for user in getter.users:
-            if not _reads_as_planned(user, getter, parameters, modules):
+            if not read_as_layer_operand(user, getter, parameters, modules, bias_too=True):
                 raise ShardingError(
                     f"call form {form} reads the sharded parameter '{getter.target}' in node '{user.name}' "
                     f"({op_label(user, modules)}), not as its linear's weight or an embedding table, so each rank "
                     "would compute with its own shard; build the program with this call form (example_inputs= "
                     "with these arguments, in this mode), whose plan keeps that parameter whole")
-
-
-def _reads_as_planned(user: fx.Node, getter: fx.Node, parameters: dict[str, tuple[int, ...]],
-                      modules: dict[str, object]) -> bool:
-    """Whether ``user`` reads the parameter of ``getter`` as a linear's weight/bias or an embedding's table."""
-    name = str(getter.target)
-    lookup = embedding_call(user, modules)
-    if lookup is not None and lookup.weight is getter:
-        return True
-    if _linear_reads(user, name, parameters):
-        return True
-    # a transpose of the weight that linears read (``x @ w.T``): each of its readers must be one of them
-    return bool(user.users) and all(_linear_reads(reader, name, parameters) for reader in user.users)
-
-
-def _linear_reads(node: fx.Node, name: str, parameters: dict[str, tuple[int, ...]]) -> bool:
-    linear = functional_linear(node, parameters)
-    return linear is not None and name in (linear.weight, linear.bias)

@@ -44,7 +44,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from tpfx.passes.graph_view import functional_linear, linear_applications, parameter_shapes
+from tpfx.passes.graph_view import linear_applications, parameter_shapes, read_as_layer_operand
 from tpfx.passes.localize_shapes import ShapeEdit
 from tpfx.passes.module_hooks import Placement, hooks_keep_whole, module_hooks
 from tpfx.passes.ops import Flow, Kind, embedding_call, loss_call, rule_of
@@ -308,18 +308,9 @@ def _other_reads(gm: fx.GraphModule, modules: dict[str, nn.Module], parameters: 
     for node in gm.graph.nodes:
         if node.op == "get_attr" and node.target in names:
             for user in node.users:
-                call = embedding_call(user, modules)
-                linear = functional_linear(user, parameters)
-                known = (call is not None and call.weight is node) or (linear is not None and linear.weight in names)
-                if not known and not _is_transpose_into_linear(user, parameters, names):
+                if not read_as_layer_operand(user, node, parameters, modules, bias_too=False):
                     return user.name
     return ""
-
-
-def _is_transpose_into_linear(node: fx.Node, parameters: dict[str, tuple[int, ...]], names: set[str]) -> bool:
-    """A transpose of the weight that a functional linear reads (``mm(x, t(w))``)."""
-    return all((linear := functional_linear(user, parameters)) is not None and linear.weight in names
-               for user in node.users) and bool(node.users)
 
 
 # ------------------------------------------------------------------------------------------ the logits region

@@ -31,7 +31,7 @@ import networkx as nx
 import torch.fx as fx
 import torch.nn as nn
 
-from tpfx.passes.ops import Kind, rule_of
+from tpfx.passes.ops import Kind, embedding_call, rule_of
 
 # gm.meta key: how messages name the call form a graph was traced for (another form than the program's),
 # e.g. "(eval, without labels)"; set by the program before the passes rewrite that trace
@@ -108,6 +108,31 @@ def functional_linear(node: fx.Node, parameters: dict[str, tuple[int, ...]]) -> 
     if weight[1]:  # the op sees the transpose of the stored weight
         layout = "in_out" if layout == "out_in" else "out_in"
     return FunctionalLinear(data_index, weight[0], bias[0] if bias else None, layout)
+
+
+def read_as_layer_operand(user: fx.Node, getter: fx.Node, parameters: dict[str, tuple[int, ...]],
+                          modules: dict[str, nn.Module], *, bias_too: bool) -> bool:
+    """Whether ``user`` reads the parameter of ``getter`` (its get_attr) as a rewrite gives it the shard:
+    the table of an embedding lookup, or the weight (with ``bias_too``, also the bias) of a functional
+    linear, directly or through a transpose every reader of which is such a linear (``x @ w.T``).
+    The linear's data input is not such a read, even when its weight is the same parameter."""
+    lookup = embedding_call(user, modules)
+    if lookup is not None and lookup.weight is getter:
+        return True
+    if _linear_operand(user, getter, str(getter.target), parameters, bias_too):
+        return True
+    return bool(user.users) and _is_transpose(user) and all(
+        _linear_operand(reader, user, str(getter.target), parameters, bias_too) for reader in user.users)
+
+
+def _linear_operand(node: fx.Node, operand: fx.Node, name: str, parameters: dict[str, tuple[int, ...]],
+                    bias_too: bool) -> bool:
+    """Whether ``node`` is a functional linear that reads ``operand`` (parameter ``name``, or its transpose)
+    as its weight (or bias), not as its data."""
+    linear = functional_linear(node, parameters)
+    if linear is None or node.args[linear.data_index] is operand:
+        return False
+    return name == linear.weight or (bias_too and name == linear.bias)
 
 
 LinearApplication = tuple[fx.Node, int, FunctionalLinear | None]  # (node, data input position, functional op)
