@@ -16,6 +16,7 @@ after ``.to()`` replaces the program's tensors.
 from __future__ import annotations
 
 import inspect
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,17 @@ class TensorParallelModule(fx.GraphModule):
 
     ``tpfx_report`` (set by :func:`tpfx.parallelize`) describes the sites, collectives and memory.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # torch.compile caches what it compiled, and counts recompilations against dynamo's limit (8),
+        # per code object of the frame it starts at. That frame is this class's ``__call__`` (fx's
+        # call wrapper is skipped by dynamo), so with one code object for every program the ninth
+        # program or call form compiled in a process failed under fullgraph=True (eager fallback
+        # without it). torch.fx makes a class per program: each gets a copy of ``__call__`` with a
+        # code object of its own, so every program has its own cache and limit.
+        super().__init_subclass__(**kwargs)
+        if "__call__" not in vars(cls):
+            cls.__call__ = _own_code_copy(cls.__call__)
 
     @classmethod
     def without_code(cls, root: nn.Module, graph: fx.Graph, class_name: str) -> TensorParallelModule:
@@ -222,6 +234,14 @@ class TensorParallelModule(fx.GraphModule):
         if forms is not None:
             forms.built.clear()
         return super()._apply(fn, recurse)
+
+
+def _own_code_copy(function: types.FunctionType) -> types.FunctionType:
+    """``function`` with a new code object (same bytecode): caches keyed by code object see a new function."""
+    copy = types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)
+    copy.__qualname__, copy.__doc__, copy.__kwdefaults__ = function.__qualname__, function.__doc__, function.__kwdefaults__
+    return copy
 
 
 def graph_attributes(graph: fx.Graph, owner_of: Callable[[fx.Node], nn.Module]) -> dict[str, object]:
