@@ -20,7 +20,9 @@ from tpfx.launch import GROUP_TIMEOUT, LaunchTimeout, RankFailure, launch
 # Ranks are forked from one server process that imported these once, instead of each importing torch,
 # tpfx and (for the Hugging Face tests) transformers anew: seconds per rank, over a hundred runs a suite.
 # The server holds no process group and no thread of torch's pools; a missing optional package is skipped.
-mp.set_forkserver_preload(["torch", "tpfx", "tpfx.examples.gpt", "tests.models", "tests.parity", "transformers"])
+# torch._dynamo is imported by the first FakeTensorMode (every parallelize makes one): about 0.7 s a rank.
+mp.set_forkserver_preload(["torch", "torch._dynamo", "torch._functorch.aot_autograd", "tpfx", "examples.gpt",
+                           "tests.models", "tests.parity", "transformers", "examples.hf_models"])
 
 __all__ = ["GROUP_TIMEOUT", "run_ranks"]
 
