@@ -10,9 +10,10 @@ A thin wrapper over :func:`tpfx.launch.launch`, the launcher ``tpfx verify`` use
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from tpfx.launch import GROUP_TIMEOUT, LaunchTimeout, RankFailure, launch
@@ -24,7 +25,9 @@ from tpfx.launch import GROUP_TIMEOUT, LaunchTimeout, RankFailure, launch
 mp.set_forkserver_preload(["torch", "torch._dynamo", "torch._functorch.aot_autograd", "tpfx", "examples.gpt",
                            "tests.models", "tests.parity", "transformers", "examples.hf_models"])
 
-__all__ = ["GROUP_TIMEOUT", "run_ranks"]
+__all__ = ["GROUP_TIMEOUT", "merged", "rank_cases", "run_ranks"]
+
+Case = TypeVar("Case")
 
 
 def run_ranks(worker: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 300) -> list[Any]:
@@ -40,3 +43,40 @@ def run_ranks(worker: Callable[..., Any], world_size: int, *args: Any, timeout_s
         raise AssertionError("\n".join(f"rank {e.rank}:\n{e.traceback}" for e in failure.errors)) from None
     except LaunchTimeout as timeout:
         raise TimeoutError(str(timeout)) from None
+
+
+def rank_cases(cases: Sequence[Case], tp_of: Callable[[Case], int]) -> list[tuple[Case, dist.ProcessGroup | None]]:
+    """The cases this rank checks, in order, each with the group to pass to ``parallelize(group=...)``.
+
+    A case whose tp equals the world size runs on every rank (group None: the world). A world of 4
+    holds two groups of tp=2: each checks every other tp=2 case, at the same time, where both
+    checking all of them would do the same work twice. Every rank calls this with the same cases
+    (the groups are made collectively, here, before any case runs); :func:`merged` puts the ranks'
+    results back together.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    groups: dict[int, dist.ProcessGroup] = {}
+    for tp in dict.fromkeys(tp_of(case) for case in cases):  # every rank makes every group, in the same order
+        if tp < world:
+            for first in range(0, world, tp):
+                group = dist.new_group(list(range(first, first + tp)), timeout=GROUP_TIMEOUT)
+                if first <= rank < first + tp:
+                    groups[tp] = group
+    mine, seen = [], dict.fromkeys(groups, 0)
+    for case in cases:
+        tp = tp_of(case)
+        if tp not in groups:
+            mine.append((case, None))
+            continue
+        if seen[tp] % (world // tp) == rank // tp:
+            mine.append((case, groups[tp]))
+        seen[tp] += 1
+    return mine
+
+
+def merged(per_rank: Sequence[dict]) -> dict:
+    """Every case's result from the ranks' results (see :func:`rank_cases`), the lowest rank's where several ran it."""
+    results: dict = {}
+    for ranks_results in reversed(per_rank):
+        results |= ranks_results
+    return results

@@ -30,7 +30,7 @@ from tpfx.passes.localize_shapes import localize_shapes, restore_full_sizes
 from tpfx.passes.pair_megatron import Pairing, pair_sites
 from tpfx.passes.plan import megatron_plan
 from tpfx.passes.shard_parameters import shard_parameters
-from tests.multiprocess import run_ranks
+from tests.multiprocess import merged, rank_cases, run_ranks
 from tests.parity import grad_diffs, max_diff
 
 WIDTH, HEADS, VOCAB = 32, 4, 50
@@ -343,20 +343,20 @@ def _cases() -> dict[str, tuple]:
 
 
 def _worker(rank: int, world_size: int) -> dict:
-    results = {}
-    for tp in (2, 4):
-        for label, (make, kwargs, options) in _cases().items():
-            if tp == 4 and label.startswith("grouped"):  # 2 groups of heads: tp=4 splits the view's heads, falls back
-                continue
-            for mode in ("gather", "megatron"):
-                torch.manual_seed(0)
-                reference = make()
-                program = tpfx.parallelize(reference, tp=tp, mode=mode, **options)
-                pairing = program.tpfx_pairing
-                results[(tp, label, mode)] = {
-                    "diffs": _diffs(program, reference, kwargs), "pairs": len(pairing.pairs) if pairing else None,
-                    "fallbacks": [f.reason for f in pairing.fallbacks] if pairing else [],
-                    "full sizes": sum(len(p.full_sizes) for p in pairing.pairs) if pairing else 0}
+    results, models = {}, _cases()
+    # 2 groups of heads: tp=4 splits the view's heads, falls back
+    cases = [(tp, label, mode) for tp in (2, 4) for label in models for mode in ("gather", "megatron")
+             if not (tp == 4 and label.startswith("grouped"))]
+    for (tp, label, mode), group in rank_cases(cases, lambda case: case[0]):
+        make, kwargs, options = models[label]
+        torch.manual_seed(0)
+        reference = make()
+        program = tpfx.parallelize(reference, tp=tp, mode=mode, group=group, **options)
+        pairing = program.tpfx_pairing
+        results[(tp, label, mode)] = {
+            "diffs": _diffs(program, reference, kwargs), "pairs": len(pairing.pairs) if pairing else None,
+            "fallbacks": [f.reason for f in pairing.fallbacks] if pairing else [],
+            "full sizes": sum(len(p.full_sizes) for p in pairing.pairs) if pairing else 0}
     return results
 
 
@@ -366,6 +366,7 @@ def world() -> list[dict]:
 
 
 def test_logits_loss_and_every_gradient_match_one_device_at_tp_2_and_4(world):
+    assert len(merged(world)) == 2 * (2 * len(_cases()) - 1)  # both modes; tp=4 without the grouped model
     for rank, results in enumerate(world):
         for (tp, label, mode), checked in results.items():
             assert len(checked["diffs"]) > 3, (tp, label, mode)  # output, loss and every parameter's gradient

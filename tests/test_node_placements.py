@@ -17,6 +17,7 @@ import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import tpfx
 import tpfx.api
@@ -24,7 +25,7 @@ import tpfx.passes.find_sites as find_sites_module
 import tpfx.passes.pair_megatron as pair_megatron_module
 from examples.gpt import GPTModel, small_config
 from tests.models import GroupsFromShapes, ShortcutWithoutScale
-from tests.multiprocess import run_ranks
+from tests.multiprocess import merged, rank_cases, run_ranks
 from tests.parity import grad_diffs, max_diff, square_mean_step
 from tpfx.capture import capture
 from tpfx.collectives import copy_to_tp, gather_from_tp, reduce_from_tp
@@ -124,13 +125,13 @@ def test_a_repeat_count_computed_from_a_split_size_gets_the_single_device_value(
 # parity: one spawn, 4 gloo ranks
 # ------------------------------------------------------------------------------------------------
 
-def _gpt_forms(tp: int) -> dict[str, float]:
+def _gpt_forms(tp: int, group: dist.ProcessGroup | None) -> dict[str, float]:
     """A megatron GPT built from the full call (ids, mask, labels), then called with ids only, in eval and train."""
     torch.manual_seed(0)
     reference = GPTModel(small_config(n_layers=1, dropout=0.0, vocab_size=64, d_model=32, d_ff=64,
                                           max_position_embeddings=16))
     ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(5))
-    gm = tpfx.parallelize(reference, tp=tp, mode="megatron")
+    gm = tpfx.parallelize(reference, tp=tp, mode="megatron", group=group)
     worst = {}
     for training in (False, True):  # the eval form and the train form: both new to the program
         gm.train(training)
@@ -150,18 +151,21 @@ def _world(rank: int, world_size: int) -> dict:
     warnings.simplefilter("ignore")  # torch.export's own deprecation notices
     result = {}
     cases = [("literal", 2, "fx", "megatron"), ("literal", 4, "fx", "megatron"), ("literal", 2, "export", "megatron"),
-             ("both", 2, "fx", "megatron"), ("both", 4, "fx", "gather")]
-    for spelling, tp, tracer, mode in cases:
+             ("both", 2, "fx", "megatron"), ("both", 4, "fx", "gather"), ("gpt call forms", 2)]
+    for case, group in rank_cases(cases, lambda case: case[1]):
+        if case[0] == "gpt call forms":
+            result[case] = _gpt_forms(2, group)
+            continue
+        spelling, tp, tracer, mode = case
         torch.manual_seed(0)
         reference = GroupsFromShapes(spelling)
         x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(3))
-        gm = tpfx.parallelize(reference, tp=tp, mode=mode, tracer=tracer, example_inputs=(x,))
+        gm = tpfx.parallelize(reference, tp=tp, mode=mode, tracer=tracer, example_inputs=(x,), group=group)
         out, loss = square_mean_step(gm, x)
         ref, ref_loss = square_mean_step(reference, x)
         diffs = [max_diff(out, ref), max_diff(loss, ref_loss), *grad_diffs(gm, reference).values()]
         pairs = len(gm.tpfx_pairing.pairs) if gm.tpfx_pairing else None
-        result[(spelling, tp, tracer, mode)] = (max(diffs), len(diffs), pairs)
-    result[("gpt call forms", 2)] = _gpt_forms(2)
+        result[case] = (max(diffs), len(diffs), pairs)
     return result
 
 
@@ -171,6 +175,7 @@ def world() -> list[dict]:
 
 
 def test_repeat_counts_from_shapes_and_other_call_forms_match_single_device(world):
+    assert len(merged(world)) == 6
     for rank, result in enumerate(world):
         for key, checked in result.items():
             if key[0] == "gpt call forms":

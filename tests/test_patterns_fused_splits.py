@@ -10,7 +10,7 @@ rank and their weight rows' gradient is all-reduced. The split sizes and slice b
 
 The models are written here. The in-process checks run every rank's program with the collectives left
 out (identity) and sum the row-parallel partial sums; the spawn checks logits, loss and every gradient
-in real gloo processes (world 4: tp=2 in two groups, and tp=4), both modes, both tracers.
+in real gloo processes (world 4: tp=2 in two groups, each checking half the cases, and tp=4), both modes, both tracers.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import operator
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -35,7 +36,7 @@ from tpfx.passes.localize_shapes import localize_shapes
 from tpfx.passes.pair_megatron import Pairing, pair_sites
 from tpfx.passes.row_shard import megatron_shard
 from tpfx.rank_parts import rank_part, take_part
-from tests.multiprocess import run_ranks
+from tests.multiprocess import merged, rank_cases, run_ranks
 from tests.parity import check_programs_of_every_mode_and_tp, grad_diffs, max_diff, square_mean_step
 
 HEAD_DIM = 8
@@ -443,12 +444,12 @@ _PARITY = [
 ]
 
 
-def _check(make, tracer: str, tp: int, mode: str) -> dict:
+def _check(make, tracer: str, tp: int, mode: str, group: dist.ProcessGroup | None) -> dict:
     torch.manual_seed(0)
     reference = make()
     x = _inputs(reference.width)
     gm = tpfx.parallelize(reference, tp=tp, mode=mode, tracer=tracer,
-                          example_inputs=(x,) if tracer == "export" else None)
+                          example_inputs=(x,) if tracer == "export" else None, group=group)
     (ref_out, ref_loss), (out, loss) = square_mean_step(reference, x), square_mean_step(gm, x)
     diffs = {"logits": max_diff(out, ref_out), "loss": max_diff(loss, ref_loss)} | grad_diffs(gm, reference)
     specs, full = parameter_shard_specs(gm), dict(reference.named_parameters())
@@ -461,8 +462,9 @@ def _check(make, tracer: str, tp: int, mode: str) -> dict:
 
 
 def _world(rank: int, world_size: int) -> dict:
-    return {(label, tp, mode): _check(make, tracer, tp, mode)
-            for label, make, tracer, tps, modes in _PARITY for tp in tps for mode in modes}
+    cases = [(label, make, tracer, tp, mode) for label, make, tracer, tps, modes in _PARITY for tp in tps for mode in modes]
+    return {(label, tp, mode): _check(make, tracer, tp, mode, group)
+            for (label, make, tracer, tp, mode), group in rank_cases(cases, lambda case: case[3])}
 
 
 @pytest.fixture(scope="module")
@@ -471,8 +473,8 @@ def world() -> list[dict]:
 
 
 def test_logits_loss_and_every_gradient_match_single_device(world):
+    assert len(merged(world)) == sum(len(tps) * len(modes) for *_, tps, modes in _PARITY) == 17
     for rank, results in enumerate(world):
-        assert len(results) == sum(len(tps) * len(modes) for *_, tps, modes in _PARITY) == 17
         for (label, tp, mode), checked in results.items():
             where = f"{label} tp={tp} {mode} rank {rank}"
             bad = {k: v for k, v in checked["diffs"].items() if not v <= TOL}
@@ -482,7 +484,7 @@ def test_logits_loss_and_every_gradient_match_single_device(world):
 
 def test_every_fused_projection_pairs_in_megatron_mode_with_both_tracers(world):
     tracers = {label: tracer for label, _, tracer, *_ in _PARITY}
-    for (label, tp, mode), checked in world[0].items():
+    for (label, tp, mode), checked in merged(world).items():
         assert checked["tracer"] == tracers[label]
         if mode == "megatron":
             assert len(checked["pairs"]) == 1 and not checked["fallbacks"], (label, tp, checked["fallbacks"])

@@ -22,6 +22,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -35,7 +36,7 @@ from tpfx.passes.ops import rule_of
 from tpfx.passes.pair_megatron import Pairing, pair_sites
 from tpfx.passes.row_shard import megatron_shard
 from tpfx.rank_parts import rank_part
-from tests.multiprocess import run_ranks
+from tests.multiprocess import merged, rank_cases, run_ranks
 from tests.parity import check_programs_of_every_mode_and_tp, grad_diffs, max_diff
 
 HEADS, HEAD = 4, 8
@@ -453,9 +454,10 @@ def _step(model: nn.Module, x: torch.Tensor, seed: int | None) -> tuple[torch.Te
     return out, loss
 
 
-def _compare(reference: nn.Module, tp: int, mode: str, tracer: str, *, train: bool = False) -> dict:
+def _compare(reference: nn.Module, tp: int, mode: str, tracer: str, *, train: bool = False,
+             group: dist.ProcessGroup | None = None) -> dict:
     x = _input(reference)
-    gm = tpfx.parallelize(reference.train(train), tp=tp, mode=mode, tracer=tracer, example_inputs=(x,))
+    gm = tpfx.parallelize(reference.train(train), tp=tp, mode=mode, tracer=tracer, example_inputs=(x,), group=group)
     seed = 11 if train else None
     ref_out, ref_loss = _step(reference, x, seed)
     sent: list[int] = []
@@ -477,10 +479,11 @@ def _compare(reference: nn.Module, tp: int, mode: str, tracer: str, *, train: bo
 def _world(rank: int, world_size: int) -> dict:
     warnings.simplefilter("ignore")  # torch.export's own deprecation notices
     result = {}
-    for label, tp, tracer, mode in _cases():
+    for (label, tp, tracer, mode), group in rank_cases(_cases(), lambda case: case[1]):
         torch.manual_seed(0)
         # train mode: SDPA's dropout on grouped heads, each rank drawing its part of one device's mask
-        result[(label, tp, tracer, mode)] = _compare(MODELS[label](), tp, mode, tracer, train="dropout" in label)
+        result[(label, tp, tracer, mode)] = _compare(MODELS[label](), tp, mode, tracer, train="dropout" in label,
+                                                     group=group)
     return result
 
 
@@ -497,11 +500,12 @@ def test_every_pattern_matches_single_device_in_both_modes_and_tracers(world):
             assert len(checked["diffs"]) >= 6 and checked["tracer"] == key[2], key
             measured, table = checked["bytes"]
             assert measured == table > 0, (key, measured, table)
+    assert sorted(merged(world)) == sorted(_cases())  # each case checked by its ranks
 
 
 def test_every_pattern_pairs_in_megatron_mode_except_the_full_width_norm(world):
-    result = world[0]
-    assert list(result) == _cases()
+    result = merged(world)
+    assert sorted(result) == sorted(_cases())
     for (label, tp, tracer, mode), checked in result.items():
         if mode == "gather":
             sites = 1 if "stack" in label else 3 if "gqa" in label or "complex" in label else 5

@@ -6,12 +6,15 @@ first differing tensor (or graph node) and the ranks, on every rank. Ranks calle
 batch sizes used to abort inside gloo (SIGABRT); now every rank raises one line before the program's
 first collective. A group with torch's default timeout gets one warning. The sequence-parallel and
 vocabulary-parallel collectives fail, like the others, in one line naming the collective and the
-program line (three real gloo timeouts of 1 s, on groups rank 1 leaves waiting).
+program line (three real gloo timeouts of 1 s, on groups rank 1 leaves waiting). A group of the
+caller's whose ranks have made different numbers of groups gets a warning and a working program,
+where tpfx's own check group used to wait until the timeout.
 """
 
 from __future__ import annotations
 
 import datetime
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
@@ -85,7 +88,24 @@ def _world2(rank: int, world_size: int) -> dict[str, str]:
         tpfx.parallelize(_model(), group=default_group, tracer="fx")
     results["default timeout warnings"] = str(sum(issubclass(w.category, tpfx.DefaultTimeoutWarning)
                                                   for w in caught))
-    return results | _lonely_collectives(rank)
+    return results | _uneven_group_counts(rank) | _lonely_collectives(rank)
+
+
+def _uneven_group_counts(rank: int) -> dict[str, str]:
+    """A group of the caller's whose ranks have made different numbers of groups (rank 0 one more, made by
+    itself alone): torch would give the check group tpfx makes of them a different name on each rank, and
+    both would wait until the timeout. tpfx warns and runs its checks on the given group."""
+    if rank == 0:
+        dist.new_group([0], use_local_synchronization=True)
+    given = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=60))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm = tpfx.parallelize(_model(), group=given, tracer="fx", check_calls=True)
+    logits, _ = gm(_ids(2))
+    reference, _ = _model()(_ids(2))
+    return {"uneven counts: warning": " | ".join(str(w.message) for w in caught if "numbers of process groups" in str(w.message)),
+            "uneven counts: logits diff": str((logits - reference).abs().max().item()),
+            "uneven counts: other batch": _error(lambda: gm(_ids(2 if rank == 0 else 3)))}
 
 
 def _program(collective, *arguments: object, inputs: int = 1) -> fx.GraphModule:
@@ -165,3 +185,13 @@ def test_sequence_and_vocab_collectives_fail_in_one_line_naming_the_collective_a
 
 def test_a_group_with_torchs_default_timeout_is_warned_about_once(world2):
     assert [results["default timeout warnings"] for results in world2] == ["1", "1"]
+
+
+def test_ranks_of_a_given_group_with_different_group_counts_get_a_warning_and_a_working_program(world2):
+    for rank, results in enumerate(world2):
+        counts = re.search(r"ranks \[0, 1\] of the given group have made different numbers of process groups "
+                           r"\(\[(\d+), (\d+)\]\)", results["uneven counts: warning"])
+        assert counts and int(counts[1]) == int(counts[2]) + 1, results["uneven counts: warning"]
+        assert float(results["uneven counts: logits diff"]) <= 1e-5, rank
+        # the call check still names the differing batch: every rank makes it, on the given group
+        assert "called the program with different inputs" in results["uneven counts: other batch"], rank

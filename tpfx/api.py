@@ -115,29 +115,77 @@ def _bind_process_group(layout: Layout, group: dist.ProcessGroup | None) -> None
     """Create (collectively, on every rank) the tp groups if needed, and bind this rank's group key.
 
     New groups get the timeout of the group they are carved from (torch would give them its default
-    30 minutes). Each tp group also gets a control group of the same ranks, made by its members
-    alone, for tpfx's own checks (the replica check, the call check): their collectives never pair
-    with the program's, so ranks out of step time out with a message instead of aborting in gloo.
+    30 minutes). Each tp group also gets a control group of the same ranks for tpfx's own checks (the
+    replica check, the call check): their collectives never pair with the program's, so ranks out of
+    step time out with a message instead of aborting in gloo.
     """
     if layout.inspection:
         return
     timeout = group_timeout(group)
     _warn_if_default_timeout(timeout, layout.key)
-    if group is None and layout.tp != dist.get_world_size():
-        group = _made_earlier("tp", layout.key, timeout)
-        if group is None:
-            world = dist.get_world_size()
-            for first in range(0, world, layout.tp):  # every rank must create every group, in the same order
-                created = dist.new_group(list(range(first, first + layout.tp)), timeout=timeout)
-                if first == layout.ranks[0]:
-                    group = created
-            _MADE[("tp", layout.key)] = weakref.ref(group)
-    control = _made_earlier("control", layout.key, timeout)
-    if control is None:
-        # gloo whatever the group's backend: the checks exchange a few CPU tensors and pickled objects
-        control = dist.new_group(list(layout.ranks), timeout=timeout, backend="gloo", use_local_synchronization=True)
-        _MADE[("control", layout.key)] = weakref.ref(control)
+    if group is None:
+        group, control = _default_groups(layout, timeout)
+    else:
+        control = _made_earlier("control", layout.key, timeout) or _control_of_given(group, layout, timeout)
     bind_group(layout.key, group, control=control)
+
+
+def _default_groups(layout: Layout, timeout: datetime.timedelta | None) -> tuple[dist.ProcessGroup | None,
+                                                                                   dist.ProcessGroup]:
+    """The tp group (None: the world) and control group of the default layout, made by every rank.
+
+    Every rank makes every tp group and every control group, in the same order, as torch requires of
+    groups that are not made by their members alone. Control groups made by their members alone would
+    be named from how many groups each member has made so far, and ranks of one group that had made
+    different numbers (one tp group built more programs than the other before a world-wide one) would
+    wait for each other under different names until the timeout.
+    """
+    group = _made_earlier("tp", layout.key, timeout) if layout.tp != dist.get_world_size() else None
+    control = _made_earlier("control", layout.key, timeout)
+    if control is not None and (group is not None or layout.tp == dist.get_world_size()):
+        return group, control
+    world = dist.get_world_size()
+    for first in range(0, world, layout.tp):
+        ranks = list(range(first, first + layout.tp))
+        created = dist.new_group(ranks, timeout=timeout) if layout.tp != world else None
+        # gloo whatever the group's backend: the checks exchange a few CPU tensors and pickled objects
+        created_control = dist.new_group(ranks, timeout=timeout, backend="gloo")
+        if first == layout.ranks[0]:
+            group, control = created, created_control
+    if group is not None:
+        _MADE[("tp", layout.key)] = weakref.ref(group)
+    _MADE[("control", layout.key)] = weakref.ref(control)
+    return group, control
+
+
+def _control_of_given(group: dist.ProcessGroup, layout: Layout,
+                      timeout: datetime.timedelta | None) -> dist.ProcessGroup:
+    """The control group of a group the caller made (``group=``, ``mesh=``): made by its members alone.
+
+    torch names such a group from how many groups each member has made; where the members' counts
+    differ they would wait for each other under different names until the timeout. The counts are
+    compared first (one small collective on ``group``, at build time); where they differ the checks run
+    on ``group`` itself, with a warning.
+    """
+    counts: list[int | None] = [None] * layout.tp
+    dist.all_gather_object(counts, _groups_made_here(), group=group)
+    if len(set(counts)) > 1:
+        warnings.warn(
+            f"tpfx: the ranks {list(layout.ranks)} of the given group have made different numbers of process "
+            f"groups ({counts}), so tpfx cannot make its own group of them for its checks; they run on the given "
+            "group (with the call check on, ranks out of step then abort in gloo instead of raising "
+            "CollectiveError); make the same groups on every rank of the group before parallelize", stacklevel=3)
+        return group
+    control = dist.new_group(list(layout.ranks), timeout=timeout, backend="gloo", use_local_synchronization=True)
+    _MADE[("control", layout.key)] = weakref.ref(control)
+    return control
+
+
+def _groups_made_here() -> int | None:
+    """How many process groups this process has made: what torch names a group made by its members alone
+    from (None where this torch keeps no such count)."""
+    names = getattr(getattr(dist.distributed_c10d, "_world", None), "pg_names", None)
+    return len(names) if names is not None else None
 
 
 # The groups earlier parallelize calls made, by (purpose, group key): another program of the same ranks
