@@ -1,10 +1,11 @@
 """The tpfx command as a user runs it: subprocesses of ``python -m tpfx`` and the ``tpfx`` script.
 
-Process starts cost seconds on 2 cores, so a few cases that only check parsing and error lines call
-:func:`tpfx.cli.main` in this process; everything the terminal sees (exit codes, stdout/stderr,
-colour on a TTY, the console script, ``verify``'s processes) runs in real subprocesses; verify of a
-Hugging Face model runs in this process with its ranks forked from the tests' server (transformers
-imported once), after the example GPT's verify ran as a user runs it.
+Process starts cost seconds on 2 cores, so the cases that check what is printed (the dumps, parsing
+and error lines) call :func:`tpfx.cli.main` in this process; what only a real process shows (exit
+codes, colour on a TTY, the console script, an error line with ``--debug``, ``verify`` of the
+example GPT with its own processes) runs in real subprocesses. The other verify runs (a Hugging Face
+model, a model whose program differs) run in this process with their ranks forked from the tests'
+server (torch and transformers imported once).
 """
 
 from __future__ import annotations
@@ -183,10 +184,9 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
 # ---------------------------------------------------------------- dump
 
 
-def test_dump_gpt_prints_sites_graph_communication_and_memory_of_rank_0():
-    done = tpfx_command("dump", GPT, "--tp", "2")
-    assert done.returncode == 0, done.stderr
-    out = done.stdout
+def test_dump_gpt_prints_sites_graph_communication_and_memory_of_rank_0(capsys):
+    code, out, err = run_main(capsys, "dump", GPT, "--tp", "2")  # stdout is not a terminal here either
+    assert code == 0, err
     assert ANSI not in out  # not a terminal: no colour
     site_rows = [line.split() for line in out.splitlines() if line.startswith("blocks.") and "x" in line]
     assert [row[:4] for row in site_rows] == [
@@ -203,11 +203,11 @@ def test_dump_gpt_prints_sites_graph_communication_and_memory_of_rank_0():
     assert "single device: 11,892,736 bytes; rank 0: 11,430,400 bytes" in out
 
 
-def test_dump_json_of_a_user_model_carries_the_same_content(models):
-    done = tpfx_command("dump", f"{models}:tiny_lm", "--tp", "2", "--rank", "1", "--batch", "4", "--seq", "6",
-                        "--format", "json", "--tabular", "--diff", script=True)
-    assert done.returncode == 0, done.stderr
-    document = json.loads(done.stdout)
+def test_dump_json_of_a_user_model_carries_the_same_content(capsys, models):
+    code, out, err = run_main(capsys, "dump", f"{models}:tiny_lm", "--tp", "2", "--rank", "1", "--batch", "4",
+                              "--seq", "6", "--format", "json", "--tabular", "--diff")
+    assert code == 0, err
+    document = json.loads(out)
     assert document["schema_version"] == 1 and document["rank"] == 1 and document["model"] == "TinyLM"
     assert [(s["module"], s["role"], s["shard"]) for s in document["sites"]] == [
         ("wq", "q", [16, 32]), ("wk", "k", [16, 32]), ("wv", "v", [16, 32]), ("gate", "fc1", [24, 32]),
@@ -347,13 +347,14 @@ def test_verify_passes_on_an_exported_hugging_face_model_in_megatron_mode(capsys
     assert all(row[-1] == "PASS" and float(row[2]) <= 1e-5 for row in rows.values())
 
 
-def test_verify_fails_when_the_program_computes_something_else(models):
-    # the model multiplies by 1.01 only when traced, so tpfx's program really differs from it
-    done = tpfx_command("verify", f"{models}:traced_differs", "--tp", "2", "--batch", "3", "--seq", "4",
-                        script=True)
-    assert done.returncode == 1, done.stdout + done.stderr
-    rows = table_rows(done.stdout, "tensor group")
+def test_verify_fails_when_the_program_computes_something_else(capsys, models, monkeypatch):
+    # the model multiplies by 1.01 only when traced, so tpfx's program really differs from it (ranks forked
+    # from the tests' server, as for the Hugging Face model above)
+    monkeypatch.setattr(tpfx.verify, "launch", functools.partial(launch, start_method="forkserver"))
+    code, out, err = run_main(capsys, "verify", f"{models}:traced_differs", "--tp", "2", "--batch", "3", "--seq", "4")
+    assert code == 1, out + err
+    rows = table_rows(out, "tensor group")
     assert set(rows) == {"logits", "loss (mean square of outputs)", "grad sharded fc1", "grad Linear"}
     assert rows["logits"][-1] == "FAIL" and abs(float(rows["logits"][3]) - 0.01) < 1e-4  # relative error 1.01 - 1
     assert rows["grad sharded fc1"][-1] == "FAIL" and rows["grad Linear"][-1] == "FAIL"
-    assert done.stdout.rstrip().splitlines()[-1].startswith("FAIL: ")
+    assert out.rstrip().splitlines()[-1].startswith("FAIL: ")
