@@ -80,6 +80,10 @@ def _world2(rank: int, world_size: int) -> dict[str, str]:
 
     results["batch sizes"] = _error(lambda: gm(_ids(2 if rank == 0 else 3)))
     results["same batch"] = _error(lambda: gm(_ids(2)))
+    # compiled: the check runs before each call of the compiled program, outside its graph
+    compiled = torch.compile(gm, backend="aot_eager", fullgraph=True)
+    results["compiled, same batch"] = _error(lambda: compiled(_ids(2)))
+    results["compiled, batch sizes"] = _error(lambda: compiled(_ids(2 if rank == 0 else 3)))
 
     default_group = dist.new_group([0, 1])  # no timeout: torch's 30 minutes
     with warnings.catch_warnings(record=True) as caught:
@@ -167,9 +171,10 @@ def test_another_configuration_and_another_dropout_random_state_are_found(world2
 
 def test_different_batch_sizes_raise_one_line_on_every_rank_instead_of_aborting(world2):
     for results in world2:
-        message = results["batch sizes"]
-        assert message.startswith("CollectiveError:") and "different inputs" in message, message
-        assert "rank 0: first tensor [2, 8]" in message and "rank 1: first tensor [3, 8]" in message
+        assert results["compiled, same batch"] == "", results["compiled, same batch"]
+        for message in (results["batch sizes"], results["compiled, batch sizes"]):  # eager, then compiled
+            assert message.startswith("CollectiveError:") and "different inputs" in message, message
+            assert "rank 0: first tensor [2, 8]" in message and "rank 1: first tensor [3, 8]" in message
 
 
 def test_sequence_and_vocab_collectives_fail_in_one_line_naming_the_collective_and_the_program_line(world2):

@@ -26,7 +26,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.capture import TRACED_CONSTANTS, CallForm, call_form_of, capture
-from tpfx.collectives import start_call_check
+from tpfx.collectives import settle_call_check, start_call_check
 from tpfx.errors import ConfigError
 from tpfx.passes.graph_view import CALL_FORM
 from tpfx.passes.meta_device import device_of_call
@@ -145,7 +145,15 @@ class TensorParallelModule(fx.GraphModule):
 
     @staticmethod
     def _infer_parameters(module: TensorParallelModule, args: tuple, kwargs: dict | None = None) -> None:
-        module.module_for_call(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        module.module_for_call(*args, **kwargs)
+        key = module.__dict__.get("_tpfx_call_check")
+        # the compiled frame skips the call check (it would break the graph); before each call of a
+        # compiled program it runs here instead, in plain Python, and waits for its answer at once:
+        # no collective of the compiled graph settles it
+        if key is not None and not torch.compiler.is_compiling():
+            module._check_call(key, args, kwargs)
+            settle_call_check(key)
 
     def check_calls_in(self, key: str | None) -> None:
         """Check that the ranks of group ``key`` make the same calls (tensor shapes, optional
