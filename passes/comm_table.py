@@ -268,6 +268,12 @@ class FakeRun(fx.Interpreter):
             return super().call_function(target, args, kwargs)
         local = args[0]
         rule = RULES[COLLECTIVES[target]]
+        if rule.bucket:  # each tensor passed through; backward, their gradients as one flat tensor
+            flat = torch.cat([tensor.reshape(-1) for tensor in local])
+            needs_grad = any(tensor.requires_grad for tensor in local)
+            self.observed[self._current] = ([flat], needs_grad)
+            self.observed[self._current + ".out"] = ([flat], needs_grad)
+            return tuple(tensor.view_as(tensor) for tensor in local)
         messages = [local]
         if rule.row_statistics:  # per row of the split logits: its statistics, the loss as the op computes it
             rows = local.numel() // local.shape[-1]

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 from tpfx import rank_parts
 from tpfx.collectives import (copy_to_tp, gather_from_sequence, gather_from_tp, gather_sequence_whole,
-                              reduce_from_tp, reduce_scatter_to_sequence, split_to_sequence,
+                              reduce_from_tp, reduce_scatter_to_sequence, split_to_sequence, sum_gradients_over_tp,
                               vocab_parallel_cross_entropy)
 from tpfx.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
 
@@ -223,6 +223,9 @@ class CollectiveRule:
     # or where its input comes out of it (a copy-to before a column-parallel linear becomes an all-gather)
     into_sequence: Callable[..., torch.Tensor] | None = None
     from_sequence: Callable[..., torch.Tensor] | None = None
+    # several tensors (a list, argument 0), each passed through; backward, all their gradients flattened
+    # into one tensor for the one collective
+    bucket: bool = False
 
     def __post_init__(self) -> None:
         if self.resizes_dim not in (-1, 0, 1):
@@ -489,6 +492,8 @@ register(OpRule("metadata", Kind.META, Flow.IGNORE),
 register(OpRule("copy_to_tp", Kind.COLLECTIVE, Flow.UNARY,
                 collective=CollectiveRule(None, "all_reduce", from_sequence=gather_from_sequence)),
          functions=[copy_to_tp])
+register(OpRule("sum_gradients_over_tp", Kind.COLLECTIVE, None,
+                collective=CollectiveRule(None, "all_reduce", bucket=True)), functions=[sum_gradients_over_tp])
 register(OpRule("gather_from_tp", Kind.COLLECTIVE, None,
                 collective=CollectiveRule("all_gather", None, gathers_last_dim=True)), functions=[gather_from_tp])
 register(OpRule("reduce_from_tp", Kind.COLLECTIVE, Flow.UNARY,

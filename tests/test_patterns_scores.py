@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import tpfx
 from tpfx.capture import capture
-from tpfx.collectives import copy_to_tp, gather_from_tp
+from tpfx.collectives import copy_to_tp, gather_from_tp, sum_gradients_over_tp
 from tpfx.export_capture import export_capture
 from tpfx.passes.find_sites import find_attentions, find_sites
 from tpfx.passes.graph_view import to_networkx
@@ -348,10 +348,16 @@ def test_learned_tensors_read_between_a_pair_have_their_gradient_summed_over_the
 
 
 def _copies_of(graph: fx.Graph, attribute: str) -> list[fx.Node]:
-    """The copy-to nodes of a model attribute, or of a slice of it (``head_bias[:, :, :seq]``)."""
+    """The nodes that pass on a model attribute, or a slice of it (``head_bias[:, :, :seq]``), with its
+    gradient summed: its copy-to, or its item of a bucket of them (passes/bucket_gradient_sums.py)."""
     found = []
-    for copy in (n for n in graph.nodes if n.target is copy_to_tp):
-        source = copy.args[0]
+    for copy in graph.nodes:
+        if copy.target is copy_to_tp:
+            source = copy.args[0]
+        elif copy.target is operator.getitem and getattr(copy.args[0], "target", None) is sum_gradients_over_tp:
+            source = copy.args[0].args[0][copy.args[1]]
+        else:
+            continue
         while source.op == "call_function" and source.target in (operator.getitem, torch.ops.aten.slice.Tensor):
             source = source.args[0]
         if source.op == "get_attr" and source.target == attribute:

@@ -12,6 +12,8 @@ against the bytes the collectives are handed, and a sequence length tp does not 
 
 from __future__ import annotations
 
+import operator
+
 import importlib.util
 from collections import Counter
 
@@ -24,7 +26,7 @@ from examples.gpt import GPTModel, small_config
 from tests.models import WIDTH, FlatTokens, Grouped, TokenMixing
 from tests.multiprocess import run_ranks
 from tests.parity import grad_diffs, max_diff, observed_collectives
-from tpfx.collectives import (copy_to_tp, gather_from_sequence, gather_sequence_whole, reduce_from_tp,
+from tpfx.collectives import (copy_to_tp, sum_gradients_over_tp, gather_from_sequence, gather_sequence_whole, reduce_from_tp,
                               reduce_scatter_to_sequence, split_to_sequence)
 from tpfx.errors import ConfigError, ShardingError
 from tpfx.passes.activation_memory import activation_bytes
@@ -70,7 +72,13 @@ def test_block_reads_the_sequence_gathered_and_leaves_it_reduce_scattered(progra
         assert [user.target for user in row.users] == [reduce_scatter_to_sequence]
     # the stream's norms run on the slice with gradient-summed parameters, its dropouts draw the whole mask
     norms = [n for target, n in _calls(gm) if target is call_with_parameters]
-    assert len(norms) == 5 and all(all(c.target is copy_to_tp for c in n.args[1].values()) for n in norms)
+    assert len(norms) == 5
+    # their gradients, and the row linears' biases', are summed in one collective: 5 norms x (weight, bias)
+    # and 2 x 2 biases, each the item of one sum_gradients_over_tp (not 14 all-reduces of their own)
+    (bucket,) = [n for t, n in _calls(gm) if t is sum_gradients_over_tp]
+    assert len(bucket.args[0]) == 14 and all(read.op == "get_attr" for read in bucket.args[0])
+    assert all(c.target is operator.getitem and c.args[0] is bucket for n in norms for c in n.args[1].values())
+    assert not [n for t, n in _calls(gm) if t is copy_to_tp and n.args[0].op == "get_attr"]
     assert sum(1 for t, n in _calls(gm) if t is dropout_module_rank_part and n.args[2] == -2) == 5
     # whole on the way in (after the embeddings' sum), gathered whole for the LM head
     (split,) = [n for t, n in _calls(gm) if t is split_to_sequence]

@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from tpfx.passes.graph_view import CALL_FORM
+from tpfx.passes.bucket_gradient_sums import bucket_gradient_sums
 from tpfx.passes.column_shard import insert_collectives
 from tpfx.passes.fake_shapes import FakeShapes, propagate_fake_shapes
 from tpfx.passes.find_sites import SiteFinding, find_sites
@@ -547,7 +548,8 @@ def _compile(model: nn.Module, layout: Layout, *, strategy: Strategy, tracer: st
 def _rewrite(gm: fx.GraphModule, plan: Plan, group: str, strategy: Strategy, steps: tuple[Step, ...], *,
              other_form: bool) -> None:
     """The mode's rewrite of one graph (the program's, or another call form's mapped onto the plan), then
-    the steps', then (sequence parallelism) the split of the residual stream, which sees every sum."""
+    the steps', then (sequence parallelism) the split of the residual stream, which sees every sum, then
+    the whole parameters' gradient sums put in one collective."""
     if other_form:  # mapped by name: a read of a sharded weight this form adds would see the rank's shard
         check_sharded_reads(gm, plan, form=gm.meta.get(CALL_FORM, type(gm).__name__))
     (strategy.rewrite_other_form if other_form else strategy.rewrite)(gm, plan, group)
@@ -555,6 +557,7 @@ def _rewrite(gm: fx.GraphModule, plan: Plan, group: str, strategy: Strategy, ste
         step.rewrite(gm, plan, group)
     if strategy.sequence_parallel:
         _split_sequence(gm, plan, group)
+    bucket_gradient_sums(gm)  # the whole parameters' gradient sums in one collective (every copy-to is in place now)
 
 
 def _replica_summary(model: nn.Module, captured: Captured, build: tuple[tuple[str, str], ...]) -> Summary:

@@ -364,6 +364,27 @@ class _CopyToTP(torch.autograd.Function):
         return _all_reduce(grad, ctx.key, "all_reduce", ctx.site, backward=True), None
 
 
+class _SumGradientsOverTP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, key: str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.key, ctx.site = key, _program_site()
+        # a tensor whose read no loss reaches gets no gradient (None), as without the bucket: a zero
+        # gradient instead would still be stepped by an optimizer (weight decay, momentum)
+        ctx.set_materialize_grads(False)
+        return tuple(tensor.view_as(tensor) for tensor in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+        # every rank runs the same graph: the same slots have gradients, the flat tensor has one size
+        present = [grad for grad in grads if grad is not None]
+        if not present:
+            return (None,) * (len(grads) + 1)
+        flat = torch.cat([grad.reshape(-1) for grad in present])
+        summed = iter(_all_reduce(flat, ctx.key, "all_reduce", ctx.site, backward=True).split(
+            [grad.numel() for grad in present]))
+        return (None, *(None if grad is None else next(summed).view(grad.shape) for grad in grads))
+
+
 class _GatherFromTP(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, key: str) -> torch.Tensor:
@@ -453,6 +474,17 @@ def copy_to_tp(x: torch.Tensor, group: str) -> torch.Tensor:
     return _CopyToTP.apply(x, group)
 
 
+def sum_gradients_over_tp(tensors: Sequence[torch.Tensor], group: str) -> tuple[torch.Tensor, ...]:
+    """Identity forward on each tensor; backward, one all-reduce (sum) of all their gradients, flattened
+    together: what a :func:`copy_to_tp` of each does, in one collective instead of one per tensor.
+
+    For whole parameters that every rank reads on its own part of the work (a norm's weight under
+    sequence parallelism): their small gradients cost a collective's latency each. All the tensors
+    have one dtype. The sum runs once every gradient is in, when backward has passed all their reads.
+    """
+    return _SumGradientsOverTP.apply(group, *tensors)
+
+
 def gather_from_tp(x: torch.Tensor, group: str) -> torch.Tensor:
     """All-gather along the last dim forward; this rank's slice of the gradient backward."""
     return _GatherFromTP.apply(x, group)
@@ -499,6 +531,7 @@ def gather_sequence_whole(x: torch.Tensor, dim: int, group: str) -> torch.Tensor
 # Graph rewriting marks nodes that call these as collectives, e.g. for reports and drawing.
 COLLECTIVES: dict[Callable[..., torch.Tensor], str] = {
     copy_to_tp: "copy_to_tp",
+    sum_gradients_over_tp: "sum_gradients_over_tp",
     gather_from_tp: "gather_from_tp",
     reduce_from_tp: "reduce_from_tp",
     split_to_sequence: "split_to_sequence",
