@@ -141,14 +141,15 @@ def _default_groups(layout: Layout, timeout: datetime.timedelta | None) -> tuple
     different numbers (one tp group built more programs than the other before a world-wide one) would
     wait for each other under different names until the timeout.
     """
-    group = _made_earlier("tp", layout.key, timeout) if layout.tp != dist.get_world_size() else None
-    control = _made_earlier("control", layout.key, timeout)
-    if control is not None and (group is not None or layout.tp == dist.get_world_size()):
-        return group, control
     world = dist.get_world_size()
+    whole_world = layout.tp == world  # the tp group is the world itself: None, nothing to make
+    group = None if whole_world else _made_earlier("tp", layout.key, timeout)
+    control = _made_earlier("control", layout.key, timeout)
+    if control is not None and (whole_world or group is not None):
+        return group, control
     for first in range(0, world, layout.tp):
         ranks = list(range(first, first + layout.tp))
-        created = dist.new_group(ranks, timeout=timeout) if layout.tp != world else None
+        created = None if whole_world else dist.new_group(ranks, timeout=timeout)
         # gloo whatever the group's backend: the checks exchange a few CPU tensors and pickled objects
         created_control = dist.new_group(ranks, timeout=timeout, backend="gloo")
         if first == layout.ranks[0]:
